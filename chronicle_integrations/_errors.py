@@ -1,0 +1,199 @@
+"""The error tree shared by the client, the store and the server.
+
+::
+
+    ChronicleError
+     ├── ConfigurationError        bad settings or a missing optional dependency (client side)
+     ├── TransportError            the server could not be reached within the retry budget
+     ├── UploadError               an asset upload finally failed (the staged copy is kept)
+     └── APIError                  the store refused a request; has a stable ``code``
+          ├── InvalidRequest        invalid_request      400  bad names, JSON, numbers
+          ├── Unauthorized          unauthorized         401  missing or wrong API key
+          ├── NotFound              not_found            404  unknown experiment/variation/run
+          ├── InvalidTransition     invalid_transition   409  not allowed from the run's state
+          ├── LeaseConflict         lease_conflict       409  another worker holds the run
+          ├── AlreadyExists         already_exists       409  experiment id taken
+          ├── OffsetMismatch        offset_mismatch      409  upload chunk at the wrong offset
+          ├── PayloadTooLarge       payload_too_large    413  body over the server's limit
+          ├── DigestMismatch        digest_mismatch      422  upload content != declared SHA-256
+          ├── StorageFull           storage_full         507  the asset store ran out of space
+          └── ServerError           internal             500  a bug: please report it
+
+The server sends ``{"error": {"code": ..., "message": ..., **details}}`` with the status above;
+:func:`error_from_body` rebuilds the same class on the client, so code that catches
+``LeaseConflict`` works identically against the embedded store and a remote server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "APIError",
+    "AlreadyExists",
+    "ChronicleError",
+    "ConfigurationError",
+    "DigestMismatch",
+    "InvalidRequest",
+    "InvalidTransition",
+    "LeaseConflict",
+    "NotFound",
+    "OffsetMismatch",
+    "PayloadTooLarge",
+    "ServerError",
+    "StorageFull",
+    "TransportError",
+    "Unauthorized",
+    "UploadError",
+    "error_from_body",
+]
+
+
+class ChronicleError(Exception):
+    """Root of every error raised by chronicle_integrations."""
+
+
+class ConfigurationError(ChronicleError):
+    """Invalid configuration, or an optional dependency that is not installed."""
+
+
+class TransportError(ChronicleError):
+    """The server could not be reached (or kept failing) within the retry budget."""
+
+
+class UploadError(ChronicleError):
+    """An asset upload failed for good. ``staged_path`` is kept for ``chronicle sync``."""
+
+    def __init__(self, message: str, *, name: str | None = None,
+                 staged_path: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.staged_path = staged_path
+
+
+class APIError(ChronicleError):
+    """The store refused a request. ``code`` is stable; ``details`` carries structured context."""
+
+    code: ClassVar[str] = "api_error"
+    status: ClassVar[int] = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON error body the server sends for this error."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body.update(self.details)
+        return {"error": body}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (ddp_spawn, spool)
+        return (_rebuild, (type(self), self.message, self.details))
+
+
+def _rebuild(cls: type[APIError], message: str, details: dict[str, Any]) -> APIError:
+    return cls(message, **details)
+
+
+class InvalidRequest(APIError):
+    """The request is malformed: a bad name, a bad number, malformed JSON, a missing field."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class Unauthorized(APIError):
+    """The API key is missing or wrong."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class NotFound(APIError):
+    """The experiment, variation, run, asset or upload does not exist."""
+
+    code = "not_found"
+    status = 404
+
+
+class InvalidTransition(APIError):
+    """The transition is not allowed from the run's current state (``details["state"]``)."""
+
+    code = "invalid_transition"
+    status = 409
+
+    @property
+    def state(self) -> str | None:
+        """The run's state when the transition was refused."""
+        value = self.details.get("state")
+        return str(value) if value is not None else None
+
+
+class LeaseConflict(APIError):
+    """The run is held under another lease: another worker started or resumed it."""
+
+    code = "lease_conflict"
+    status = 409
+
+
+class AlreadyExists(APIError):
+    """An experiment with that id exists with a different definition."""
+
+    code = "already_exists"
+    status = 409
+
+
+class OffsetMismatch(APIError):
+    """An upload chunk was sent at the wrong offset; ``details["offset"]`` is the right one."""
+
+    code = "offset_mismatch"
+    status = 409
+
+
+class PayloadTooLarge(APIError):
+    """The request body exceeds the server's limit."""
+
+    code = "payload_too_large"
+    status = 413
+
+
+class DigestMismatch(APIError):
+    """The uploaded bytes do not hash to the declared SHA-256; nothing was stored."""
+
+    code = "digest_mismatch"
+    status = 422
+
+
+class StorageFull(APIError):
+    """The asset store ran out of space; the upload can resume once space is freed."""
+
+    code = "storage_full"
+    status = 507
+
+
+class ServerError(APIError):
+    """An unexpected server-side failure (a bug, or an outage the retries did not outlast)."""
+
+    code = "internal"
+    status = 500
+
+
+_BY_CODE: dict[str, type[APIError]] = {
+    cls.code: cls
+    for cls in (InvalidRequest, Unauthorized, NotFound, InvalidTransition, LeaseConflict,
+                AlreadyExists, OffsetMismatch, PayloadTooLarge, DigestMismatch, StorageFull,
+                ServerError)
+}
+
+
+def error_from_body(status: int, body: Any) -> APIError:
+    """Rebuild the typed error from a server response (status and decoded JSON body)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        cls: type[APIError] = ServerError if status >= 500 else InvalidRequest
+        return cls(f"HTTP {status} with an unexpected body: {str(body)[:200]!r}", status=status)
+    details = {k: v for k, v in err.items() if k not in ("code", "message")}
+    code = str(err.get("code", ""))
+    cls = _BY_CODE.get(code, ServerError if status >= 500 else InvalidRequest)
+    return cls(str(err.get("message", code)), **details)

@@ -1,0 +1,108 @@
+"""Plain records returned by the store and the client: runs, experiments, events, assets.
+
+They are frozen dataclasses with ``to_dict`` / ``from_dict`` so the same objects travel through
+the HTTP API as JSON and come back identical on the client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .lifecycle import RunState
+
+__all__ = ["AssetInfo", "Event", "ExperimentInfo", "RunInfo", "UploadStatus"]
+
+T = TypeVar("T", bound="_Record")
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (enums become their string values)."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, RunState) else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build from a dict, ignoring keys this version does not know (forward compatible)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ExperimentInfo(_Record):
+    """An experiment: a name and numbered variations (one config each)."""
+
+    experiment_id: str
+    name: str
+    created_at: float
+    variations: int = 0
+
+
+@dataclass(frozen=True)
+class RunInfo(_Record):
+    """A snapshot of one run. ``state`` is the effective state at the time of the read."""
+
+    experiment_id: str
+    variation: int
+    run: int
+    state: RunState
+    created_at: float
+    started_at: float | None = None
+    last_heartbeat_at: float | None = None
+    ended_at: float | None = None
+    reason: str | None = None
+    message: str | None = None
+    lease_holder: str | None = None
+    asset_count: int = 0
+    #: Only set in the answer to ``start``: the token later calls must carry.
+    lease: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, RunState):
+            object.__setattr__(self, "state", RunState(self.state))
+
+    @property
+    def key(self) -> str:
+        """``experiment/variation/run``, as the CLI prints and accepts it."""
+        return f"{self.experiment_id}/{self.variation}/{self.run}"
+
+
+@dataclass(frozen=True)
+class Event(_Record):
+    """One entry of a run's timeline: a transition (``kind="transition"``) or a completed
+    asset upload (``kind="asset"``, with name, size and sha256 in ``detail``)."""
+
+    id: int
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    at: float
+    cause: str
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AssetInfo(_Record):
+    """A complete, verified asset of a run."""
+
+    name: str
+    size: int
+    sha256: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class UploadStatus(_Record):
+    """Where a resumable upload stands: ``offset`` bytes are safely stored."""
+
+    upload_id: str
+    name: str
+    offset: int
+    size: int | None = None
+    completed: bool = False
+    sha256: str | None = None

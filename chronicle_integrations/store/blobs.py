@@ -1,0 +1,232 @@
+"""Asset bytes: resumable partial uploads and content-addressed, immutable objects.
+
+The store keeps asset *metadata* in SQL and asset *bytes* in a :class:`BlobStore`. An upload
+appends chunks to a partial object at acknowledged offsets; completing it verifies the SHA-256
+and publishes the bytes under their digest in one atomic step (``os.replace``), so an asset is
+never visible half-written. Memory stays flat: chunks stream through a fixed-size buffer.
+
+The local implementation keeps:
+
+    <root>/partial/<upload_id>          bytes received so far (its size is the offset)
+    <root>/objects/<sha[:2]>/<sha>      complete objects, immutable, shared by equal content
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .._errors import DigestMismatch, NotFound, OffsetMismatch, StorageFull
+
+log = logging.getLogger(__name__)
+
+#: Size of the buffer chunks stream through (and of the fsync-free write calls).
+BUFFER = 1024 * 1024
+
+
+class BlobStore(Protocol):
+    """Where asset bytes live. Implementations must make ``commit`` atomic."""
+
+    def offset(self, upload_id: str) -> int:
+        """How many bytes of the upload are safely stored (0 for an unknown upload)."""
+
+    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> int:
+        """Append ``chunks`` at ``offset`` (which must equal the stored size); return the new size."""
+
+    def commit(self, upload_id: str, sha256: str) -> int:
+        """Verify the digest and publish the object; return its size. Raises DigestMismatch."""
+
+    def discard(self, upload_id: str) -> None:
+        """Forget a partial upload."""
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open a complete object for reading."""
+
+    def exists(self, sha256: str) -> bool:
+        """True when the object is stored."""
+
+
+class LocalBlobStore:
+    """A :class:`BlobStore` in a local directory, safe for several processes at once.
+
+    Appends to one upload are serialised with ``flock`` on the partial file, so two servers (or
+    two embedded clients) writing the same upload cannot interleave. While chunks arrive in
+    order, a running SHA-256 is kept in memory so that completing a multi-GB upload does not
+    re-read it; after a restart (or a takeover by another process) the digest is recomputed
+    from the partial file instead.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._partial = self.root / "partial"
+        self._objects = self.root / "objects"
+        self._partial.mkdir(parents=True, exist_ok=True)
+        self._objects.mkdir(parents=True, exist_ok=True)
+        self._hashers: dict[str, tuple[int, hashlib._Hash]] = {}
+        self._lock = threading.Lock()
+
+    # -- paths -----------------------------------------------------------------------------
+    def _partial_path(self, upload_id: str) -> Path:
+        return self._partial / upload_id
+
+    def object_path(self, sha256: str) -> Path:
+        """Where a complete object lives (for zero-copy serving)."""
+        return self._objects / sha256[:2] / sha256
+
+    # -- uploads ---------------------------------------------------------------------------
+    def offset(self, upload_id: str) -> int:
+        try:
+            return self._partial_path(upload_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> int:
+        path = self._partial_path(upload_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        with os.fdopen(fd, "wb", buffering=0) as fh, _flocked(fd):
+            size = os.fstat(fd).st_size
+            if offset != size:
+                raise OffsetMismatch(
+                    f"upload {upload_id} holds {size} bytes; send the next chunk at offset {size}",
+                    offset=size,
+                )
+            with self._lock:
+                cached = self._hashers.pop(upload_id, None)
+            hasher = cached[1] if cached and cached[0] == offset else None
+            if hasher is None and offset == 0:
+                hasher = hashlib.sha256()
+            fh.seek(offset)
+            written = offset
+            try:
+                for chunk in chunks:
+                    if not chunk:
+                        continue
+                    view = memoryview(chunk)
+                    while view:
+                        n = fh.write(view)
+                        view = view[n or 0:]
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    written += len(chunk)
+            except OSError as exc:
+                # Keep what was durably appended? No: a failed write may have left a torn tail.
+                # Truncate back to the acknowledged offset so the client resumes cleanly.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, offset)
+                raise _storage_error(exc) from exc
+            except BaseException:
+                # A dropped connection mid-chunk: keep the bytes that arrived (they are in
+                # order), the client resumes from the size it reads back. The in-memory digest
+                # covers exactly what was written, so it stays valid.
+                if hasher is not None:
+                    with self._lock:
+                        self._hashers[upload_id] = (written, hasher)
+                raise
+            if hasher is not None:
+                with self._lock:
+                    self._hashers[upload_id] = (written, hasher)
+            return written
+
+    def commit(self, upload_id: str, sha256: str) -> int:
+        path = self._partial_path(upload_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise NotFound(f"upload {upload_id} has no data") from exc
+        with os.fdopen(fd, "rb") as fh, _flocked(fd):
+            size = os.fstat(fd).st_size
+            with self._lock:
+                cached = self._hashers.pop(upload_id, None)
+            if cached is not None and cached[0] == size:
+                digest = cached[1].hexdigest()
+            else:
+                hasher = hashlib.sha256()
+                for block in iter(lambda: fh.read(BUFFER), b""):
+                    hasher.update(block)
+                digest = hasher.hexdigest()
+            if digest != sha256:
+                # Nothing is published; the partial is dropped so the client starts over.
+                os.unlink(path)
+                raise DigestMismatch(
+                    f"upload {upload_id}: received {size} bytes with SHA-256 {digest}, "
+                    f"but {sha256} was declared; nothing was stored",
+                    received_sha256=digest, size=size,
+                )
+            target = self.object_path(digest)
+            try:
+                os.fsync(fd)
+                target.parent.mkdir(exist_ok=True)
+                # Atomic publish; identical content may already be there (same digest).
+                os.replace(path, target)
+                _fsync_dir(target.parent)
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+            return size
+
+    def discard(self, upload_id: str) -> None:
+        with self._lock:
+            self._hashers.pop(upload_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            self._partial_path(upload_id).unlink()
+
+    # -- objects ---------------------------------------------------------------------------
+    def open(self, sha256: str) -> BinaryIO:
+        try:
+            return self.object_path(sha256).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"asset object {sha256} is missing from the blob store") from exc
+
+    def exists(self, sha256: str) -> bool:
+        return self.object_path(sha256).exists()
+
+
+@contextlib.contextmanager
+def _flocked(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(
+            "the asset store is out of space; free space and retry: the upload resumes from "
+            "its last acknowledged offset"
+        )
+    return exc
+
+
+def open_blob_store(url: str | os.PathLike[str]) -> LocalBlobStore:
+    """Open a blob store from a path or ``file://`` URL (S3-compatible storage comes later)."""
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        from .._errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"unsupported asset storage URL {text!r}: only local directories (a path or "
+            "file://) are supported in this version"
+        )
+    return LocalBlobStore(text)

@@ -1,0 +1,846 @@
+"""The one store implementation: the run lifecycle, leases, watchdog, events and assets, on SQL.
+
+Both the reference server (a thin HTTP layer) and the embedded client call this class, so the
+two behave identically by construction.
+
+Concurrency model
+-----------------
+Every mutation runs in one write transaction that first locks what it changes:
+
+* SQLite: ``BEGIN IMMEDIATE`` takes the database's write lock up front (WAL mode lets readers
+  carry on), with a busy timeout, so several processes can write the same file safely.
+* PostgreSQL: ``SELECT ... FOR UPDATE`` on the run row, so racing ``start`` calls on one run
+  serialise and exactly one gets the lease, while unrelated runs proceed in parallel.
+
+Counters (``next_variation``, ``next_run``) are bumped with one atomic ``UPDATE``, which makes
+run numbers unique under concurrent ``create_run`` on either database.
+
+Time
+----
+Only the store's clock counts (``clock``, ``time.time`` by default); clients never send times.
+Liveness is ``alive_at = COALESCE(last_heartbeat_at, started_at)``. The effective state is
+computed from it on every read; :meth:`Store.sweep` persists the watchdog's transitions with
+their events, and every write first *materialises* any transition the watchdog owes the run,
+so the event log is always a valid walk through the transition table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from .. import _validation as check
+from .._errors import (
+    AlreadyExists,
+    ConfigurationError,
+    InvalidRequest,
+    InvalidTransition,
+    LeaseConflict,
+    NotFound,
+    ServerError,
+)
+from .._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
+from ..lifecycle import (
+    LEASED_ACTIONS,
+    TERMINAL_TARGET,
+    Action,
+    RunState,
+    next_state,
+)
+from . import schema as t
+from .blobs import BlobStore, LocalBlobStore, open_blob_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_TIMEOUT = 900.0
+DEFAULT_LOST_GRACE = 172800.0
+
+_RUNNING, _LOST = RunState.RUNNING.value, RunState.LOST.value
+
+
+def _now_clock() -> float:
+    return time.time()
+
+
+class Store:
+    """The Chronicle store over a SQLAlchemy engine and a blob store.
+
+    Example::
+
+        store = Store.open("sqlite:///chronicle/chronicle.db", "chronicle/assets")
+        exp = store.create_experiment("sweep", [{"lr": 0.1}])
+        run = store.create_run(exp.experiment_id, 0)
+        lease = store.start(exp.experiment_id, 0, run.run).lease
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        blobs: BlobStore,
+        *,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        lost_grace: float = DEFAULT_LOST_GRACE,
+        clock: Callable[[], float] = _now_clock,
+    ) -> None:
+        if heartbeat_timeout <= 0 or lost_grace < 0:
+            raise ConfigurationError("heartbeat_timeout must be > 0 and lost_grace >= 0")
+        self.engine = engine
+        self.blobs = blobs
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self.lost_grace = float(lost_grace)
+        self.clock = clock
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._last_sweep = 0.0
+        self._sweep_lock = threading.Lock()
+        with self._write() as conn:
+            if not self._sqlite:
+                # Serialise concurrent first opens: only one process creates the schema.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
+            t.migrate(conn)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        assets: str | os.PathLike[str],
+        **kwargs: Any,
+    ) -> Store:
+        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``."""
+        return cls(make_engine(url), open_blob_store(assets), **kwargs)
+
+    @classmethod
+    def open_home(cls, home: str | os.PathLike[str], **kwargs: Any) -> Store:
+        """Open the embedded store in a Chronicle home directory (SQLite + local assets)."""
+        root = Path(home).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls.open(f"sqlite:///{root / 'chronicle.db'}", root / "assets", **kwargs)
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as raw:
+            conn = raw.execution_options(chronicle_write=True)
+            with _translate_db_errors(), conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, _translate_db_errors(), conn.begin():
+            yield conn
+
+    def _lock_run(self, conn: sa.Connection, e: str, v: int, r: int) -> sa.Row[Any]:
+        query = sa.select(t.runs).where(_run_pk(e, v, r))
+        if not self._sqlite:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"run {e}/{v}/{r} does not exist", experiment_id=e, variation=v,
+                           run=r)
+        return row
+
+    # ------------------------------------------------------------------ effective state
+    def effective_state(self, state: str, alive_at: float | None, now: float) -> RunState:
+        """The state a run is really in at ``now``, given what is persisted."""
+        if state in (_RUNNING, _LOST) and alive_at is not None:
+            silent = now - alive_at
+            if silent > self.heartbeat_timeout + self.lost_grace:
+                return RunState.FAILED_LOST
+            if silent > self.heartbeat_timeout:
+                return RunState.LOST
+        return RunState(state)
+
+    def _effective_sql(self, now: float) -> sa.ColumnElement[str]:
+        c = t.runs.c
+        return sa.case(
+            (sa.and_(c.state.in_([_RUNNING, _LOST]),
+                     c.alive_at < now - self.heartbeat_timeout - self.lost_grace),
+             RunState.FAILED_LOST.value),
+            (sa.and_(c.state == _RUNNING, c.alive_at < now - self.heartbeat_timeout),
+             _LOST),
+            else_=c.state,
+        )
+
+    def _materialise(self, conn: sa.Connection, row: sa.Row[Any], now: float) -> RunState:
+        """Persist the watchdog transitions the run is owed (with their events)."""
+        state = RunState(row.state)
+        effective = self.effective_state(row.state, row.alive_at, now)
+        if effective is state:
+            return state
+        key = (row.experiment_id, row.variation, row.run)
+        lost_at = row.alive_at + self.heartbeat_timeout
+        if state is RunState.RUNNING:
+            self._event(conn, key, state, RunState.LOST, lost_at, "watchdog",
+                        {"silent_for": self.heartbeat_timeout})
+            state = RunState.LOST
+        values: dict[str, Any] = {"state": effective.value}
+        if effective is RunState.FAILED_LOST:
+            expired_at = lost_at + self.lost_grace
+            self._event(conn, key, RunState.LOST, RunState.FAILED_LOST, expired_at, "watchdog",
+                        {"lost_for": self.lost_grace})
+            values.update(ended_at=expired_at, reason="lost")
+        conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
+        return effective
+
+    # ------------------------------------------------------------------ experiments
+    def create_experiment(
+        self,
+        name: str,
+        variations: Iterable[dict[str, Any]] = (),
+        experiment_id: str | None = None,
+    ) -> ExperimentInfo:
+        """Create an experiment with numbered variations (0, 1, ...).
+
+        Creating an experiment whose id exists with the same name and the same variations is
+        a success with no effect (a retried request); a different definition is refused.
+        """
+        check.name(name)
+        configs = [check.config(c) for c in variations]
+        if experiment_id is None:
+            experiment_id = _derive_id(name)
+        check.experiment_id(experiment_id)
+        now = self.clock()
+        try:
+            with self._write() as conn:
+                conn.execute(t.experiments.insert().values(
+                    experiment_id=experiment_id, name=name, created_at=now,
+                    next_variation=len(configs)))
+                if configs:
+                    conn.execute(t.variations.insert(), [
+                        {"experiment_id": experiment_id, "variation": i,
+                         "config": _dumps(c), "created_at": now}
+                        for i, c in enumerate(configs)])
+        except IntegrityError:
+            existing = self.get_experiment(experiment_id)
+            with self._read() as conn:
+                stored = [json.loads(x) for x in conn.execute(
+                    sa.select(t.variations.c.config)
+                    .where(t.variations.c.experiment_id == experiment_id)
+                    .order_by(t.variations.c.variation)).scalars()]
+            if existing.name == name and stored[:len(configs)] == configs:
+                return existing
+            raise AlreadyExists(
+                f"experiment {experiment_id!r} exists with a different definition",
+                experiment_id=experiment_id) from None
+        return ExperimentInfo(experiment_id, name, now, len(configs))
+
+    def get_experiment(self, experiment_id: str) -> ExperimentInfo:
+        """One experiment, or NotFound."""
+        check.experiment_id(experiment_id)
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.experiments).where(
+                t.experiments.c.experiment_id == experiment_id)).first()
+        if row is None:
+            raise NotFound(f"experiment {experiment_id!r} does not exist",
+                           experiment_id=experiment_id)
+        return ExperimentInfo(row.experiment_id, row.name, row.created_at, row.next_variation)
+
+    def list_experiments(self) -> list[ExperimentInfo]:
+        """Every experiment, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t.experiments).order_by(
+                t.experiments.c.created_at, t.experiments.c.experiment_id)).all()
+        return [ExperimentInfo(r.experiment_id, r.name, r.created_at, r.next_variation)
+                for r in rows]
+
+    def add_variation(self, experiment_id: str, config: dict[str, Any],
+                      request_id: str | None = None) -> int:
+        """Append a variation; returns its number. ``request_id`` makes retries safe."""
+        check.experiment_id(experiment_id)
+        check.config(config)
+        rid = f"add_variation:{check.token(request_id, 'request_id')}" if request_id else None
+        with self._write() as conn:
+            if rid and (done := self._request_done(conn, rid)) is not None:
+                return int(done["variation"])
+            number = conn.execute(
+                t.experiments.update()
+                .where(t.experiments.c.experiment_id == experiment_id)
+                .values(next_variation=t.experiments.c.next_variation + 1)
+                .returning(t.experiments.c.next_variation)).scalar()
+            if number is None:
+                raise NotFound(f"experiment {experiment_id!r} does not exist",
+                               experiment_id=experiment_id)
+            variation = number - 1
+            conn.execute(t.variations.insert().values(
+                experiment_id=experiment_id, variation=variation, config=_dumps(config),
+                created_at=self.clock()))
+            if rid:
+                self._remember(conn, rid, {"variation": variation})
+        return variation
+
+    def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]:
+        """The config of one variation."""
+        check.experiment_id(experiment_id)
+        check.number(variation, "variation")
+        with self._read() as conn:
+            config = conn.execute(sa.select(t.variations.c.config).where(
+                t.variations.c.experiment_id == experiment_id,
+                t.variations.c.variation == variation)).scalar()
+        if config is None:
+            raise NotFound(f"variation {experiment_id}/{variation} does not exist",
+                           experiment_id=experiment_id, variation=variation)
+        result: dict[str, Any] = json.loads(config)
+        return result
+
+    # ------------------------------------------------------------------ runs
+    def create_run(self, experiment_id: str, variation: int,
+                   request_id: str | None = None) -> RunInfo:
+        """Create the next run (``max(run) + 1``, 0 for the first) of a variation, pending."""
+        check.experiment_id(experiment_id)
+        check.number(variation, "variation")
+        rid = f"create_run:{check.token(request_id, 'request_id')}" if request_id else None
+        now = self.clock()
+        with self._write() as conn:
+            if rid and (done := self._request_done(conn, rid)) is not None:
+                run = int(done["run"])
+            else:
+                number = conn.execute(
+                    t.variations.update()
+                    .where(t.variations.c.experiment_id == experiment_id,
+                           t.variations.c.variation == variation)
+                    .values(next_run=t.variations.c.next_run + 1)
+                    .returning(t.variations.c.next_run)).scalar()
+                if number is None:
+                    raise NotFound(f"variation {experiment_id}/{variation} does not exist",
+                                   experiment_id=experiment_id, variation=variation)
+                run = number - 1
+                conn.execute(t.runs.insert().values(
+                    experiment_id=experiment_id, variation=variation, run=run,
+                    state=RunState.PENDING.value, created_at=now))
+                self._event(conn, (experiment_id, variation, run), None, RunState.PENDING, now,
+                            "create")
+                if rid:
+                    self._remember(conn, rid, {"run": run})
+        return self.get_run(experiment_id, variation, run)
+
+    def get_run(self, experiment_id: str, variation: int, run: int) -> RunInfo:
+        """A run with its effective state, or NotFound."""
+        check.experiment_id(experiment_id)
+        check.number(variation, "variation")
+        check.number(run, "run")
+        infos = self._select_runs(_run_pk(experiment_id, variation, run))
+        if not infos:
+            raise NotFound(f"run {experiment_id}/{variation}/{run} does not exist",
+                           experiment_id=experiment_id, variation=variation, run=run)
+        return infos[0]
+
+    def list_runs(self, experiment_id: str | None = None,
+                  state: str | RunState | None = None) -> list[RunInfo]:
+        """Runs, optionally of one experiment and/or in one (effective) state."""
+        conditions: list[sa.ColumnElement[bool]] = []
+        now = self.clock()
+        if experiment_id is not None:
+            check.experiment_id(experiment_id)
+            conditions.append(t.runs.c.experiment_id == experiment_id)
+        if state is not None:
+            try:
+                wanted = RunState(state)
+            except ValueError:
+                raise InvalidRequest(
+                    f"invalid state {state!r}: one of "
+                    + ", ".join(s.value for s in RunState), field="state") from None
+            conditions.append(self._effective_sql(now) == wanted.value)
+        return self._select_runs(sa.and_(sa.true(), *conditions), now=now)
+
+    def _select_runs(self, where: sa.ColumnElement[bool],
+                     now: float | None = None) -> list[RunInfo]:
+        now = self.clock() if now is None else now
+        c = t.runs.c
+        asset_count = (sa.select(sa.func.count()).select_from(t.assets).where(
+            t.assets.c.experiment_id == c.experiment_id, t.assets.c.variation == c.variation,
+            t.assets.c.run == c.run).scalar_subquery())
+        query = (sa.select(t.runs, asset_count.label("asset_count")).where(where)
+                 .order_by(c.experiment_id, c.variation, c.run))
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [self._info(row, now) for row in rows]
+
+    def _info(self, row: Any, now: float, lease: str | None = None) -> RunInfo:
+        state = self.effective_state(row.state, row.alive_at, now)
+        ended_at, reason = row.ended_at, row.reason
+        if state is RunState.FAILED_LOST and row.state != state.value:
+            ended_at = row.alive_at + self.heartbeat_timeout + self.lost_grace
+            reason = "lost"
+        return RunInfo(
+            experiment_id=row.experiment_id, variation=row.variation, run=row.run,
+            state=state, created_at=row.created_at, started_at=row.started_at,
+            last_heartbeat_at=row.last_heartbeat_at, ended_at=ended_at, reason=reason,
+            message=row.message, lease_holder=row.lease_holder,
+            asset_count=int(getattr(row, "asset_count", 0) or 0), lease=lease,
+        )
+
+    # ------------------------------------------------------------------ transitions
+    def start(self, experiment_id: str, variation: int, run: int, *, resume: bool = False,
+              lease: str | None = None, holder: str | None = None) -> RunInfo:
+        """``pending -> running`` (``resume=True``: also take over a running or lost run).
+
+        Returns the run with ``lease`` set. The caller may propose the lease token; repeating
+        a start with the lease the run already holds is a success with no effect, which makes
+        retrying a start whose response was lost safe.
+        """
+        lease = check.token(lease, "lease") if lease is not None else secrets.token_urlsafe(24)
+        if holder is not None:
+            holder = str(holder)[:256]
+        action = Action.RESUME if resume else Action.START
+        key = _key(experiment_id, variation, run)
+        now = self.clock()
+        with self._write() as conn:
+            row = self._lock_run(conn, *key)
+            state = self._materialise(conn, row, now)
+            if state is RunState.RUNNING and row.lease == lease:
+                return self._info(self._reload(conn, key), now, lease=lease)  # repeat
+            target = next_state(action, state)
+            if target is None:
+                raise _refused(action, state, key)
+            values: dict[str, Any] = {
+                "state": target.value, "lease": lease, "lease_holder": holder,
+                "alive_at": now, "last_heartbeat_at": None,
+            }
+            if row.started_at is None:
+                values["started_at"] = now
+            else:
+                values["last_heartbeat_at"] = now  # a takeover counts as a sign of life
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
+            self._event(conn, key, state, target, now, str(action),
+                        {"holder": holder} if holder else None)
+            return self._info(self._reload(conn, key), now, lease=lease)
+
+    def heartbeat(self, experiment_id: str, variation: int, run: int,
+                  lease: str | None) -> RunInfo:
+        """``running -> running`` / ``lost -> running``. Refused on terminal runs (the error
+        carries the state, so a worker learns it was cancelled) and under a stale lease."""
+        key = _key(experiment_id, variation, run)
+        now = self.clock()
+        with self._write() as conn:
+            # Fast path (one statement): a live run beating under its lease.
+            c = t.runs.c
+            if lease is not None:
+                updated = conn.execute(
+                    t.runs.update()
+                    .where(_run_pk(*key), c.state == _RUNNING, c.lease == lease,
+                           c.alive_at >= now - self.heartbeat_timeout)
+                    .values(last_heartbeat_at=now, alive_at=now)).rowcount
+                if updated == 1:
+                    return self._info(self._reload(conn, key), now)
+            row = self._lock_run(conn, *key)
+            state = self._materialise(conn, row, now)
+            self._check_lease(Action.HEARTBEAT, state, row, lease, key)
+            target = next_state(Action.HEARTBEAT, state)
+            if target is None:
+                raise _refused(Action.HEARTBEAT, state, key)
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(
+                state=target.value, last_heartbeat_at=now, alive_at=now))
+            if state is not target:
+                self._event(conn, key, state, target, now, "heartbeat")
+            return self._info(self._reload(conn, key), now)
+
+    def succeed(self, experiment_id: str, variation: int, run: int,
+                lease: str | None) -> RunInfo:
+        """``running|lost -> succeeded``, under the run's lease."""
+        return self._terminate(Action.SUCCEED, _key(experiment_id, variation, run), lease,
+                               None, None)
+
+    def fail(self, experiment_id: str, variation: int, run: int, reason: str = "crash",
+             message: str | None = None, lease: str | None = None) -> RunInfo:
+        """``pending|running|lost -> failed_crash|failed_abandoned``.
+
+        ``reason="crash"`` needs the lease once the run was started; ``"abandoned"`` (a
+        cancellation) does not.
+        """
+        check.fail_reason(reason)
+        action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
+        return self._terminate(action, _key(experiment_id, variation, run), lease,
+                               check.message(message), reason)
+
+    def _terminate(self, action: Action, key: tuple[str, int, int], lease: str | None,
+                   message: str | None, reason: str | None) -> RunInfo:
+        now = self.clock()
+        with self._write() as conn:
+            row = self._lock_run(conn, *key)
+            state = self._materialise(conn, row, now)
+            if state is TERMINAL_TARGET[action]:
+                return self._info(self._reload(conn, key), now)  # idempotent repeat
+            if state.is_terminal:
+                raise _refused(action, state, key)
+            self._check_lease(action, state, row, lease, key)
+            target = next_state(action, state)
+            if target is None:
+                raise _refused(action, state, key)
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(
+                state=target.value, ended_at=now, reason=reason, message=message))
+            self._event(conn, key, state, target, now, str(action),
+                        {"message": message[:1000]} if message else None)
+            return self._info(self._reload(conn, key), now)
+
+    def _check_lease(self, action: Action, state: RunState, row: Any, lease: str | None,
+                     key: tuple[str, int, int]) -> None:
+        if action not in LEASED_ACTIONS or row.lease is None or state.is_terminal:
+            return
+        if lease is None:
+            raise LeaseConflict(
+                f"run {_fmt(key)} was started under a lease; {action} must carry it",
+                state=state.value)
+        if not secrets.compare_digest(lease, row.lease):
+            raise LeaseConflict(
+                f"run {_fmt(key)} is held by another worker"
+                + (f" ({row.lease_holder})" if row.lease_holder else "")
+                + ": it was started or resumed under a different lease",
+                state=state.value, holder=row.lease_holder)
+
+    def _reload(self, conn: sa.Connection, key: tuple[str, int, int]) -> Any:
+        c = t.runs.c
+        count = (sa.select(sa.func.count()).select_from(t.assets).where(
+            t.assets.c.experiment_id == c.experiment_id, t.assets.c.variation == c.variation,
+            t.assets.c.run == c.run).scalar_subquery())
+        return conn.execute(sa.select(t.runs, count.label("asset_count"))
+                            .where(_run_pk(*key))).one()
+
+    # ------------------------------------------------------------------ events
+    def _event(self, conn: sa.Connection, key: tuple[str, int, int], src: RunState | None,
+               dst: RunState | None, at: float, cause: str,
+               detail: dict[str, Any] | None = None, kind: str = "transition") -> None:
+        conn.execute(t.events.insert().values(
+            experiment_id=key[0], variation=key[1], run=key[2], kind=kind,
+            from_state=src.value if src else None, to_state=dst.value if dst else None,
+            at=at, cause=cause, detail=_dumps(detail) if detail else None))
+
+    def events(self, experiment_id: str, variation: int, run: int) -> list[Event]:
+        """The run's timeline, oldest first, including watchdog transitions it is owed."""
+        key = _key(experiment_id, variation, run)
+        now = self.clock()
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.runs).where(_run_pk(*key))).first()
+        if row is None:
+            raise NotFound(f"run {_fmt(key)} does not exist")
+        if self.effective_state(row.state, row.alive_at, now).value != row.state:
+            with self._write() as conn:
+                self._materialise(conn, self._lock_run(conn, *key), now)
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t.events).where(
+                t.events.c.experiment_id == key[0], t.events.c.variation == key[1],
+                t.events.c.run == key[2]).order_by(t.events.c.id)).all()
+        return [Event(id=r.id, kind=r.kind, from_state=r.from_state, to_state=r.to_state,
+                      at=r.at, cause=r.cause,
+                      detail=json.loads(r.detail) if r.detail else None) for r in rows]
+
+    # ------------------------------------------------------------------ watchdog
+    def sweep(self) -> dict[str, int]:
+        """Persist the watchdog's transitions for every run that is owed one.
+
+        Two set-based statements over the ``(state, alive_at)`` index, each ``UPDATE ...
+        RETURNING`` the rows it moved so that the events inserted are exactly those rows (a
+        heartbeat that slips in between is not logged as lost).
+        """
+        now = self.clock()
+        c = t.runs.c
+        lost_cut = now - self.heartbeat_timeout
+        expire_cut = now - self.heartbeat_timeout - self.lost_grace
+        with self._write() as conn:
+            moved = conn.execute(
+                t.runs.update().where(c.state == _RUNNING, c.alive_at < lost_cut)
+                .values(state=_LOST)
+                .returning(c.experiment_id, c.variation, c.run, c.alive_at)).all()
+            if moved:
+                conn.execute(t.events.insert(), [
+                    {"experiment_id": r.experiment_id, "variation": r.variation, "run": r.run,
+                     "kind": "transition", "from_state": _RUNNING, "to_state": _LOST,
+                     "at": r.alive_at + self.heartbeat_timeout, "cause": "watchdog",
+                     "detail": None} for r in moved])
+            expired = conn.execute(
+                t.runs.update().where(c.state == _LOST, c.alive_at < expire_cut)
+                .values(state=RunState.FAILED_LOST.value, reason="lost",
+                        ended_at=c.alive_at + self.heartbeat_timeout + self.lost_grace)
+                .returning(c.experiment_id, c.variation, c.run, c.ended_at)).all()
+            if expired:
+                conn.execute(t.events.insert(), [
+                    {"experiment_id": r.experiment_id, "variation": r.variation, "run": r.run,
+                     "kind": "transition", "from_state": _LOST,
+                     "to_state": RunState.FAILED_LOST.value, "at": r.ended_at,
+                     "cause": "watchdog", "detail": None} for r in expired])
+        self._last_sweep = now
+        if moved or expired:
+            log.info("watchdog: %d run(s) lost, %d expired", len(moved), len(expired))
+        return {"lost": len(moved), "failed_lost": len(expired)}
+
+    def maybe_sweep(self, every: float = 30.0) -> None:
+        """Sweep if the last sweep from this process is older than ``every`` seconds."""
+        if self.clock() - self._last_sweep < every or not self._sweep_lock.acquire(False):
+            return
+        try:
+            self.sweep()
+        finally:
+            self._sweep_lock.release()
+
+    # ------------------------------------------------------------------ assets
+    def list_assets(self, experiment_id: str, variation: int, run: int) -> list[AssetInfo]:
+        """The run's complete assets, by name."""
+        key = _key(experiment_id, variation, run)
+        self.get_run(*key)
+        with self._read() as conn:
+            rows = conn.execute(sa.select(t.assets).where(
+                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
+                t.assets.c.run == key[2]).order_by(t.assets.c.name)).all()
+        return [AssetInfo(r.name, r.size, r.sha256, r.created_at) for r in rows]
+
+    def get_asset(self, experiment_id: str, variation: int, run: int, name: str) -> AssetInfo:
+        """One asset's metadata, or NotFound."""
+        key = _key(experiment_id, variation, run)
+        check.asset_name(name)
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.assets).where(
+                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
+                t.assets.c.run == key[2], t.assets.c.name == name)).first()
+        if row is None:
+            raise NotFound(f"run {_fmt(key)} has no asset {name!r}", name=name)
+        return AssetInfo(row.name, row.size, row.sha256, row.created_at)
+
+    def open_asset(self, experiment_id: str, variation: int, run: int,
+                   name: str) -> tuple[AssetInfo, BinaryIO]:
+        """An asset's metadata and a binary stream of its bytes (the caller closes it)."""
+        info = self.get_asset(experiment_id, variation, run, name)
+        return info, self.blobs.open(info.sha256)
+
+    def begin_upload(self, experiment_id: str, variation: int, run: int, name: str, *,
+                     size: int | None = None, upload_id: str | None = None,
+                     lease: str | None = None) -> UploadStatus:
+        """Open (or, with the same ``upload_id``, re-open) a resumable upload to a run.
+
+        When the run was started under a lease, uploads must carry it: only the worker that
+        holds the run writes its assets.
+        """
+        key = _key(experiment_id, variation, run)
+        check.asset_name(name)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                                 or size < 0 or size > 2**53):
+            raise InvalidRequest("size must be an integer >= 0", field="size")
+        upload_id = (check.token(upload_id, "upload_id") if upload_id is not None
+                     else secrets.token_urlsafe(18))
+        with self._write() as conn:
+            existing = conn.execute(sa.select(t.uploads).where(
+                t.uploads.c.upload_id == upload_id)).first()
+            if existing is not None:
+                if (existing.experiment_id, existing.variation, existing.run,
+                        existing.name) != (*key, name):
+                    raise InvalidRequest(f"upload id {upload_id} belongs to another asset",
+                                         field="upload_id")
+                return self._upload_status(existing)
+            row = self._lock_run(conn, *key)
+            if row.lease is not None and (lease is None
+                                          or not secrets.compare_digest(lease, row.lease)):
+                raise LeaseConflict(f"run {_fmt(key)}: uploads must carry the run's lease",
+                                    state=self.effective_state(row.state, row.alive_at,
+                                                               self.clock()).value)
+            conn.execute(t.uploads.insert().values(
+                upload_id=upload_id, experiment_id=key[0], variation=key[1], run=key[2],
+                name=name, size=size, created_at=self.clock()))
+        return UploadStatus(upload_id=upload_id, name=name, offset=0, size=size)
+
+    def _upload_row(self, upload_id: str) -> Any:
+        check.token(upload_id, "upload_id")
+        with self._read() as conn:
+            row = conn.execute(sa.select(t.uploads).where(
+                t.uploads.c.upload_id == upload_id)).first()
+        if row is None:
+            raise NotFound(f"upload {upload_id} does not exist", upload_id=upload_id)
+        return row
+
+    def _upload_status(self, row: Any) -> UploadStatus:
+        done = row.completed_at is not None
+        offset = row.size if done and row.size is not None else self.blobs.offset(row.upload_id)
+        return UploadStatus(upload_id=row.upload_id, name=row.name, offset=offset,
+                            size=row.size, completed=done, sha256=row.sha256)
+
+    def upload_status(self, upload_id: str) -> UploadStatus:
+        """Where an upload stands (``offset`` = bytes safely stored)."""
+        return self._upload_status(self._upload_row(upload_id))
+
+    def write_chunk(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> UploadStatus:
+        """Append a chunk at ``offset`` (the stored size, else OffsetMismatch)."""
+        row = self._upload_row(upload_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidRequest("offset must be an integer >= 0", field="offset")
+        if row.completed_at is not None:
+            raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
+        if row.size is not None and offset > row.size:
+            raise InvalidRequest(f"offset {offset} is past the declared size {row.size}",
+                                 field="offset")
+        limit = row.size
+        written = self.blobs.append(upload_id, offset,
+                                    _bounded(chunks, None if limit is None else limit - offset))
+        return UploadStatus(upload_id=upload_id, name=row.name, offset=written, size=row.size)
+
+    def complete_upload(self, upload_id: str, sha256: str) -> AssetInfo:
+        """Verify the SHA-256 and publish the asset atomically (replacing one of that name).
+
+        Completing an already completed upload with the same digest returns the asset again.
+        """
+        check.sha256_hex(sha256)
+        row = self._upload_row(upload_id)
+        key = (row.experiment_id, row.variation, row.run)
+        if row.completed_at is not None:
+            if row.sha256 != sha256:
+                raise InvalidRequest(f"upload {upload_id} was completed with another digest")
+            return AssetInfo(row.name, int(row.size), sha256, row.completed_at)
+        stored = self.blobs.offset(upload_id)
+        if row.size is not None and stored != row.size:
+            raise InvalidRequest(
+                f"upload {upload_id} holds {stored} of {row.size} declared bytes",
+                field="size", offset=stored)
+        size = self.blobs.commit(upload_id, sha256)
+        now = self.clock()
+        with self._write() as conn:
+            conn.execute(t.assets.delete().where(
+                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
+                t.assets.c.run == key[2], t.assets.c.name == row.name))
+            conn.execute(t.assets.insert().values(
+                experiment_id=key[0], variation=key[1], run=key[2], name=row.name,
+                sha256=sha256, size=size, created_at=now))
+            conn.execute(t.uploads.update().where(t.uploads.c.upload_id == upload_id).values(
+                completed_at=now, sha256=sha256, size=size))
+            self._event(conn, key, None, None, now, "upload", kind="asset",
+                        detail={"name": row.name, "sha256": sha256, "size": size})
+        return AssetInfo(row.name, size, sha256, now)
+
+    def put_asset(self, experiment_id: str, variation: int, run: int, name: str,
+                  source: BinaryIO, sha256: str, *, lease: str | None = None,
+                  upload_id: str | None = None) -> AssetInfo:
+        """Upload a whole stream in one go (the embedded client's path)."""
+        status = self.begin_upload(experiment_id, variation, run, name, upload_id=upload_id,
+                                   lease=lease)
+        if status.completed:
+            return self.complete_upload(status.upload_id, sha256)
+        if status.offset:
+            source.seek(status.offset)
+        self.write_chunk(status.upload_id, status.offset,
+                         iter(lambda: source.read(1024 * 1024), b""))
+        return self.complete_upload(status.upload_id, sha256)
+
+    # ------------------------------------------------------------------ idempotency
+    def _request_done(self, conn: sa.Connection, request_id: str) -> dict[str, Any] | None:
+        result = conn.execute(sa.select(t.requests_done.c.result).where(
+            t.requests_done.c.request_id == request_id)).scalar()
+        return json.loads(result) if result is not None else None
+
+    def _remember(self, conn: sa.Connection, request_id: str, result: dict[str, Any]) -> None:
+        conn.execute(t.requests_done.insert().values(
+            request_id=request_id, result=_dumps(result), created_at=self.clock()))
+
+
+# ---------------------------------------------------------------------- helpers
+def _key(experiment_id: str, variation: int, run: int) -> tuple[str, int, int]:
+    return (check.experiment_id(experiment_id), check.number(variation, "variation"),
+            check.number(run, "run"))
+
+
+def _fmt(key: tuple[str, int, int]) -> str:
+    return f"{key[0]}/{key[1]}/{key[2]}"
+
+
+def _run_pk(e: str, v: int, r: int) -> sa.ColumnElement[bool]:
+    c = t.runs.c
+    return sa.and_(c.experiment_id == e, c.variation == v, c.run == r)
+
+
+_HINTS = {
+    RunState.FAILED_ABANDONED: "it was cancelled; create a rerun with `chronicle rerun {e} {v}`",
+    RunState.FAILED_LOST: "it stopped heartbeating and its recovery window passed; "
+                          "create a rerun with `chronicle rerun {e} {v}`",
+    RunState.SUCCEEDED: "it already succeeded; terminal states never change",
+    RunState.FAILED_CRASH: "it already failed; create a rerun with `chronicle rerun {e} {v}`",
+    RunState.PENDING: "start it first",
+    RunState.RUNNING: "it is already running; pass resume=True to take it over",
+}
+
+
+def _refused(action: Action, state: RunState, key: tuple[str, int, int]) -> InvalidTransition:
+    hint = _HINTS.get(state, "")
+    hint = hint.format(e=key[0], v=key[1]) if hint else ""
+    return InvalidTransition(
+        f"cannot {action} run {_fmt(key)}: it is {state.value}" + (f"; {hint}" if hint else ""),
+        state=state.value, action=action.value,
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _derive_id(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "experiment"
+    return f"{slug}-{secrets.token_hex(4)}"
+
+
+def _bounded(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
+    """Pass chunks through, refusing to go past the declared size."""
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if limit is not None and sent > limit:
+            raise InvalidRequest("the upload is larger than its declared size", field="size")
+        yield chunk
+
+
+@contextlib.contextmanager
+def _translate_db_errors() -> Iterator[None]:
+    try:
+        yield
+    except OperationalError as exc:
+        raise ServerError(f"database error: {exc.orig}") from exc
+
+
+# ---------------------------------------------------------------------- engines
+def make_engine(url: str) -> sa.Engine:
+    """A SQLAlchemy engine tuned for the store: SQLite in WAL mode with a busy timeout and
+    ``BEGIN IMMEDIATE`` for write transactions; PostgreSQL with a pre-pinged pool."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid store URL {url!r}: {exc}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the driver for {parsed.drivername} is not installed: "
+            "pip install 'chronicle-integrations[postgres]'") from exc
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 60000")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        immediate = conn.get_execution_options().get("chronicle_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

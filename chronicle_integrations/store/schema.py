@@ -1,0 +1,154 @@
+"""The SQL schema and its versioned migrations.
+
+Why not Alembic: the embedded store migrates itself on open, from whichever process gets there
+first, with no command to run and no migration scripts to ship or locate. What that needs is a
+version number in the database, an ordered list of migration steps in code, and a lock so that
+two processes opening a fresh database do not both migrate it. That is the whole of this module
+(~50 lines); Alembic would add a dependency and an environment to configure for no gain here.
+A database written by a newer Chronicle is refused with a clear message instead of misread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from .._errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+# Integer primary keys that autoincrement on both SQLite and PostgreSQL.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+experiments = sa.Table(
+    "experiments", metadata,
+    sa.Column("experiment_id", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("next_variation", sa.Integer, nullable=False, server_default="0"),
+)
+
+variations = sa.Table(
+    "variations", metadata,
+    sa.Column("experiment_id", sa.String(128), sa.ForeignKey("experiments.experiment_id"),
+              primary_key=True),
+    sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    # Run numbers are handed out by an atomic increment of this counter: unique under races.
+    sa.Column("next_run", sa.Integer, nullable=False, server_default="0"),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("experiment_id", sa.String(128), primary_key=True),
+    sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("last_heartbeat_at", sa.Float),
+    # COALESCE(last_heartbeat_at, started_at), kept as a column so the watchdog's sweep is an
+    # index range scan instead of a full scan over every run ever recorded.
+    sa.Column("alive_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("reason", sa.String(20)),
+    sa.Column("message", sa.Text),
+    sa.Column("lease", sa.String(128)),
+    sa.Column("lease_holder", sa.String(256)),
+    sa.ForeignKeyConstraint(["experiment_id", "variation"],
+                            ["variations.experiment_id", "variations.variation"]),
+    sa.Index("ix_runs_state_alive", "state", "alive_at"),
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("experiment_id", sa.String(128), nullable=False),
+    sa.Column("variation", sa.Integer, nullable=False),
+    sa.Column("run", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("from_state", sa.String(20)),
+    sa.Column("to_state", sa.String(20)),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("cause", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_events_run", "experiment_id", "variation", "run", "id"),
+)
+
+assets = sa.Table(
+    "assets", metadata,
+    sa.Column("experiment_id", sa.String(128), primary_key=True),
+    sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(1024), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+uploads = sa.Table(
+    "uploads", metadata,
+    sa.Column("upload_id", sa.String(128), primary_key=True),
+    sa.Column("experiment_id", sa.String(128), nullable=False),
+    sa.Column("variation", sa.Integer, nullable=False),
+    sa.Column("run", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(1024), nullable=False),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("sha256", sa.String(64)),
+)
+
+# Results of non-idempotent creations (add_variation, create_run) keyed by a client request id,
+# so that a retry after a lost response returns the first answer instead of a ghost duplicate.
+requests_done = sa.Table(
+    "requests_done", metadata,
+    sa.Column("request_id", sa.String(160), primary_key=True),
+    sa.Column("result", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+schema_version = sa.Table(
+    "chronicle_schema", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+
+def _v1(conn: sa.Connection) -> None:
+    for table in (experiments, variations, runs, events, assets, uploads, requests_done):
+        table.create(conn, checkfirst=True)
+
+
+#: Ordered migrations; the schema version is the index of the last one applied, plus one.
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sa.Connection) -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION` inside the caller's write transaction.
+
+    The caller holds the database's write lock (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL
+    advisory lock), so concurrent openers serialise here and only one migrates.
+    """
+    schema_version.create(conn, checkfirst=True)
+    current = conn.execute(sa.select(schema_version.c.version)).scalar()
+    if current is None:
+        current = 0
+        conn.execute(schema_version.insert().values(id=1, version=0))
+    if current > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"this database has schema version {current}, newer than this chronicle "
+            f"understands ({SCHEMA_VERSION}); upgrade chronicle-integrations"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        log.info("migrating the chronicle schema to version %d", version + 1)
+        MIGRATIONS[version](conn)
+    if current != SCHEMA_VERSION:
+        conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
+    return SCHEMA_VERSION
