@@ -39,7 +39,7 @@ class BlobStore(Protocol):
         """How many bytes of the upload are safely stored (0 for an unknown upload)."""
 
     def append(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> int:
-        """Append ``chunks`` at ``offset`` (which must equal the stored size); return the new size."""
+        """Append ``chunks`` at ``offset`` (the stored size); return the new size."""
 
     def commit(self, upload_id: str, sha256: str) -> int:
         """Verify the digest and publish the object; return its size. Raises DigestMismatch."""

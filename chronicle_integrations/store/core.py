@@ -61,7 +61,7 @@ from ..lifecycle import (
     next_state,
 )
 from . import schema as t
-from .blobs import BlobStore, LocalBlobStore, open_blob_store
+from .blobs import BlobStore, open_blob_store
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,120 @@
+"""Heartbeats on a daemon thread, with cancellation detection.
+
+Rules:
+* the first beat goes out as soon as the thread starts, then one every ``interval`` seconds;
+* transient failures (server down, 5xx) are logged once at WARNING, retried sooner (backoff
+  from 1 s up to ``interval``), and their recovery is logged at INFO: no log spam;
+* a refusal that means the run is no longer ours - it was cancelled (``failed_abandoned``),
+  expired, ended elsewhere, or taken over by another worker (lease conflict) - sets
+  ``run.cancelled``, calls the ``on_cancel`` callback once, and stops the thread;
+* the thread never keeps a dead training alive: it is a daemon, it stops when its run reaches
+  a terminal state through this client, and it stops when the main thread has exited.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._errors import APIError, InvalidTransition, LeaseConflict, NotFound
+
+if TYPE_CHECKING:
+    from .client import Run
+
+log = logging.getLogger(__name__)
+
+
+class KeepAlive:
+    """A running heartbeat loop for one run. A context manager; ``stop()`` ends it."""
+
+    def __init__(self, run: Run, interval: float = 60.0,
+                 on_cancel: Callable[[Run, str], None] | None = None) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.run = run
+        self.interval = float(interval)
+        self.on_cancel = on_cancel
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, daemon=True,
+            name=f"chronicle-heartbeat-{run.experiment_id}/{run.variation}/{run.run}")
+        self.beats = 0
+
+    def start(self) -> KeepAlive:
+        """Start beating (idempotent)."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """True while the heartbeat thread runs."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop beating and wait (bounded) for the thread to end."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> KeepAlive:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        delay = 0.0
+        failing = False
+        main = threading.main_thread()
+        while not self._stop.wait(delay):
+            if not main.is_alive():
+                log.debug("main thread exited; heartbeats stop")
+                return
+            try:
+                self.run._send_heartbeat()
+            except (InvalidTransition, LeaseConflict, NotFound) as exc:
+                self._cancelled(exc)
+                return
+            except APIError as exc:
+                if exc.status < 500 and exc.status != 429:
+                    log.error("heartbeat for %s refused: %s; heartbeats stop",
+                              self.run.key, exc)
+                    return
+                failing, delay = self._failed(exc, failing, delay)
+                continue
+            except Exception as exc:
+                failing, delay = self._failed(exc, failing, delay)
+                continue
+            self.beats += 1
+            if failing:
+                log.info("heartbeats for %s are getting through again", self.run.key)
+                failing = False
+            delay = self.interval
+
+    def _failed(self, exc: BaseException, failing: bool, delay: float) -> tuple[bool, float]:
+        if not failing:
+            log.warning("heartbeat for %s failed (%s); retrying until it gets through",
+                        self.run.key, exc)
+        return True, min(self.interval, max(1.0, delay * 2))
+
+    def _cancelled(self, exc: APIError) -> None:
+        if isinstance(exc, LeaseConflict):
+            why = "taken over by another worker (lease conflict)"
+        elif isinstance(exc, NotFound):
+            why = "deleted on the server"
+        else:
+            state = exc.state if isinstance(exc, InvalidTransition) else None
+            why = f"{state} on the server" if state else str(exc)
+        log.warning("run %s is %s: heartbeats stop and the run is marked cancelled",
+                    self.run.key, why)
+        self.run._mark_cancelled(why)
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel(self.run, why)
+            except Exception:
+                log.exception("the on_cancel callback for %s raised", self.run.key)

@@ -1,0 +1,195 @@
+"""How the client reaches a store: the transport interface and the embedded implementation.
+
+:class:`Transport` is the one interface :class:`~chronicle_integrations.Chronicle` talks to.
+:class:`EmbeddedTransport` calls the SQL store in-process (``$CHRONICLE_HOME``);
+:class:`~chronicle_integrations._http.HttpTransport` speaks the server's ``/v1`` API. Both raise
+the same typed errors, so the client behaves identically over either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+from ._errors import ConfigurationError
+from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: Called with the number of bytes transferred so far.
+Progress = Callable[[int], None]
+
+#: Size of each read while streaming a file.
+READ_BLOCK = 1024 * 1024
+
+
+class Transport(Protocol):
+    """What the client needs from a store. Every method may raise the typed API errors."""
+
+    target: str  # a human-readable description: the URL, or "embedded:<home>"
+
+    def create_experiment(self, name: str, variations: list[dict[str, Any]],
+                          experiment_id: str | None) -> ExperimentInfo: ...
+    def list_experiments(self) -> list[ExperimentInfo]: ...
+    def get_experiment(self, experiment_id: str) -> ExperimentInfo: ...
+    def add_variation(self, experiment_id: str, config: dict[str, Any],
+                      request_id: str) -> int: ...
+    def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]: ...
+    def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo: ...
+    def get_run(self, e: str, v: int, r: int) -> RunInfo: ...
+    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]: ...
+    def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
+              holder: str | None) -> RunInfo: ...
+    def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
+                  quick: bool = False) -> RunInfo: ...
+    def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo: ...
+    def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
+             lease: str | None) -> RunInfo: ...
+    def events(self, e: str, v: int, r: int) -> list[Event]: ...
+    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]: ...
+    def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
+                    upload_id: str, progress: Progress | None = None,
+                    verify: Callable[[], None] | None = None) -> AssetInfo:
+        """Upload a file resumably; ``verify()`` runs after the last byte is read and before
+        the asset is published (it raises to stop the publication)."""
+    def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
+                       offset: int = 0, progress: Progress | None = None) -> AssetInfo: ...
+    def close(self) -> None: ...
+
+
+def hashing_reader(fh: Any, hasher: Any, progress: Progress | None,
+                   start: int = 0) -> Iterator[bytes]:
+    """Yield ``fh``'s blocks from its current position, hashing them and reporting progress."""
+    done = start
+    for block in iter(lambda: fh.read(READ_BLOCK), b""):
+        hasher.update(block)
+        done += len(block)
+        if progress is not None:
+            progress(done)
+        yield block
+
+
+class EmbeddedTransport:
+    """The store in-process: SQLite + local assets under a Chronicle home directory.
+
+    Several processes may use the same home at once (SQLite WAL with ``BEGIN IMMEDIATE``
+    writes, ``flock``-guarded partial uploads).
+    """
+
+    def __init__(self, home: str | os.PathLike[str], **store_kwargs: Any) -> None:
+        try:
+            from .store import Store
+        except ModuleNotFoundError as exc:  # SQLAlchemy is an extra
+            raise ConfigurationError(
+                "the embedded store needs SQLAlchemy: pip install "
+                "'chronicle-integrations[embedded]', or point CHRONICLE_URL at a server"
+            ) from exc
+        self.home = os.path.abspath(home)
+        self.store: Store = Store.open_home(self.home, **store_kwargs)
+        self.target = f"embedded:{self.home}"
+
+    def create_experiment(self, name: str, variations: list[dict[str, Any]],
+                          experiment_id: str | None) -> ExperimentInfo:
+        return self.store.create_experiment(name, variations, experiment_id)
+
+    def list_experiments(self) -> list[ExperimentInfo]:
+        return self.store.list_experiments()
+
+    def get_experiment(self, experiment_id: str) -> ExperimentInfo:
+        return self.store.get_experiment(experiment_id)
+
+    def add_variation(self, experiment_id: str, config: dict[str, Any],
+                      request_id: str) -> int:
+        return self.store.add_variation(experiment_id, config, request_id)
+
+    def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]:
+        return self.store.get_variation_config(experiment_id, variation)
+
+    def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo:
+        return self.store.create_run(experiment_id, variation, request_id)
+
+    def get_run(self, e: str, v: int, r: int) -> RunInfo:
+        return self.store.get_run(e, v, r)
+
+    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]:
+        # Nobody else runs the watchdog's sweep for an embedded store: do it on listings.
+        self.store.maybe_sweep()
+        return self.store.list_runs(experiment_id, state)
+
+    def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
+              holder: str | None) -> RunInfo:
+        return self.store.start(e, v, r, resume=resume, lease=lease, holder=holder)
+
+    def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
+                  quick: bool = False) -> RunInfo:
+        return self.store.heartbeat(e, v, r, lease)
+
+    def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
+        return self.store.succeed(e, v, r, lease)
+
+    def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
+             lease: str | None) -> RunInfo:
+        return self.store.fail(e, v, r, reason, message, lease)
+
+    def events(self, e: str, v: int, r: int) -> list[Event]:
+        return self.store.events(e, v, r)
+
+    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
+        return self.store.list_assets(e, v, r)
+
+    def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
+                    upload_id: str, progress: Progress | None = None,
+                    verify: Callable[[], None] | None = None) -> AssetInfo:
+        size = os.path.getsize(path)
+        status = self.store.begin_upload(e, v, r, name, size=size, upload_id=upload_id,
+                                         lease=lease)
+        hasher = hashlib.sha256()
+        with open(path, "rb") as fh:
+            if status.offset and not status.completed:
+                # A previous attempt stored a prefix: hash it without re-sending it.
+                for _ in hashing_reader(_Limited(fh, status.offset), hasher, None):
+                    pass
+                fh.seek(status.offset)
+            if status.completed:
+                for _ in hashing_reader(fh, hasher, None):
+                    pass
+            else:
+                self.store.write_chunk(upload_id, status.offset,
+                                       hashing_reader(fh, hasher, progress, status.offset))
+        if verify is not None:
+            verify()
+        return self.store.complete_upload(upload_id, hasher.hexdigest())
+
+    def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
+                       offset: int = 0, progress: Progress | None = None) -> AssetInfo:
+        info, src = self.store.open_asset(e, v, r, name)
+        with src:
+            src.seek(offset)
+            done = offset
+            for block in iter(lambda: src.read(READ_BLOCK), b""):
+                dest.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done)
+        return info
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _Limited:
+    """A read-only view of the first ``limit`` bytes of a file."""
+
+    def __init__(self, fh: BinaryIO, limit: int) -> None:
+        self._fh, self._left = fh, limit
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._fh.read(n)
+        self._left -= len(data)
+        return data

@@ -1,0 +1,583 @@
+"""The core client: :class:`Chronicle` (one per process) and cheap :class:`Run` handles.
+
+Example::
+
+    from chronicle_integrations import Chronicle
+
+    with Chronicle() as chronicle:            # $CHRONICLE_URL, else the embedded store
+        exp = chronicle.create_experiment("lr-sweep", variations=[{"lr": 0.1}, {"lr": 0.01}])
+        run = chronicle.create_run(exp, variation=1)
+        cfg = run.get_variation_config()       # {"lr": 0.01}
+        with run.start():                      # heartbeats on a daemon thread inside the block
+            ...train...
+            run.upload_asset("model.ckpt")     # returns at once; uploads in the background
+        # the block ended: succeed() waited for the uploads; an exception -> fail("crash")
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import _validation as check
+from ._errors import (
+    ChronicleError,
+    ConfigurationError,
+    ServerError,
+    StorageFull,
+    TransportError,
+    UploadError,
+)
+from ._heartbeat import KeepAlive
+from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+from ._spool import Spool, SyncReport
+from ._transport import EmbeddedTransport, Transport
+from ._uploads import (
+    SourceChanged,
+    Stager,
+    UploadHandle,
+    UploadPool,
+    UploadTask,
+    copy_stable,
+    describe,
+)
+from .lifecycle import Action, RunState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Chronicle", "Run"]
+
+#: How often long waits (uploads at succeed/close) report progress.
+PROGRESS_EVERY = 10.0
+
+
+def _default_home() -> str:
+    return os.path.abspath(os.environ.get("CHRONICLE_HOME") or "chronicle")
+
+
+class Chronicle:
+    """A connection to Chronicle: a server (``url`` / ``$CHRONICLE_URL``) or the embedded store.
+
+    Args:
+        url: the server's base URL. Default ``$CHRONICLE_URL``; with neither, the embedded
+            store in ``home`` is used (needs the ``embedded`` extra).
+        api_key: bearer key for the server. Default ``$CHRONICLE_API_KEY``.
+        home: the client's home: embedded database and assets, upload staging, the spool.
+            Default ``$CHRONICLE_HOME``, else ``./chronicle`` (made absolute at construction).
+        upload_workers: size of the shared background upload pool.
+        close_timeout: how long ``close()`` waits for pending uploads before spooling them.
+        timeout: the retry budget, in seconds, of each request to the server.
+        heartbeat_timeout, lost_grace: embedded store only: the watchdog's settings
+            (default ``$CHRONICLE_HEARTBEAT_TIMEOUT`` / ``$CHRONICLE_LOST_GRACE``, else 900 s
+            and 48 h). A server has its own.
+
+    One ``Chronicle`` per process; it is a context manager, and ``close()`` is idempotent and
+    also runs at interpreter exit, so pending uploads are never dropped silently.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        upload_workers: int = 4,
+        close_timeout: float = 3600.0,
+        timeout: float = 60.0,
+        heartbeat_timeout: float | None = None,
+        lost_grace: float | None = None,
+    ) -> None:
+        self.url = url or os.environ.get("CHRONICLE_URL") or None
+        api_key = api_key or os.environ.get("CHRONICLE_API_KEY") or None
+        self.home = Path(home).resolve() if home is not None else Path(_default_home())
+        self.close_timeout = close_timeout
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._keepalives: weakref.WeakSet[KeepAlive] = weakref.WeakSet()
+        self.transport: Transport
+        if self.url:
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigurationError(
+                    f"invalid Chronicle URL {self.url!r}: expected http://host:port")
+            from ._http import HttpTransport, RetryPolicy
+
+            self.transport = HttpTransport(self.url, api_key, RetryPolicy(budget=timeout))
+        else:
+            kwargs: dict[str, float] = {}
+            for key, value, env in (("heartbeat_timeout", heartbeat_timeout,
+                                     "CHRONICLE_HEARTBEAT_TIMEOUT"),
+                                    ("lost_grace", lost_grace, "CHRONICLE_LOST_GRACE")):
+                raw = value if value is not None else os.environ.get(env)
+                if raw is not None:
+                    try:
+                        kwargs[key] = float(raw)
+                    except ValueError:
+                        raise ConfigurationError(f"{env}={raw!r} is not a number") from None
+            self.transport = EmbeddedTransport(self.home, **kwargs)
+        self.spool = Spool(self.home / "spool")
+        self._stager: Stager | None = None
+        self._pool = UploadPool(upload_workers, self._upload_task, self._upload_failed)
+        _register_exit(self)
+
+    # ------------------------------------------------------------------ context / closing
+    def __enter__(self) -> Chronicle:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Chronicle {self.transport.target}>"
+
+    @property
+    def target(self) -> str:
+        """Where this client writes: the server URL or ``embedded:<home>``."""
+        return self.transport.target
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait (bounded, with progress) for pending uploads, spool what did not finish, stop
+        heartbeats, and release connections. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        timeout = self.close_timeout if timeout is None else timeout
+        try:
+            self._wait_uploads(None, timeout, "closing")
+        finally:
+            for task in self._pool.close():
+                log.error("upload of %s (%s) never started before close; spooled for "
+                          "`chronicle sync`", task.staged.source, task.staged.name)
+                self._spool_task(task, "the client closed before it started")
+            for task in self._pool.pending():
+                log.error("abandoning upload of %s (%s) after %.0fs: it is still in progress; "
+                          "its staged copy is spooled for `chronicle sync`",
+                          task.staged.source, task.staged.name, timeout)
+                self._spool_task(task, "still in progress at close")
+            for keepalive in list(self._keepalives):
+                keepalive.stop(timeout=1.0)
+            self.transport.close()
+            _unregister_exit(self)
+
+    # ------------------------------------------------------------------ experiments
+    def create_experiment(self, name: str, variations: list[dict[str, Any]] | None = None,
+                          experiment_id: str | None = None) -> str:
+        """Create an experiment with numbered variations (0, 1, ...); returns its id.
+
+        The id is derived from the name with a random suffix unless given; it is chosen here
+        so that a retried request cannot create a second experiment.
+        """
+        check.name(name)
+        if experiment_id is None:
+            from .store.core import _derive_id  # pure function, no SQL import cost beyond
+
+            experiment_id = _derive_id(name)
+        return self.transport.create_experiment(name, list(variations or []),
+                                                experiment_id).experiment_id
+
+    def add_variation(self, experiment_id: str, config: dict[str, Any]) -> int:
+        """Append a variation to an experiment; returns its number."""
+        return self.transport.add_variation(experiment_id, check.config(config), _request_id())
+
+    def experiments(self) -> list[ExperimentInfo]:
+        """Every experiment."""
+        return self.transport.list_experiments()
+
+    def experiment(self, experiment_id: str) -> ExperimentInfo:
+        """One experiment."""
+        return self.transport.get_experiment(experiment_id)
+
+    # ------------------------------------------------------------------ runs
+    def create_run(self, experiment_id: str, variation: int) -> Run:
+        """Create the next run of a variation (``pending``); returns its handle."""
+        info = self.transport.create_run(check.experiment_id(experiment_id),
+                                         check.number(variation, "variation"), _request_id())
+        return Run(self, info.experiment_id, info.variation, info.run)
+
+    def run(self, experiment_id: str, variation: int, run: int,
+            lease: str | None = None) -> Run:
+        """A handle on an existing run. No I/O: handles are cheap to create and discard.
+
+        ``lease`` adopts a lease obtained elsewhere (e.g. ``$CHRONICLE_LEASE`` passed by a
+        launcher to its job), so this handle may beat and end the run it started.
+        """
+        return Run(self, experiment_id, variation, run, lease=lease)
+
+    def runs(self, experiment_id: str | None = None,
+             state: str | RunState | None = None) -> list[RunInfo]:
+        """Runs, optionally of one experiment and/or in one state (the effective state)."""
+        return self.transport.list_runs(
+            experiment_id, RunState(state).value if state is not None else None)
+
+    def sync(self) -> SyncReport:
+        """Send what the spool holds for this target (uploads first, then transitions)."""
+        return self.spool.sync(self.transport)
+
+    # ------------------------------------------------------------------ uploads (internal)
+    def _stage(self, path: str | os.PathLike[str], name: str | None) -> Any:
+        if self._stager is None:
+            self._stager = Stager(self.home / "staging")
+        return self._stager.stage(path, name)
+
+    def _submit_upload(self, run: Run, path: str | os.PathLike[str],
+                       name: str | None) -> UploadHandle:
+        staged = self._stage(path, name)
+        base = name if name is not None else Path(path).name
+        futures = []
+        for item in staged:
+            task = UploadTask(staged=item, run_key=run.key_tuple, lease=run.lease,
+                              future=_new_future(), upload_id=_request_id())
+            self._pool.submit(task)
+            futures.append(task.future)
+        return UploadHandle(base, futures, directory=Path(path).is_dir())
+
+    def _upload_task(self, task: UploadTask) -> AssetInfo:
+        """Run in a worker: upload, verifying the capture is intact before publishing."""
+        for _ in range(20):
+            staged = task.staged
+            try:
+                if not staged.unchanged():
+                    raise SourceChanged(staged.name)
+                info = _upload_checked(self.transport, task)
+            except SourceChanged:
+                log.info("%s was rewritten in place while uploading; capturing its newest "
+                         "complete version", staged.source)
+                fresh = copy_stable(staged.path, staged.path.with_suffix(".recapture"),
+                                    staged.name, settle=0.5)
+                os.replace(fresh.path, staged.path)
+                fresh.path, fresh.source = staged.path, staged.source
+                task.staged = fresh
+                task.upload_id = _request_id()
+                continue
+            staged.path.unlink(missing_ok=True)
+            return info
+        raise UploadError(f"{task.staged.source} kept being rewritten; gave up",
+                          name=task.staged.name, staged_path=str(task.staged.path))
+
+    def _upload_failed(self, task: UploadTask, exc: BaseException) -> None:
+        """Never silent: ERROR naming the file; spool it when the failure may pass."""
+        if isinstance(exc, (TransportError, ServerError, StorageFull)):
+            log.error("upload of %s as %r to run %s failed: %s; spooled for `chronicle sync`",
+                      task.staged.source, task.staged.name, "/".join(map(str, task.run_key)),
+                      exc)
+            self._spool_task(task, str(exc))
+        else:
+            log.error("upload of %s as %r to run %s failed: %s; staged copy kept at %s",
+                      task.staged.source, task.staged.name, "/".join(map(str, task.run_key)),
+                      exc, task.staged.path)
+
+    def _spool_task(self, task: UploadTask, why: str) -> None:
+        try:
+            path = self.spool.add_upload(self.transport.target, task.run_key, task.staged.name,
+                                         task.staged.path, lease=task.lease,
+                                         upload_id=task.upload_id, linked=task.staged.linked)
+        except OSError as exc:
+            log.error("could not spool %s (%s): %s", task.staged.name, why, exc)
+            return
+        if not task.future.done():
+            task.future.set_exception(UploadError(
+                f"upload of {task.staged.source} as {task.staged.name!r} did not finish "
+                f"({why}); spooled at {path}: run `chronicle sync`", name=task.staged.name,
+                staged_path=str(path)))
+
+    def _wait_uploads(self, run_key: tuple[str, int, int] | None, timeout: float | None,
+                      why: str) -> bool:
+        """Wait for pending uploads (one run's, or all), logging progress on long waits."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        next_report = started + PROGRESS_EVERY
+        while True:
+            pending = self._pool.pending(run_key)
+            if not pending:
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if now >= next_report:
+                size = sum(t.staged.size for t in pending)
+                log.info("%s: waiting for %d upload(s) (%s, %.1f MiB) for %.0fs", why,
+                         len(pending), describe(pending), size / 2**20, now - started)
+                next_report = now + PROGRESS_EVERY
+            wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+            concurrent.futures.wait([t.future for t in pending], timeout=wait,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+
+
+class Run:
+    """A handle on one run ``(experiment_id, variation, run)``.
+
+    Creating a handle does no I/O. Mutators return ``self`` so calls chain::
+
+        chronicle.run(exp, 0, 0).start().heartbeat()
+
+    Used as a context manager after ``start()``, it keeps heartbeats alive inside the block
+    and ends the run: ``succeed()`` on normal exit, ``fail("crash")`` on an exception,
+    ``fail("abandoned")`` on ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, chronicle: Chronicle, experiment_id: str, variation: int, run: int,
+                 lease: str | None = None) -> None:
+        self.chronicle = chronicle
+        self.experiment_id = check.experiment_id(experiment_id)
+        self.variation = check.number(variation, "variation")
+        self.run = check.number(run, "run")
+        self.lease = lease
+        #: Set when the server says the run was cancelled, expired or taken over.
+        self.cancelled = threading.Event()
+        self.cancel_reason: str | None = None
+        #: True when the terminal transition could not be sent and was spooled.
+        self.spooled = False
+        self._keepalive: KeepAlive | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.key}>"
+
+    @property
+    def key(self) -> str:
+        """``experiment/variation/run``."""
+        return f"{self.experiment_id}/{self.variation}/{self.run}"
+
+    @property
+    def key_tuple(self) -> tuple[str, int, int]:
+        return (self.experiment_id, self.variation, self.run)
+
+    @property
+    def _t(self) -> Transport:
+        return self.chronicle.transport
+
+    # ------------------------------------------------------------------ reads
+    def get_variation_config(self) -> dict[str, Any]:
+        """The config of this run's variation."""
+        return self._t.get_variation_config(self.experiment_id, self.variation)
+
+    def info(self) -> RunInfo:
+        """A fresh snapshot of the run (effective state, timestamps, reason, asset count)."""
+        return self._t.get_run(*self.key_tuple)
+
+    @property
+    def state(self) -> RunState:
+        """The run's current (effective) state, read from the store."""
+        return self.info().state
+
+    def events(self) -> list[Event]:
+        """The run's timeline: every transition and every completed upload."""
+        return self._t.events(*self.key_tuple)
+
+    def assets(self) -> list[AssetInfo]:
+        """The run's complete assets."""
+        return self._t.list_assets(*self.key_tuple)
+
+    def download_asset(self, name: str, dest: str | os.PathLike[str],
+                       progress: Callable[[int, int], None] | None = None) -> Path:
+        """Download an asset to ``dest`` (a file path, or an existing directory to put it in),
+        verifying its SHA-256. The file appears only when complete. Returns the path."""
+        check.asset_name(name)
+        target = Path(dest)
+        if target.is_dir():
+            target = target / Path(name).name
+        known = {a.name: a for a in self.assets()}
+        if name not in known:
+            from ._errors import NotFound
+
+            raise NotFound(f"run {self.key} has no asset {name!r}", name=name)
+        expected = known[name]
+        partial = target.with_name(target.name + ".part")
+        with open(partial, "wb") as fh:
+            self._t.download_asset(*self.key_tuple, name, fh,
+                                   progress=(lambda n: progress(n, expected.size))
+                                   if progress else None)
+        hasher = hashlib.sha256()
+        with open(partial, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                hasher.update(block)
+        if hasher.hexdigest() != expected.sha256:
+            partial.unlink(missing_ok=True)
+            raise UploadError(f"downloaded {name!r} does not match its SHA-256; removed",
+                              name=name)
+        os.replace(partial, target)
+        return target
+
+    # ------------------------------------------------------------------ transitions
+    def start(self, resume: bool = False) -> Run:
+        """``pending -> running``; ``resume=True`` also takes over a running or lost run.
+
+        The lease is chosen here (or adopted from ``run(..., lease=)``) and kept in the
+        handle; a start retried after a lost response, or repeated with the lease the run
+        already holds, is a success with no effect.
+        """
+        lease = self.lease or secrets.token_urlsafe(24)
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._t.start(*self.key_tuple, resume=resume, lease=lease, holder=holder)
+        self.lease = lease
+        self.cancelled.clear()
+        return self
+
+    def heartbeat(self) -> Run:
+        """Tell the store the run is alive (``lost -> running`` if it had gone quiet)."""
+        self._send_heartbeat(quick=False)
+        return self
+
+    def _send_heartbeat(self, quick: bool = True) -> RunInfo:
+        return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick)
+
+    def keep_alive(self, interval: float = 60.0,
+                   on_cancel: Callable[[Run, str], None] | None = None) -> KeepAlive:
+        """Send heartbeats every ``interval`` seconds on a daemon thread (one per run).
+
+        Returns the running :class:`KeepAlive` (a context manager; ``.stop()`` ends it). When
+        the server says the run was cancelled or taken over, ``run.cancelled`` is set and
+        ``on_cancel(run, reason)`` is called.
+        """
+        with self._lock:
+            if self._keepalive is not None and self._keepalive.alive:
+                if on_cancel is not None:
+                    self._keepalive.on_cancel = on_cancel
+                return self._keepalive
+            self._keepalive = KeepAlive(self, interval, on_cancel).start()
+            self.chronicle._keepalives.add(self._keepalive)
+            return self._keepalive
+
+    def stop_keep_alive(self) -> None:
+        """Stop heartbeats (without ending the run: e.g. on pre-emption)."""
+        with self._lock:
+            keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.stop()
+
+    def _mark_cancelled(self, why: str) -> None:
+        self.cancel_reason = why
+        self.cancelled.set()
+
+    def upload_asset(self, path: str | os.PathLike[str], name: str | None = None
+                     ) -> UploadHandle:
+        """Capture a file or directory now and upload it in the background.
+
+        Returns at once with a future-like :class:`UploadHandle`. The content is the one at
+        call time (hard-link staging, see ``_uploads``); a directory keeps its layout under
+        ``name`` (default: the path's base name).
+        """
+        return self.chronicle._submit_upload(self, path, name)
+
+    def wait_uploads(self, timeout: float | None = None) -> bool:
+        """Wait for this run's pending uploads; True when none is left."""
+        return self.chronicle._wait_uploads(self.key_tuple, timeout, f"run {self.key}")
+
+    def succeed(self, timeout: float | None = None) -> Run:
+        """Wait for this run's uploads (progress logged on long waits), then record success.
+
+        If the server cannot be reached within the retry budget, the transition is spooled
+        (``run.spooled`` becomes True, an ERROR says so) for ``chronicle sync``.
+        """
+        self.wait_uploads(timeout)
+        self._end(Action.SUCCEED, None, None)
+        return self
+
+    def fail(self, reason: str = "crash", message: str | None = None) -> Run:
+        """Record a failure: ``"crash"`` (needs the lease once started) or ``"abandoned"``
+        (a cancellation: anyone may). ``message`` is kept, bounded to 64 KiB."""
+        check.fail_reason(reason)
+        action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
+        self._end(action, reason, check.message(message))
+        return self
+
+    def _end(self, action: Action, reason: str | None, message: str | None) -> None:
+        try:
+            if action is Action.SUCCEED:
+                self._t.succeed(*self.key_tuple, self.lease)
+            else:
+                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease)
+        except TransportError as exc:
+            path = self.chronicle.spool.add_transition(
+                self.chronicle.target, self.key_tuple,
+                "succeed" if action is Action.SUCCEED else "fail",
+                lease=self.lease, reason=reason, message=message)
+            self.spooled = True
+            log.error("could not record %s for run %s (%s); spooled at %s: run "
+                      "`chronicle sync` when the server is back", action, self.key, exc, path)
+        finally:
+            self.stop_keep_alive()
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> Run:
+        if self.lease is None:
+            raise ChronicleError("call start() before entering the run's with-block: "
+                                 "`with chronicle.run(e, v, r).start() as run:`")
+        self.keep_alive()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.succeed()
+        elif isinstance(exc, KeyboardInterrupt):
+            self.fail("abandoned", "KeyboardInterrupt")
+        else:
+            self.fail("crash", format_exception(exc))
+
+
+def format_exception(exc: BaseException, limit_bytes: int = 16 * 1024) -> str:
+    """``Type: message`` followed by the end of the traceback, bounded."""
+    head = f"{type(exc).__name__}: {exc}"
+    tail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(tail) > limit_bytes:
+        tail = "...\n" + tail[-limit_bytes:]
+    return f"{head}\n\n{tail}"
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _new_future() -> concurrent.futures.Future[AssetInfo]:
+    return concurrent.futures.Future()
+
+
+def _upload_checked(transport: Transport, task: UploadTask) -> AssetInfo:
+    """Upload a staged file; refuse to publish if it was rewritten in place meanwhile."""
+    e, v, r = task.run_key
+    staged = task.staged
+
+    def check_intact() -> None:
+        if not staged.unchanged():
+            raise SourceChanged(staged.name)
+
+    return transport.upload_file(e, v, r, staged.name, str(staged.path), lease=task.lease,
+                                 upload_id=task.upload_id, verify=check_intact)
+
+
+# ---------------------------------------------------------------------- exit handling
+_live: weakref.WeakSet[Chronicle] = weakref.WeakSet()
+
+
+def _register_exit(chronicle: Chronicle) -> None:
+    _live.add(chronicle)
+
+
+def _unregister_exit(chronicle: Chronicle) -> None:
+    _live.discard(chronicle)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for chronicle in list(_live):
+        try:
+            chronicle.close()
+        except Exception:
+            log.exception("error while closing %r at exit", chronicle)
+
