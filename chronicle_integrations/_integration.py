@@ -1,0 +1,238 @@
+"""What every framework integration shares: run identity, a guarded lifecycle, never raising.
+
+Framework modules (``lightning``, ``pytorch_lightning``, ``transformers``) map their hooks onto
+a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in one place:
+
+* **Identity**: explicit arguments, else ``$CHRONICLE_EXPERIMENT`` / ``$CHRONICLE_VARIATION`` /
+  ``$CHRONICLE_RUN`` (+ ``$CHRONICLE_LEASE``, set by a launcher that already started the run),
+  else a new experiment whose single variation records the hyperparameters.
+* **Ownership**: a run adopted from a launcher (a lease in the environment) belongs to the
+  launcher: the integration beats and uploads but leaves the terminal transition to its owner,
+  so a job never sees two conflicting transitions.
+* **Training is sacred**: every call is guarded; a tracking error is logged once (WARNING, then
+  DEBUG) and swallowed, unless ``strict=True``.
+* **Idempotent**: ``begin``/``succeed``/``crash``/``abandon``/``preempted`` may be called in any
+  order and any number of times (framework hooks fire in surprising orders); the first terminal
+  outcome wins.
+* **Picklable**: nothing is created before ``begin`` (``ddp_spawn`` pickles callbacks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .client import Chronicle, Run, format_exception
+
+log = logging.getLogger(__name__)
+
+ENV_EXPERIMENT = "CHRONICLE_EXPERIMENT"
+ENV_VARIATION = "CHRONICLE_VARIATION"
+ENV_RUN = "CHRONICLE_RUN"
+ENV_LEASE = "CHRONICLE_LEASE"
+
+
+def identity_from_env() -> tuple[str, int, int, str | None] | None:
+    """``(experiment_id, variation, run, lease)`` from the environment, or None."""
+    exp = os.environ.get(ENV_EXPERIMENT)
+    var = os.environ.get(ENV_VARIATION)
+    run = os.environ.get(ENV_RUN)
+    if not exp or var is None or run is None:
+        return None
+    try:
+        return exp, int(var), int(run), os.environ.get(ENV_LEASE) or None
+    except ValueError:
+        log.warning("ignoring malformed %s/%s=%r/%r", ENV_VARIATION, ENV_RUN, var, run)
+        return None
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe rendering of hyperparameters (unknown objects become their repr)."""
+    if depth > 8:
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): jsonable(v, depth + 1) for k, v in dict(value.items()).items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value]
+    return repr(value)
+
+
+class TrackedRun:
+    """One run's lifecycle as seen by a framework integration.
+
+    Args:
+        chronicle: an existing client; default: one created on first use from the
+            environment (``$CHRONICLE_URL`` or the embedded store), closed by ``close()``.
+        experiment_id, variation, run: explicit identity (all three, or experiment_id and
+            variation to create a new run of that variation).
+        experiment_name: name of the experiment created when no identity is given.
+        heartbeat_interval: seconds between heartbeats.
+        strict: raise tracking errors instead of logging them.
+    """
+
+    def __init__(self, *, chronicle: Chronicle | None = None, experiment_id: str | None = None,
+                 variation: int | None = None, run: int | None = None,
+                 experiment_name: str | None = None, heartbeat_interval: float = 60.0,
+                 strict: bool = False) -> None:
+        if run is not None and (experiment_id is None or variation is None):
+            raise ValueError("run= needs experiment_id= and variation= too")
+        if variation is not None and experiment_id is None:
+            raise ValueError("variation= needs experiment_id= too")
+        self.chronicle = chronicle
+        self.experiment_id = experiment_id
+        self.variation = variation
+        self.run_number = run
+        self.experiment_name = experiment_name
+        self.heartbeat_interval = heartbeat_interval
+        self.strict = strict
+        self.run: Run | None = None
+        self.owns_run = True
+        self.outcome: str | None = None  # "succeeded" | "crashed" | "abandoned" | "preempted"
+        self._own_client = False
+        self._warned = False
+
+    # -- pickling: drop live objects (ddp_spawn pickles callbacks into workers) -------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(chronicle=None if self._own_client else self.chronicle, run=None)
+        return state
+
+    @property
+    def active(self) -> bool:
+        """True between a successful ``begin`` and the end of the run."""
+        return self.run is not None and self.outcome is None
+
+    @property
+    def cancelled(self) -> bool:
+        """True when the server said the run was cancelled, expired or taken over."""
+        return self.run is not None and self.run.cancelled.is_set()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run tracking code; log (once at WARNING) and swallow errors unless strict."""
+        try:
+            yield
+        except Exception as exc:
+            if self.strict:
+                raise
+            level = logging.DEBUG if self._warned else logging.WARNING
+            log.log(level, "chronicle: %s failed (%s: %s); training continues without it",
+                    what, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._warned = True
+
+    def _client(self) -> Chronicle:
+        if self.chronicle is None:
+            self.chronicle = Chronicle()
+            self._own_client = True
+        return self.chronicle
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def begin(self, config: dict[str, Any] | None = None,
+              resume_identity: tuple[str, int, int] | None = None,
+              on_cancel: Callable[[Run, str], None] | None = None) -> Run | None:
+        """Create or attach the run and start it (resume when ``resume_identity`` is given),
+        then keep it alive. Returns the run, or None when tracking failed (non-strict)."""
+        if self.run is not None:
+            return self.run
+        with self.guard("starting the run"):
+            client = self._client()
+            resume = False
+            lease = None
+            env = identity_from_env()
+            if resume_identity is not None:
+                key = resume_identity
+                resume = True
+            elif self.experiment_id is not None and self.run_number is not None:
+                key = (self.experiment_id, int(self.variation or 0), self.run_number)
+            elif self.experiment_id is not None:
+                created = client.create_run(self.experiment_id, int(self.variation or 0))
+                key = created.key_tuple
+            elif env is not None:
+                key, lease = env[:3], env[3]
+                self.owns_run = lease is None
+            else:
+                name = self.experiment_name or "training"
+                exp = client.create_experiment(name, variations=[jsonable(config or {})])
+                key = client.create_run(exp, 0).key_tuple
+            run = client.run(*key, lease=lease)
+            run.start(resume=resume)
+            run.keep_alive(self.heartbeat_interval, on_cancel=on_cancel)
+            self.run = run
+            log.info("chronicle: tracking run %s (%s)", run.key, client.target)
+        return self.run
+
+    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        """Queue an upload (returns at once)."""
+        if self.run is None:
+            return
+        with self.guard(f"uploading {path}"):
+            self.run.upload_asset(path, name)
+
+    def succeed(self) -> None:
+        """Normal end: wait for uploads, record success (unless cancelled or not ours)."""
+        if not self.active or self.run is None:
+            return
+        run = self.run
+        if run.cancelled.is_set():
+            self.outcome = "cancelled"
+            log.warning("chronicle: run %s was %s; not marking it succeeded", run.key,
+                        run.cancel_reason)
+            with self.guard("waiting for uploads"):
+                run.wait_uploads()
+                run.stop_keep_alive()
+            return
+        self.outcome = "succeeded"
+        with self.guard("recording success"):
+            if self.owns_run:
+                run.succeed()
+            else:
+                run.wait_uploads()
+                run.stop_keep_alive()
+
+    def crash(self, exc: BaseException) -> None:
+        """An exception ended training: ``fail("crash")`` with type, message, traceback."""
+        self._fail("crashed", "crash", format_exception(exc))
+
+    def abandon(self, message: str = "KeyboardInterrupt") -> None:
+        """Interrupted by the user: ``fail("abandoned")``, quickly (no waiting for uploads)."""
+        self._fail("abandoned", "abandoned", message)
+
+    def _fail(self, outcome: str, reason: str, message: str) -> None:
+        if not self.active or self.run is None:
+            return
+        self.outcome = outcome
+        run = self.run
+        with self.guard(f"recording the {reason}"):
+            if self.owns_run and not run.cancelled.is_set():
+                run.fail(reason, message)
+            else:
+                run.stop_keep_alive()
+
+    def preempted(self, flush_timeout: float | None = 600.0) -> None:
+        """SIGTERM / pre-emption: no terminal transition. Flush uploads (bounded), stop
+        heartbeats, leave the run to be resumed (``lost`` is recoverable for 48 h)."""
+        if not self.active or self.run is None:
+            return
+        self.outcome = "preempted"
+        run = self.run
+        with self.guard("flushing uploads on pre-emption"):
+            run.wait_uploads(flush_timeout)
+        with self.guard("stopping heartbeats"):
+            run.stop_keep_alive()
+        log.warning("chronicle: run %s pre-empted; left resumable (no terminal state)", run.key)
+
+    def close(self) -> None:
+        """Close the client if this object created it."""
+        if self._own_client and self.chronicle is not None:
+            with self.guard("closing the client"):
+                self.chronicle.close()
+
+
+__all__ = ["TrackedRun", "identity_from_env", "jsonable"]
