@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from typing import Any
 
 from ._errors import InvalidRequest
@@ -136,3 +137,9 @@ def sha256_hex(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
         raise InvalidRequest("sha256 must be 64 lowercase hex characters", field="sha256")
     return value
+
+
+def derive_experiment_id(name: str) -> str:
+    """An experiment id from a name: a slug plus a random suffix (``lr-sweep-1a2b3c4d``)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "experiment"
+    return f"{slug}-{secrets.token_hex(4)}"

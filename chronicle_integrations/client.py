@@ -184,9 +184,7 @@ class Chronicle:
         """
         check.name(name)
         if experiment_id is None:
-            from .store.core import _derive_id  # pure function, no SQL import cost beyond
-
-            experiment_id = _derive_id(name)
+            experiment_id = check.derive_experiment_id(name)
         return self.transport.create_experiment(name, list(variations or []),
                                                 experiment_id).experiment_id
 

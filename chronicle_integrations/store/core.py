@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -214,7 +213,7 @@ class Store:
         check.name(name)
         configs = [check.config(c) for c in variations]
         if experiment_id is None:
-            experiment_id = _derive_id(name)
+            experiment_id = check.derive_experiment_id(name)
         check.experiment_id(experiment_id)
         now = self.clock()
         try:
@@ -780,11 +779,6 @@ def _refused(action: Action, state: RunState, key: tuple[str, int, int]) -> Inva
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
-
-
-def _derive_id(name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "experiment"
-    return f"{slug}-{secrets.token_hex(4)}"
 
 
 def _bounded(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
