@@ -37,6 +37,7 @@ from . import _validation as check
 from ._errors import (
     ChronicleError,
     ConfigurationError,
+    InvalidRequest,
     ServerError,
     StorageFull,
     TransportError,
@@ -219,8 +220,14 @@ class Chronicle:
     def runs(self, experiment_id: str | None = None,
              state: str | RunState | None = None) -> list[RunInfo]:
         """Runs, optionally of one experiment and/or in one state (the effective state)."""
-        return self.transport.list_runs(
-            experiment_id, RunState(state).value if state is not None else None)
+        if state is not None:
+            try:
+                state = RunState(state)
+            except ValueError:
+                raise InvalidRequest(
+                    f"invalid state {state!r}: one of " + ", ".join(s.value for s in RunState),
+                    field="state") from None
+        return self.transport.list_runs(experiment_id, state.value if state else None)
 
     def sync(self) -> SyncReport:
         """Send what the spool holds for this target (uploads first, then transitions)."""
@@ -396,10 +403,14 @@ class Run:
             raise NotFound(f"run {self.key} has no asset {name!r}", name=name)
         expected = known[name]
         partial = target.with_name(target.name + ".part")
-        with open(partial, "wb") as fh:
-            self._t.download_asset(*self.key_tuple, name, fh,
-                                   progress=(lambda n: progress(n, expected.size))
-                                   if progress else None)
+        try:
+            with open(partial, "wb") as fh:
+                self._t.download_asset(*self.key_tuple, name, fh,
+                                       progress=(lambda n: progress(n, expected.size))
+                                       if progress else None)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         hasher = hashlib.sha256()
         with open(partial, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -501,6 +512,9 @@ class Run:
             else:
                 self._t.fail(*self.key_tuple, reason or "crash", message, self.lease)
         except TransportError as exc:
+            if self.lease is None:
+                # Not this worker's run (e.g. an operator cancelling): nothing to defer.
+                raise
             path = self.chronicle.spool.add_transition(
                 self.chronicle.target, self.key_tuple,
                 "succeed" if action is Action.SUCCEED else "fail",

@@ -1,0 +1,655 @@
+"""The ``chronicle`` command: run the reference server, inspect and steer runs.
+
+Usage::
+
+    chronicle [--url URL] [--api-key KEY] [--home DIR] [--timeout S] [-v] COMMAND ...
+
+    chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets URL] ...
+    chronicle experiments                         # every experiment
+    chronicle runs [--experiment E] [--state S]   # runs, filtered
+    chronicle show E/V/R                          # one run, every field
+    chronicle events E/V/R                        # its timeline
+    chronicle cancel E/V/R [--message M]          # fail(reason="abandoned")
+    chronicle rerun E V                           # the next run of a variation
+    chronicle assets E/V/R                        # its assets
+    chronicle download E/V/R NAME [DEST]          # one asset, SHA-256 verified
+    chronicle sync                                # replay what the spool holds
+
+Every listing and ``show`` take ``--json`` (the models' ``to_dict()``, lists as JSON arrays;
+the lease token is never printed) for agents; people get aligned tables.
+
+The client is chosen like :class:`~chronicle_integrations.Chronicle` chooses it: ``--url`` /
+``$CHRONICLE_URL`` selects a server, otherwise the embedded store in ``--home`` /
+``$CHRONICLE_HOME`` / ``./chronicle``. With the embedded store, a home directory that does not
+exist is an error (exit 2) rather than a new empty store in the wrong place; ``sync`` just has
+nothing to send. The client options (``--url``, ``--api-key``, ``--home``, ``--timeout``,
+``-v``) are also accepted after the command, except for ``server``, which has its own.
+
+Exit codes:
+
+    0  success
+    1  other errors: server unreachable, unexpected API errors, ``sync`` incomplete
+    2  usage or configuration error (bad arguments, ConfigurationError, InvalidRequest)
+    3  not found (unknown experiment, variation, run or asset)
+    4  invalid transition or lease conflict (e.g. cancelling a run that already succeeded)
+    5  unauthorized (missing or wrong API key)
+
+Errors print one line, ``chronicle: error: <message>``, on stderr; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ._errors import (
+    ChronicleError,
+    ConfigurationError,
+    InvalidRequest,
+    InvalidTransition,
+    LeaseConflict,
+    NotFound,
+    Unauthorized,
+)
+from ._validation import EXPERIMENT_ID_RE, MAX_NUMBER
+from .lifecycle import RunState
+
+if TYPE_CHECKING:
+    from .client import Chronicle
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_UNAUTHORIZED = 5
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  other errors (server unreachable, unexpected API errors, sync incomplete)
+  2  usage or configuration error (bad arguments, invalid request)
+  3  not found (experiment, variation, run or asset)
+  4  invalid transition or lease conflict
+  5  unauthorized (missing or wrong API key)
+
+environment: CHRONICLE_URL, CHRONICLE_API_KEY, CHRONICLE_HOME (defaults of the global options)
+"""
+
+RUN_EXAMPLE = "lr-sweep-1a2b/0/3"
+
+#: Downloads larger than this get a progress bar (when stderr is a terminal).
+PROGRESS_MIN_BYTES = 8 * 2**20
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- argument types
+def run_id(text: str) -> tuple[str, int, int]:
+    """Parse ``EXPERIMENT/VARIATION/RUN`` strictly (argparse ``type=``)."""
+    parts = text.split("/")
+    if (len(parts) != 3 or not EXPERIMENT_ID_RE.fullmatch(parts[0])
+            or not all(re.fullmatch(r"[0-9]+", p) for p in parts[1:])
+            or not all(int(p) <= MAX_NUMBER for p in parts[1:])):
+        raise argparse.ArgumentTypeError(
+            f"invalid run {text!r}: expected EXPERIMENT/VARIATION/RUN, e.g. {RUN_EXAMPLE}")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def experiment_arg(text: str) -> str:
+    if not EXPERIMENT_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid experiment id {text!r}: 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit")
+    return text
+
+
+def variation_arg(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_NUMBER:
+        raise argparse.ArgumentTypeError(
+            f"invalid variation {text!r}: expected an integer from 0 to {MAX_NUMBER}")
+    return int(text)
+
+
+def state_arg(text: str) -> RunState:
+    try:
+        return RunState(text.strip().lower())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid state {text!r}: choose from "
+            f"{', '.join(s.value for s in RunState)}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0-65535")
+    return int(text)
+
+
+# ---------------------------------------------------------------------- formatting
+def format_time(ts: float | None) -> str:
+    """Local wall-clock time for tables: ``2026-11-27 14:05:25``."""
+    if ts is None:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_iso(ts: float | None, now: float | None = None) -> str:
+    """Local ISO time with offset and the relative age: ``2026-...T14:05:25+01:00 (3m ago)``."""
+    if ts is None:
+        return "-"
+    iso = _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    return f"{iso} ({format_ago(ts, now)})"
+
+
+def format_ago(ts: float | None, now: float | None = None) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago``, ``2d ago`` (``in 4s`` for a clock ahead of ours)."""
+    if ts is None:
+        return "-"
+    delta = (time.time() if now is None else now) - ts
+    ahead = delta < 0
+    delta = abs(delta)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            amount = f"{int(delta // size)}{unit}"
+            break
+    else:
+        amount = f"{int(delta)}s"
+    return f"in {amount}" if ahead else f"{amount} ago"
+
+
+def format_size(size: int | float) -> str:
+    """Binary units: ``512 B``, ``1.5 KiB``, ``12.0 MiB``."""
+    value = float(size)
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _one_line(text: str | None, limit: int = 60) -> str:
+    if not text:
+        return ""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _public(record: Any) -> dict[str, Any]:
+    """A model as JSON-ready dict, minus the lease token (a secret of the worker)."""
+    data: dict[str, Any] = record.to_dict()
+    data.pop("lease", None)
+    return data
+
+
+def _print_json(obj: Any, out: TextIO) -> None:
+    out.write(json.dumps(obj, indent=2) + "\n")
+
+
+class ProgressBar:
+    """A minimal progress bar on a terminal stream (no tqdm dependency).
+
+    ``bar(done, total)`` redraws at most ~10 times a second; ``close()`` ends the line.
+    """
+
+    def __init__(self, label: str, stream: TextIO, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream
+        self.width = width
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        fraction = min(1.0, done / total) if total > 0 else 1.0
+        filled = int(fraction * self.width)
+        rate = done / max(now - self.started, 1e-6)
+        self.stream.write(
+            f"\r{self.label}  [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{fraction * 100:5.1f}%  {format_size(done)} / {format_size(total)}  "
+            f"{format_size(rate)}/s ")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------- the client
+def _open(args: argparse.Namespace) -> Chronicle:
+    """The :class:`Chronicle` the global options select."""
+    from .client import Chronicle
+
+    if not args.url:
+        home = Path(args.home or "chronicle").resolve()
+        if not home.is_dir():
+            raise ConfigurationError(
+                f"no Chronicle store at {home}: pass --home DIR or set CHRONICLE_HOME "
+                "(or --url / CHRONICLE_URL for a server)")
+    return Chronicle(url=args.url, api_key=args.api_key, home=args.home, timeout=args.timeout)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        from .server import serve
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the server needs extra packages ({exc.name} is missing): "
+            "pip install 'chronicle-integrations[server]'") from exc
+    kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
+    for key, value in (("store_url", args.store), ("assets", args.assets),
+                       ("api_key", args.server_api_key or args.api_key),
+                       ("heartbeat_timeout", args.heartbeat_timeout),
+                       ("lost_grace", args.lost_grace),
+                       ("home", args.server_home or args.home),
+                       ("log_level", args.log_level or ("debug" if args.verbose else None))):
+        if value is not None:
+            kwargs[key] = value
+    serve(**kwargs)
+    return EXIT_OK
+
+
+def cmd_experiments(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        experiments = chronicle.experiments()
+    if args.json:
+        _print_json([_public(e) for e in experiments], out)
+    elif not experiments:
+        print("no experiments", file=sys.stderr)
+    else:
+        out.write(table(["EXPERIMENT", "NAME", "VARIATIONS", "CREATED"],
+                        [[e.experiment_id, e.name, e.variations, format_time(e.created_at)]
+                         for e in experiments]) + "\n")
+    return EXIT_OK
+
+
+def _reason(info: Any) -> str:
+    if not info.reason:
+        return ""
+    detail = _one_line(info.message, 50)
+    return f"{info.reason} ({detail})" if detail else str(info.reason)
+
+
+def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        if args.experiment:  # an unknown experiment is "not found", not an empty listing
+            chronicle.experiment(args.experiment)
+        runs = chronicle.runs(experiment_id=args.experiment, state=args.state)
+    if args.json:
+        _print_json([_public(r) for r in runs], out)
+    elif not runs:
+        print("no runs", file=sys.stderr)
+    else:
+        now = time.time()
+        out.write(table(
+            ["RUN", "STATE", "STARTED", "LAST HEARTBEAT", "ENDED", "ASSETS", "REASON"],
+            [[r.key, r.state.value, format_time(r.started_at),
+              format_ago(r.last_heartbeat_at, now), format_time(r.ended_at), r.asset_count,
+              _reason(r)] for r in runs]) + "\n")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        run = chronicle.run(*args.run)
+        info = run.info()
+        config = None if args.json else run.get_variation_config()
+    if args.json:
+        _print_json(_public(info), out)
+        return EXIT_OK
+    now = time.time()
+    state = info.state.value + (" (terminal)" if info.state.is_terminal else "")
+    fields = [
+        ("run", info.key),
+        ("experiment", info.experiment_id),
+        ("variation", str(info.variation)),
+        ("config", json.dumps(config, sort_keys=True)),
+        ("state", state),
+        ("created", format_iso(info.created_at, now)),
+        ("started", format_iso(info.started_at, now)),
+        ("last heartbeat", format_iso(info.last_heartbeat_at, now)),
+        ("ended", format_iso(info.ended_at, now)),
+        ("reason", info.reason or "-"),
+        ("lease holder", info.lease_holder or "-"),
+        ("assets", str(info.asset_count)),
+    ]
+    width = max(len(k) for k, _ in fields) + 2
+    for key, value in fields:
+        out.write(f"{key + ':':<{width}}{value}\n")
+    if info.message:
+        out.write("message:\n")
+        for line in info.message.splitlines():
+            out.write(f"  {line}\n")
+    else:
+        out.write(f"{'message:':<{width}}-\n")
+    return EXIT_OK
+
+
+def _event_text(event: Any) -> str:
+    if event.kind == "asset":
+        detail = event.detail or {}
+        sha = str(detail.get("sha256") or "")[:12]
+        size = detail.get("size")
+        extra = ", ".join(x for x in (format_size(size) if size is not None else "", sha) if x)
+        return f"asset {detail.get('name', '?')}" + (f" ({extra})" if extra else "")
+    src = event.from_state or ""
+    return f"{src} -> {event.to_state}".strip()
+
+
+def _event_cause(event: Any) -> str:
+    if event.kind == "asset" or not event.detail:
+        return str(event.cause)
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(event.detail.items()))
+    return f"{event.cause} ({extra})"
+
+
+def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        events = chronicle.run(*args.run).events()
+    if args.json:
+        _print_json([_public(e) for e in events], out)
+    else:
+        out.write(table(["AT", "EVENT", "CAUSE"],
+                        [[format_time(e.at), _event_text(e), _event_cause(e)]
+                         for e in events]) + "\n")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        run = chronicle.run(*args.run)
+        try:
+            run.fail(reason="abandoned", message=args.message)
+        except InvalidTransition as exc:
+            state = exc.state or "terminal"
+            raise InvalidTransition(
+                f"cannot cancel run {run.key}: it is already {state}; terminal states never "
+                "change", **exc.details) from exc
+        if run.spooled:
+            print(f"chronicle: error: could not reach {chronicle.target}; the cancellation of "
+                  f"{run.key} is spooled: run `chronicle sync` later", file=sys.stderr)
+            return EXIT_ERROR
+        info = run.info()
+    if args.json:
+        _print_json(_public(info), out)
+    else:
+        out.write(f"{info.key}: {info.state.value}\n")
+    return EXIT_OK
+
+
+def cmd_rerun(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        run = chronicle.create_run(args.experiment, args.variation)
+        info = run.info() if args.json else None
+    if info is not None:
+        _print_json(_public(info), out)
+    else:
+        out.write(f"{run.key}\n")
+    return EXIT_OK
+
+
+def cmd_assets(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        assets = chronicle.run(*args.run).assets()
+    if args.json:
+        _print_json([_public(a) for a in assets], out)
+    elif not assets:
+        print("no assets", file=sys.stderr)
+    else:
+        out.write(table(["NAME", "SIZE", "SHA256", "CREATED"],
+                        [[a.name, format_size(a.size), a.sha256[:12], format_time(a.created_at)]
+                         for a in assets]) + "\n")
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
+    dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)) and not dest.exists():
+        dest.mkdir(parents=True)
+    bar: ProgressBar | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            if total <= PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+                return
+            bar = ProgressBar(args.name, sys.stderr)
+        bar(done, total)
+
+    with _open(args) as chronicle:
+        try:
+            path = chronicle.run(*args.run).download_asset(args.name, dest, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    out.write(f"{Path(path).resolve()}\n")
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.url and not Path(args.home or "chronicle").resolve().is_dir():
+        from ._spool import SyncReport
+
+        report = SyncReport()  # no home, hence no spool: nothing to send
+    else:
+        with _open(args) as chronicle:
+            report = chronicle.sync()
+    if args.json:
+        _print_json(report.to_dict(), out)
+    else:
+        out.write(f"sent {len(report.sent)}, waiting {len(report.waiting)}, "
+                  f"refused {len(report.refused)}\n")
+        for word, items in (("sent", report.sent), ("waiting", report.waiting),
+                            ("refused", report.refused)):
+            for item in items:
+                out.write(f"  {word}: {item}\n")
+    return EXIT_ERROR if report.waiting or report.refused else EXIT_OK
+
+
+# ---------------------------------------------------------------------- the parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``chronicle`` argument parser."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="chronicle",
+        description="Chronicle: track ML training runs through a strict lifecycle.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--url", default=os.environ.get("CHRONICLE_URL") or None,
+                        help="server URL (default $CHRONICLE_URL; else the embedded store)")
+    parser.add_argument("--api-key", default=os.environ.get("CHRONICLE_API_KEY") or None,
+                        help="API key (default $CHRONICLE_API_KEY)")
+    parser.add_argument("--home", default=os.environ.get("CHRONICLE_HOME") or None,
+                        help="client home: embedded store, spool "
+                             "(default $CHRONICLE_HOME, else ./chronicle)")
+    parser.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                        help="retry budget of each request to a server, in seconds "
+                             "(default 60)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log INFO (-vv: DEBUG) to stderr; show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # The client options are also accepted after the command (`chronicle runs --url U`), as
+    # agents tend to write them; SUPPRESS keeps the values given before it otherwise.
+    client_options = argparse.ArgumentParser(add_help=False)
+    group = client_options.add_argument_group("client options (also accepted before COMMAND)")
+    for flags, kwargs in (
+        (("--url",), {"help": "server URL"}),
+        (("--api-key",), {"help": "API key"}),
+        (("--home",), {"help": "client home"}),
+        (("--timeout",), {"type": _positive_float, "metavar": "S",
+                          "help": "retry budget of each request, in seconds"}),
+        (("-v", "--verbose"), {"action": "count", "help": "more logging; tracebacks"}),
+    ):
+        group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+
+    def add(name: str, func: Callable[[argparse.Namespace, TextIO], int], help: str,
+            json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           parents=[] if name == "server" else [client_options])
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        return p
+
+    run_help = f"the run, as EXPERIMENT/VARIATION/RUN (e.g. {RUN_EXAMPLE})"
+
+    p = add("server", cmd_server, "run the reference Chronicle server", json_flag=False)
+    p.add_argument("--store", metavar="URL",
+                   help="SQLAlchemy store URL (default SQLite in the home)")
+    p.add_argument("--assets", metavar="URL",
+                   help="asset storage: a directory or s3://bucket/prefix "
+                        "(default a directory in the home)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="listen address (default 127.0.0.1; anything beyond loopback needs "
+                        "an API key)")
+    p.add_argument("--port", type=_port, default=8765, help="listen port (default 8765)")
+    p.add_argument("--api-key", dest="server_api_key", metavar="KEY",
+                   help="API key clients must send (default $CHRONICLE_API_KEY)")
+    p.add_argument("--heartbeat-timeout", type=_positive_float, metavar="S",
+                   help="seconds without a heartbeat before a run is lost (default 900)")
+    p.add_argument("--lost-grace", type=_positive_float, metavar="S",
+                   help="seconds a run may stay lost before it fails (default 172800)")
+    p.add_argument("--home", dest="server_home", metavar="DIR",
+                   help="server home for the default store and assets "
+                        "(default $CHRONICLE_HOME)")
+    p.add_argument("--log-level", type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="server log level (default info)")
+
+    add("experiments", cmd_experiments, "list experiments")
+
+    p = add("runs", cmd_runs, "list runs")
+    p.add_argument("--experiment", "-e", type=experiment_arg, metavar="E",
+                   help="only this experiment's runs")
+    p.add_argument("--state", "-s", type=state_arg, metavar="S",
+                   help=f"only runs in this state ({', '.join(s.value for s in RunState)})")
+
+    p = add("show", cmd_show, "show every field of a run")
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+
+    p = add("events", cmd_events, "show a run's timeline (transitions and uploads)")
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+
+    p = add("cancel", cmd_cancel, "cancel a run: fail(reason='abandoned')")
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+    p.add_argument("--message", "-m", help="why (recorded with the run)")
+
+    p = add("rerun", cmd_rerun, "create the next run of a variation; prints E/V/R")
+    p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
+    p.add_argument("variation", type=variation_arg, metavar="V", help="variation number")
+
+    p = add("assets", cmd_assets, "list a run's assets")
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+
+    p = add("download", cmd_download, "download an asset (SHA-256 verified); prints its path",
+            json_flag=False)
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+    p.add_argument("name", metavar="NAME", help="the asset's name (see `chronicle assets`)")
+    p.add_argument("dest", metavar="DEST", nargs="?", default=".",
+                   help="a file path or an existing directory (default .)")
+
+    add("sync", cmd_sync, "send what the spool holds (exit 1 if anything is left)")
+    return parser
+
+
+# ---------------------------------------------------------------------- entry point
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (ConfigurationError, InvalidRequest)):
+        return EXIT_USAGE
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (InvalidTransition, LeaseConflict)):
+        return EXIT_CONFLICT
+    if isinstance(exc, Unauthorized):
+        return EXIT_UNAUTHORIZED
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # The library never configures logging; the command line does, for its own process.
+    level = logging.WARNING if not args.verbose else (
+        logging.INFO if args.verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args, sys.stdout)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        print("chronicle: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `chronicle runs | head`: the reader left; stop quietly (and let Python's final
+        # flush of stdout go to /dev/null instead of raising again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except (ChronicleError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join((str(exc) or type(exc).__name__).split("\n"))  # one line
+        print(f"chronicle: error: {message}", file=sys.stderr)
+        return _exit_code(exc)
+    except Exception as exc:  # a bug: still one line unless -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"chronicle: error: unexpected {type(exc).__name__}: {exc} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
