@@ -407,10 +407,6 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
             raise InvalidTransition(
                 f"cannot cancel run {run.key}: it is already {state}; terminal states never "
                 "change", **exc.details) from exc
-        if run.spooled:
-            print(f"chronicle: error: could not reach {chronicle.target}; the cancellation of "
-                  f"{run.key} is spooled: run `chronicle sync` later", file=sys.stderr)
-            return EXIT_ERROR
         info = run.info()
     if args.json:
         _print_json(_public(info), out)
