@@ -8,16 +8,22 @@ Rules:
   expired, ended elsewhere, or taken over by another worker (lease conflict) - sets
   ``run.cancelled``, calls the ``on_cancel`` callback once, and stops the thread;
 * the thread never keeps a dead training alive: it is a daemon, it stops when its run reaches
-  a terminal state through this client, and it stops when the main thread has exited.
+  a terminal state through this client, and it stops when the main thread has exited;
+* a heartbeat proves the process exists, not that training advances. With ``stall_timeout``,
+  the thread watches ``run.progress`` (updated by the training loop, no I/O) and *pauses*
+  beating while it has not advanced for that long, saying so at WARNING: the server's watchdog
+  then moves the run to ``lost`` honestly. When progress resumes, so do the heartbeats
+  (``lost -> running``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError, InvalidTransition, LeaseConflict, NotFound
 
@@ -27,16 +33,54 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Progress:
+    """Training progress, written by the training thread and read by the heartbeat thread.
+
+    ``update(step=..., epoch=...)`` and ``touch()`` are a few attribute writes: safe to call on
+    every training step. Anything that changes the values, or ``touch()`` (for long phases
+    with no step: validation, checkpointing), counts as advancing.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        self.advanced_at = time.monotonic()
+
+    def update(self, **values: Any) -> None:
+        """Record progress, e.g. ``update(step=120, epoch=3)``."""
+        merged = {**self._values, **values}
+        if merged != self._values:
+            self._values = merged  # one reference swap: readers never see a half update
+            self.advanced_at = time.monotonic()
+
+    def touch(self) -> None:
+        """Count as progress without a new value (a long validation or save is not a hang)."""
+        self.advanced_at = time.monotonic()
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The latest values, or None if nothing was reported."""
+        return dict(self._values) if self._values else None
+
+    def idle_for(self) -> float:
+        """Seconds since progress last advanced."""
+        return time.monotonic() - self.advanced_at
+
+
 class KeepAlive:
     """A running heartbeat loop for one run. A context manager; ``stop()`` ends it."""
 
     def __init__(self, run: Run, interval: float = 60.0,
-                 on_cancel: Callable[[Run, str], None] | None = None) -> None:
+                 on_cancel: Callable[[Run, str], None] | None = None,
+                 stall_timeout: float | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError("stall_timeout must be > 0 (or None to disable)")
         self.run = run
         self.interval = float(interval)
         self.on_cancel = on_cancel
+        self.stall_timeout = stall_timeout
+        #: True while heartbeats are paused because training made no progress.
+        self.stalled = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, daemon=True,
@@ -75,6 +119,9 @@ class KeepAlive:
             if not main.is_alive():
                 log.debug("main thread exited; heartbeats stop")
                 return
+            if self._paused_for_stall():
+                delay = min(self.interval, 1.0)
+                continue
             try:
                 self.run._send_heartbeat()
             except (InvalidTransition, LeaseConflict, NotFound) as exc:
@@ -95,6 +142,22 @@ class KeepAlive:
                 log.info("heartbeats for %s are getting through again", self.run.key)
                 failing = False
             delay = self.interval
+
+    def _paused_for_stall(self) -> bool:
+        if self.stall_timeout is None:
+            return False
+        idle = self.run.progress.idle_for()
+        if idle > self.stall_timeout:
+            if not self.stalled:
+                log.warning("run %s: no training progress for %.0fs (stall_timeout=%.0fs); "
+                            "heartbeats pause so the watchdog can mark the run lost",
+                            self.run.key, idle, self.stall_timeout)
+                self.stalled = True
+            return True
+        if self.stalled:
+            log.warning("run %s: training progresses again; heartbeats resume", self.run.key)
+            self.stalled = False
+        return False
 
     def _failed(self, exc: BaseException, failing: bool, delay: float) -> tuple[bool, float]:
         if not failing:

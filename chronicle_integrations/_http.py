@@ -203,9 +203,12 @@ class HttpTransport:
                                             json=body))
 
     def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False) -> RunInfo:
+                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo:
+        body: dict[str, Any] = {"lease": lease}
+        if progress is not None:
+            body["progress"] = progress
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/heartbeat",
-                                            json={"lease": lease},
+                                            json=body,
                                             policy=QUICK if quick else None))
 
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:

@@ -59,6 +59,13 @@ class RunInfo(_Record):
     message: str | None = None
     lease_holder: str | None = None
     asset_count: int = 0
+    #: The latest progress a heartbeat carried (e.g. ``{"step": 120, "epoch": 3}``).
+    progress: dict[str, Any] | None = None
+    #: When that progress last advanced (store clock).
+    progress_at: float | None = None
+    #: True for a running run whose heartbeats stopped carrying new progress for longer than
+    #: the store's ``stall_timeout``: alive, but perhaps hung. A flag, not a state.
+    stalled: bool = False
     #: Only set in the answer to ``start``: the token later calls must carry.
     lease: str | None = field(default=None, repr=False)
 

@@ -44,7 +44,7 @@ class Transport(Protocol):
     def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
               holder: str | None) -> RunInfo: ...
     def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False) -> RunInfo: ...
+                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo: ...
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo: ...
     def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
              lease: str | None) -> RunInfo: ...
@@ -124,8 +124,8 @@ class EmbeddedTransport:
         return self.store.start(e, v, r, resume=resume, lease=lease, holder=holder)
 
     def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False) -> RunInfo:
-        return self.store.heartbeat(e, v, r, lease)
+                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo:
+        return self.store.heartbeat(e, v, r, lease, progress)
 
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
         return self.store.succeed(e, v, r, lease)

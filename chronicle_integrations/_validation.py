@@ -143,3 +143,22 @@ def derive_experiment_id(name: str) -> str:
     """An experiment id from a name: a slug plus a random suffix (``lr-sweep-1a2b3c4d``)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:100] or "experiment"
     return f"{slug}-{secrets.token_hex(4)}"
+
+
+MAX_PROGRESS_KEYS = 16
+
+
+def progress(value: Any) -> dict[str, Any]:
+    """Check heartbeat progress: a small JSON object of names to numbers or short strings."""
+    if not isinstance(value, dict) or len(value) > MAX_PROGRESS_KEYS:
+        raise InvalidRequest(f"progress must be a JSON object with at most {MAX_PROGRESS_KEYS} "
+                             "keys, e.g. {\"step\": 120, \"epoch\": 3}", field="progress")
+    for key, item in value.items():
+        ok_item = (isinstance(item, (int, float)) and not isinstance(item, bool)
+                   and item == item and abs(item) != float("inf")) or (
+            isinstance(item, str) and len(item) <= 64)
+        if not isinstance(key, str) or len(key) > 64 or not ok_item:
+            raise InvalidRequest(f"invalid progress entry {key!r}: {item!r} (names up to 64 "
+                                 "characters, finite numbers or strings up to 64)",
+                                 field="progress")
+    return value

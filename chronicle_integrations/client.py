@@ -43,7 +43,7 @@ from ._errors import (
     TransportError,
     UploadError,
 )
-from ._heartbeat import KeepAlive
+from ._heartbeat import KeepAlive, Progress
 from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
 from ._spool import Spool, SyncReport
 from ._transport import EmbeddedTransport, Transport
@@ -347,6 +347,8 @@ class Run:
         self.cancel_reason: str | None = None
         #: True when the terminal transition could not be sent and was spooled.
         self.spooled = False
+        #: Training progress, updated cheaply by the training loop, sent with heartbeats.
+        self.progress = Progress()
         self._keepalive: KeepAlive | None = None
         self._lock = threading.Lock()
 
@@ -437,28 +439,41 @@ class Run:
         self.cancelled.clear()
         return self
 
-    def heartbeat(self) -> Run:
-        """Tell the store the run is alive (``lost -> running`` if it had gone quiet)."""
-        self._send_heartbeat(quick=False)
+    def heartbeat(self, progress: dict[str, Any] | None = None) -> Run:
+        """Tell the store the run is alive (``lost -> running`` if it had gone quiet).
+
+        ``progress`` (e.g. ``{"step": 120}``) lets the store tell a run that advances from
+        one that merely exists; without it, the latest ``run.progress`` is sent, if any.
+        """
+        self._send_heartbeat(quick=False, progress=progress)
         return self
 
-    def _send_heartbeat(self, quick: bool = True) -> RunInfo:
-        return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick)
+    def _send_heartbeat(self, quick: bool = True,
+                        progress: dict[str, Any] | None = None) -> RunInfo:
+        if progress is None:
+            progress = self.progress.snapshot()
+        return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
 
     def keep_alive(self, interval: float = 60.0,
-                   on_cancel: Callable[[Run, str], None] | None = None) -> KeepAlive:
+                   on_cancel: Callable[[Run, str], None] | None = None,
+                   stall_timeout: float | None = None) -> KeepAlive:
         """Send heartbeats every ``interval`` seconds on a daemon thread (one per run).
 
         Returns the running :class:`KeepAlive` (a context manager; ``.stop()`` ends it). When
         the server says the run was cancelled or taken over, ``run.cancelled`` is set and
         ``on_cancel(run, reason)`` is called.
+
+        ``stall_timeout``: when set, heartbeats pause while ``run.progress`` has not advanced
+        for that long (the training loop is hung: the watchdog should see it and move the run
+        to ``lost``), and resume when it advances again. Off by default for the bare client;
+        the framework integrations turn it on.
         """
         with self._lock:
             if self._keepalive is not None and self._keepalive.alive:
                 if on_cancel is not None:
                     self._keepalive.on_cancel = on_cancel
                 return self._keepalive
-            self._keepalive = KeepAlive(self, interval, on_cancel).start()
+            self._keepalive = KeepAlive(self, interval, on_cancel, stall_timeout).start()
             self.chronicle._keepalives.add(self._keepalive)
             return self._keepalive
 

@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TIMEOUT = 900.0
 DEFAULT_LOST_GRACE = 172800.0
+#: A running run whose heartbeats carry progress that has not advanced for this long is
+#: flagged ``stalled`` (a flag, not a state).
+DEFAULT_STALL_TIMEOUT = 1800.0
 
 _RUNNING, _LOST = RunState.RUNNING.value, RunState.LOST.value
 
@@ -92,6 +95,7 @@ class Store:
         *,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         lost_grace: float = DEFAULT_LOST_GRACE,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         clock: Callable[[], float] = _now_clock,
     ) -> None:
         if heartbeat_timeout <= 0 or lost_grace < 0:
@@ -100,6 +104,7 @@ class Store:
         self.blobs = blobs
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.lost_grace = float(lost_grace)
+        self.stall_timeout = float(stall_timeout)
         self.clock = clock
         self._sqlite = engine.dialect.name == "sqlite"
         self._last_sweep = 0.0
@@ -383,6 +388,10 @@ class Store:
             last_heartbeat_at=row.last_heartbeat_at, ended_at=ended_at, reason=reason,
             message=row.message, lease_holder=row.lease_holder,
             asset_count=int(getattr(row, "asset_count", 0) or 0), lease=lease,
+            progress=json.loads(row.progress) if row.progress else None,
+            progress_at=row.progress_at,
+            stalled=(state is RunState.RUNNING and row.progress_at is not None
+                     and now - row.progress_at > self.stall_timeout),
         )
 
     # ------------------------------------------------------------------ transitions
@@ -411,6 +420,8 @@ class Store:
             values: dict[str, Any] = {
                 "state": target.value, "lease": lease, "lease_holder": holder,
                 "alive_at": now, "last_heartbeat_at": None,
+                # a (re)start opens a new stall window: progress is measured from here
+                "progress_at": now if row.progress is not None else None,
             }
             if row.started_at is None:
                 values["started_at"] = now
@@ -422,20 +433,30 @@ class Store:
             return self._info(self._reload(conn, key), now, lease=lease)
 
     def heartbeat(self, experiment_id: str, variation: int, run: int,
-                  lease: str | None) -> RunInfo:
+                  lease: str | None, progress: dict[str, Any] | None = None) -> RunInfo:
         """``running -> running`` / ``lost -> running``. Refused on terminal runs (the error
-        carries the state, so a worker learns it was cancelled) and under a stale lease."""
+        carries the state, so a worker learns it was cancelled) and under a stale lease.
+
+        ``progress`` (e.g. ``{"step": 120, "epoch": 3}``) is kept; when it differs from the
+        last one, ``progress_at`` moves: a run beating without advancing becomes ``stalled``.
+        """
         key = _key(experiment_id, variation, run)
+        encoded = _dumps(check.progress(progress)) if progress is not None else None
         now = self.clock()
+        c = t.runs.c
+        values: dict[str, Any] = {"last_heartbeat_at": now, "alive_at": now}
+        if encoded is not None:
+            values["progress"] = encoded
+            values["progress_at"] = sa.case(
+                (c.progress.is_distinct_from(encoded), now), else_=c.progress_at)
         with self._write() as conn:
             # Fast path (one statement): a live run beating under its lease.
-            c = t.runs.c
             if lease is not None:
                 updated = conn.execute(
                     t.runs.update()
                     .where(_run_pk(*key), c.state == _RUNNING, c.lease == lease,
                            c.alive_at >= now - self.heartbeat_timeout)
-                    .values(last_heartbeat_at=now, alive_at=now)).rowcount
+                    .values(**values)).rowcount
                 if updated == 1:
                     return self._info(self._reload(conn, key), now)
             row = self._lock_run(conn, *key)
@@ -444,8 +465,10 @@ class Store:
             target = next_state(Action.HEARTBEAT, state)
             if target is None:
                 raise _refused(Action.HEARTBEAT, state, key)
-            conn.execute(t.runs.update().where(_run_pk(*key)).values(
-                state=target.value, last_heartbeat_at=now, alive_at=now))
+            if state is not target and encoded is not None:
+                values["progress_at"] = now  # back from lost: a new stall window
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(state=target.value,
+                                                                     **values))
             if state is not target:
                 self._event(conn, key, state, target, now, "heartbeat")
             return self._info(self._reload(conn, key), now)
@@ -821,6 +844,8 @@ def make_engine(url: str) -> sa.Engine:
         raise ConfigurationError(
             f"the driver for {parsed.drivername} is not installed: "
             "pip install 'chronicle-integrations[postgres]'") from exc
+    except sa.exc.NoSuchModuleError as exc:  # an unknown dialect, e.g. "nonsense://"
+        raise ConfigurationError(f"unsupported store URL {url!r}: {exc}") from exc
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:

@@ -60,6 +60,10 @@ runs = sa.Table(
     sa.Column("message", sa.Text),
     sa.Column("lease", sa.String(128)),
     sa.Column("lease_holder", sa.String(256)),
+    # v2: the latest training progress a heartbeat carried ({"step": .., "epoch": ..}) and
+    # when it last changed (store clock): a run that beats without advancing is "stalled".
+    sa.Column("progress", sa.Text),
+    sa.Column("progress_at", sa.Float),
     sa.ForeignKeyConstraint(["experiment_id", "variation"],
                             ["variations.experiment_id", "variations.variation"]),
     sa.Index("ix_runs_state_alive", "state", "alive_at"),
@@ -121,12 +125,28 @@ schema_version = sa.Table(
 
 
 def _v1(conn: sa.Connection) -> None:
+    # Creates the tables as this version defines them; later steps therefore check what
+    # exists before altering, so they are no-ops on a database created by this version.
     for table in (experiments, variations, runs, events, assets, uploads, requests_done):
         table.create(conn, checkfirst=True)
 
 
+def _add_missing_columns(conn: sa.Connection, table: sa.Table, names: list[str]) -> None:
+    present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            column = table.c[name]
+            ddl = column.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {ddl}"))
+
+
+def _v2(conn: sa.Connection) -> None:
+    """Progress carried by heartbeats (honest liveness)."""
+    _add_missing_columns(conn, runs, ["progress", "progress_at"])
+
+
 #: Ordered migrations; the schema version is the index of the last one applied, plus one.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -212,7 +212,7 @@ def test_late_transition_within_grace_is_accepted(store: Store, clock: Clock) ->
 
 
 def test_bad_input_is_refused_and_nothing_persisted(store: Store, clock: Clock) -> None:
-    for bad in ("", "-x", "a/b", "x" * 129, "ü", None, 5):
+    for bad in ("", "-x", "a/b", "x" * 129, "ü", 5):
         with pytest.raises(InvalidRequest):
             store.create_experiment("n", [], experiment_id=bad)
     with pytest.raises(InvalidRequest):
@@ -361,4 +361,48 @@ def test_racing_create_run_gives_distinct_numbers(store_url: str, tmp_path) -> N
     flat = sorted(itertools.chain.from_iterable(numbers))
     assert flat == list(range(procs * each))
     assert sorted(r.run for r in store.list_runs(exp)) == flat
+    store.close()
+
+
+# -------------------------------------------------------------------- progress (liveness)
+def test_progress_is_kept_and_a_run_that_stops_advancing_is_flagged_stalled(
+        store_url: str, tmp_path, clock: Clock) -> None:
+    store = Store.open(store_url, tmp_path / "assets", heartbeat_timeout=TIMEOUT,
+                       lost_grace=GRACE, stall_timeout=50.0, clock=clock)
+    key, lease = make_run(store, clock, RunState.RUNNING)
+    assert store.get_run(*key).progress is None and not store.get_run(*key).stalled
+    store.heartbeat(*key, lease, {"step": 1, "epoch": 0})
+    first = store.get_run(*key)
+    assert first.progress == {"step": 1, "epoch": 0} and first.progress_at == clock.now
+    clock.now += 30
+    store.heartbeat(*key, lease, {"step": 1, "epoch": 0})  # beating, not advancing
+    assert store.get_run(*key).progress_at == first.progress_at
+    clock.now += 30
+    store.heartbeat(*key, lease, {"step": 1, "epoch": 0})
+    info = store.get_run(*key)
+    assert info.stalled and info.state is RunState.RUNNING  # a flag, not a state
+    store.heartbeat(*key, lease, {"step": 2, "epoch": 0})
+    assert not store.get_run(*key).stalled
+    with pytest.raises(InvalidRequest):
+        store.heartbeat(*key, lease, {"step": [1, 2]})
+    with pytest.raises(InvalidRequest):
+        store.heartbeat(*key, lease, {f"k{i}": i for i in range(40)})
+    store.close()
+
+
+def test_migration_from_schema_v1_adds_progress(store_url: str, tmp_path) -> None:
+    store = Store.open(store_url, tmp_path / "a")
+    exp = store.create_experiment("old", [{}]).experiment_id
+    store.create_run(exp, 0)
+    with store.engine.begin() as conn:  # turn the database back into a version-1 one
+        for column in ("progress", "progress_at"):
+            conn.execute(sa.text(f"ALTER TABLE runs DROP COLUMN {column}"))
+        conn.execute(t.schema_version.update().values(version=1))
+    store.close()
+    store = Store.open(store_url, tmp_path / "a")
+    with store.engine.begin() as conn:
+        assert conn.execute(sa.select(t.schema_version.c.version)).scalar() == 2
+    assert store.get_run(exp, 0, 0).progress is None  # data kept, new columns usable
+    lease = store.start(exp, 0, 0).lease
+    assert store.heartbeat(exp, 0, 0, lease, {"step": 3}).progress == {"step": 3}
     store.close()
