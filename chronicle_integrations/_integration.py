@@ -34,6 +34,9 @@ ENV_VARIATION = "CHRONICLE_VARIATION"
 ENV_RUN = "CHRONICLE_RUN"
 ENV_LEASE = "CHRONICLE_LEASE"
 
+#: How long a pre-empted job flushes uploads before the rest is spooled for `chronicle sync`.
+PREEMPT_FLUSH_SECONDS = 20.0
+
 
 def identity_from_env() -> tuple[str, int, int, str | None] | None:
     """``(experiment_id, variation, run, lease)`` from the environment, or None."""
@@ -215,9 +218,10 @@ class TrackedRun:
             else:
                 run.stop_keep_alive()
 
-    def preempted(self, flush_timeout: float | None = 600.0) -> None:
-        """SIGTERM / pre-emption: no terminal transition. Flush uploads (bounded), stop
-        heartbeats, leave the run to be resumed (``lost`` is recoverable for 48 h)."""
+    def preempted(self, flush_timeout: float | None = PREEMPT_FLUSH_SECONDS) -> None:
+        """SIGTERM / pre-emption: no terminal transition. Flush uploads (bounded: schedulers
+        send SIGKILL ~30 s after SIGTERM), stop heartbeats, leave the run to be resumed
+        (``lost`` is recoverable for 48 h). ``close()`` then spools what did not finish."""
         if not self.active or self.run is None:
             return
         self.outcome = "preempted"
@@ -229,10 +233,11 @@ class TrackedRun:
         log.warning("chronicle: run %s pre-empted; left resumable (no terminal state)", run.key)
 
     def close(self) -> None:
-        """Close the client if this object created it."""
+        """Close the client if this object created it (after a pre-emption, quickly: what is
+        still uploading is spooled rather than waited for)."""
         if self._own_client and self.chronicle is not None:
             with self.guard("closing the client"):
-                self.chronicle.close()
+                self.chronicle.close(timeout=2.0 if self.outcome == "preempted" else None)
 
 
 __all__ = ["TrackedRun", "identity_from_env", "jsonable"]

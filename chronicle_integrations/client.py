@@ -521,6 +521,9 @@ class Run:
         return self
 
     def _end(self, action: Action, reason: str | None, message: str | None) -> None:
+        # Stop beating first: a heartbeat in flight after the terminal transition would be
+        # refused and mistaken for a cancellation of a run this worker ended itself.
+        self.stop_keep_alive()
         try:
             if action is Action.SUCCEED:
                 self._t.succeed(*self.key_tuple, self.lease)
@@ -537,8 +540,6 @@ class Run:
             self.spooled = True
             log.error("could not record %s for run %s (%s); spooled at %s: run "
                       "`chronicle sync` when the server is back", action, self.key, exc, path)
-        finally:
-            self.stop_keep_alive()
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Run:

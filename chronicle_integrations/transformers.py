@@ -1,0 +1,564 @@
+"""HuggingFace Transformers: a ``TrainerCallback`` that gets crashes right.
+
+Usage - pass the callback, nothing else::
+
+    from chronicle_integrations.transformers import ChronicleTrainerCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[ChronicleTrainerCallback()])
+    trainer.train()          # succeeded / failed_crash / failed_abandoned / left resumable
+
+Event mapping (SPEC section 7):
+
+* ``on_train_begin`` (world process zero only) starts the run, or **resumes** it
+  (``start(resume=True)``) when training resumes from a checkpoint that carries the run's
+  identity. The identity travels in the checkpoint itself: the callback is an
+  ``ExportableState``, so its ``state()`` lands in ``trainer_state.json``
+  (``stateful_callbacks``) and, on resume, ``Trainer`` loads that file into ``state`` before
+  ``on_train_begin``. This works whatever ``restore_callback_states_from_checkpoint`` says
+  (with ``True`` the Trainer replaces the callback by a fresh instance built from
+  ``state()["args"]``; that instance shares the settings of the one being replaced, see
+  ``__init__``). Precedence on resume: explicit ``experiment_id``/``variation``/``run``, then
+  ``$CHRONICLE_*`` (a launcher's lease is adopted, never taken over), then the checkpoint.
+  A run that cannot be resumed (it already ended, or the checkpoint names a run of another
+  Chronicle) is replaced by a new run of its variation. Resuming from a checkpoint written
+  without this callback works too (transformers 5.x would raise ``KeyError`` at the first
+  save for any new ``ExportableState`` callback; ``on_train_begin`` registers an entry).
+* Each ``train()`` call is one run. A later call on the same callback (a hyperparameter
+  search trial, a second fit) without an explicit identity adds a variation to the
+  experiment the first call created, recording that call's config (and trial params).
+* ``on_save`` uploads the just-written ``checkpoint-N`` folder as a directory asset named
+  ``checkpoint-N`` (files are hard-linked into staging during the call, so the
+  ``save_total_limit`` rotation that follows cannot race the upload). Under hyperparameter
+  search the folder is ``output_dir/run-<trial>/checkpoint-N``. With several processes every
+  rank writes into the folder (``rng_state_<rank>.pth``) and 5.x has no barrier between those
+  writes and ``on_save``, so when ``torch.distributed`` is initialised every rank enters a
+  barrier in ``on_save`` before rank zero stages the folder (a collective called by all
+  ranks, never inside a rank-zero-only branch).
+* **Failure detection needs no user code.** Transformers has no exception hook: on an
+  exception the events simply stop. In ``on_init_end`` the callback finds the ``Trainer``
+  being constructed (the ``self`` of the ``Trainer.__init__`` frame that calls it) and wraps
+  that instance's ``train`` method. Around each ``train()`` call:
+
+  - normal return -> ``succeed`` (early stopping too); when the server cancelled the run it is
+    left ``failed_abandoned`` and not marked succeeded;
+  - ``Exception`` -> ``fail("crash", message)`` then re-raise. The wrapper sees it before any
+    user ``try/except`` around ``trainer.train()`` can swallow it;
+  - ``KeyboardInterrupt`` -> ``fail("abandoned")`` then re-raise;
+  - SIGTERM (pre-emption) -> no terminal transition: uploads are flushed, heartbeats stop,
+    the run stays resumable. Transformers 5.x only handles SIGTERM when
+    ``enable_jit_checkpoint=True`` (it then saves a checkpoint and returns normally); the
+    wrapper chains a SIGTERM handler in front of whatever handler is installed, remembers the
+    signal, and (when the previous handler was the default one, i.e. "terminate") raises
+    ``SystemExit(143)`` so ``finally`` blocks and the flush run. Any ``SystemExit`` is treated
+    as pre-emption (schedulers requeue that way), never as a crash. ``handle_sigterm=False``
+    leaves SIGTERM alone.
+
+  For unusual setups (a callback added after construction, a Trainer built in a way the frame
+  walk cannot see) attach explicitly: ``callback.attach(trainer)``, or ``with
+  track(trainer): trainer.train()``. Without either, ``on_train_end`` records success and
+  crashes are only caught by the server's heartbeat timeout (a WARNING says so).
+* The server cancelling the run (``chronicle cancel``, another client's
+  ``fail("abandoned")``) sets ``control.should_training_stop`` at the next step end. With
+  several processes rank zero's flag is all-reduced at logging / saving / evaluation steps
+  (which every rank computes identically), so all ranks stop together.
+* Only world process zero talks to Chronicle; nothing unpicklable is created in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+try:  # the real ``transformers`` package: imports are absolute, this module is no clash
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
+    from transformers.training_args import TrainingArguments
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError("transformers is not installed; the Chronicle TrainerCallback needs it. "
+                      "Hint: pip install 'chronicle-integrations[transformers]'") from exc
+
+from ._integration import TrackedRun, identity_from_env, jsonable
+from .client import Chronicle, Run
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChronicleTrainerCallback", "track"]
+
+#: Checkpoint folders are ``checkpoint-<global_step>`` (``transformers.trainer_utils``).
+CHECKPOINT_PREFIX = "checkpoint"
+#: Key fragments of TrainingArguments / model configs that must never reach the store.
+_SECRET_MARKERS = ("secret", "password", "passwd", "api_key", "apikey", "credential",
+                   "access_key")
+
+#: Callbacks whose wrapped ``train()`` is running, innermost last (see ``__init__``).
+_TRAINING: list[ChronicleTrainerCallback] = []
+
+
+def _is_secret(key: object) -> bool:
+    """``hub_token``-like keys (what transformers itself masks: ``*_token``) and obvious
+    credentials; ``pad_token_id`` & co. are hyperparameters and stay."""
+    k = str(key).lower()
+    return k == "token" or k.endswith("_token") or any(m in k for m in _SECRET_MARKERS)
+
+
+def _scrub(value: Any) -> Any:
+    """Drop secret-looking keys at any depth (hub tokens, API keys)."""
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items() if not _is_secret(k)}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+class ChronicleTrainerCallback(TrainerCallback, ExportableState):
+    """Track a ``Trainer`` run in Chronicle: start/resume, checkpoint uploads, a truthful end.
+
+    Args:
+        chronicle: an existing client; default: one made from the environment on first use
+            (``$CHRONICLE_URL`` or the embedded store) and closed when training ends.
+        experiment_id, variation, run: explicit identity (see ``TrackedRun``); default:
+            ``$CHRONICLE_EXPERIMENT``/``$CHRONICLE_VARIATION``/``$CHRONICLE_RUN``, else a new
+            experiment named ``experiment_name`` whose variation config records the
+            TrainingArguments (secrets dropped) and the model config.
+        upload_checkpoints: upload each ``checkpoint-N`` folder when it is written.
+        heartbeat_interval: seconds between heartbeats.
+        strict: raise tracking errors instead of logging them (training is never stopped by
+            a tracking error otherwise).
+        handle_sigterm: chain a SIGTERM handler while ``train()`` runs (see module doc).
+
+    Example::
+
+        callback = ChronicleTrainerCallback(chronicle=Chronicle(home="runs"))
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+        trainer.train()
+        print(callback.run.key, callback.run.state)
+    """
+
+    def __init__(self, chronicle: Chronicle | None = None, experiment_id: str | None = None,
+                 variation: int | None = None, run: int | None = None,
+                 experiment_name: str | None = None, upload_checkpoints: bool = True,
+                 heartbeat_interval: float = 60.0, strict: bool = False,
+                 handle_sigterm: bool = True, _restored: bool = False) -> None:
+        if _restored and _TRAINING:
+            # ``restore_callback_states_from_checkpoint=True``: the Trainer replaces the
+            # instance the user passed by ``type(cb)(**state()["args"])``. Share the
+            # replaced instance's settings and live state (client, run, wrapped train()).
+            self.__dict__ = _TRAINING[-1].__dict__
+            return
+        if _restored:
+            log.warning("chronicle: the callback was rebuilt from a checkpoint outside a "
+                        "wrapped train(); its settings come from the environment. Hint: "
+                        "pass it in Trainer(callbacks=[...]) or call callback.attach(trainer)")
+        # Validate the identity arguments now (bad combinations fail at construction).
+        TrackedRun(experiment_id=experiment_id, variation=variation, run=run)
+        self.chronicle = chronicle
+        self.experiment_id = experiment_id
+        self.variation = variation
+        self.run_number = run
+        self.experiment_name = experiment_name
+        self.upload_checkpoints = upload_checkpoints
+        self.heartbeat_interval = heartbeat_interval
+        self.strict = strict
+        self.handle_sigterm = handle_sigterm
+        self.tracker: TrackedRun | None = None
+        self._trainer_ref: Callable[[], Trainer | None] | None = None
+        self._auto_experiment: str | None = None  # created by us: later train() calls add to it
+        #: checkpoint folder name -> newest file mtime (ns) when it was uploaded
+        self._uploaded: dict[str, int] = {}
+        self._depth = 0
+        self._sigterm = False
+        self._train_started = 0.0
+        self._stop_logged = False
+        self._warned_unwrapped = False
+
+    # ------------------------------------------------------------------ pickling / export
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_trainer_ref"] = None
+        return state
+
+    def state(self) -> dict[str, Any]:
+        """What ``trainer_state.json`` keeps: the run identity, so a resume continues it."""
+        return {"args": {"_restored": True},
+                "attributes": {"_saved_run": self._identity_dict()}}
+
+    def _identity_dict(self) -> dict[str, Any] | None:
+        run = self.tracker.run if self.tracker is not None else None
+        if run is None:
+            return None
+        return {"experiment_id": run.experiment_id, "variation": run.variation,
+                "run": run.run, "target": run.chronicle.target}
+
+    @property
+    def run(self) -> Run | None:
+        """The current :class:`~chronicle_integrations.Run` (None before training starts, on
+        other ranks, or when tracking failed)."""
+        return self.tracker.run if self.tracker is not None else None
+
+    # ------------------------------------------------------------------ attaching
+    def attach(self, trainer: Trainer) -> Trainer:
+        """Wrap ``trainer.train`` so its outcome is recorded (done automatically when the
+        callback is passed to ``Trainer(callbacks=[...])``). Idempotent; returns the trainer."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer_ref = weakref.ref(trainer)
+        original = trainer.train
+        if getattr(original, "_chronicle_callback", None) is not None:
+            return trainer
+
+        @functools.wraps(original)
+        def train(*args: Any, **kwargs: Any) -> Any:
+            with self._tracking(trainer):
+                return original(*args, **kwargs)
+
+        train._chronicle_callback = self  # type: ignore[attr-defined]
+        trainer.train = train  # type: ignore[method-assign]
+        return trainer
+
+    def _find_trainer(self) -> Trainer | None:
+        """The Trainer whose ``__init__`` is calling ``on_init_end`` on us."""
+        frame = sys._getframe(1)
+        for _ in range(64):
+            if frame is None:
+                return None
+            if frame.f_code.co_name == "__init__":
+                candidate = frame.f_locals.get("self")
+                handler = getattr(candidate, "callback_handler", None)
+                if isinstance(candidate, Trainer) and self in getattr(handler, "callbacks", ()):
+                    return candidate
+            frame = frame.f_back  # type: ignore[assignment]
+        return None
+
+    def _trainer(self) -> Trainer | None:
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    # ------------------------------------------------------------------ around train()
+    @contextlib.contextmanager
+    def _tracking(self, trainer: Trainer) -> Iterator[None]:
+        """Map how ``train()`` ends onto the run. Nested levels (``track()`` around a
+        wrapped ``train``) all handle the outcome; the first one wins (idempotent)."""
+        outermost = self._depth == 0
+        self._depth += 1
+        restore: Callable[[], None] = _noop
+        if outermost:
+            _TRAINING.append(self)
+            self._sigterm = False
+            self._train_started = time.time()
+            restore = self._install_sigterm_handler()
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._end("abandon", failing=True)
+            raise
+        except BaseException as exc:
+            if self._sigterm or isinstance(exc, SystemExit):
+                log.warning("chronicle: training stopped by %s", "SIGTERM" if self._sigterm
+                            else f"SystemExit({getattr(exc, 'code', None)!r})")
+                self._end("preempted", failing=True)
+            else:
+                self._end("crash", exc, failing=True)
+            raise
+        else:
+            self._end("preempted" if self._sigterm else "succeed")
+        finally:
+            self._depth -= 1
+            if outermost:
+                restore()
+                with contextlib.suppress(ValueError):
+                    _TRAINING.remove(self)
+
+    def _install_sigterm_handler(self) -> Callable[[], None]:
+        """Remember SIGTERM while ``train()`` runs; chain to the installed handler."""
+        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return _noop
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+        except (ValueError, OSError):
+            return _noop
+        if previous is None:  # installed outside Python: restore the default afterwards
+            previous = signal.SIG_DFL
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            # No logging here: a signal handler may interrupt a logging call holding its lock.
+            self._sigterm = True
+            if callable(previous):
+                previous(signum, frame)  # e.g. transformers' JIT checkpoint handler
+            elif previous != signal.SIG_IGN:
+                raise SystemExit(128 + signum)  # the default action was "terminate"
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except (ValueError, OSError):
+            return _noop
+
+        def restore() -> None:
+            # JITCheckpointCallback restores its own predecessor in on_train_end: only put
+            # ours back if nobody replaced it meanwhile.
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                if signal.getsignal(signal.SIGTERM) is on_sigterm:
+                    signal.signal(signal.SIGTERM, previous)
+        return restore
+
+    def _end(self, how: str, exc: BaseException | None = None, failing: bool = False) -> None:
+        """Record the outcome. While an exception propagates (``failing``) nothing raised
+        here may replace it, not even with ``strict=True``."""
+        try:
+            self._record(how, exc)
+        except Exception:
+            if self.strict and not failing:
+                raise
+            log.exception("chronicle: recording the outcome (%s) failed", how)
+
+    def _record(self, how: str, exc: BaseException | None) -> None:
+        tracker = self.tracker
+        if tracker is None or not tracker.active:
+            return
+        if how == "preempted":
+            with tracker.guard("uploading the last checkpoint"):
+                self._upload_final_checkpoint()
+            tracker.preempted()
+        elif how == "succeed":
+            tracker.succeed()
+        elif how == "crash":
+            assert exc is not None
+            tracker.crash(exc)
+        else:
+            tracker.abandon()  # quick: Ctrl+C must not wait for uploads
+            return
+        tracker.close()
+
+    def _upload_final_checkpoint(self) -> None:
+        """After a SIGTERM stop: transformers' JIT checkpoint is written without ``on_save``,
+        at ``global_step`` or one before it (possibly over a folder uploaded already). Upload
+        the newest checkpoint folder unless it is exactly what was uploaded."""
+        trainer = self._trainer()
+        if trainer is None or not self.upload_checkpoints:
+            return
+        step = trainer.state.global_step
+        for candidate in (step, step - 1):
+            folder = self._checkpoint_dir(trainer.args, candidate)
+            if folder is None:
+                continue
+            newest = _newest_mtime_ns(folder)
+            if newest / 1e9 >= self._train_started and newest != self._uploaded.get(folder.name):
+                self._upload(folder)
+            return
+
+    # ------------------------------------------------------------------ hooks
+    def on_init_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        trainer = self._find_trainer()
+        if trainer is not None:
+            self.attach(trainer)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        # Resuming from a checkpoint written without this callback: Trainer._save_checkpoint
+        # indexes stateful_callbacks[<our name>] and would raise KeyError at the first save.
+        saved: Any = state.stateful_callbacks
+        if isinstance(saved, dict):
+            saved.setdefault(type(self).__name__, self.state())
+        if not state.is_world_process_zero:
+            return
+        if self.tracker is not None and self.tracker.active:
+            return  # auto_find_batch_size fires on_train_begin again
+        if self._depth == 0 and not self._warned_unwrapped:
+            self._warned_unwrapped = True
+            log.warning("chronicle: trainer.train() is not wrapped, so a crash cannot be "
+                        "recorded (only the server's heartbeat timeout will notice). Hint: "
+                        "pass the callback in Trainer(callbacks=[...]) or call "
+                        "callback.attach(trainer) before train()")
+        self._uploaded = {}
+        self._stop_logged = False
+        self._begin(args, state, kwargs.get("model"))
+
+    def _begin(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
+        env = identity_from_env()
+        explicit = self.experiment_id is not None
+        experiment_id, variation = self.experiment_id, self.variation
+        config = self._config(args, model, state)
+        tracker = TrackedRun(chronicle=self.chronicle, experiment_id=experiment_id,
+                             variation=variation, run=self.run_number,
+                             experiment_name=self.experiment_name,
+                             heartbeat_interval=self.heartbeat_interval, strict=self.strict)
+        self.tracker = tracker
+        resume: tuple[str, int, int] | None = None
+        if state.global_step > 0:
+            saved = self._saved_identity(state)
+            if self.experiment_id is not None and self.run_number is not None:
+                resume = (self.experiment_id, int(self.variation or 0), self.run_number)
+            elif explicit:
+                if saved is not None and saved[0] == self.experiment_id and (
+                        self.variation is None or saved[1] == self.variation):
+                    resume = saved
+            elif env is not None:
+                if env[3] is None:  # a lease in the environment: the launcher owns the run
+                    resume = env[:3]
+            else:
+                resume = saved
+        if resume is None and not explicit and env is None and self._auto_experiment:
+            # A later train() of the same callback (hyperparameter search trial, second
+            # fit): a new variation of the experiment the first one created.
+            with tracker.guard("adding a variation"):
+                client = tracker._client()
+                tracker.experiment_id = self._auto_experiment
+                tracker.variation = client.add_variation(self._auto_experiment, config)
+        run = tracker.begin(config, resume_identity=resume)
+        if run is None and resume is not None and self.run_number is None:
+            # E.g. the run already ended (training continued after success), or the
+            # checkpoint came from another Chronicle: a new run of the same variation.
+            log.warning("chronicle: could not resume run %s/%s/%s; tracking a new run of its "
+                        "variation instead", *resume)
+            tracker.experiment_id, tracker.variation = resume[0], resume[1]
+            run = tracker.begin(config)
+        if run is not None and not explicit and env is None and self._auto_experiment is None:
+            self._auto_experiment = run.experiment_id
+
+    def _saved_identity(self, state: TrainerState) -> tuple[str, int, int] | None:
+        """The run identity stored in the checkpoint's ``trainer_state.json``, if any."""
+        stored: Any = state.stateful_callbacks
+        saved: Any = stored.get(type(self).__name__) if isinstance(stored, dict) else None
+        if isinstance(saved, list):
+            saved = saved[-1] if saved else None
+        try:
+            ident = saved["attributes"]["_saved_run"]
+            return (str(ident["experiment_id"]), int(ident["variation"]), int(ident["run"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @staticmethod
+    def _config(args: TrainingArguments, model: Any, state: TrainerState) -> dict[str, Any]:
+        """The variation config of a new experiment: TrainingArguments + model config."""
+        config: dict[str, Any] = {}
+        with contextlib.suppress(Exception):
+            config["training_args"] = jsonable(_scrub(args.to_dict()))
+        model_config = getattr(model, "config", None)
+        if model_config is not None and hasattr(model_config, "to_dict"):
+            with contextlib.suppress(Exception):
+                config["model_config"] = jsonable(_scrub(model_config.to_dict()))
+        if getattr(state, "trial_params", None):
+            config["trial_params"] = jsonable(state.trial_params)
+        return config
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        stop = self.tracker is not None and self.tracker.cancelled
+        if _distributed(args) and (control.should_log or control.should_save
+                                   or control.should_evaluate):
+            stop = _any_rank(stop, args)  # every rank reaches this at the same step
+        if stop:
+            control.should_training_stop = True
+            if not self._stop_logged and state.is_world_process_zero:
+                self._stop_logged = True
+                reason = self.run.cancel_reason if self.run is not None else "cancelled"
+                log.warning("chronicle: the run was %s; stopping training", reason)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if not self.upload_checkpoints:
+            return
+        if _distributed(args):
+            _barrier()  # all ranks have finished writing checkpoint-N (rng_state_<rank>.pth)
+        tracker = self.tracker
+        if not state.is_world_process_zero or tracker is None or not tracker.active:
+            return
+        if tracker.cancelled:
+            return
+        with tracker.guard(f"uploading {CHECKPOINT_PREFIX}-{state.global_step}"):
+            folder = self._checkpoint_dir(args, state.global_step)
+            if folder is None:
+                log.warning("chronicle: no %s-%d folder found under %s; not uploaded",
+                            CHECKPOINT_PREFIX, state.global_step, args.output_dir)
+                return
+            self._upload(folder)
+
+    def _upload(self, folder: Path) -> None:
+        if self.tracker is not None:
+            self._uploaded[folder.name] = _newest_mtime_ns(folder)
+            self.tracker.upload(folder, folder.name)
+
+    def _checkpoint_dir(self, args: TrainingArguments, step: int) -> Path | None:
+        """``<run dir>/checkpoint-<step>``; the run dir is ``output_dir`` or, under
+        hyperparameter search, ``output_dir/run-<trial>`` (asked from the Trainer)."""
+        name = f"{CHECKPOINT_PREFIX}-{step}"
+        trainer = self._trainer()
+        if trainer is not None:
+            with contextlib.suppress(Exception):
+                run_dir = trainer._get_output_dir(trial=getattr(trainer, "_trial", None))
+                if Path(run_dir, name).is_dir():
+                    return Path(run_dir, name)
+        base = Path(args.output_dir or ".")
+        found = [p for p in [base / name, *base.glob(f"*/{name}")] if p.is_dir()]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        if self._depth == 0:  # not wrapped: the best we can do
+            self._end("succeed")
+
+
+@contextlib.contextmanager
+def track(trainer: Trainer,
+          callback: ChronicleTrainerCallback | None = None) -> Iterator[ChronicleTrainerCallback]:
+    """Record how the block ends, for setups where the automatic attach cannot work::
+
+        with track(trainer) as callback:
+            trainer.train()
+
+    Uses the trainer's ``ChronicleTrainerCallback`` (adds ``callback`` or a default one when
+    it has none).
+    """
+    if callback is None:
+        callback = next((cb for cb in trainer.callback_handler.callbacks
+                         if isinstance(cb, ChronicleTrainerCallback)), None)
+    if callback is None:
+        callback = ChronicleTrainerCallback()
+    callback.attach(trainer)
+    with callback._tracking(trainer):
+        yield callback
+
+
+def _noop() -> None:
+    return None
+
+
+def _newest_mtime_ns(folder: Path) -> int:
+    newest = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, path.stat().st_mtime_ns)
+    return newest
+
+
+def _distributed(args: TrainingArguments) -> bool:
+    if args.world_size <= 1:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _any_rank(flag: bool, args: TrainingArguments) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a MAX all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1 if flag else 0], device=args.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
