@@ -71,6 +71,11 @@ class UploadError(ChronicleError):
         self.staged_path = staged_path
 
 
+class SourceChanged(UploadError):
+    """The file being uploaded was rewritten in place meanwhile (internal: the upload worker
+    then captures a complete later version instead of publishing a torn one)."""
+
+
 class APIError(ChronicleError):
     """The store refused a request. ``code`` is stable; ``details`` carries structured context."""
 

@@ -32,6 +32,7 @@ from ._errors import (
     APIError,
     OffsetMismatch,
     ServerError,
+    SourceChanged,
     StorageFull,
     TransportError,
     error_from_body,
@@ -56,6 +57,10 @@ class RetryPolicy:
     cap: float = 8.0
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    #: Bound each attempt's timeouts by the time left in the budget, so that ``budget`` really
+    #: bounds the call even against a server that accepts connections and never answers.
+    #: Off for upload chunks, whose bodies legitimately take long to send.
+    cap_to_budget: bool = True
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter exponential backoff; a server's ``Retry-After`` takes precedence."""
@@ -121,10 +126,13 @@ class HttpTransport:
         url = self.base + path
         while True:
             retry_after = None
+            connect, read = policy.connect_timeout, policy.read_timeout
+            if policy.cap_to_budget:
+                left = max(0.5, deadline - time.monotonic())
+                connect, read = min(connect, left), min(read, left)
             try:
                 response = self._session().request(
-                    method, url, json=json, params=params,
-                    timeout=(policy.connect_timeout, policy.read_timeout), **kwargs)
+                    method, url, json=json, params=params, timeout=(connect, read), **kwargs)
             except requests.RequestException as exc:
                 failure: str = f"{type(exc).__name__}: {exc}"
                 error: Exception = exc
@@ -232,20 +240,24 @@ class HttpTransport:
 
     def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
                     upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None) -> AssetInfo:
+                    verify: Callable[[], None] | None = None,
+                    size: int | None = None) -> AssetInfo:
         """Upload a file in acknowledged chunks, resuming after failures, SHA-256 verified.
 
         The digest is computed in the same pass that reads the file for sending: each byte is
-        hashed once, the first time it is read, even when a resume re-sends it.
+        hashed once, the first time it is read, even when a resume re-sends it. The deadline
+        for giving up moves forward whenever a chunk is acknowledged: a slow but healthy
+        transfer is never abandoned, a stuck one is.
         """
-        size = os.path.getsize(path)
+        size = os.path.getsize(path) if size is None else size
+        patience = max(self.policy.budget, 300.0)
         status = UploadStatus.from_dict(self._json(
             "POST", self._run_path(e, v, r) + "/uploads",
             json={"name": name, "size": size, "upload_id": upload_id, "lease": lease}))
         hasher = hashlib.sha256()
         hashed = 0  # bytes [0, hashed) are in the hasher
         offset = status.offset
-        deadline = time.monotonic() + max(self.policy.budget, 300.0)
+        deadline = time.monotonic() + patience
         attempt = 0
         with open(path, "rb") as fh:
             while not status.completed and offset < size:
@@ -260,10 +272,12 @@ class HttpTransport:
                     response = self._request(
                         "PUT", f"/v1/uploads/{upload_id}", params={"offset": offset},
                         data=body, headers={"Content-Type": "application/octet-stream"},
-                        policy=RetryPolicy(budget=0.0, read_timeout=self.policy.read_timeout))
+                        policy=RetryPolicy(budget=0.0, read_timeout=self.policy.read_timeout,
+                                           cap_to_budget=False))
                     offset = int(response.json()["offset"])
                     hashed = state["hashed"]
                     attempt = 0
+                    deadline = time.monotonic() + patience
                 except OffsetMismatch as exc:
                     hashed = state["hashed"]
                     offset = int(exc.details.get("offset", self._offset(upload_id)))
@@ -279,7 +293,10 @@ class HttpTransport:
                     offset = self._offset(upload_id)
             if hashed < size:
                 fh.seek(hashed)
-                _hash_range(fh, hasher, size - hashed)
+                if _hash_range(fh, hasher, size - hashed) < size - hashed:
+                    raise SourceChanged(name)
+            if fh.read(1):
+                raise SourceChanged(name)  # it grew: not the file captured
         if progress is not None:
             progress(size)
         if verify is not None:
@@ -287,6 +304,13 @@ class HttpTransport:
         data = self._json("POST", f"/v1/uploads/{upload_id}/complete",
                           json={"sha256": hasher.hexdigest()})
         return AssetInfo.from_dict(data)
+
+    def abort_upload(self, upload_id: str) -> None:
+        """Drop an unfinished upload's bytes on the server (best effort)."""
+        try:
+            self._request("DELETE", f"/v1/uploads/{upload_id}", policy=QUICK)
+        except (APIError, TransportError) as exc:
+            log.debug("could not discard upload %s: %s", upload_id, exc)
 
     def _offset(self, upload_id: str) -> int:
         data = self._json("GET", f"/v1/uploads/{upload_id}")
@@ -351,8 +375,8 @@ def _chunk_body(fh: BinaryIO, offset: int, length: int, hasher: Any, state: dict
     position, end = offset, offset + length
     while position < end:
         block = fh.read(min(READ_BLOCK, end - position))
-        if not block:
-            raise APIError(f"the staged file shrank while uploading (at byte {position})")
+        if not block:  # the file shrank: it was rewritten in place since the capture
+            raise SourceChanged(f"the file shrank while uploading (at byte {position})")
         if position + len(block) > state["hashed"]:
             skip = max(0, state["hashed"] - position)
             hasher.update(memoryview(block)[skip:])

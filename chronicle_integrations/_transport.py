@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, SourceChanged
 from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
 
 if TYPE_CHECKING:
@@ -52,9 +52,14 @@ class Transport(Protocol):
     def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]: ...
     def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
                     upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None) -> AssetInfo:
-        """Upload a file resumably; ``verify()`` runs after the last byte is read and before
-        the asset is published (it raises to stop the publication)."""
+                    verify: Callable[[], None] | None = None,
+                    size: int | None = None) -> AssetInfo:
+        """Upload exactly ``size`` bytes of a file (default: its size now), resumably;
+        ``verify()`` runs after the last byte is read and before the asset is published (it
+        raises to stop the publication). A file shorter or longer than ``size`` raises
+        :class:`SourceChanged` and nothing is published."""
+    def abort_upload(self, upload_id: str) -> None:
+        """Drop an unfinished upload's bytes (best effort)."""
     def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
                        offset: int = 0, progress: Progress | None = None) -> AssetInfo: ...
     def close(self) -> None: ...
@@ -142,26 +147,31 @@ class EmbeddedTransport:
 
     def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
                     upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None) -> AssetInfo:
-        size = os.path.getsize(path)
+                    verify: Callable[[], None] | None = None,
+                    size: int | None = None) -> AssetInfo:
+        size = os.path.getsize(path) if size is None else size
         status = self.store.begin_upload(e, v, r, name, size=size, upload_id=upload_id,
                                          lease=lease)
         hasher = hashlib.sha256()
         with open(path, "rb") as fh:
-            if status.offset and not status.completed:
-                # A previous attempt stored a prefix: hash it without re-sending it.
-                for _ in hashing_reader(_Limited(fh, status.offset), hasher, None):
-                    pass
-                fh.seek(status.offset)
-            if status.completed:
-                for _ in hashing_reader(fh, hasher, None):
-                    pass
-            else:
+            # Exactly ``size`` bytes: a file that grew or shrank since is a changed source.
+            body = _Limited(fh, size)
+            # A previous attempt stored a prefix (all of it, if complete): hash it without
+            # sending it again.
+            stored = size if status.completed else status.offset
+            for _ in hashing_reader(_Limited(body, stored), hasher, None):
+                pass
+            if not status.completed:
                 self.store.write_chunk(upload_id, status.offset,
-                                       hashing_reader(fh, hasher, progress, status.offset))
+                                       hashing_reader(body, hasher, progress, status.offset))
+            if body.left or fh.read(1):
+                raise SourceChanged(name)
         if verify is not None:
             verify()
         return self.store.complete_upload(upload_id, hasher.hexdigest())
+
+    def abort_upload(self, upload_id: str) -> None:
+        self.store.discard_upload(upload_id)
 
     def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
                        offset: int = 0, progress: Progress | None = None) -> AssetInfo:
@@ -181,15 +191,15 @@ class EmbeddedTransport:
 
 
 class _Limited:
-    """A read-only view of the first ``limit`` bytes of a file."""
+    """A read-only view of the next ``limit`` bytes of a file; ``left`` is what it lacked."""
 
-    def __init__(self, fh: BinaryIO, limit: int) -> None:
-        self._fh, self._left = fh, limit
+    def __init__(self, fh: Any, limit: int) -> None:
+        self._fh, self.left = fh, limit
 
     def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
+        if self.left <= 0:
             return b""
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._fh.read(n)
-        self._left -= len(data)
+        n = self.left if n < 0 else min(n, self.left)
+        data: bytes = self._fh.read(n)
+        self.left -= len(data)
         return data

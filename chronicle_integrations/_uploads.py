@@ -27,6 +27,7 @@ to the spool with a manifest, and ``chronicle sync`` sends them later.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -42,7 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from . import _validation as check
-from ._errors import APIError, ChronicleError, ServerError, StorageFull, TransportError, UploadError
+from ._errors import (
+    APIError,
+    ServerError,
+    StorageFull,
+    TransportError,
+    UploadError,
+)
 from ._models import AssetInfo
 
 log = logging.getLogger(__name__)
@@ -51,10 +58,6 @@ log = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.5
 #: How many times a rewritten file is re-captured before the upload gives up.
 MAX_RECAPTURES = 20
-
-
-class SourceChanged(ChronicleError):
-    """The staged file was rewritten in place while it was being uploaded."""
 
 
 @dataclass
@@ -208,6 +211,10 @@ class UploadPool:
     Daemon threads (not ``ThreadPoolExecutor``, whose exit hook would silently block the
     interpreter until every queued upload finished): ``Chronicle.close()``, also called at
     interpreter exit, drains with a bound and progress, then spools what is left.
+
+    Uploads of the same name to the same run go one at a time, in the order they were
+    submitted: a rewritten ``last.ckpt`` uploaded twice must end as the newer version, and
+    parallel uploads would publish whichever finished last.
     """
 
     def __init__(self, workers: int, upload: Callable[[UploadTask], AssetInfo],
@@ -220,6 +227,8 @@ class UploadPool:
         self._threads: list[threading.Thread] = []
         self._workers = max(1, workers)
         self._closed = False
+        # (run, name) -> later tasks of that name, waiting for the one in flight to finish.
+        self._waiting: dict[tuple[tuple[str, int, int], str], collections.deque[UploadTask]] = {}
 
     def submit(self, task: UploadTask) -> None:
         """Queue a task (workers start lazily, on first use)."""
@@ -228,6 +237,11 @@ class UploadPool:
                 raise UploadError("this Chronicle is closed; no more uploads are accepted",
                                   name=task.staged.name)
             self._pending.setdefault(task.run_key, set()).add(task)
+            slot = (task.run_key, task.staged.name)
+            if slot in self._waiting:
+                self._waiting[slot].append(task)  # released when the earlier one finishes
+                return
+            self._waiting[slot] = collections.deque()
             if len(self._threads) < self._workers:
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f"chronicle-upload-{len(self._threads)}")
@@ -256,6 +270,12 @@ class UploadPool:
                         tasks.discard(task)
                         if not tasks:
                             del self._pending[task.run_key]
+                    slot = (task.run_key, task.staged.name)
+                    later = self._waiting.get(slot)
+                    if later:
+                        self._queue.put(later.popleft())
+                    else:
+                        self._waiting.pop(slot, None)
 
     def pending(self, run_key: tuple[str, int, int] | None = None) -> list[UploadTask]:
         """Unfinished tasks, of one run or of all."""
@@ -269,6 +289,10 @@ class UploadPool:
         with self._lock:
             self._closed = True
         leftovers: list[UploadTask] = []
+        with self._lock:
+            for waiting in self._waiting.values():
+                leftovers.extend(waiting)
+                waiting.clear()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -276,6 +300,13 @@ class UploadPool:
                 break
             if item is not None:
                 leftovers.append(item)
+        with self._lock:
+            for task in leftovers:
+                tasks = self._pending.get(task.run_key)
+                if tasks is not None:
+                    tasks.discard(task)
+                    if not tasks:
+                        del self._pending[task.run_key]
         for _ in self._threads:
             self._queue.put(None)
         return leftovers

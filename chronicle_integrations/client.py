@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
@@ -39,6 +40,7 @@ from ._errors import (
     ConfigurationError,
     InvalidRequest,
     ServerError,
+    SourceChanged,
     StorageFull,
     TransportError,
     UploadError,
@@ -48,7 +50,6 @@ from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
 from ._spool import Spool, SyncReport
 from ._transport import EmbeddedTransport, Transport
 from ._uploads import (
-    SourceChanged,
     Stager,
     UploadHandle,
     UploadPool,
@@ -252,16 +253,21 @@ class Chronicle:
         return UploadHandle(base, futures, directory=Path(path).is_dir())
 
     def _upload_task(self, task: UploadTask) -> AssetInfo:
-        """Run in a worker: upload, verifying the capture is intact before publishing."""
+        """Run in a worker: upload, verifying the capture is intact before publishing; if it
+        was rewritten in place meanwhile, capture a complete later version and start over."""
         for _ in range(20):
             staged = task.staged
             try:
                 if not staged.unchanged():
                     raise SourceChanged(staged.name)
                 info = _upload_checked(self.transport, task)
-            except SourceChanged:
+            except Exception as exc:
+                if not isinstance(exc, SourceChanged) and staged.unchanged():
+                    raise  # a real failure, not a torn capture
                 log.info("%s was rewritten in place while uploading; capturing its newest "
                          "complete version", staged.source)
+                with contextlib.suppress(Exception):
+                    self.transport.abort_upload(task.upload_id)
                 fresh = copy_stable(staged.path, staged.path.with_suffix(".recapture"),
                                     staged.name, settle=0.5)
                 os.replace(fresh.path, staged.path)
@@ -553,10 +559,16 @@ class Run:
                  tb: TracebackType | None) -> None:
         if exc is None:
             self.succeed()
-        elif isinstance(exc, KeyboardInterrupt):
-            self.fail("abandoned", "KeyboardInterrupt")
-        else:
-            self.fail("crash", format_exception(exc))
+            return
+        try:
+            if isinstance(exc, KeyboardInterrupt):
+                self.fail("abandoned", "KeyboardInterrupt")
+            else:
+                self.fail("crash", format_exception(exc))
+        except ChronicleError as tracking_error:
+            # Never let a tracking error (run cancelled or taken over meanwhile) replace the
+            # exception that ended the block: that one is what the user needs to see.
+            log.error("could not record the end of run %s: %s", self.key, tracking_error)
 
 
 def format_exception(exc: BaseException, limit_bytes: int = 16 * 1024) -> str:
@@ -586,7 +598,8 @@ def _upload_checked(transport: Transport, task: UploadTask) -> AssetInfo:
             raise SourceChanged(staged.name)
 
     return transport.upload_file(e, v, r, staged.name, str(staged.path), lease=task.lease,
-                                 upload_id=task.upload_id, verify=check_intact)
+                                 upload_id=task.upload_id, verify=check_intact,
+                                 size=staged.size)
 
 
 # ---------------------------------------------------------------------- exit handling

@@ -141,9 +141,10 @@ class LocalBlobStore:
     def commit(self, upload_id: str, sha256: str) -> int:
         path = self._partial_path(upload_id)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise NotFound(f"upload {upload_id} has no data") from exc
+            # O_CREAT: an empty asset never received a chunk, so it has no partial yet.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
         with os.fdopen(fd, "rb") as fh, _flocked(fd):
             size = os.fstat(fd).st_size
             with self._lock:

@@ -519,7 +519,7 @@ class Store:
             raise LeaseConflict(
                 f"run {_fmt(key)} was started under a lease; {action} must carry it",
                 state=state.value)
-        if not secrets.compare_digest(lease, row.lease):
+        if not _same_lease(lease, row.lease):
             raise LeaseConflict(
                 f"run {_fmt(key)} is held by another worker"
                 + (f" ({row.lease_holder})" if row.lease_holder else "")
@@ -664,8 +664,7 @@ class Store:
                                          field="upload_id")
                 return self._upload_status(existing)
             row = self._lock_run(conn, *key)
-            if row.lease is not None and (lease is None
-                                          or not secrets.compare_digest(lease, row.lease)):
+            if row.lease is not None and (lease is None or not _same_lease(lease, row.lease)):
                 raise LeaseConflict(f"run {_fmt(key)}: uploads must carry the run's lease",
                                     state=self.effective_state(row.state, row.alive_at,
                                                                self.clock()).value)
@@ -740,6 +739,17 @@ class Store:
                         detail={"name": row.name, "sha256": sha256, "size": size})
         return AssetInfo(row.name, size, sha256, now)
 
+    def discard_upload(self, upload_id: str) -> None:
+        """Drop an unfinished upload and its bytes (a capture the client abandoned). A
+        completed upload is left alone: its asset is published."""
+        row = self._upload_row(upload_id)
+        if row.completed_at is not None:
+            return
+        self.blobs.discard(upload_id)
+        with self._write() as conn:
+            conn.execute(t.uploads.delete().where(t.uploads.c.upload_id == upload_id,
+                                                  t.uploads.c.completed_at.is_(None)))
+
     def put_asset(self, experiment_id: str, variation: int, run: int, name: str,
                   source: BinaryIO, sha256: str, *, lease: str | None = None,
                   upload_id: str | None = None) -> AssetInfo:
@@ -773,6 +783,15 @@ def _key(experiment_id: str, variation: int, run: int) -> tuple[str, int, int]:
 
 def _fmt(key: tuple[str, int, int]) -> str:
     return f"{key[0]}/{key[1]}/{key[2]}"
+
+
+def _same_lease(given: Any, held: str) -> bool:
+    """Constant-time lease comparison that also refuses (instead of crashing on) non-ASCII or
+    non-string input: ``compare_digest(str, str)`` raises TypeError for non-ASCII text."""
+    if not isinstance(given, str):
+        return False
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                  held.encode("utf-8", "surrogatepass"))
 
 
 def _run_pk(e: str, v: int, r: int) -> sa.ColumnElement[bool]:
