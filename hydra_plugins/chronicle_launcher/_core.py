@@ -1,0 +1,670 @@
+"""The work behind ``hydra/launcher=chronicle`` (imported by ``launch()`` only).
+
+In the launching process, for each batch of jobs (:func:`launch`):
+
+1. the experiment is registered once per sweep (``experiment_id`` from the config, else
+   derived from the task name and the absolute sweep dir) and kept in the launcher, so
+   sweepers that launch in batches (Optuna, ...) fill one experiment;
+2. each job becomes a variation (config: the job's overrides and its resolved task config,
+   JSON-safe) and a new ``pending`` run of it. A job whose overrides equal those of a
+   variation recorded by an earlier invocation (same experiment) gets a new run of *that*
+   variation: that is how reruns keep their variation. In a fresh experiment variation
+   numbers equal ``hydra.job.num``;
+3. the inner launcher (the *executor*) runs the jobs with the task function wrapped in a
+   :class:`TrackedTask`, which is pickled into the job processes by joblib / submitit;
+4. afterwards, runs of jobs that never started are failed: ``crash`` when Hydra reports the
+   job failed before the task ran (e.g. a bad override), ``abandoned`` on Ctrl+C.
+
+Inside the job (:class:`TrackedTask`): start the run (``resume=True`` when a requeued job finds
+its run already running or lost), beat, export ``CHRONICLE_EXPERIMENT`` / ``_VARIATION`` /
+``_RUN`` / ``_LEASE`` and ``CHRONICLE_URL`` or an absolute ``CHRONICLE_HOME`` so a Lightning or
+HF callback in the task adopts the run (it beats and uploads; the terminal transition stays
+here), call the task, upload the job's output directory, then:
+
+=============================  =============================================================
+task returns                   ``return_value.json`` asset (when JSON-serialisable), then
+                               ``succeed`` (waits for the uploads)
+exception                      outputs uploaded, ``fail("crash", <type, message,
+                               traceback>)``, re-raised: Hydra reports the job as usual
+``KeyboardInterrupt``          ``fail("abandoned")`` at once, re-raised
+``SystemExit``                 pre-emption (submitit requeue, Lightning's SIGTERM): outputs
+                               flushed, heartbeats stopped, no terminal state (resumable);
+                               a ``SystemExit`` raised while handling a ``KeyboardInterrupt``
+                               (Lightning's Ctrl+C path) counts as ``KeyboardInterrupt``
+=============================  =============================================================
+
+Tracking errors never kill a job: they are logged (once at WARNING) unless ``strict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+from hydra.types import TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from chronicle_integrations._errors import (
+    ChronicleError,
+    InvalidTransition,
+    NotFound,
+    ServerError,
+    TransportError,
+)
+from chronicle_integrations._integration import (
+    ENV_EXPERIMENT,
+    ENV_LEASE,
+    ENV_RUN,
+    ENV_VARIATION,
+    identity_from_env,
+    jsonable,
+)
+from chronicle_integrations.client import Chronicle, Run, format_exception
+from chronicle_integrations.lifecycle import RunState
+
+if TYPE_CHECKING:
+    from .chronicle_launcher import ChronicleLauncher
+
+log = logging.getLogger(__name__)
+
+#: States whose variations ``rerun_failed_of`` runs again.
+FAILED_STATES = (RunState.FAILED_CRASH, RunState.FAILED_ABANDONED, RunState.FAILED_LOST)
+#: How long a pre-empted job waits for its uploads before leaving them to the spool.
+PREEMPT_FLUSH_SECONDS = 60.0
+#: How long a crashed job waits for its outputs' uploads before recording the crash.
+CRASH_FLUSH_SECONDS = 300.0
+RETURN_VALUE_ASSET = "return_value.json"
+#: Errors that mean "the store cannot be used right now" (not a mistake in the request).
+UNREACHABLE = (TransportError, ServerError)
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+# ------------------------------------------------------------------------------ clients
+_clients: dict[tuple[str | None, str | None], Chronicle] = {}
+
+
+def client_for(url: str | None, home: str | None) -> Chronicle:
+    """One :class:`Chronicle` per process and target (the launching process and in-process
+    jobs of the basic launcher share it)."""
+    key = (url, None if url else home)
+    client = _clients.get(key)
+    if client is None or client._closed:
+        client = _clients[key] = Chronicle(url=url, home=home)
+    return client
+
+
+def resolve_target(url: str | None, home: str | None) -> tuple[str | None, str | None]:
+    """``(url, absolute home)`` from the config, else ``$CHRONICLE_URL`` / ``$CHRONICLE_HOME``,
+    else the embedded store in ``./chronicle``. The home is made absolute here, in the
+    launching process, because jobs may run in another directory (``hydra.job.chdir``)."""
+    url = url or os.environ.get("CHRONICLE_URL") or None
+    home = home or os.environ.get("CHRONICLE_HOME") or "chronicle"
+    return url, os.path.abspath(home)
+
+
+# ------------------------------------------------------------------------------ the job side
+class _Guard:
+    """Log tracking errors once at WARNING (then DEBUG) and carry on, unless strict."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.warned = False
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RunNotRunnable:
+            raise
+        except Exception as exc:
+            if self.strict:
+                raise
+            level = logging.DEBUG if self.warned else logging.WARNING
+            log.log(level, "chronicle: %s failed (%s: %s); the job continues without it",
+                    what, type(exc).__name__, exc)
+            self.warned = True
+
+
+class RunNotRunnable(ChronicleError):
+    """The job's run was already ended (e.g. cancelled) before the job started: the task is
+    not run. Hydra reports the job as failed."""
+
+
+@dataclass
+class TrackedTask:
+    """The task function as the inner launcher sees it: runs one job as one Chronicle run.
+
+    Picklable (joblib and submitit pickle it into the job processes): it holds the user's
+    task function, plain settings and the job-number -> run table, never a client.
+    """
+
+    task_function: TaskFunction
+    url: str | None
+    home: str | None
+    heartbeat_interval: float = 60.0
+    upload_outputs: bool = True
+    strict: bool = False
+    #: ``hydra.job.num`` -> ``(experiment_id, variation, run)``; filled before each batch.
+    runs: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        hydra_cfg = HydraConfig.get()
+        num = int(hydra_cfg.job.num)
+        key = self.runs.get(num)
+        if key is None:  # not launched through us (should not happen): run untracked
+            log.warning("chronicle: job #%d has no run; running it untracked", num)
+            return self.task_function(cfg)
+        output_dir = Path(str(hydra_cfg.runtime.output_dir))
+        return _JobRun(self, key, output_dir).execute(cfg)
+
+
+class _JobRun:
+    """One job's run, inside the job process."""
+
+    def __init__(self, task: TrackedTask, key: tuple[str, int, int], output_dir: Path) -> None:
+        self.task = task
+        self.key = key
+        self.output_dir = output_dir
+        self.guard = _Guard(task.strict)
+        self.run: Run | None = None
+
+    def execute(self, cfg: DictConfig) -> Any:
+        self._start()
+        saved_env = self._export_env()
+        try:
+            result = self.task.task_function(cfg)
+        except KeyboardInterrupt:
+            self._abandon("KeyboardInterrupt")
+            raise
+        except SystemExit as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                # Lightning turns Ctrl+C into sys.exit(1) inside its `except KeyboardInterrupt`
+                self._abandon("KeyboardInterrupt")
+            else:
+                self._preempted(exc)
+            raise
+        except BaseException as exc:
+            self._crash(exc)
+            raise
+        finally:
+            _restore_env(saved_env)
+        self._succeed(result)
+        return result
+
+    # -- start ------------------------------------------------------------------------
+    def _start(self) -> None:
+        run: Run | None = None
+        with self.guard(f"starting run {'/'.join(map(str, self.key))}"):
+            client = client_for(self.task.url, self.task.home)
+            env = identity_from_env()
+            # A lease already in the environment for this very run (a worker that started it
+            # runs this job) is adopted: starting again with it is a no-op.
+            lease = env[3] if env is not None and env[:3] == self.key else None
+            run = client.run(*self.key, lease=lease)
+            try:
+                run.start()
+            except InvalidTransition as exc:
+                if exc.state not in (RunState.RUNNING.value, RunState.LOST.value):
+                    raise RunNotRunnable(
+                        f"run {run.key} is {exc.state}; not running its job (was it cancelled?"
+                        " Rerun it with hydra.launcher.rerun_failed_of=...)") from exc
+                # A requeued job (pre-emption): take over the run it left running or lost.
+                log.info("chronicle: run %s was %s; resuming it", run.key, exc.state)
+                run.start(resume=True)
+            run.keep_alive(self.task.heartbeat_interval)
+            self.run = run
+            log.info("chronicle: job runs as %s (%s)", run.key, client.target)
+
+    def _export_env(self) -> dict[str, str | None]:
+        """Name the run for integrations inside the task; returns what to restore."""
+        run = self.run
+        if run is None:
+            return {}
+        values: dict[str, str | None] = {
+            ENV_EXPERIMENT: run.experiment_id, ENV_VARIATION: str(run.variation),
+            ENV_RUN: str(run.run), ENV_LEASE: run.lease,
+        }
+        if self.task.url:
+            values["CHRONICLE_URL"] = self.task.url
+        else:
+            values["CHRONICLE_URL"] = None
+            values["CHRONICLE_HOME"] = self.task.home
+        saved = {name: os.environ.get(name) for name in values}
+        _restore_env(values)
+        return saved
+
+    # -- outcomes -----------------------------------------------------------------------
+    def _succeed(self, result: Any) -> None:
+        run = self.run
+        if run is None:
+            return
+        self._upload_outputs()
+        with self.guard("recording the return value"):
+            _upload_return_value(run, result)
+        if run.cancelled.is_set():
+            log.warning("chronicle: run %s was %s while the job ran; not marking it succeeded",
+                        run.key, run.cancel_reason)
+            with self.guard("waiting for uploads"):
+                run.wait_uploads()
+                run.stop_keep_alive()
+            return
+        with self.guard("recording success"):
+            run.succeed()
+
+    def _crash(self, exc: BaseException) -> None:
+        run = self.run
+        if run is None:
+            return
+        self._upload_outputs()
+        with self.guard("recording the crash"):
+            if not run.wait_uploads(CRASH_FLUSH_SECONDS):
+                log.warning("chronicle: run %s: recording the crash before every output was "
+                            "uploaded", run.key)
+            if run.cancelled.is_set():
+                run.stop_keep_alive()
+            else:
+                run.fail("crash", format_exception(exc))
+
+    def _abandon(self, message: str) -> None:
+        run = self.run
+        if run is None:
+            return
+        with self.guard("recording the interruption"):
+            run.fail("abandoned", message)  # quick: no waiting for uploads
+
+    def _preempted(self, exc: SystemExit) -> None:
+        run = self.run
+        if run is None:
+            return
+        self._upload_outputs()
+        with self.guard("flushing uploads on pre-emption"):
+            run.wait_uploads(PREEMPT_FLUSH_SECONDS)
+        with self.guard("stopping heartbeats"):
+            run.stop_keep_alive()
+        log.warning("chronicle: run %s: job exited (SystemExit %r, e.g. pre-emption); left "
+                    "resumable, no terminal state", run.key, exc.code)
+
+    def _upload_outputs(self) -> None:
+        run = self.run
+        if run is None or not self.task.upload_outputs:
+            return
+        with self.guard(f"uploading the outputs of {self.output_dir}"):
+            upload_directory(run, self.output_dir)
+
+
+def upload_directory(run: Run, directory: Path) -> int:
+    """Upload every file under ``directory`` as an asset named by its relative path
+    (``.hydra/config.yaml``, ``train.log``, ...). A file whose content (size and SHA-256) is
+    already an asset of the run, e.g. a checkpoint a Lightning callback uploaded under its
+    own name, is not uploaded twice. Returns how many uploads were queued."""
+    if not directory.is_dir():
+        return 0
+    known = {(a.size, a.sha256) for a in run.assets()}
+    sizes = {size for size, _ in known}
+    queued = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            size = path.stat().st_size
+            if size in sizes and (size, _sha256(path)) in known:
+                continue
+            run.upload_asset(path, path.relative_to(directory).as_posix())
+            queued += 1
+        except (OSError, ChronicleError) as exc:
+            log.warning("chronicle: not uploading %s: %s", path, exc)
+    return queued
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _upload_return_value(run: Run, result: Any) -> None:
+    """The task's return value as ``return_value.json``, when it is JSON-serialisable."""
+    if result is None:
+        return
+    try:
+        text = json.dumps(result, allow_nan=False, indent=2, sort_keys=True)
+    except (TypeError, ValueError):
+        log.info("chronicle: the return value of run %s is not JSON-serialisable; not "
+                 "recorded", run.key)
+        return
+    fd, tmp = tempfile.mkstemp(prefix="chronicle-return-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+        run.upload_asset(tmp, RETURN_VALUE_ASSET)  # captured now: the file may go at once
+    finally:
+        os.unlink(tmp)
+
+
+def _restore_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# ------------------------------------------------------------------------------ the launcher side
+@dataclass
+class _Variation:
+    number: int
+    overrides: list[str]
+    used: bool = False
+
+
+@dataclass
+class SweepState:
+    """What a launcher keeps across batches."""
+
+    client: Chronicle
+    inner: Launcher
+    task: TrackedTask
+    abandon_on_interrupt: bool
+    #: submitit: job processes are independent of the launching process (and SLURM's keep
+    #: running after it is gone), so the launcher never ends runs they may still start.
+    jobs_outlive_launcher: bool
+    #: None until registered (the store may be unreachable: the jobs then run untracked).
+    experiment_id: str | None = None
+    #: Variations recorded before this sweep started, which a job with the same overrides
+    #: reuses (new run of the same variation).
+    recorded: list[_Variation] = field(default_factory=list)
+
+
+def launch(launcher: ChronicleLauncher, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> Sequence[JobReturn]:
+    """Register the batch as variations and runs, then run it on the inner launcher."""
+    assert launcher.config is not None and launcher.hydra_context is not None
+    assert launcher.task_function is not None
+    state: SweepState = launcher.state or _begin_sweep(launcher)
+    launcher.state = state
+    if state.experiment_id is None:
+        _register_experiment(launcher, state)
+
+    jobs = [list(o) for o in job_overrides]
+    if launcher.rerun_failed_of is not None:
+        jobs = _select_failed(state, jobs)
+        if not jobs:
+            log.info("chronicle: no failed variation of %s to rerun", state.experiment_id)
+            return []
+
+    runs: list[Run] = []
+    for offset, overrides in enumerate(jobs):
+        num = initial_job_idx + offset
+        if state.experiment_id is None:
+            break  # the store is unreachable: the batch runs untracked (logged)
+        try:
+            variation = _variation_for(launcher, state, overrides, num)
+            run = state.client.create_run(state.experiment_id, variation)
+        except UNREACHABLE as exc:
+            if launcher.strict:
+                raise
+            log.error("chronicle: could not register job #%d (%s); it runs untracked", num, exc)
+            continue
+        state.task.runs[num] = run.key_tuple
+        runs.append(run)
+        log.info("chronicle: job #%d -> run %s", num, run.key)
+
+    try:
+        results = state.inner.launch(jobs, initial_job_idx=initial_job_idx)
+    except KeyboardInterrupt:
+        if state.abandon_on_interrupt:
+            _end_unfinished(state, runs, None, interrupted=True)
+        else:
+            log.warning("chronicle: interrupted; the runs of jobs already submitted are left "
+                        "to those jobs (they keep running on the cluster)")
+        raise
+    except BaseException as exc:
+        if state.jobs_outlive_launcher:
+            # E.g. submitit could not get a job's result (its process was killed): the other
+            # jobs may still be running (or about to start) and end their runs themselves;
+            # a killed one goes lost by the heartbeat timeout.
+            log.error("chronicle: the %s launcher failed (%s: %s); the runs of its jobs are "
+                      "left to those jobs and the heartbeat timeout",
+                      _executor_name(launcher), type(exc).__name__, exc)
+        else:
+            # basic / joblib: nothing of this batch runs any more. Jobs that never started
+            # get failed_crash; a job whose worker died is left to go lost.
+            _end_unfinished(state, runs, None, interrupted=False, error=exc)
+        raise
+    _end_unfinished(state, runs, list(results), interrupted=False)
+    return results
+
+
+def _begin_sweep(launcher: ChronicleLauncher) -> SweepState:
+    config = launcher.config
+    assert config is not None and launcher.hydra_context is not None
+    assert launcher.task_function is not None
+    url, home = resolve_target(launcher.url, launcher.home)
+    client = client_for(url, home)
+    task = TrackedTask(task_function=launcher.task_function, url=url,
+                       home=None if url else home,
+                       heartbeat_interval=launcher.heartbeat_interval,
+                       upload_outputs=launcher.upload_outputs, strict=launcher.strict)
+    executor = launcher.executor
+    if executor is None:
+        executor = OmegaConf.create({"_target_": BASIC_LAUNCHER})
+    # How Hydra instantiates launchers itself: the class must be a discovered plugin, and the
+    # target policy of hydra-core 1.3.8 (which refuses `hydra._internal.*` targets in plain
+    # `instantiate`, e.g. the basic launcher) trusts it. Private, but stable across 1.3.
+    inner = Plugins.instance()._instantiate(executor)
+    assert isinstance(inner, Launcher)
+    inner.setup(hydra_context=launcher.hydra_context, task_function=task, config=config)
+    executor_name = _executor_name(launcher)
+    abandon = launcher.abandon_on_interrupt
+    if abandon is None:
+        abandon = "slurm" not in executor_name.lower()
+    state = SweepState(client=client, inner=inner, task=task, abandon_on_interrupt=abandon,
+                       jobs_outlive_launcher="submitit" in _executor_module(launcher))
+    _register_experiment(launcher, state)
+    return state
+
+
+def _register_experiment(launcher: ChronicleLauncher, state: SweepState) -> None:
+    """Create (or find) the sweep's experiment and the variations recorded before.
+
+    An unreachable store does not stop the sweep (non-strict): the jobs run untracked, with an
+    ERROR, and the next batch tries again. ``rerun_failed_of`` needs the store: it raises."""
+    config = launcher.config
+    assert config is not None
+    client = state.client
+    task_name = str(config.hydra.job.name)
+    try:
+        if launcher.rerun_failed_of is not None:
+            experiment_id = launcher.rerun_failed_of
+            client.experiment(experiment_id)  # NotFound early, with the id in the message
+        else:
+            experiment_id = launcher.experiment_id or derive_experiment_id(
+                task_name, str(config.hydra.sweep.dir))
+            try:  # an existing experiment is reused whatever its name (reruns, batches)
+                client.experiment(experiment_id)
+            except NotFound:
+                name = launcher.experiment_name or task_name
+                client.create_experiment(name, [], experiment_id=experiment_id)
+        state.recorded = _recorded_variations(client, experiment_id)
+    except UNREACHABLE as exc:
+        if launcher.strict or launcher.rerun_failed_of is not None:
+            raise
+        log.error("chronicle: cannot register the sweep on %s (%s); its jobs run untracked",
+                  client.target, exc)
+        return
+    state.experiment_id = experiment_id
+    log.info("chronicle: sweep -> experiment %s (%s)%s", experiment_id, client.target,
+             f", {len(state.recorded)} variation(s) recorded before" if state.recorded else "")
+
+
+def derive_experiment_id(task_name: str, sweep_dir: str) -> str:
+    """``<task name>-<8 hex of the absolute sweep dir>``: stable for one sweep dir."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", task_name).strip("-._")[:100] or "hydra"
+    digest = hashlib.sha256(os.path.abspath(sweep_dir).encode()).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+def _executor_name(launcher: ChronicleLauncher) -> str:
+    executor = launcher.executor
+    target = executor.get("_target_") if isinstance(executor, DictConfig) else None
+    return str(target or BASIC_LAUNCHER).rsplit(".", 1)[-1]
+
+
+def _executor_module(launcher: ChronicleLauncher) -> str:
+    executor = launcher.executor
+    target = executor.get("_target_") if isinstance(executor, DictConfig) else None
+    return str(target or BASIC_LAUNCHER)
+
+
+def _recorded_variations(client: Chronicle, experiment_id: str) -> list[_Variation]:
+    count = client.experiment(experiment_id).variations
+    out = []
+    for number in range(count):
+        # (run 0 only names the variation: reading its config needs no run)
+        config = client.run(experiment_id, number, 0).get_variation_config()
+        overrides = config.get("overrides") if isinstance(config, dict) else None
+        if isinstance(overrides, list):
+            out.append(_Variation(number, [str(o) for o in overrides]))
+    return out
+
+
+def _variation_for(launcher: ChronicleLauncher, state: SweepState, overrides: list[str],
+                   num: int) -> int:
+    """The variation of a job: a recorded one with the same overrides (a rerun), else new."""
+    assert state.experiment_id is not None
+    for recorded in state.recorded:
+        if not recorded.used and sorted(recorded.overrides) == sorted(overrides):
+            recorded.used = True
+            return recorded.number
+    return state.client.add_variation(state.experiment_id, {
+        "overrides": overrides,
+        "config": _task_config(launcher, overrides, num),
+    })
+
+
+def _task_config(launcher: ChronicleLauncher, overrides: list[str], num: int) -> Any:
+    """The job's task config, resolved when possible (else with its interpolations), JSON-safe.
+
+    Composed here, in the launching process, exactly as the inner launcher will compose it
+    for the job (``load_sweep_config`` with ``hydra.job.num`` set)."""
+    assert launcher.hydra_context is not None and launcher.config is not None
+    hydra_config = HydraConfig.instance()
+    saved = hydra_config.cfg
+    try:
+        sweep = launcher.hydra_context.config_loader.load_sweep_config(launcher.config,
+                                                                       list(overrides))
+        with open_dict(sweep):
+            sweep.hydra.job.num = num
+        hydra_config.set_config(sweep)
+        task_cfg = copy.deepcopy(sweep)  # what run_job hands the task: no `hydra` node
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        try:
+            container = OmegaConf.to_container(task_cfg, resolve=True)
+        except Exception:
+            container = OmegaConf.to_container(task_cfg, resolve=False)
+        return jsonable(container)
+    except Exception as exc:  # the job itself will report the problem (e.g. a bad override)
+        log.debug("chronicle: could not compose the config of job #%d: %s", num, exc)
+        return None
+    finally:
+        hydra_config.cfg = saved
+
+
+def _select_failed(state: SweepState, jobs: list[list[str]]) -> list[list[str]]:
+    """``rerun_failed_of``: the jobs whose variation's latest run failed.
+
+    Jobs of the sweep are matched to recorded variations by their overrides; a sweep of one
+    job without overrides (``-m`` alone) means every failed variation, with its recorded
+    overrides."""
+    assert state.experiment_id is not None
+    latest: dict[int, tuple[int, RunState]] = {}
+    for info in state.client.runs(experiment_id=state.experiment_id):
+        if info.variation not in latest or info.run > latest[info.variation][0]:
+            latest[info.variation] = (info.run, info.state)
+    failed = [v for v in state.recorded
+              if v.number in latest and latest[v.number][1] in FAILED_STATES]
+    if jobs == [[]]:
+        selected = [list(v.overrides) for v in failed]
+    else:
+        wanted = {tuple(sorted(v.overrides)) for v in failed}
+        selected = [job for job in jobs if tuple(sorted(job)) in wanted]
+        skipped = len(jobs) - len(selected)
+        if skipped:
+            log.info("chronicle: rerun_failed_of=%s: skipping %d job(s) whose variation did "
+                     "not fail (or is not in the experiment)", state.experiment_id, skipped)
+    log.info("chronicle: rerunning %d failed variation(s) of %s", len(selected),
+             state.experiment_id)
+    return selected
+
+
+def _end_unfinished(state: SweepState, runs: list[Run], results: list[JobReturn] | None,
+                    *, interrupted: bool, error: BaseException | None = None) -> None:
+    """After a batch: fail the runs its jobs never ended.
+
+    Interrupted (Ctrl+C): every run not yet terminal -> ``failed_abandoned`` (the job that was
+    running has usually done so itself). Otherwise only runs still ``pending``: their job
+    failed before the task ran -> ``failed_crash`` with Hydra's error, or the sweep process is
+    exiting (``SystemExit``) -> ``failed_abandoned``. Started runs are left to their jobs (a
+    pre-empted job's run stays resumable; a dead worker's goes lost)."""
+    if not runs or state.experiment_id is None:
+        return
+    try:
+        current = {(i.variation, i.run): i.state
+                   for i in state.client.runs(experiment_id=state.experiment_id)}
+    except (ChronicleError, OSError) as exc:
+        log.warning("chronicle: could not read the runs of %s to close them: %s",
+                    state.experiment_id, exc)
+        return
+    for index, run in enumerate(runs):
+        run_state = current.get((run.variation, run.run))
+        if run_state is None or run_state.is_terminal:
+            continue
+        if interrupted:
+            reason, message = "abandoned", "KeyboardInterrupt: the sweep was interrupted"
+        elif run_state is RunState.PENDING and isinstance(error, SystemExit):
+            # The sweep process is leaving (pre-emption, sys.exit in a job): a new sweep, not
+            # this one, will run these jobs again.
+            reason = "abandoned"
+            message = f"the sweep exited (SystemExit {error.code!r}) before this job started"
+        elif run_state is RunState.PENDING:
+            reason, message = "crash", _never_started(results, index, error)
+        else:
+            continue  # running / lost: its job (or the heartbeat timeout) decides
+        try:
+            run.fail(reason, message)
+            log.info("chronicle: run %s -> failed_%s", run.key, reason)
+        except ChronicleError as exc:
+            log.warning("chronicle: could not fail run %s: %s", run.key, exc)
+
+
+def _never_started(results: list[JobReturn] | None, index: int,
+                   error: BaseException | None) -> str:
+    if error is not None:
+        return ("the launcher failed before this job started its run: "
+                + format_exception(error))
+    result = results[index] if results is not None and index < len(results) else None
+    if result is not None and result.status == JobStatus.FAILED:
+        error = result._return_value
+        if isinstance(error, BaseException):
+            return "the job failed before its task ran: " + format_exception(error)
+    return "the job never started its run"
+
+
+__all__ = ["TrackedTask", "derive_experiment_id", "launch", "upload_directory"]
