@@ -118,8 +118,13 @@ class HttpTransport:
 
     def _request(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
-                 **kwargs: Any) -> requests.Response:
-        """One API call with retries; returns a 2xx response or raises a typed error."""
+                 decode: bool = False, **kwargs: Any) -> requests.Response:
+        """One API call with retries; returns a 2xx response or raises a typed error.
+
+        With ``decode``, the JSON body is read inside the retry loop (``response.decoded``):
+        a connection cut after the status line can look like a 2xx with an empty body, and
+        that is a transport failure to retry, not an answer.
+        """
         policy = policy or self.policy
         deadline = time.monotonic() + policy.budget
         attempt = 0
@@ -138,14 +143,21 @@ class HttpTransport:
                 error: Exception = exc
             else:
                 if response.status_code < 400:
-                    return response
-                body = _json_or_none(response)
-                api_error = error_from_body(response.status_code, body)
-                if response.status_code != 429 and response.status_code < 500:
-                    raise api_error
-                failure = f"HTTP {response.status_code}: {api_error}"
-                error = api_error
-                retry_after = _retry_after(response)
+                    if not decode:
+                        return response
+                    try:
+                        response.decoded = response.json()  # type: ignore[attr-defined]
+                        return response
+                    except (ValueError, requests.RequestException) as exc:
+                        failure = f"HTTP {response.status_code} with an unreadable body: {exc}"
+                        error = exc
+                else:
+                    api_error = error_from_body(response.status_code, _json_or_none(response))
+                    if response.status_code != 429 and response.status_code < 500:
+                        raise api_error
+                    failure = f"HTTP {response.status_code}: {api_error}"
+                    error = api_error
+                    retry_after = _retry_after(response)
             wait = policy.delay(attempt, retry_after)
             if time.monotonic() + wait > deadline:
                 if isinstance(error, APIError):  # a 5xx/429 that outlasted the budget
@@ -158,7 +170,7 @@ class HttpTransport:
             attempt += 1
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+        return self._request(method, path, decode=True, **kwargs).decoded  # type: ignore[attr-defined]
 
     @staticmethod
     def _run_path(e: str, v: int, r: int) -> str:
@@ -270,11 +282,11 @@ class HttpTransport:
                 body = _chunk_body(fh, offset, length, hasher, state, progress)
                 try:
                     response = self._request(
-                        "PUT", f"/v1/uploads/{upload_id}", params={"offset": offset},
+                        "PUT", f"/v1/uploads/{upload_id}", params={"offset": offset}, decode=True,
                         data=body, headers={"Content-Type": "application/octet-stream"},
                         policy=RetryPolicy(budget=0.0, read_timeout=self.policy.read_timeout,
                                            cap_to_budget=False))
-                    offset = int(response.json()["offset"])
+                    offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
                     hashed = state["hashed"]
                     attempt = 0
                     deadline = time.monotonic() + patience

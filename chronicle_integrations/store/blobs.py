@@ -53,6 +53,9 @@ class BlobStore(Protocol):
     def exists(self, sha256: str) -> bool:
         """True when the object is stored."""
 
+    def size(self, sha256: str) -> int:
+        """The size of a stored object."""
+
 
 class LocalBlobStore:
     """A :class:`BlobStore` in a local directory, safe for several processes at once.
@@ -190,6 +193,9 @@ class LocalBlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self.object_path(sha256).exists()
+
+    def size(self, sha256: str) -> int:
+        return self.object_path(sha256).stat().st_size
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ so the event log is always a valid walk through the transition table.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -269,7 +270,8 @@ class Store:
         """Append a variation; returns its number. ``request_id`` makes retries safe."""
         check.experiment_id(experiment_id)
         check.config(config)
-        rid = f"add_variation:{check.token(request_id, 'request_id')}" if request_id else None
+        rid = (_request_key("add_variation", request_id, experiment_id, _dumps(config))
+               if request_id else None)
         with self._write() as conn:
             if rid and (done := self._request_done(conn, rid)) is not None:
                 return int(done["variation"])
@@ -309,7 +311,8 @@ class Store:
         """Create the next run (``max(run) + 1``, 0 for the first) of a variation, pending."""
         check.experiment_id(experiment_id)
         check.number(variation, "variation")
-        rid = f"create_run:{check.token(request_id, 'request_id')}" if request_id else None
+        rid = (_request_key("create_run", request_id, experiment_id, str(variation))
+               if request_id else None)
         now = self.clock()
         with self._write() as conn:
             if rid and (done := self._request_done(conn, rid)) is not None:
@@ -720,11 +723,17 @@ class Store:
                 raise InvalidRequest(f"upload {upload_id} was completed with another digest")
             return AssetInfo(row.name, int(row.size), sha256, row.completed_at)
         stored = self.blobs.offset(upload_id)
-        if row.size is not None and stored != row.size:
+        if (stored == 0 and row.size and self.blobs.exists(sha256)
+                and self.blobs.size(sha256) == row.size):
+            # The bytes were verified and published, then we died before recording the
+            # asset (or the SQL write failed): the object is there, only the rows are owed.
+            size = row.size
+        elif row.size is not None and stored != row.size:
             raise InvalidRequest(
                 f"upload {upload_id} holds {stored} of {row.size} declared bytes",
                 field="size", offset=stored)
-        size = self.blobs.commit(upload_id, sha256)
+        else:
+            size = self.blobs.commit(upload_id, sha256)
         now = self.clock()
         with self._write() as conn:
             conn.execute(t.assets.delete().where(
@@ -776,6 +785,14 @@ class Store:
 
 
 # ---------------------------------------------------------------------- helpers
+def _request_key(kind: str, request_id: str, *params: str) -> str:
+    """An idempotency key bound to the request's parameters: a request id replayed with other
+    parameters (another variation, another config) is a new request, never the old answer."""
+    check.token(request_id, "request_id")
+    digest = hashlib.sha256("\x00".join((request_id, *params)).encode()).hexdigest()
+    return f"{kind}:{digest}"
+
+
 def _key(experiment_id: str, variation: int, run: int) -> tuple[str, int, int]:
     return (check.experiment_id(experiment_id), check.number(variation, "variation"),
             check.number(run, "run"))

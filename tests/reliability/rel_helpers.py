@@ -1,0 +1,342 @@
+"""Helpers for the reliability suite (a unique module name: test directories are not packages).
+
+* :func:`spawn_worker` / :func:`read_journal`: the real client in a subprocess (``worker.py``)
+  and what it recorded as sent and acknowledged;
+* :class:`FaultyProxy`: a TCP proxy on 127.0.0.1 that delays, cuts and resets connections at
+  random byte offsets, and counts what it forwarded;
+* :class:`Api`: raw HTTP against a server, for checks that must not go through the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from chronicle_integrations.lifecycle import is_valid_path
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+# ------------------------------------------------------------------------------ waiting
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+# ------------------------------------------------------------------------------ workers
+def spawn_worker(config: dict[str, Any], log: Path, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``worker.py`` with ``config`` (stdout/stderr to ``log``)."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("CHRONICLE_URL", "CHRONICLE_API_KEY")}
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    with log.open("ab") as out:
+        return subprocess.Popen([*(prefix or []), sys.executable, str(WORKER), json.dumps(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The worker's journal lines (a torn last line, from a SIGKILL mid-write, is dropped)."""
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            entries.append(json.loads(line))
+    return entries
+
+
+def has(entries: list[dict[str, Any]], op: str, phase: str, **match: Any) -> bool:
+    return any(e["op"] == op and e["phase"] == phase
+               and all(e.get(k) == v for k, v in match.items()) for e in entries)
+
+
+# ------------------------------------------------------------------------------ raw HTTP
+class Api:
+    """``requests`` against one server (optionally with its API key)."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 30)
+        return self.session.request(method, self.url + path, **kwargs)
+
+    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
+        resp = self.request(method, path, **kwargs)
+        assert resp.status_code == status, f"{method} {path}: {resp.status_code} {resp.text}"
+        return resp.json()
+
+    def experiment(self, variations: int = 1) -> str:
+        eid = f"rel-{os.urandom(6).hex()}"
+        self.ok("POST", "/v1/experiments", 201, json={
+            "name": "reliability", "variations": [{"i": i} for i in range(variations)],
+            "experiment_id": eid})
+        return eid
+
+    def run(self, experiment_id: str, variation: int = 0) -> tuple[str, int, int]:
+        info = self.ok("POST", f"/v1/experiments/{experiment_id}/variations/{variation}/runs",
+                       201)
+        return (experiment_id, variation, int(info["run"]))
+
+    def get_run(self, key: tuple[str, int, int]) -> dict[str, Any]:
+        return dict(self.ok("GET", run_path(key)))
+
+    def state(self, key: tuple[str, int, int]) -> str:
+        return str(self.get_run(key)["state"])
+
+    def events(self, key: tuple[str, int, int]) -> list[dict[str, Any]]:
+        return list(self.ok("GET", run_path(key) + "/events")["events"])
+
+    def edges(self, key: tuple[str, int, int]) -> list[tuple[str | None, str]]:
+        return [(e["from_state"], e["to_state"]) for e in self.events(key)
+                if e["kind"] == "transition"]
+
+    def assets(self, key: tuple[str, int, int]) -> dict[str, dict[str, Any]]:
+        return {a["name"]: a for a in self.ok("GET", run_path(key) + "/assets")["assets"]}
+
+    def download_sha(self, key: tuple[str, int, int], name: str) -> str:
+        hasher = hashlib.sha256()
+        with self.request("GET", f"{run_path(key)}/assets/{name}", stream=True) as resp:
+            assert resp.status_code == 200, resp.text
+            for block in resp.iter_content(1 << 20):
+                hasher.update(block)
+        return hasher.hexdigest()
+
+
+def run_path(key: tuple[str, int, int]) -> str:
+    return f"/v1/runs/{key[0]}/{key[1]}/{key[2]}"
+
+
+def assert_valid_path(edges: list[tuple[str | None, str]], what: str = "") -> None:
+    assert is_valid_path(edges), f"{what}: the event log is not a walk through the table: {edges}"
+
+
+def assert_error(resp: requests.Response, status: int | tuple[int, ...],
+                 code: str | None = None) -> dict[str, Any]:
+    """A 4xx answer with the standard error body."""
+    statuses = (status,) if isinstance(status, int) else status
+    assert resp.status_code in statuses, (
+        f"expected {statuses} {code or ''}, got {resp.status_code}: {resp.text[:300]}")
+    body = resp.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"], error
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)
+
+
+# ------------------------------------------------------------------------------ TCP proxy
+_PUT = re.compile(rb"PUT /v1/uploads/[A-Za-z0-9_-]+\?offset=(\d+) HTTP/1\.1")
+
+
+@dataclass
+class Plan:
+    """One connection's fault: ``kind`` once ``offset`` bytes went ``direction``."""
+
+    direction: str  # "up" (client -> server) or "down"
+    kind: str  # "cut" (FIN), "reset" (RST), "delay"
+    offset: int
+    delay: float = 0.0
+
+
+class FaultyProxy:
+    """A threaded TCP proxy on 127.0.0.1 in front of ``upstream_port`` (or, round-robin per
+    connection, several ports: replicas of one server).
+
+    Every connection carries a schedule of faults in each direction: the next one comes after
+    a random number of bytes (on average ``mean_up`` client->server, a fifth of them within
+    the first 4 KiB: headers and small JSON bodies; on average ``mean_down`` server->client:
+    lost responses) and is a cut (FIN both ways), a reset (RST both ways) or a delay. Keep-alive
+    connections therefore see faults too, not only new ones.
+
+    ``stats``: bytes forwarded each way, faults applied by kind and direction, bytes forwarded
+    upstream on connections that were then cut (``cut_up_bytes``: what restarting uploads
+    from zero would have had to send again), and the upload chunks seen (``puts``,
+    ``resumed_puts`` = chunks starting at an offset > 0).
+    """
+
+    def __init__(self, upstream_port: int | list[int], rng: random.Random, *,
+                 mean_up: int = 24 * 2**20,
+                 mean_down: int = 4096,
+                 kinds: tuple[str, ...] = ("cut", "reset", "delay"),
+                 down_kinds: tuple[str, ...] | None = None,
+                 script: list[Plan] | None = None) -> None:
+        #: Connections go to these ports in turn (several replicas of one server).
+        self.upstream_ports = ([upstream_port] if isinstance(upstream_port, int)
+                               else list(upstream_port))
+        self.rng = rng
+        self.mean_up = mean_up
+        self.mean_down = mean_down
+        self.kinds = kinds
+        self.down_kinds = down_kinds or kinds
+        #: When given: one planned fault per new connection, in order, then none at all.
+        self.script = list(script) if script is not None else None
+        #: Faults are injected only while True (set False to let traffic through cleanly).
+        self.enabled = True
+        self.stats: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="faulty-proxy")
+
+    def __enter__(self) -> FaultyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def faults(self) -> int:
+        return sum(v for k, v in self.stats.items() if k.startswith("fault:"))
+
+    def _plan(self, direction: str, moved: int) -> Plan:
+        with self._lock:
+            if self.script is not None:
+                if self.script and self.script[0].direction == direction:
+                    return self.script.pop(0)
+                return Plan(direction, "delay", 2**62)
+            kind = self.rng.choice(self.kinds if direction == "up" else self.down_kinds)
+            if direction == "up":
+                top = 4096 if self.rng.random() < 0.2 else 2 * self.mean_up
+            else:
+                top = 2 * self.mean_down
+            return Plan(direction, kind, moved + self.rng.randint(0, top),
+                        self.rng.uniform(0.05, 0.4))
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            self.stats["connections"] += 1
+            port = self.upstream_ports[self.stats["connections"] % len(self.upstream_ports)]
+        try:
+            upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError:
+            self.count("upstream_refused")
+            client.close()
+            return
+        upstream.settimeout(None)
+        moved = {"up": 0, "down": 0}
+        plans = {"up": self._plan("up", 0), "down": self._plan("down", 0)}
+        peers = {client: (upstream, "up"), upstream: (client, "down")}
+        reading = [client, upstream]
+        try:
+            while reading:
+                ready, _, _ = select.select(reading, [], [], 120)
+                if not ready:
+                    return
+                for src in ready:
+                    dst, direction = peers[src]
+                    try:
+                        data = src.recv(256 * 1024)
+                    except OSError:
+                        return
+                    if not data:
+                        reading.remove(src)
+                        with contextlib.suppress(OSError):
+                            dst.shutdown(socket.SHUT_WR)
+                        continue
+                    if direction == "up":
+                        for match in _PUT.finditer(data):
+                            self.count("puts")
+                            if int(match.group(1)) > 0:
+                                self.count("resumed_puts")
+                    plan = plans[direction]
+                    while (self.enabled and data
+                           and moved[direction] + len(data) >= plan.offset):
+                        head = data[:plan.offset - moved[direction]]
+                        data = data[len(head):]
+                        if head:
+                            dst.sendall(head)
+                            moved[direction] += len(head)
+                            self.count(f"bytes_{direction}", len(head))
+                        self.count(f"fault:{plan.kind}_{direction}")
+                        if plan.kind == "delay":
+                            time.sleep(plan.delay)
+                            plan = plans[direction] = self._plan(direction, moved[direction])
+                            continue
+                        if direction == "up":
+                            self.count("cut_up_bytes", moved["up"])
+                        if plan.kind == "reset":
+                            for sock in (client, upstream):
+                                with contextlib.suppress(OSError):
+                                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                    struct.pack("ii", 1, 0))
+                        else:
+                            for sock in (client, upstream):
+                                with contextlib.suppress(OSError):
+                                    sock.shutdown(socket.SHUT_RDWR)
+                        return
+                    if data:
+                        dst.sendall(data)
+                        moved[direction] += len(data)
+                        self.count(f"bytes_{direction}", len(data))
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
