@@ -79,6 +79,9 @@ class KeepAlive:
         self.interval = float(interval)
         self.on_cancel = on_cancel
         self.stall_timeout = stall_timeout
+        #: Other handles on the same run that joined this loop: (run, on_cancel, stall).
+        self._members: list[tuple[Run, Callable[[Run, str], None] | None, float | None]] = []
+        self._own_stall = stall_timeout
         #: True while heartbeats are paused because training made no progress.
         self.stalled = False
         self._stop = threading.Event()
@@ -86,6 +89,29 @@ class KeepAlive:
             target=self._loop, daemon=True,
             name=f"chronicle-heartbeat-{run.experiment_id}/{run.variation}/{run.run}")
         self.beats = 0
+
+    def join(self, run: Run, on_cancel: Callable[[Run, str], None] | None,
+             stall_timeout: float | None) -> None:
+        """Let another handle on this run share the loop (or update the owner's settings).
+        The tightest stall timeout of all members applies."""
+        if run is self.run:
+            if on_cancel is not None:
+                self.on_cancel = on_cancel
+            if stall_timeout is not None:
+                self._own_stall = stall_timeout
+        else:
+            self._members = [m for m in self._members if m[0] is not run]
+            self._members.append((run, on_cancel, stall_timeout))
+        self._recompute_stall()
+
+    def leave(self, run: Run) -> None:
+        """A member handle stops using the loop; the owner keeps beating."""
+        self._members = [m for m in self._members if m[0] is not run]
+        self._recompute_stall()
+
+    def _recompute_stall(self) -> None:
+        stalls = [s for s in (self._own_stall, *(m[2] for m in self._members)) if s]
+        self.stall_timeout = min(stalls) if stalls else None
 
     def start(self) -> KeepAlive:
         """Start beating (idempotent)."""
@@ -175,9 +201,12 @@ class KeepAlive:
             why = f"{state} on the server" if state else str(exc)
         log.warning("run %s is %s: heartbeats stop and the run is marked cancelled",
                     self.run.key, why)
-        self.run._mark_cancelled(why)
-        if self.on_cancel is not None:
+        for run, callback in [(self.run, self.on_cancel),
+                              *((m[0], m[1]) for m in self._members)]:
+            run._mark_cancelled(why)
+            if callback is None:
+                continue
             try:
-                self.on_cancel(self.run, why)
-            except Exception:
-                log.exception("the on_cancel callback for %s raised", self.run.key)
+                callback(run, why)
+            except Exception:  # a user callback must not break the thread
+                log.exception("the on_cancel callback for %s raised", run.key)

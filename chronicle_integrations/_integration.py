@@ -34,6 +34,12 @@ ENV_VARIATION = "CHRONICLE_VARIATION"
 ENV_RUN = "CHRONICLE_RUN"
 ENV_LEASE = "CHRONICLE_LEASE"
 
+#: Integrations pause heartbeats when training has not advanced for this long (a hung
+#: collective or data loader), so the watchdog sees the run go ``lost``. Generous on purpose:
+#: a single step, validation or save longer than this is rare; pass a larger value if yours
+#: are, or None to disable.
+DEFAULT_STALL_TIMEOUT = 1800.0
+
 #: How long a pre-empted job flushes uploads before the rest is spooled for `chronicle sync`.
 PREEMPT_FLUSH_SECONDS = 20.0
 
@@ -77,12 +83,15 @@ class TrackedRun:
             variation to create a new run of that variation).
         experiment_name: name of the experiment created when no identity is given.
         heartbeat_interval: seconds between heartbeats.
+        stall_timeout: pause heartbeats while ``run.progress`` has not advanced for this long
+            (None: never); the framework hooks report progress at every step.
         strict: raise tracking errors instead of logging them.
     """
 
     def __init__(self, *, chronicle: Chronicle | None = None, experiment_id: str | None = None,
                  variation: int | None = None, run: int | None = None,
                  experiment_name: str | None = None, heartbeat_interval: float = 60.0,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
                  strict: bool = False) -> None:
         if run is not None and (experiment_id is None or variation is None):
             raise ValueError("run= needs experiment_id= and variation= too")
@@ -94,6 +103,7 @@ class TrackedRun:
         self.run_number = run
         self.experiment_name = experiment_name
         self.heartbeat_interval = heartbeat_interval
+        self.stall_timeout = stall_timeout
         self.strict = strict
         self.run: Run | None = None
         self.owns_run = True
@@ -166,7 +176,9 @@ class TrackedRun:
                 key = client.create_run(exp, 0).key_tuple
             run = client.run(*key, lease=lease)
             run.start(resume=resume)
-            run.keep_alive(self.heartbeat_interval, on_cancel=on_cancel)
+            run.progress.touch()  # the stall window opens at the start
+            run.keep_alive(self.heartbeat_interval, on_cancel=on_cancel,
+                           stall_timeout=self.stall_timeout)
             self.run = run
             log.info("chronicle: tracking run %s (%s)", run.key, client.target)
         return self.run

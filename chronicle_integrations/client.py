@@ -83,9 +83,9 @@ class Chronicle:
         upload_workers: size of the shared background upload pool.
         close_timeout: how long ``close()`` waits for pending uploads before spooling them.
         timeout: the retry budget, in seconds, of each request to the server.
-        heartbeat_timeout, lost_grace: embedded store only: the watchdog's settings
-            (default ``$CHRONICLE_HEARTBEAT_TIMEOUT`` / ``$CHRONICLE_LOST_GRACE``, else 900 s
-            and 48 h). A server has its own.
+        heartbeat_timeout, lost_grace, stall_timeout: embedded store only: the watchdog's
+            settings (default ``$CHRONICLE_HEARTBEAT_TIMEOUT`` / ``$CHRONICLE_LOST_GRACE`` /
+            ``$CHRONICLE_STALL_TIMEOUT``, else 900 s, 48 h and 30 min). A server has its own.
 
     One ``Chronicle`` per process; it is a context manager, and ``close()`` is idempotent and
     also runs at interpreter exit, so pending uploads are never dropped silently.
@@ -102,6 +102,7 @@ class Chronicle:
         timeout: float = 60.0,
         heartbeat_timeout: float | None = None,
         lost_grace: float | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         self.url = url or os.environ.get("CHRONICLE_URL") or None
         api_key = api_key or os.environ.get("CHRONICLE_API_KEY") or None
@@ -122,7 +123,9 @@ class Chronicle:
             kwargs: dict[str, float] = {}
             for key, value, env in (("heartbeat_timeout", heartbeat_timeout,
                                      "CHRONICLE_HEARTBEAT_TIMEOUT"),
-                                    ("lost_grace", lost_grace, "CHRONICLE_LOST_GRACE")):
+                                    ("lost_grace", lost_grace, "CHRONICLE_LOST_GRACE"),
+                                    ("stall_timeout", stall_timeout,
+                                     "CHRONICLE_STALL_TIMEOUT")):
                 raw = value if value is not None else os.environ.get(env)
                 if raw is not None:
                     try:
@@ -474,21 +477,41 @@ class Run:
         to ``lost``), and resume when it advances again. Off by default for the bare client;
         the framework integrations turn it on.
         """
-        with self._lock:
+        slot = (*self.key_tuple, self.lease)
+        with self._lock, _LOOPS_LOCK:
             if self._keepalive is not None and self._keepalive.alive:
-                if on_cancel is not None:
-                    self._keepalive.on_cancel = on_cancel
+                self._keepalive.join(self, on_cancel, stall_timeout)
                 return self._keepalive
-            self._keepalive = KeepAlive(self, interval, on_cancel, stall_timeout).start()
-            self.chronicle._keepalives.add(self._keepalive)
-            return self._keepalive
+            shared = _LOOPS.get(slot)
+            if shared is not None and shared.alive:
+                # Another handle on this run, under the same lease, already beats in this
+                # process (a launcher, and a callback inside its job): share its loop, its
+                # progress and its cancellation, so that one hung training loop stops the
+                # only heartbeats the run has.
+                self.progress = shared.run.progress
+                self.cancelled = shared.run.cancelled
+                shared.join(self, on_cancel, stall_timeout)
+            else:
+                shared = KeepAlive(self, interval, on_cancel, stall_timeout).start()
+                _LOOPS[slot] = shared
+                self.chronicle._keepalives.add(shared)
+            self._keepalive = shared
+            return shared
 
     def stop_keep_alive(self) -> None:
-        """Stop heartbeats (without ending the run: e.g. on pre-emption)."""
+        """Stop heartbeats (without ending the run: e.g. on pre-emption). A handle that joined
+        another handle's loop only leaves it; the loop's owner keeps beating."""
         with self._lock:
             keepalive, self._keepalive = self._keepalive, None
-        if keepalive is not None:
+        if keepalive is None:
+            return
+        if keepalive.run is self:
             keepalive.stop()
+            with _LOOPS_LOCK:
+                if _LOOPS.get((*self.key_tuple, self.lease)) is keepalive:
+                    del _LOOPS[(*self.key_tuple, self.lease)]
+        else:
+            keepalive.leave(self)
 
     def _mark_cancelled(self, why: str) -> None:
         self.cancel_reason = why
@@ -600,6 +623,11 @@ def _upload_checked(transport: Transport, task: UploadTask) -> AssetInfo:
     return transport.upload_file(e, v, r, staged.name, str(staged.path), lease=task.lease,
                                  upload_id=task.upload_id, verify=check_intact,
                                  size=staged.size)
+
+
+#: Live heartbeat loops of this process by (experiment, variation, run, lease).
+_LOOPS: dict[tuple[str, int, int, str | None], KeepAlive] = {}
+_LOOPS_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------- exit handling

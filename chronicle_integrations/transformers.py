@@ -87,7 +87,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("transformers is not installed; the Chronicle TrainerCallback needs it. "
                       "Hint: pip install 'chronicle-integrations[transformers]'") from exc
 
-from ._integration import TrackedRun, identity_from_env, jsonable
+from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env, jsonable
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                  variation: int | None = None, run: int | None = None,
                  experiment_name: str | None = None, upload_checkpoints: bool = True,
                  heartbeat_interval: float = 60.0, strict: bool = False,
-                 handle_sigterm: bool = True, _restored: bool = False) -> None:
+                 handle_sigterm: bool = True,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+                 _restored: bool = False) -> None:
         if _restored and _TRAINING:
             # ``restore_callback_states_from_checkpoint=True``: the Trainer replaces the
             # instance the user passed by ``type(cb)(**state()["args"])``. Share the
@@ -170,6 +172,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self.heartbeat_interval = heartbeat_interval
         self.strict = strict
         self.handle_sigterm = handle_sigterm
+        self.stall_timeout = stall_timeout
         self.tracker: TrackedRun | None = None
         self._trainer_ref: Callable[[], Trainer | None] | None = None
         self._auto_experiment: str | None = None  # created by us: later train() calls add to it
@@ -390,7 +393,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         tracker = TrackedRun(chronicle=self.chronicle, experiment_id=experiment_id,
                              variation=variation, run=self.run_number,
                              experiment_name=self.experiment_name,
-                             heartbeat_interval=self.heartbeat_interval, strict=self.strict)
+                             heartbeat_interval=self.heartbeat_interval,
+                             stall_timeout=self.stall_timeout, strict=self.strict)
         self.tracker = tracker
         resume: tuple[str, int, int] | None = None
         if state.global_step > 0:
@@ -450,8 +454,28 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             config["trial_params"] = jsonable(state.trial_params)
         return config
 
+    def _progress(self, state: TrainerState | None = None) -> None:
+        """Report progress for the heartbeats (attribute writes, no I/O); without a state,
+        a long phase (evaluation, saving) counts as progress."""
+        run = self.run
+        if run is None:
+            return
+        if state is None:
+            run.progress.touch()
+        else:
+            run.progress.update(step=int(state.global_step), epoch=float(state.epoch or 0.0))
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        self._progress()  # gradient accumulation: a long step is not a hang
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState,
+                           control: TrainerControl, **kwargs: Any) -> None:
+        self._progress()  # evaluation batches count as progress
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
+        self._progress(state)
         stop = self.tracker is not None and self.tracker.cancelled
         if _distributed(args) and (control.should_log or control.should_save
                                    or control.should_evaluate):

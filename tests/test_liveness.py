@@ -70,3 +70,26 @@ def test_without_stall_timeout_a_hung_loop_keeps_beating(chronicle: Chronicle) -
     wait_for(lambda: keepalive.beats >= first + 10)
     assert run.state is RunState.RUNNING
     run.succeed()
+
+
+def test_two_handles_on_one_run_share_one_loop(chronicle: Chronicle, tmp_path) -> None:
+    # A launcher beats for its job's run (no progress probe); a callback inside the job adopts
+    # the run with the launcher's lease and reports progress. One hung loop must stop the only
+    # heartbeats the run has, and a cancellation must reach both.
+    exp = chronicle.create_experiment("liveness", [{}])
+    launcher = chronicle.create_run(exp, 0).start()
+    outer = launcher.keep_alive(interval=0.2)
+    with Chronicle(home=tmp_path / "home", heartbeat_timeout=1.5) as inner_client:
+        inner = inner_client.run(*launcher.key_tuple, lease=launcher.lease)
+        reasons = []
+        joined = inner.keep_alive(interval=0.2, stall_timeout=1.0,
+                                  on_cancel=lambda run, why: reasons.append(why))
+        assert joined is outer and inner.progress is launcher.progress
+        wait_for(lambda: launcher.state is RunState.LOST)  # no progress: beats paused
+        inner.progress.update(step=1)
+        wait_for(lambda: launcher.state is RunState.RUNNING)
+        inner.stop_keep_alive()  # the callback leaves: the launcher's loop goes on, unprobed
+        assert outer.alive and outer.stall_timeout is None
+        chronicle.run(*launcher.key_tuple).fail("abandoned")
+        wait_for(lambda: launcher.cancelled.is_set())
+        assert not reasons  # it left before the cancellation

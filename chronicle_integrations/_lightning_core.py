@@ -1,0 +1,500 @@
+"""The Lightning integration, once for both namespaces (``lightning.pytorch`` and
+``pytorch_lightning``).
+
+This module imports no framework: :class:`LightningCore` is duck-typed over the ``Trainer``,
+the ``LightningModule`` and the checkpoint callbacks. ``chronicle_integrations.lightning`` and
+``chronicle_integrations.pytorch_lightning`` each mix it into their namespace's ``Callback``
+(``isinstance`` checks, e.g. jsonargparse's, need the right base class, and importing one
+namespace must not import the other).
+
+Hook -> lifecycle (rank zero only; ``validate``/``test``/``predict`` never touch the run):
+
+==========================  ==============================================================
+``on_fit_start``            start the run (identity: checkpoint state on ``ckpt_path=``
+                            resume, else arguments, ``$CHRONICLE_*``, or a new experiment
+                            whose variation config is the merged ``hparams_initial``)
+checkpoint written          ``upload_asset`` (see "How checkpoints are caught" below)
+``on_fit_end``              final scan, then ``succeed`` (waits for the uploads)
+``on_exception``            ``KeyboardInterrupt`` -> ``fail("abandoned")`` (quick);
+                            ``SIGTERMException`` / ``SystemExit(0)`` -> pre-empted: uploads
+                            flushed, heartbeats stopped, no terminal state (resumable);
+                            anything else -> ``fail("crash")`` with type, message, traceback
+run cancelled on the server ``trainer.should_stop = True``; the run stays abandoned
+                            (under DDP the ranks agree through a collective, see
+                            ``_check_cancel``; ``min_epochs``/``min_steps`` still apply)
+each training step          ``run.progress.update(step=, epoch=)`` (no I/O), sent with the
+                            heartbeats; validation and saves count as progress
+==========================  ==============================================================
+
+How checkpoints are caught
+--------------------------
+Lightning has no public "file written" event (``on_save_checkpoint`` runs *before* the
+write). Our hooks read every checkpoint callback's ``last_model_path``, ``best_model_path``
+and ``best_k_models`` and hand each file not seen before (key: path, inode, size, mtime;
+not ctime, which the staging hard link itself changes) to ``upload_asset``, which
+hard-links it into staging in O(1) and returns; the bytes go up on the client's background
+pool. Scans run in ``on_train_batch_start``,
+``on_train_epoch_start/end``, ``on_validation_start/end``, ``on_train_end``, ``on_fit_end``,
+``on_exception`` **and** ``on_save_checkpoint``.
+
+Why evicted top-k files are never missed: ``ModelCheckpoint`` deletes an evicted file inside
+the very call that writes its replacement (``_update_best_and_save``: pop it from
+``best_k_models``, save the new file, remove the old one), so nothing outside that call can
+see it between the write of the new file and the deletion. But the evicted file was written
+in an *earlier* round, and from its write until that pop it is listed in ``best_k_models``
+(or is ``best_model_path`` / ``last_model_path``). Between two save rounds of a checkpoint
+callback at least one of our scans runs: a callback saves at most once per global step, every
+step starts with ``on_train_batch_start``, the epoch/validation hooks sit between the
+epoch-level saves, and in every hook our callback runs before the checkpoint callbacks
+(Lightning calls those last). So each file is hard-linked while it still exists, and the link
+keeps its bytes after the deletion. ``tests/frameworks/test_lightning.py`` checks this with
+``save_weights_only=True`` too, where ``on_save_checkpoint`` is not called at all.
+
+The scan in ``on_save_checkpoint`` (before the write) is an extra point inside a save round:
+it catches a file written earlier in the same round (a second checkpoint callback on the same
+hook, a custom callback that saves and rotates several files at once). It cannot see the
+file the current save will evict (already popped). Wrapping the private
+``ModelCheckpoint._save_checkpoint`` / ``_remove_checkpoint`` would see every write and every
+deletion directly, but is private API that changes between releases; the public scans cost a
+few ``stat`` calls per step. Known gap: the checkpoint ``ModelCheckpoint(save_on_exception=
+True)`` writes in its ``on_exception`` runs after ours and is not uploaded.
+
+Asset names: ``<checkpoint dir name>/<file name>`` (e.g. ``checkpoints/last.ckpt``), the path
+relative to the checkpoint directory's parent, so two checkpoint callbacks in different
+directories do not collide and the name stays stable across resumes; a file outside its
+callback's directory keeps just its file name. Re-uploading ``last.ckpt`` replaces the asset
+(the event log keeps every version's digest).
+
+``upload="best_and_last"`` uploads only the best and the last checkpoint of each callback,
+once, when the fit ends (or fails / is pre-empted); ``upload="none"`` uploads nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env
+from .client import Chronicle, Run
+
+log = logging.getLogger(__name__)
+
+UPLOAD_MODES = ("all", "best_and_last", "none")
+
+#: Under DDP, ranks agree on a server-side cancellation every this many steps (a collective;
+#: a single process checks every step for free).
+DDP_CANCEL_SYNC_STEPS = 20
+
+#: How long a crashed fit waits for its uploads (the crash is recorded first).
+FLUSH_SECONDS = 60.0
+#: How long an interrupted (Ctrl+C) fit waits for uploads before spooling the rest.
+ABANDON_CLOSE_SECONDS = 2.0
+
+
+def _is_fitting(trainer: Any) -> bool:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return getattr(fn, "value", fn) == "fit"
+
+
+def _env_rank() -> int:
+    """The process rank from the environment, as Lightning's ``rank_zero_only`` reads it
+    (known before the strategy is set up)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(key)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _is_global_zero(trainer: Any) -> bool:
+    """``trainer.is_global_zero`` (not a collective). The environment is checked too: before
+    the strategy has set the ranks up (an exception early in ``fit``) every process would
+    otherwise believe it is rank zero."""
+    if _env_rank() != 0:
+        return False
+    try:
+        return bool(trainer.is_global_zero)
+    except Exception:  # no strategy yet: a single process
+        return True
+
+
+def _checkpoint_callbacks(trainer: Any) -> list[Any]:
+    """Every checkpoint callback of either namespace (duck-typed, not ``isinstance``)."""
+    return [cb for cb in getattr(trainer, "callbacks", ())
+            if hasattr(cb, "best_k_models") and hasattr(cb, "last_model_path")]
+
+
+def _is_preemption(exc: BaseException) -> bool:
+    """``SIGTERMException`` (a ``SystemExit``) of either namespace, or a clean ``SystemExit``
+    (a requeue handler exiting 0): the job is being moved, not broken."""
+    if not isinstance(exc, SystemExit):
+        return False
+    return type(exc).__name__ == "SIGTERMException" or exc.code in (None, 0)
+
+
+class LightningCore:
+    """The namespace-independent body of ``ChronicleCallback``; see the module docstring.
+
+    Mixed in *before* the namespace's ``Callback`` so its hooks override the no-op ones.
+    Creates nothing unpicklable before ``on_fit_start`` (``ddp_spawn`` pickles callbacks).
+    """
+
+    def __init__(self, chronicle: Chronicle | None = None, experiment_id: str | None = None,
+                 variation: int | None = None, run: int | None = None,
+                 experiment_name: str | None = None, upload: str = "all",
+                 heartbeat_interval: float = 60.0, strict: bool = False,
+                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT) -> None:
+        super().__init__()
+        if upload not in UPLOAD_MODES:
+            raise ValueError(f"upload={upload!r} is not one of {', '.join(UPLOAD_MODES)}. "
+                             "Hint: upload='best_and_last' uploads only the best and the last "
+                             "checkpoint when the fit ends.")
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0 (seconds)")
+        self._args: dict[str, Any] = dict(
+            experiment_id=experiment_id, variation=variation, run=run,
+            experiment_name=experiment_name, heartbeat_interval=heartbeat_interval,
+            stall_timeout=stall_timeout, strict=strict)
+        # TrackedRun validates the identity arguments (and creates nothing live).
+        self._tracked = TrackedRun(chronicle=chronicle, **self._args)
+        self.upload = upload
+        self.strict = strict
+        #: ``(url, home)`` of a user-given client dropped by pickling, rebuilt in the worker.
+        self._client_spec: tuple[str | None, str] | None = None
+        #: Identity restored by ``load_state_dict`` (``fit(ckpt_path=...)``).
+        self._resume_identity: tuple[str, int, int] | None = None
+        #: path -> (inode, size, mtime_ns) of every checkpoint handed to the client.
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._cancel_requested = False
+        self._stopping = False
+        self._exit_hook: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ public read-outs
+    @property
+    def run(self) -> Run | None:
+        """The tracked :class:`~chronicle_integrations.Run` (rank zero, during/after a fit)."""
+        return self._tracked.run
+
+    @property
+    def chronicle(self) -> Chronicle | None:
+        """The client in use (created from the environment on first use if none was given)."""
+        return self._tracked.chronicle
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        tracked = self._tracked
+        if tracked.chronicle is not None and not tracked._own_client:
+            # A user-given client holds locks and threads: keep how to rebuild it instead.
+            state["_client_spec"] = (tracked.chronicle.url, str(tracked.chronicle.home))
+            copy = TrackedRun.__new__(TrackedRun)
+            copy.__dict__.update(tracked.__getstate__(), chronicle=None)
+            state["_tracked"] = copy
+        state["_exit_hook"] = None
+        # Lightning binds the module's log/log_dict onto callbacks at each fit; not ours to ship.
+        state.pop("log", None)
+        state.pop("log_dict", None)
+        return state
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The run identity, saved in every full checkpoint so ``fit(ckpt_path=...)`` resumes
+        the same run."""
+        run = self._tracked.run
+        key = run.key_tuple if run is not None else self._resume_identity
+        if key is None:
+            return {}
+        return {"experiment_id": key[0], "variation": key[1], "run": key[2]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            self._resume_identity = (str(state_dict["experiment_id"]),
+                                     int(state_dict["variation"]), int(state_dict["run"]))
+        except (KeyError, TypeError, ValueError):
+            log.debug("no Chronicle run identity in the checkpoint's callback state")
+
+    # ------------------------------------------------------------------ fit start / end
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._cancel_requested = self._stopping = False  # every rank: a fresh fit
+        if not _is_fitting(trainer) or not _is_global_zero(trainer):
+            return
+        self._begin(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if not _is_fitting(trainer) or not _is_global_zero(trainer) or not self._tracked.active:
+            return
+        self._scan(trainer, final=True)
+        self._tracked.succeed()
+        self._finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if not _is_fitting(trainer) or not _is_global_zero(trainer):
+            return
+        tracked = self._tracked
+        if tracked.outcome is not None:
+            return  # already ended (e.g. an exception after on_fit_end)
+        if isinstance(exception, KeyboardInterrupt):
+            if self._ensure_started(trainer, pl_module, exception):
+                tracked.abandon("KeyboardInterrupt: training interrupted by the user")
+            self._finish(ABANDON_CLOSE_SECONDS)
+            return
+        if _is_preemption(exception):
+            if tracked.active:
+                self._scan(trainer, final=True)
+                tracked.preempted()  # bounded flush (schedulers SIGKILL ~30 s later)
+            self._finish(1.0)
+            return
+        if self._ensure_started(trainer, pl_module, exception):
+            self._scan(trainer, final=True)
+            tracked.crash(exception)
+            self._flush()
+        self._finish()
+
+    # ------------------------------------------------------------------ scan points
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        self._scan(trainer)
+        self._check_cancel(trainer, sync=False)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._progress(step=trainer.global_step, epoch=trainer.current_epoch)
+        self._check_cancel(trainer, sync=trainer.global_step % DDP_CANCEL_SYNC_STEPS == 0)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._scan(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._scan(trainer)
+        self._check_cancel(trainer, sync=True)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._scan(trainer)
+        self._progress()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._scan(trainer)
+        self._progress()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._scan(trainer)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any,
+                           checkpoint: dict[str, Any]) -> None:
+        # Inside a save, before the write: catches files written earlier in this round.
+        self._scan(trainer)
+        self._progress()
+
+    # ------------------------------------------------------------------ internals
+    def _begin(self, trainer: Any, pl_module: Any) -> None:
+        tracked = self._tracked
+        if tracked.outcome is not None:
+            # A second fit with the same callback: a fresh lifecycle. A client we created
+            # was closed when the first fit ended: the new lifecycle creates another.
+            chronicle = None if tracked._own_client else tracked.chronicle
+            tracked = self._tracked = TrackedRun(chronicle=chronicle, **self._args)
+            self._seen.clear()
+        if tracked.run is not None:
+            return
+        if tracked.chronicle is None and self._client_spec is not None:
+            url, home = self._client_spec
+            with tracked.guard("recreating the client"):
+                tracked.chronicle = Chronicle(url=url, home=home)
+                tracked._own_client = True
+        resume = self._resume_target(tracked)
+        tracked.begin(config=_hparams(trainer, pl_module), resume_identity=resume,
+                      on_cancel=self._on_cancel)
+        if tracked.run is not None:
+            self._resume_identity = None  # used; a later fit without ckpt_path starts afresh
+        if tracked.run is not None and self._exit_hook is None:
+            self._exit_hook = self._at_exit
+            atexit.register(self._exit_hook)
+
+    def _resume_target(self, tracked: TrackedRun) -> tuple[str, int, int] | None:
+        """The checkpoint's run to resume, unless another identity is designated or it can
+        no longer be resumed (then a new run of the same variation is created)."""
+        key = self._resume_identity
+        if key is None:
+            return None
+        env = identity_from_env()
+        if env is not None and (env[3] is not None or env[:3] != key):
+            log.info("chronicle: $CHRONICLE_* names run %s/%s/%s; not resuming %s/%s/%s from "
+                     "the checkpoint", *env[:3], *key)
+            return None
+        if tracked.experiment_id is not None and (
+                (tracked.experiment_id, tracked.variation or 0) != key[:2]
+                or tracked.run_number not in (None, key[2])):
+            return None  # explicit arguments name another run
+        state = None
+        with tracked.guard("reading the resumed run's state"):
+            state = tracked._client().run(*key).state
+        if state is not None and state.is_terminal:
+            log.warning("chronicle: run %s/%s/%s from the checkpoint is %s; tracking this fit "
+                        "as a new run of the same variation", *key, state.value)
+            tracked.experiment_id, tracked.variation, tracked.run_number = key[0], key[1], None
+            return None
+        return key
+
+    def _progress(self, **values: Any) -> None:
+        """Report training progress for the heartbeats (attribute writes, no I/O): values
+        after a step, a plain "still advancing" during validation and saves."""
+        progress = getattr(self._tracked.run, "progress", None)
+        if progress is None:
+            return
+        if values:
+            progress.update(**values)
+        else:
+            progress.touch()
+
+    def _on_cancel(self, run: Run, why: str) -> None:  # heartbeat thread
+        self._cancel_requested = True
+
+    def _check_cancel(self, trainer: Any, sync: bool) -> None:
+        """Stop training when the server cancelled the run. Under DDP all ranks must stop
+        together: the decision is reduced across ranks (on every rank, never rank-zero-only)
+        every ``DDP_CANCEL_SYNC_STEPS`` steps and at epoch ends."""
+        if self._stopping:
+            return
+        local = self._cancel_requested and _is_fitting(trainer)
+        world = getattr(trainer, "world_size", 1) or 1
+        if world > 1:
+            if not sync or not _is_fitting(trainer):
+                return
+            try:
+                stop = bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+            except Exception as exc:
+                log.debug("could not agree on cancellation across ranks: %s", exc)
+                return
+        else:
+            stop = local
+        if stop:
+            self._stopping = True
+            trainer.should_stop = True
+            if _is_global_zero(trainer):
+                run = self._tracked.run
+                log.warning("chronicle: run %s was cancelled (%s); stopping training",
+                            run.key if run else "?",
+                            run.cancel_reason if run else "cancelled")
+
+    def _ensure_started(self, trainer: Any, pl_module: Any,
+                        exception: BaseException | None = None) -> bool:
+        """For an exception before ``on_fit_start`` (e.g. in ``setup``): start the run so its
+        failure is recorded. True when there is an active run.
+
+        Not for a ``ddp_spawn`` worker's failure seen by the launching process: the run
+        lives in the worker (which records the crash at exit), so none is created here.
+        """
+        if exception is not None and type(exception).__module__.startswith(
+                "torch.multiprocessing"):
+            return self._tracked.active
+        if self._tracked.run is None and self._tracked.outcome is None:
+            self._begin(trainer, pl_module)
+        return self._tracked.active
+
+    def _scan(self, trainer: Any, final: bool = False) -> None:
+        """Upload checkpoint files not seen before (see "How checkpoints are caught")."""
+        if self.upload == "none" or not self._tracked.active:
+            return
+        if self.upload == "best_and_last" and not final:
+            return
+        if not _is_global_zero(trainer):
+            return
+        with self._tracked.guard("looking for checkpoints"):  # never breaks training
+            for cb in _checkpoint_callbacks(trainer):
+                paths = [getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", "")]
+                if self.upload == "all":
+                    paths.extend(getattr(cb, "best_k_models", {}) or {})
+                dirpath = getattr(cb, "dirpath", None)
+                for path in paths:
+                    if path:
+                        self._offer(str(path), dirpath)
+
+    def _offer(self, path: str, dirpath: Any) -> None:
+        key_path = os.path.abspath(path)
+        try:
+            st = os.stat(key_path)
+        except OSError:
+            return  # not written yet, already gone, or not a local path
+        # Not ctime: staging hard-links the file, which changes its ctime.
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._seen.get(key_path) == key:
+            return
+        self._seen[key_path] = key
+        # The client uploads in the background and keeps same-name uploads (every version
+        # of last.ckpt) in submission order, so the newest version ends as the asset.
+        self._tracked.upload(key_path, _asset_name(key_path, dirpath))
+
+    def _flush(self) -> None:
+        """Wait (bounded) for the run's uploads, so that when ``fit`` raises, the checkpoints
+        written before the failure are in Chronicle (or spooled)."""
+        run = self._tracked.run
+        if run is not None:
+            with self._tracked.guard("waiting for uploads"):
+                if not run.wait_uploads(FLUSH_SECONDS):
+                    log.warning("chronicle: uploads for run %s still pending after %.0f s",
+                                run.key, FLUSH_SECONDS)
+
+    def _finish(self, close_timeout: float | None = None) -> None:
+        """After the run ended: close the client if we created it."""
+        tracked = self._tracked
+        if tracked._own_client and tracked.chronicle is not None:
+            with tracked.guard("closing the client"):
+                tracked.chronicle.close(close_timeout)
+
+    def _at_exit(self) -> None:
+        """The interpreter exits while the fit's run is active and no Lightning hook saw it
+        end: a ``ddp_spawn`` worker that raised (its exception never reaches
+        ``on_exception``), or ``sys.exit`` from a thread. Record a crash rather than leaving
+        the run to the watchdog."""
+        tracked = self._tracked
+        if tracked.active:
+            exc = sys.exc_info()[1] or RuntimeError(
+                "the process exited while the fit was running, without an exception reaching "
+                "Lightning's on_exception (e.g. a failed ddp_spawn worker: see the launching "
+                "process's error for the worker's traceback)")
+            tracked.crash(exc)
+            self._finish(ABANDON_CLOSE_SECONDS)
+
+
+def _asset_name(path: str, dirpath: Any) -> str:
+    """``<checkpoint dir name>/<file name>`` when the file is in its callback's directory,
+    else the file name."""
+    file = Path(path)
+    if dirpath:
+        try:
+            directory = Path(os.path.abspath(str(dirpath)))
+        except (TypeError, ValueError):
+            return file.name
+        if file.parent == directory and directory.name:
+            return f"{directory.name}/{file.name}"
+    return file.name
+
+
+def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """``pl_module.hparams_initial`` merged with the datamodule's (the variation config)."""
+    config: dict[str, Any] = {}
+    for obj in (pl_module, getattr(trainer, "datamodule", None)):
+        hparams = getattr(obj, "hparams_initial", None) if obj is not None else None
+        if hparams:
+            try:
+                config.update(dict(hparams))
+            except (TypeError, ValueError):
+                log.debug("ignoring hyperparameters of %r: not a mapping", obj)
+    return config
+
+
+def missing_framework(package: str, extra: str) -> ImportError:
+    """The ImportError raised when a namespace module's framework is not installed."""
+    return ImportError(f"{package} is not installed; the Chronicle Lightning callback needs "
+                       f"it. Hint: pip install 'chronicle-integrations[{extra}]'")
+
+
+__all__ = ["UPLOAD_MODES", "LightningCore", "missing_framework"]
