@@ -324,9 +324,11 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     else:
         now = time.time()
         out.write(table(
-            ["RUN", "STATE", "STARTED", "LAST HEARTBEAT", "ENDED", "ASSETS", "REASON"],
-            [[r.key, r.state.value, format_time(r.started_at),
-              format_ago(r.last_heartbeat_at, now), format_time(r.ended_at), r.asset_count,
+            ["RUN", "STATE", "STARTED", "LAST HEARTBEAT", "PROGRESS", "ENDED", "ASSETS",
+             "REASON"],
+            [[r.key, r.state.value + (" (stalled)" if r.stalled else ""),
+              format_time(r.started_at), format_ago(r.last_heartbeat_at, now),
+              _progress(r.progress), format_time(r.ended_at), r.asset_count,
               _reason(r)] for r in runs]) + "\n")
     return EXIT_OK
 
@@ -341,6 +343,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
     now = time.time()
     state = info.state.value + (" (terminal)" if info.state.is_terminal else "")
+    if info.stalled:
+        state += " - STALLED: heartbeats arrive but progress has not advanced"
     fields = [
         ("run", info.key),
         ("experiment", info.experiment_id),
@@ -350,6 +354,8 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         ("created", format_iso(info.created_at, now)),
         ("started", format_iso(info.started_at, now)),
         ("last heartbeat", format_iso(info.last_heartbeat_at, now)),
+        ("progress", _progress(info.progress)),
+        ("progress advanced", format_iso(info.progress_at, now)),
         ("ended", format_iso(info.ended_at, now)),
         ("reason", info.reason or "-"),
         ("lease holder", info.lease_holder or "-"),
@@ -365,6 +371,14 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(f"{'message:':<{width}}-\n")
     return EXIT_OK
+
+
+def _progress(progress: dict[str, Any] | None) -> str:
+    """``step=120 epoch=3`` (or ``-``)."""
+    if not progress:
+        return "-"
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in progress.items())
 
 
 def _event_text(event: Any) -> str:
