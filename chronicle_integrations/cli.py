@@ -283,6 +283,7 @@ def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
                        ("api_key", args.server_api_key or args.api_key),
                        ("heartbeat_timeout", args.heartbeat_timeout),
                        ("lost_grace", args.lost_grace),
+                       ("stall_timeout", args.stall_timeout),
                        ("home", args.server_home or args.home),
                        ("log_level", args.log_level or ("debug" if args.verbose else None))):
         if value is not None:
@@ -566,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat before a run is lost (default 900)")
     p.add_argument("--lost-grace", type=_positive_float, metavar="S",
                    help="seconds a run may stay lost before it fails (default 172800)")
+    p.add_argument("--stall-timeout", type=_positive_float, metavar="S",
+                   help="flag a running run stalled when its heartbeats' progress has not "
+                        "advanced for S seconds (default 1800)")
     p.add_argument("--home", dest="server_home", metavar="DIR",
                    help="server home for the default store and assets "
                         "(default $CHRONICLE_HOME)")

@@ -1,0 +1,209 @@
+"""The application factory: routes, error handlers, the guard middleware and the watchdog.
+
+::
+
+    app = create_app(Store.open("sqlite:///chronicle.db", "assets"), api_key="s3cret")
+    uvicorn.run(app)
+
+Nothing is created at import time: the caller builds the :class:`Store` (engine and blob store)
+and owns it. The app's lifespan runs the watchdog, a daemon thread that calls
+:meth:`Store.sweep` periodically so the watchdog's transitions appear in the event log (reads
+are correct without it: the effective state is computed from timestamps on every read).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .._errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from .._version import __version__
+from ..store import Store
+from .middleware import Guard, error_response
+from .routes import build_router
+
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_JSON_BYTES", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_JSON_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+#: Upload chunks written at once (each holds a worker thread for the length of its body).
+UPLOAD_WORKERS = 16
+
+_DESCRIPTION = """\
+The Chronicle run-lifecycle API. Every error is `{"error": {"code", "message", ...}}` with a
+stable `code`. When the server has an API key, every route but `GET /v1/health` needs
+`Authorization: Bearer <key>`.
+"""
+
+
+def create_app(
+    store: Store,
+    *,
+    api_key: str | None = None,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    sweep_interval: float | None = None,
+) -> FastAPI:
+    """Build the HTTP API over ``store``.
+
+    ``api_key``: required as a bearer token on every route but the health check.
+    ``max_json_bytes`` / ``max_chunk_bytes``: body limits (413 beyond).
+    ``sweep_interval``: seconds between watchdog sweeps (default
+    ``min(30, heartbeat_timeout / 4)``).
+    """
+    interval = (float(sweep_interval) if sweep_interval is not None
+                else min(30.0, store.heartbeat_timeout / 4))
+    if interval <= 0:
+        raise ValueError("sweep_interval must be > 0")
+    if max_json_bytes <= 0 or max_chunk_bytes <= 0:
+        raise ValueError("max_json_bytes and max_chunk_bytes must be > 0")
+    uploads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        uploads["executor"] = concurrent.futures.ThreadPoolExecutor(
+            UPLOAD_WORKERS, thread_name_prefix="chronicle-upload")
+        stop = threading.Event()
+        watchdog = threading.Thread(target=_watchdog, args=(store, interval, stop),
+                                    name="chronicle-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            executor = uploads.pop("executor")
+            await anyio.to_thread.run_sync(watchdog.join, 10.0)
+            await anyio.to_thread.run_sync(executor.shutdown)
+
+    app = FastAPI(
+        title="Chronicle", version=__version__, description=_DESCRIPTION,
+        lifespan=lifespan, redirect_slashes=False,
+    )
+    app.state.store = store
+    app.state.sweep_interval = interval
+    app.include_router(build_router(store, max_chunk_bytes=max_chunk_bytes,
+                                    upload_executor=lambda: uploads.get("executor")))
+    app.add_middleware(Guard, api_key=api_key, max_json_bytes=max_json_bytes,
+                       max_chunk_bytes=max_chunk_bytes)
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+# ---------------------------------------------------------------------------- watchdog
+def _watchdog(store: Store, interval: float, stop: threading.Event) -> None:
+    """Sweep every ``interval`` seconds until ``stop``; failures are logged, never fatal."""
+    failing = False
+    while not stop.wait(interval):
+        try:
+            store.sweep()
+        except Exception:
+            # Log the first failure of a streak with its traceback, later ones briefly.
+            if failing:
+                log.warning("watchdog sweep failed again", exc_info=False)
+            else:
+                log.exception("watchdog sweep failed; retrying every %.1f s", interval)
+            failing = True
+        else:
+            if failing:
+                log.info("watchdog sweep recovered")
+            failing = False
+
+
+# ---------------------------------------------------------------------------- errors
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    if exc.status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.message,
+                  exc_info=exc)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        where = loc[0] if loc else ""
+        field = ".".join(loc[1:]) or where or "body"
+        kind = error.get("type", "")
+        if kind == "missing":
+            text = f"missing {where} field {field!r}" if where != "body" or loc[1:] else \
+                "missing request body (a JSON object)"
+        elif where == "body" and not loc[1:]:
+            text = ("the request body must be a JSON object sent with "
+                    "Content-Type: application/json")
+        else:
+            msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            text = f"invalid {field}: {msg}"
+        problems.append({"field": field, "message": text})
+    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+    details: dict[str, Any] = {"field": first["field"]}
+    if len(problems) > 1:
+        details["errors"] = problems
+    body = InvalidRequest(first["message"], **details)
+    return error_response(body)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})
+    error: APIError
+    if exc.status_code == 404:
+        error = NotFound(f"no such route: {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = InvalidRequest(f"method {request.method} is not allowed on "
+                               f"{request.url.path} (allowed: {headers.get('Allow', '?')})")
+        return JSONResponse(error.to_body(), status_code=405, headers=headers)
+    elif exc.status_code == 401:
+        error = Unauthorized(str(exc.detail))
+    elif exc.status_code == 413:
+        error = PayloadTooLarge(str(exc.detail))
+    elif exc.status_code < 500:
+        detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        error = InvalidRequest(f"{detail} ({request.method} {request.url.path})")
+        return JSONResponse(error.to_body(), status_code=exc.status_code, headers=headers)
+    else:
+        log.error("%s %s: HTTP %d %s", request.method, request.url.path, exc.status_code,
+                  exc.detail)
+        return JSONResponse({"error": {"code": "internal", "message": str(exc.detail)}},
+                            status_code=exc.status_code, headers=headers)
+    return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- openapi
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, corrected: our validation errors are 400 with the standard error body
+    (not FastAPI's 422), and the bearer key is declared."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.get("responses", {})
+            auto = responses.get("422")
+            if auto and "HTTPValidationError" in str(auto):
+                del responses["422"]
+    components = schema.setdefault("components", {})
+    schemas = components.get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    components["securitySchemes"] = {"bearerAuth": {
+        "type": "http", "scheme": "bearer",
+        "description": "The server's API key (only when it was started with one)."}}
+    schema["security"] = [{"bearerAuth": []}]
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,331 @@
+"""The ``/v1`` routes: one thin handler per store method.
+
+Handlers translate HTTP to a :class:`~chronicle_integrations.store.Store` call and its record to
+JSON, nothing more: validation, transitions, leases and idempotency all live in the store, so the
+server and the embedded client cannot disagree. Store calls block (SQL, file I/O), so handlers
+are plain ``def`` functions, which FastAPI runs on its thread pool; only the streaming upload
+route is ``async`` (it reads the socket on the event loop and writes on a worker thread).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BeforeValidator
+from starlette.concurrency import run_in_threadpool
+
+from .. import _validation as check
+from .._errors import (
+    AlreadyExists,
+    DigestMismatch,
+    InvalidRequest,
+    InvalidTransition,
+    LeaseConflict,
+    NotFound,
+    OffsetMismatch,
+    PayloadTooLarge,
+    ServerError,
+    StorageFull,
+    Unauthorized,
+)
+from .._version import __version__
+from ..lifecycle import RunState
+from ..store import Store
+from . import schemas
+from .middleware import error_response
+from .streaming import RangeNotSatisfiable, blob_response, stream_chunk
+
+__all__ = ["build_router"]
+
+#: Most bytes one upload may hold (the store's own bound on a declared size).
+MAX_OFFSET = 2**53
+
+
+def _digits(limit: int) -> Callable[[Any], Any]:
+    """Path and query numbers are plain decimal digits: no sign, spaces, ``_`` or ``1.0``."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str):
+            if not re.fullmatch(r"[0-9]{1,20}", value):
+                raise ValueError(f"must be an integer from 0 to {limit}, written with digits")
+            return int(value)
+        return value
+
+    return parse
+
+
+ExperimentId = Annotated[str, Path(
+    description="`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`", examples=["lr-sweep-1a2b3c4d"])]
+# (The validator comes after Path so that the schema keeps minimum/maximum; it still runs
+# before the integer parsing.)
+VariationNo = Annotated[int, Path(ge=0, le=check.MAX_NUMBER, description="Variation number."),
+                        BeforeValidator(_digits(check.MAX_NUMBER))]
+RunNo = Annotated[int, Path(ge=0, le=check.MAX_NUMBER, description="Run number."),
+                  BeforeValidator(_digits(check.MAX_NUMBER))]
+UploadId = Annotated[str, Path(description="The id returned by POST .../uploads.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET,
+                               description="Where this chunk starts: the upload's current "
+                                           "offset."),
+                   BeforeValidator(_digits(MAX_OFFSET))]
+
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: (InvalidRequest.code, "Malformed request: bad name, number, JSON or field."),
+    401: (Unauthorized.code, "Missing or wrong API key (when the server has one)."),
+    404: (NotFound.code, "Unknown experiment, variation, run, asset or upload."),
+    409: (f"{InvalidTransition.code}, {LeaseConflict.code}, {AlreadyExists.code}, "
+          f"{OffsetMismatch.code}", "Refused: see `code` and the details (`state`, `offset`)."),
+    413: (PayloadTooLarge.code, "The body exceeds the server's limit."),
+    416: (RangeNotSatisfiable.code, "The byte range is outside the asset."),
+    422: (DigestMismatch.code, "The bytes received do not hash to the declared SHA-256; "
+                               "nothing was stored."),
+    500: (ServerError.code, "A server bug or database outage; retry later."),
+    507: (StorageFull.code, "The asset store is full; the upload can resume later."),
+}
+
+
+def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[int | str, Any]:
+    """OpenAPI documentation of the error responses a route may give."""
+    wanted = {400, 500, *statuses}
+    if auth:
+        wanted.add(401)
+    if body:
+        wanted.add(413)
+    return {status: {"model": schemas.ErrorResponse,
+                     "description": f"`{_ERRORS[status][0]}`: {_ERRORS[status][1]}"}
+            for status in sorted(wanted)}
+
+
+def _json(record: Any, status_code: int = 200) -> JSONResponse:
+    return JSONResponse(record.to_dict(), status_code=status_code)
+
+
+def build_router(store: Store, *, max_chunk_bytes: int,
+                 upload_executor: Callable[[], concurrent.futures.Executor | None]) -> APIRouter:
+    """The ``/v1`` API over ``store``. ``upload_executor`` gives the thread pool that writes
+    upload chunks (a separate pool, so long uploads never starve heartbeats)."""
+    router = APIRouter(prefix="/v1")
+
+    # ------------------------------------------------------------------ health
+    @router.get("/health", response_model=schemas.Health, tags=["health"],
+                openapi_extra={"security": []}, responses=_errors(auth=False))
+    async def health() -> JSONResponse:
+        """Liveness probe; needs no API key."""
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    # ------------------------------------------------------------------ experiments
+    @router.post("/experiments", status_code=201, response_model=schemas.Experiment,
+                 tags=["experiments"], responses=_errors(409, body=True))
+    def create_experiment(body: schemas.CreateExperimentRequest) -> JSONResponse:
+        """Create an experiment with numbered variations (0, 1, ...). Repeating the request
+        with the same ``experiment_id`` and definition returns it again (409
+        ``already_exists`` for a different definition)."""
+        info = store.create_experiment(body.name, body.variations or [], body.experiment_id)
+        return _json(info, 201)
+
+    @router.get("/experiments", response_model=schemas.ExperimentList, tags=["experiments"],
+                responses=_errors())
+    def list_experiments() -> JSONResponse:
+        """Every experiment, oldest first."""
+        return JSONResponse({"experiments": [e.to_dict() for e in store.list_experiments()]})
+
+    @router.get("/experiments/{experiment_id}", response_model=schemas.Experiment,
+                tags=["experiments"], responses=_errors(404))
+    def get_experiment(experiment_id: ExperimentId) -> JSONResponse:
+        """One experiment."""
+        return _json(store.get_experiment(experiment_id))
+
+    @router.post("/experiments/{experiment_id}/variations", status_code=201,
+                 response_model=schemas.VariationCreated, tags=["experiments"],
+                 responses=_errors(404, body=True))
+    def add_variation(experiment_id: ExperimentId,
+                      body: schemas.AddVariationRequest) -> JSONResponse:
+        """Append a variation; its number is the next one. ``request_id`` makes a retry return
+        the same variation instead of adding another."""
+        number = store.add_variation(experiment_id, body.config, body.request_id)
+        return JSONResponse({"experiment_id": experiment_id, "variation": number},
+                            status_code=201)
+
+    @router.get("/experiments/{experiment_id}/variations/{variation}",
+                response_model=schemas.Variation, tags=["experiments"], responses=_errors(404))
+    def get_variation(experiment_id: ExperimentId, variation: VariationNo) -> JSONResponse:
+        """A variation and its config."""
+        config = store.get_variation_config(experiment_id, variation)
+        return JSONResponse({"experiment_id": experiment_id, "variation": variation,
+                             "config": config})
+
+    @router.post("/experiments/{experiment_id}/variations/{variation}/runs", status_code=201,
+                 response_model=schemas.Run, tags=["runs"], responses=_errors(404, body=True))
+    def create_run(experiment_id: ExperimentId, variation: VariationNo,
+                   body: schemas.CreateRunRequest | None = None) -> JSONResponse:
+        """Create the variation's next run (``max(run) + 1``, 0 for the first), pending."""
+        request_id = body.request_id if body else None
+        return _json(store.create_run(experiment_id, variation, request_id), 201)
+
+    # ------------------------------------------------------------------ runs
+    @router.get("/runs", response_model=schemas.RunList, tags=["runs"], responses=_errors())
+    def list_runs(
+        experiment_id: Annotated[str | None, Query(description="Only this experiment.")] = None,
+        state: Annotated[str | None, Query(
+            description="Only runs in this effective state: "
+                        + ", ".join(s.value for s in RunState))] = None,
+    ) -> JSONResponse:
+        """Runs, optionally filtered by experiment and effective state."""
+        runs = store.list_runs(experiment_id=experiment_id, state=state)
+        return JSONResponse({"runs": [r.to_dict() for r in runs]})
+
+    run_path = "/runs/{experiment_id}/{variation}/{run}"
+
+    @router.get(run_path, response_model=schemas.Run, tags=["runs"], responses=_errors(404))
+    def get_run(experiment_id: ExperimentId, variation: VariationNo,
+                run: RunNo) -> JSONResponse:
+        """A run with its effective state (computed from the server's clock on every read)."""
+        return _json(store.get_run(experiment_id, variation, run))
+
+    @router.post(run_path + "/start", response_model=schemas.Run, tags=["runs"],
+                 responses=_errors(404, 409, body=True))
+    def start(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+              body: schemas.StartRequest | None = None) -> JSONResponse:
+        """``pending -> running``; with ``resume``, also take over a running or lost run. The
+        answer carries the ``lease`` later calls must send."""
+        body = body or schemas.StartRequest()
+        return _json(store.start(experiment_id, variation, run, resume=body.resume,
+                                 lease=body.lease, holder=body.holder))
+
+    @router.post(run_path + "/heartbeat", response_model=schemas.Run, tags=["runs"],
+                 responses=_errors(404, 409, body=True))
+    def heartbeat(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+                  body: schemas.HeartbeatRequest | None = None) -> JSONResponse:
+        """``running -> running``, ``lost -> running``. Refused (409 ``invalid_transition``
+        with ``state``) on a terminal run, 409 ``lease_conflict`` under a stale lease.
+        ``progress`` is kept; a run beating without new progress is flagged ``stalled``."""
+        body = body or schemas.HeartbeatRequest()
+        return _json(store.heartbeat(experiment_id, variation, run, lease=body.lease,
+                                     progress=body.progress))
+
+    @router.post(run_path + "/succeed", response_model=schemas.Run, tags=["runs"],
+                 responses=_errors(404, 409, body=True))
+    def succeed(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+                body: schemas.LeaseRequest | None = None) -> JSONResponse:
+        """``running|lost -> succeeded`` (idempotent)."""
+        lease = body.lease if body else None
+        return _json(store.succeed(experiment_id, variation, run, lease=lease))
+
+    @router.post(run_path + "/fail", response_model=schemas.Run, tags=["runs"],
+                 responses=_errors(404, 409, body=True))
+    def fail(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+             body: schemas.FailRequest) -> JSONResponse:
+        """``pending|running|lost -> failed_crash|failed_abandoned`` (idempotent). ``crash``
+        needs the lease once started; ``abandoned`` (a cancellation) does not."""
+        return _json(store.fail(experiment_id, variation, run, reason=body.reason,
+                                message=body.message, lease=body.lease))
+
+    @router.get(run_path + "/events", response_model=schemas.EventList, tags=["runs"],
+                responses=_errors(404))
+    def events(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
+        """The run's timeline, oldest first: transitions (with the watchdog's) and uploads."""
+        return JSONResponse({"events": [e.to_dict() for e in
+                                        store.events(experiment_id, variation, run)]})
+
+    # ------------------------------------------------------------------ assets
+    @router.get(run_path + "/assets", response_model=schemas.AssetList, tags=["assets"],
+                responses=_errors(404))
+    def list_assets(experiment_id: ExperimentId, variation: VariationNo,
+                    run: RunNo) -> JSONResponse:
+        """The run's complete assets, by name."""
+        return JSONResponse({"assets": [a.to_dict() for a in
+                                        store.list_assets(experiment_id, variation, run)]})
+
+    @router.get(
+        run_path + "/assets/{name:path}", tags=["assets"], response_class=Response,
+        responses={
+            200: {"description": "The asset's bytes.",
+                  "content": {"application/octet-stream": {
+                      "schema": {"type": "string", "format": "binary"}}}},
+            206: {"description": "The requested byte range (`Content-Range`).",
+                  "content": {"application/octet-stream": {
+                      "schema": {"type": "string", "format": "binary"}}}},
+            **_errors(404, 416),
+        },
+    )
+    def download_asset(
+        experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+        name: Annotated[str, Path(description="The asset's name (a relative path).")],
+        range_header: Annotated[str | None, Header(
+            alias="range", description="`bytes=a-b`, `bytes=a-` or `bytes=-n`")] = None,
+        if_range: Annotated[str | None, Header(alias="if-range")] = None,
+    ) -> Response:
+        """The asset's bytes, streamed. Headers: ``Content-Length``, ``ETag`` and
+        ``X-Chronicle-SHA256`` (the SHA-256), ``Accept-Ranges: bytes``."""
+        info = store.get_asset(experiment_id, variation, run, name)
+        if not store.blobs.exists(info.sha256):
+            raise ServerError(f"the bytes of asset {name!r} ({info.sha256}) are missing from "
+                              "the blob store")
+        opener = functools.partial(store.blobs.open, info.sha256)
+        try:
+            return blob_response(opener, info, range_header, if_range)
+        except RangeNotSatisfiable as exc:
+            return error_response(exc, headers={"Content-Range": f"bytes */{info.size}"})
+
+    # ------------------------------------------------------------------ uploads
+    @router.post(run_path + "/uploads", status_code=201, response_model=schemas.UploadStatus,
+                 tags=["uploads"], responses=_errors(404, 409, body=True))
+    def begin_upload(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+                     body: schemas.BeginUploadRequest) -> JSONResponse:
+        """Open a resumable upload (or re-open one by ``upload_id``: the answer says where it
+        stands). Needs the run's lease once the run was started."""
+        status = store.begin_upload(experiment_id, variation, run, body.name, size=body.size,
+                                    upload_id=body.upload_id, lease=body.lease)
+        return _json(status, 201)
+
+    @router.get("/uploads/{upload_id}", response_model=schemas.UploadStatus, tags=["uploads"],
+                responses=_errors(404))
+    def upload_status(upload_id: UploadId) -> JSONResponse:
+        """Where an upload stands: ``offset`` bytes are safely stored."""
+        return _json(store.upload_status(upload_id))
+
+    @router.put(
+        "/uploads/{upload_id}", response_model=schemas.UploadStatus, tags=["uploads"],
+        responses=_errors(404, 409, 507, body=True),
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def put_chunk(upload_id: UploadId, offset: Offset, request: Request) -> JSONResponse:
+        """Append the raw body at ``offset``, which must be the upload's current offset (else
+        409 ``offset_mismatch`` with the right ``offset``). The body is streamed to disk; if
+        the connection drops, the bytes received are kept: read the offset back and resume."""
+        status = await run_in_threadpool(store.upload_status, upload_id)
+        if status.completed:
+            raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
+        if status.offset != offset:  # answer at once instead of after reading the body
+            raise OffsetMismatch(f"upload {upload_id} holds {status.offset} bytes; send the "
+                                 f"next chunk at offset {status.offset}", offset=status.offset)
+        written = await stream_chunk(
+            request, functools.partial(store.write_chunk, upload_id, offset),
+            limit=max_chunk_bytes, executor=upload_executor(), label=f"upload {upload_id}")
+        if written is None:  # the client is gone; this answer is never sent
+            return JSONResponse({}, status_code=400)
+        return _json(written)
+
+    @router.post("/uploads/{upload_id}/complete", response_model=schemas.Asset,
+                 tags=["uploads"], responses=_errors(404, 422, 507, body=True))
+    def complete_upload(upload_id: UploadId,
+                        body: Annotated[schemas.CompleteUploadRequest, Body()]) -> JSONResponse:
+        """Verify the SHA-256 of everything received and publish the asset atomically
+        (replacing an asset of the same name). Repeating it returns the asset again."""
+        return _json(store.complete_upload(upload_id, body.sha256))
+
+    @router.delete("/uploads/{upload_id}", status_code=204, tags=["uploads"],
+                   responses=_errors(404))
+    def discard_upload(upload_id: UploadId) -> Response:
+        """Drop an unfinished upload and the bytes received (the client abandoned this capture,
+        e.g. its file was rewritten in place). A completed upload is left as it is."""
+        store.discard_upload(upload_id)
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,151 @@
+"""``serve()``: open the store, build the app and run it under uvicorn (``chronicle server``)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from .._errors import ConfigurationError
+from .._version import __version__
+from .app import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_JSON_BYTES, create_app
+
+__all__ = ["is_loopback", "serve"]
+
+log = logging.getLogger(__name__)
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only ever means this machine (127.0.0.0/8, ::1, localhost).
+
+    A host name counts only if every address it resolves to is a loopback address; ``""``,
+    ``0.0.0.0`` and ``::`` (every interface) never do.
+    """
+    host = host.strip().strip("[]")
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host.lower() == "localhost":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).split("%", 1)[0]).is_loopback for a in addresses)
+
+
+def serve(
+    *,
+    store_url: str | None = None,
+    assets: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    api_key: str | None = None,
+    heartbeat_timeout: float = 900.0,
+    lost_grace: float = 172800.0,
+    home: str | os.PathLike[str] | None = None,
+    log_level: str = "info",
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    stall_timeout: float | None = None,
+) -> None:
+    """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
+
+    Defaults: ``home`` = ``$CHRONICLE_HOME`` or ``./chronicle``; ``store_url`` = SQLite at
+    ``<home>/chronicle.db``; ``assets`` = ``<home>/assets``; ``api_key`` =
+    ``$CHRONICLE_API_KEY``; ``stall_timeout`` = the store's (a running run beating without new
+    progress for that long is flagged ``stalled``). Listening beyond loopback without an API
+    key is refused with :class:`ConfigurationError`, as are invalid settings.
+    """
+    if api_key is None:
+        api_key = os.environ.get("CHRONICLE_API_KEY")
+    api_key = api_key.strip() if api_key else None
+    if not is_loopback(host) and not api_key:
+        raise ConfigurationError(
+            f"refusing to listen on {host!r} without an API key: anyone who can reach it could "
+            "read and change every run. Pass --api-key (or set CHRONICLE_API_KEY), or listen "
+            "on 127.0.0.1")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"invalid port {port!r}: use 0-65535")
+    level = log_level.lower()
+    if level not in _LOG_LEVELS:
+        raise ConfigurationError(
+            f"invalid log level {log_level!r}: one of {', '.join(_LOG_LEVELS)}")
+    if max_json_bytes <= 0 or max_chunk_bytes <= 0:
+        raise ConfigurationError("max_json_bytes and max_chunk_bytes must be > 0")
+
+    root = Path(home or os.environ.get("CHRONICLE_HOME") or "chronicle").expanduser().resolve()
+    if store_url is None:
+        root.mkdir(parents=True, exist_ok=True)
+        store_url = f"sqlite:///{root / 'chronicle.db'}"
+    assets_dir: str | os.PathLike[str] = assets if assets is not None else root / "assets"
+
+    import uvicorn  # the server's own dependency, imported only when serving
+
+    from ..store import Store
+
+    # Configure logging first (uvicorn applies its config when Config is built), so that the
+    # store's own messages (migrations) are shown.
+    config_kwargs: dict[str, Any] = {
+        "host": host, "port": port, "log_level": level, "log_config": _log_config(level),
+        "http": "httptools" if importlib.util.find_spec("httptools") else "auto",
+        "timeout_graceful_shutdown": 10, "server_header": False,
+    }
+    timeouts: dict[str, float] = {"heartbeat_timeout": heartbeat_timeout,
+                                  "lost_grace": lost_grace}
+    if stall_timeout is not None:
+        if stall_timeout <= 0:
+            raise ConfigurationError("stall_timeout must be > 0")
+        timeouts["stall_timeout"] = stall_timeout
+    store = Store.open(store_url, assets_dir, **timeouts)
+    try:
+        app = create_app(store, api_key=api_key, max_json_bytes=max_json_bytes,
+                         max_chunk_bytes=max_chunk_bytes)
+        server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))
+        shown = f"[{host}]" if ":" in host else host
+        log.info("Chronicle server %s on http://%s:%d (store %s, assets %s, API key %s)",
+                 __version__, shown, port, _hide_password(store_url), os.fspath(assets_dir),
+                 "required" if api_key else "not required")
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits when it cannot bind
+            raise ConfigurationError(
+                f"could not serve on {host}:{port} (see the log above)") from exc
+        if not server.started:
+            raise ConfigurationError(f"could not serve on {host}:{port} (see the log above)")
+    finally:
+        store.close()
+
+
+def _hide_password(url: str) -> str:
+    try:
+        import sqlalchemy as sa
+
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<store URL>"
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging config, plus a handler for this package's loggers (the library itself
+    installs none; ``serve`` is an application entry point)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["chronicle_integrations"] = {
+        "handlers": ["default"], "propagate": False,
+        "level": "DEBUG" if level == "trace" else level.upper(),
+    }
+    return config

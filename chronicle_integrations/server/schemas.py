@@ -1,0 +1,228 @@
+"""Pydantic models of the HTTP API: request bodies (validated) and responses (documented).
+
+Request bodies are *strict* (a JSON string is not silently turned into a number or a boolean)
+and ignore unknown fields, so older servers accept newer clients. The store remains the law for
+names, numbers, tokens and transitions; these models only check shapes and types.
+
+Response models document the wire format in ``/openapi.json``. The routes send the records'
+``to_dict()`` as is (so the wire format *is* :mod:`chronicle_integrations._models`); a test
+checks that every response model has exactly the fields of its record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..lifecycle import RunState
+
+__all__ = [
+    "AddVariationRequest",
+    "Asset",
+    "AssetList",
+    "BeginUploadRequest",
+    "CompleteUploadRequest",
+    "CreateExperimentRequest",
+    "CreateRunRequest",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Event",
+    "EventList",
+    "Experiment",
+    "ExperimentList",
+    "FailRequest",
+    "Health",
+    "HeartbeatRequest",
+    "LeaseRequest",
+    "Run",
+    "RunList",
+    "StartRequest",
+    "UploadStatus",
+    "Variation",
+    "VariationCreated",
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# ---------------------------------------------------------------------------- requests
+class CreateExperimentRequest(_Request):
+    name: str = Field(description="Human-readable name (1-256 printable characters).")
+    variations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="One config object per variation; they are numbered 0, 1, ... in order.")
+    experiment_id: str | None = Field(
+        default=None,
+        description="Chosen id (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`); derived from the name when "
+                    "absent. Re-creating an id with the same definition returns it again.")
+
+
+class AddVariationRequest(_Request):
+    config: dict[str, Any] = Field(description="The variation's config (a JSON object).")
+    request_id: str | None = Field(
+        default=None, description="Idempotency key (8-128 URL-safe characters): a retried "
+                                  "request returns the variation the first one created.")
+
+
+class CreateRunRequest(_Request):
+    request_id: str | None = Field(
+        default=None, description="Idempotency key (8-128 URL-safe characters): a retried "
+                                  "request returns the run the first one created.")
+
+
+class StartRequest(_Request):
+    resume: bool = Field(default=False,
+                         description="Also take over a running or lost run (restarted worker).")
+    lease: str | None = Field(
+        default=None, description="Proposed lease token (8-128 URL-safe characters); generated "
+                                  "when absent. Repeating a start with the run's current lease "
+                                  "is a success with no effect.")
+    holder: str | None = Field(default=None,
+                               description="Who holds the run (host, pid...), for people.")
+
+
+class LeaseRequest(_Request):
+    lease: str | None = Field(default=None,
+                              description="The lease returned by start; required once started.")
+
+
+class HeartbeatRequest(LeaseRequest):
+    progress: dict[str, Any] | None = Field(
+        default=None,
+        description="Training progress, e.g. `{\"step\": 120, \"epoch\": 3}` (at most 16 "
+                    "names, finite numbers or short strings). A run that keeps beating "
+                    "without new progress is flagged `stalled`.")
+
+
+class FailRequest(_Request):
+    reason: Literal["crash", "abandoned"] = Field(
+        description="`crash` (needs the lease once started) or `abandoned` (a cancellation, "
+                    "no lease needed).")
+    message: str | None = Field(default=None,
+                                description="Free text, e.g. the end of a traceback (64 KiB max).")
+    lease: str | None = Field(default=None, description="The lease returned by start.")
+
+
+class BeginUploadRequest(_Request):
+    name: str = Field(description="Asset name: a relative POSIX path (no `..`, no leading `/`, "
+                                  "no backslash, no NUL), at most 1024 characters.")
+    size: int | None = Field(default=None, ge=0,
+                             description="Total size in bytes, when known (checked on complete).")
+    upload_id: str | None = Field(
+        default=None, description="Client-chosen id (8-128 URL-safe characters); re-opening it "
+                                  "returns the upload's current offset.")
+    lease: str | None = Field(default=None,
+                              description="The run's lease; required once the run was started.")
+
+
+class CompleteUploadRequest(_Request):
+    sha256: str = Field(description="SHA-256 of the whole content, 64 lowercase hex characters.")
+
+
+# ---------------------------------------------------------------------------- responses
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Experiment(BaseModel):
+    experiment_id: str
+    name: str
+    created_at: float = Field(description="Seconds since the epoch (server clock).")
+    variations: int = Field(description="Number of variations (they are numbered from 0).")
+
+
+class ExperimentList(BaseModel):
+    experiments: list[Experiment]
+
+
+class VariationCreated(BaseModel):
+    experiment_id: str
+    variation: int
+
+
+class Variation(BaseModel):
+    experiment_id: str
+    variation: int
+    config: dict[str, Any]
+
+
+class Run(BaseModel):
+    experiment_id: str
+    variation: int
+    run: int
+    state: RunState = Field(description="The effective state at the time of the read.")
+    created_at: float
+    started_at: float | None = None
+    last_heartbeat_at: float | None = None
+    ended_at: float | None = None
+    reason: str | None = Field(default=None, description="`crash`, `abandoned` or `lost`.")
+    message: str | None = None
+    lease_holder: str | None = None
+    asset_count: int = 0
+    progress: dict[str, Any] | None = Field(
+        default=None, description="The latest progress a heartbeat carried.")
+    progress_at: float | None = Field(default=None,
+                                      description="When that progress last advanced.")
+    stalled: bool = Field(default=False,
+                          description="Running, beating, but without new progress for longer "
+                                      "than the server's stall timeout (a flag, not a state).")
+    lease: str | None = Field(default=None,
+                              description="Only in the answer to start: the lease token "
+                                          "later calls must carry. Null otherwise.")
+
+
+class RunList(BaseModel):
+    runs: list[Run]
+
+
+class Event(BaseModel):
+    id: int
+    kind: Literal["transition", "asset"]
+    from_state: str | None
+    to_state: str | None
+    at: float
+    cause: str = Field(description="What caused it: start, resume, heartbeat, succeed, "
+                                   "fail_crash, fail_abandoned, watchdog, create, upload.")
+    detail: dict[str, Any] | None = None
+
+
+class EventList(BaseModel):
+    events: list[Event]
+
+
+class Asset(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    created_at: float
+
+
+class AssetList(BaseModel):
+    assets: list[Asset]
+
+
+class UploadStatus(BaseModel):
+    upload_id: str
+    name: str
+    offset: int = Field(description="Bytes safely stored: send the next chunk at this offset.")
+    size: int | None = None
+    completed: bool = False
+    sha256: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_transition`.")
+    message: str = Field(description="What went wrong, for people.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error has this shape; extra keys in ``error`` carry details (``state``,
+    ``offset``, ``field``...)."""
+
+    error: ErrorDetail

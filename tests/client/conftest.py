@@ -1,0 +1,100 @@
+"""Fixtures for the client suite: the same tests run on the embedded store and a real server.
+
+``chronicle`` is parametrized ``["embedded", "http"]``:
+
+* ``embedded``: ``Chronicle(home=tmp_path / "home")`` (SQLite + local assets in-process);
+* ``http``: a real server subprocess from ``server_factory`` (``tests/conftest.py``) on a
+  loopback port, and ``Chronicle(url=server.url, home=tmp_path / "home")``; the client home
+  still holds the upload staging and the spool.
+
+``backend.connect()`` opens further clients on the same store (a second worker, an operator
+cancelling a run); every client is closed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chronicle_integrations import Chronicle, Run
+
+
+def _server_factory(request: pytest.FixtureRequest, name: str = "server_factory") -> Any:
+    """The shared ``server_factory`` fixture, or a skip if it does not exist yet."""
+    try:
+        return request.getfixturevalue(name)
+    except pytest.FixtureLookupError:
+        pytest.skip(f"{name} fixture (tests/conftest.py) is not available")
+
+
+@pytest.fixture(scope="module")
+def shared_server(request: pytest.FixtureRequest) -> Any:
+    """One real server per test module for the tests that need no special server: each test
+    works in its own experiment, and a server start costs about a second."""
+    return _server_factory(request, "module_server_factory")()
+
+
+@dataclass
+class Backend:
+    """Where the clients of one test write: the embedded home, or a server."""
+
+    kind: str
+    home: Path
+    server: Any = None
+    clients: list[Chronicle] = field(default_factory=list)
+
+    def connect(self, home: str | os.PathLike[str] | None = None, **kwargs: Any) -> Chronicle:
+        """Another client on the same store. Embedded clients share the home (that *is* the
+        store); HTTP clients get their own home (staging and spool are per client)."""
+        if self.kind == "embedded":
+            client = Chronicle(home=home or self.home, **kwargs)
+        else:
+            home = home or self.home.parent / f"home-{len(self.clients)}"
+            client = Chronicle(url=self.server.url, home=home, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in reversed(self.clients):
+            client.close(timeout=10)
+
+
+@pytest.fixture(params=["embedded", "http"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A store to test against: ``embedded`` or ``http`` (a real server subprocess)."""
+    server = request.getfixturevalue("shared_server") if request.param == "http" else None
+    b = Backend(request.param, tmp_path / "home", server)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def chronicle(backend: Backend) -> Chronicle:
+    """The test's main client."""
+    return backend.connect(home=backend.home)
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """``server_factory`` for the HTTP-only tests (skips when it does not exist yet)."""
+    return _server_factory(request)
+
+
+@pytest.fixture
+def experiment(chronicle: Chronicle) -> str:
+    """An experiment with two variations."""
+    return chronicle.create_experiment("client-suite",
+                                       variations=[{"lr": 0.1}, {"lr": 0.01, "bs": 32}])
+
+
+@pytest.fixture
+def run(chronicle: Chronicle, experiment: str) -> Run:
+    """A pending run (variation 0, run 0)."""
+    return chronicle.create_run(experiment, 0)
