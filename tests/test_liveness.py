@@ -93,3 +93,27 @@ def test_two_handles_on_one_run_share_one_loop(chronicle: Chronicle, tmp_path) -
         chronicle.run(*launcher.key_tuple).fail("abandoned")
         wait_for(lambda: launcher.cancelled.is_set())
         assert not reasons  # it left before the cancellation
+
+
+def test_progress_is_visible_with_chronicle_show_json_during_a_run(chronicle: Chronicle) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    exp = chronicle.create_experiment("liveness", [{}])
+    run = chronicle.create_run(exp, 0).start()
+    run.keep_alive(interval=0.2)
+    run.progress.update(step=42, epoch=2)
+    wait_for(lambda: (run.info().progress or {}).get("step") == 42)
+    env = dict(os.environ, CHRONICLE_HOME=str(chronicle.home))
+    env.pop("CHRONICLE_URL", None)
+    shown = subprocess.run([sys.executable, "-m", "chronicle_integrations.cli", "show",
+                            run.key, "--json"], env=env, capture_output=True, text=True,
+                           check=True)
+    data = json.loads(shown.stdout)
+    assert data["state"] == "running"
+    assert data["progress"] == {"step": 42, "epoch": 2}
+    assert data["stalled"] is False and data["progress_at"] is not None
+    assert "lease" not in data
+    run.succeed()
