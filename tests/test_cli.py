@@ -178,7 +178,8 @@ def test_runs_table(seed: Seed) -> None:
     lines = ok(cli(seed.home, "runs")).splitlines()
     header = lines[0]
     assert [c.strip() for c in header.split("  ") if c.strip()] == [
-        "RUN", "STATE", "STARTED", "LAST HEARTBEAT", "ENDED", "ASSETS", "REASON"]
+        "RUN", "STATE", "STARTED", "LAST HEARTBEAT", "PROGRESS", "ENDED", "ASSETS",
+        "REASON"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {seed.done, seed.pending, seed.crashed, seed.running}
     assert rows[seed.done].split()[1] == "succeeded"

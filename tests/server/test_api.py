@@ -248,6 +248,7 @@ def test_openapi_documents_the_api(api: Api) -> None:
         ("/v1/runs/{experiment_id}/{variation}/{run}/assets", "get"),
         ("/v1/runs/{experiment_id}/{variation}/{run}/assets/{name}", "get"),
         ("/v1/uploads/{upload_id}", "get"), ("/v1/uploads/{upload_id}", "put"),
+        ("/v1/uploads/{upload_id}", "delete"),
         ("/v1/uploads/{upload_id}/complete", "post"),
     }
     documented = {(p, m) for p, item in paths.items() for m in item}

@@ -1,0 +1,168 @@
+"""Figure 4: server request capacity - heartbeats/s and p50/p99 latency at 1, 8 and 64
+concurrent keep-alive clients, Chronicle server on SQLite and on PostgreSQL, vs MLflow's
+``set-tag`` (its cheapest per-run write; MLflow has no heartbeat) on the same machine.
+
+Each client heartbeats its own started run with its own lease and a changing
+``{"step": n}`` progress (what keep_alive sends). The load generator (benchmarks/loadgen.py)
+is one asyncio process with pre-encoded requests; its CPU use and the server's are reported
+(2 cores: whatever the generator uses, the server cannot).
+
+    .venv/bin/python benchmarks/bench_server.py [--quick] [--backends sqlite,postgres,mlflow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c
+import loadgen
+
+PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def chronicle_targets(server: c.Server, n: int) -> list:
+    from chronicle_integrations import Chronicle
+
+    with Chronicle(url=server.url, home=c.WORK / "loadgen-home") as ch:
+        exp = ch.create_experiment("load", variations=[{}])
+        runs = [ch.create_run(exp, 0).start() for _ in range(n)]
+    makers = []
+    for run in runs:
+        path = (f"/v1/runs/{quote(run.experiment_id, safe='')}/{run.variation}/{run.run}"
+                "/heartbeat")
+        lease = run.lease
+
+        def make(i: int, path=path, lease=lease) -> bytes:
+            return loadgen.encode("127.0.0.1", server.port, path,
+                                  {"lease": lease, "progress": {"step": i}})
+        makers.append(make)
+    return makers
+
+
+def mlflow_targets(server: c.Server, n: int) -> list:
+    exp = post(server.url + "/api/2.0/mlflow/experiments/create", {"name": "load"})
+    makers = []
+    for _ in range(n):
+        run = post(server.url + "/api/2.0/mlflow/runs/create",
+                   {"experiment_id": exp["experiment_id"]})["run"]["info"]["run_id"]
+
+        def make(i: int, run=run) -> bytes:
+            return loadgen.encode("127.0.0.1", server.port, "/api/2.0/mlflow/runs/set-tag",
+                                  {"run_id": run, "key": "heartbeat", "value": str(i)})
+        makers.append(make)
+    return makers
+
+
+def bench(backend: str, levels: list[int], duration: float, warmup: float,
+          scratch: Path) -> dict:
+    import sqlalchemy as sa
+
+    admin = None
+    dbname = f"chronicle_bench_server_{os.getpid()}"
+    result: dict = {"levels": {}}
+    try:
+        patches = ""
+        if "+" in backend:  # e.g. "sqlite+writelock": a proposed fix, see patched_server.py
+            backend, patches = backend.split("+", 1)
+        if backend in ("postgres", "mlflow-postgres"):
+            admin = sa.create_engine(PG_ADMIN.replace("postgresql://",
+                                                      "postgresql+psycopg://", 1),
+                                     isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}"'))
+                conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
+            store = PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+            if backend == "mlflow-postgres":  # MLflow's own driver choice (psycopg2)
+                store = store.replace("postgresql://", "postgresql+psycopg2://", 1)
+        else:
+            store = f"sqlite:///{scratch}/{backend}.db"
+        if backend.startswith("mlflow"):
+            server = c.mlflow_server(store, scratch / "mlflow-art", scratch / "mlflow.log")
+            targets = mlflow_targets
+        else:
+            server = c.chronicle_server(store, scratch / f"{backend}-assets",
+                                        scratch / f"{backend}.log", patches=patches)
+            targets = chronicle_targets
+        with server:
+            result["server_processes"] = len(server.pids())
+            makers = targets(server, max(levels))
+            for n in levels:
+                r = loadgen.run("127.0.0.1", server.port, makers[:n], duration, warmup,
+                                server.pids())
+                result["levels"][str(n)] = r
+                label = backend + ("+" + patches if patches else "")
+                print(f"  {label:8s} {n:3d} clients: {r['rps']:8.0f} req/s  p50 "
+                      f"{r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  "
+                      f"cpu: loadgen {r['loadgen_cpu_cores']:.2f} server "
+                      f"{r['server_cpu_cores']:.2f} cores", flush=True)
+    finally:
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+            admin.dispose()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends",
+                   default="sqlite,postgres,mlflow,mlflow-postgres,sqlite+writelock,"
+                           "postgres+pgasync")
+    p.add_argument("--levels", default="1,8,64")
+    p.add_argument("--duration", type=float)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    duration = a.duration or (2.0 if a.quick else 4.0)
+    repeats = a.repeats or (1 if a.quick else 2)
+    levels = [int(x) for x in a.levels.split(",")]
+    backends = [b for b in a.backends.split(",")
+                if not b.startswith("mlflow") or c.peers_ready()]
+    c.WORK.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="server-", dir=c.WORK))
+    out: dict = {"duration_s": duration, "repeats": repeats, "backends": {},
+                 "versions": c.versions("uvicorn", "fastapi", "sqlalchemy", "psycopg")}
+    try:
+        for rep in range(repeats):
+            for b in backends:
+                if "+" in b and rep > 0:
+                    continue  # proposed-fix variants: one repeat (time budget)
+                r = bench(b, levels, duration, 1.0, scratch / f"{b.replace('+', '-')}-{rep}")
+                out["backends"].setdefault(b, []).append(r)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # medians over repeats
+    summary: dict = {}
+    for b, reps in out["backends"].items():
+        summary[b] = {}
+        for n in map(str, levels):
+            rs = [r["levels"][n] for r in reps]
+            summary[b][n] = {k: c.stats([r[k] for r in rs]) for k in
+                             ("rps", "p50_ms", "p99_ms", "loadgen_cpu_cores",
+                              "server_cpu_cores", "errors")}
+            s = summary[b][n]
+            print(f"{b:8s} {n:>3s} clients: {s['rps']['median']:8.0f} req/s "
+                  f"[{s['rps']['min']:.0f}-{s['rps']['max']:.0f}]  p50 "
+                  f"{s['p50_ms']['median']:.2f} ms  p99 {s['p99_ms']['median']:.2f} ms")
+    out["summary"] = summary
+    c.save("fig4_server" + ("_quick" if a.quick else ""), out)
+
+
+if __name__ == "__main__":
+    main()
