@@ -46,10 +46,8 @@ def versions(*names: str) -> dict[str, str]:
 
     out = {}
     for name in names:
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -88,7 +86,7 @@ def save(name: str, data: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` (with the machine facts) and print a summary line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"name": name, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join([Path(sys.executable).as_posix()] + sys.argv),
+            "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
             "load_at_start": LOAD_AT_START, "machine": machine(), **data}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
@@ -125,7 +123,7 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log, "wb")
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})},
                                      start_new_session=True)
