@@ -227,6 +227,14 @@ def main(argv: list[str]) -> int:
         if trainer.is_world_process_zero():
             _write_result(out, callback, trainer, "returned")
             (out / "files.json").write_text(json.dumps(recorder.files))
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # Leave together and tear the process group down explicitly: a rank exiting
+            # while gloo's threads still run can abort ("terminate called without an
+            # active exception") under load.
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
     if mode == "train":
         steps = int(argv[2])
