@@ -152,11 +152,17 @@ class HttpTransport:
                         failure = f"HTTP {response.status_code} with an unreadable body: {exc}"
                         error = exc
                 else:
-                    api_error = error_from_body(response.status_code, _json_or_none(response))
-                    if response.status_code != 429 and response.status_code < 500:
+                    body = _json_or_none(response)
+                    api_error = error_from_body(response.status_code, body)
+                    truncated = body is None and _looks_cut(response)
+                    if truncated:  # an error answer cut in transit: its code is unknown
+                        failure = f"HTTP {response.status_code} with a truncated body"
+                        error = TransportError(failure)
+                    elif response.status_code != 429 and response.status_code < 500:
                         raise api_error
-                    failure = f"HTTP {response.status_code}: {api_error}"
-                    error = api_error
+                    else:
+                        failure = f"HTTP {response.status_code}: {api_error}"
+                        error = api_error
                     retry_after = _retry_after(response)
             wait = policy.delay(attempt, retry_after)
             if time.monotonic() + wait > deadline:
@@ -363,10 +369,21 @@ class HttpTransport:
                 attempt += 1
 
 
+def _looks_cut(response: requests.Response) -> bool:
+    """True when an unreadable body is a JSON answer that did not arrive whole (the
+    connection was cut), rather than a foreign one (a proxy's HTML error page)."""
+    kind = response.headers.get("Content-Type", "")
+    try:
+        empty = not response.content
+    except (requests.RequestException, RuntimeError):
+        return True  # reading it failed: cut
+    return empty or kind.startswith("application/json")
+
+
 def _json_or_none(response: requests.Response) -> Any:
     try:
         return response.json()
-    except ValueError:
+    except (ValueError, requests.RequestException, RuntimeError):
         return None
 
 
