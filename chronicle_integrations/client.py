@@ -265,6 +265,8 @@ class Chronicle:
                     raise SourceChanged(staged.name)
                 info = _upload_checked(self.transport, task)
             except Exception as exc:
+                if not staged.path.exists():
+                    raise  # close() spooled the staged file meanwhile: nothing to re-capture
                 if not isinstance(exc, SourceChanged) and staged.unchanged():
                     raise  # a real failure, not a torn capture
                 log.info("%s was rewritten in place while uploading; capturing its newest "
@@ -285,6 +287,8 @@ class Chronicle:
 
     def _upload_failed(self, task: UploadTask, exc: BaseException) -> None:
         """Never silent: ERROR naming the file; spool it when the failure may pass."""
+        if not task.staged.path.exists():
+            return  # already spooled by close(), which said so
         if isinstance(exc, (TransportError, ServerError, StorageFull)):
             log.error("upload of %s as %r to run %s failed: %s; spooled for `chronicle sync`",
                       task.staged.source, task.staged.name, "/".join(map(str, task.run_key)),
