@@ -175,6 +175,13 @@ class LightningCore:
         self._seen: dict[str, tuple[int, int, int]] = {}
         self._cancel_requested = False
         self._stopping = False
+        #: A checkpoint may have been written since the last scan (see ``_scan``).
+        self._scan_dirty = True
+        #: Some checkpoint callback saves weights only (no ``on_save_checkpoint``): scan at
+        #: every scan point rather than only after a marked save.
+        self._always_scan = True
+        #: ``trainer.world_size`` of the current fit (read once at its start).
+        self._world = 1
         self._exit_hook: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ public read-outs
@@ -224,6 +231,10 @@ class LightningCore:
     # ------------------------------------------------------------------ fit start / end
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._cancel_requested = self._stopping = False  # every rank: a fresh fit
+        self._scan_dirty = True
+        self._always_scan = any(getattr(cb, "save_weights_only", False)
+                                for cb in _checkpoint_callbacks(trainer))
+        self._world = int(getattr(trainer, "world_size", 1) or 1)
         if not _is_fitting(trainer) or not _is_global_zero(trainer):
             return
         self._begin(trainer, pl_module)
@@ -292,6 +303,8 @@ class LightningCore:
         # Inside a save, before the write: catches files written earlier in this round.
         self._scan(trainer)
         self._progress()
+        # The file is written after this hook returns: the next scan must look again.
+        self._scan_dirty = True
 
     # ------------------------------------------------------------------ internals
     def _begin(self, trainer: Any, pl_module: Any) -> None:
@@ -363,8 +376,10 @@ class LightningCore:
         every ``DDP_CANCEL_SYNC_STEPS`` steps and at epoch ends."""
         if self._stopping:
             return
+        world = self._world
+        if world == 1 and not self._cancel_requested:
+            return  # the per-step fast path: one attribute read
         local = self._cancel_requested and _is_fitting(trainer)
-        world = getattr(trainer, "world_size", 1) or 1
         if world > 1:
             if not sync or not _is_fitting(trainer):
                 return
@@ -400,13 +415,22 @@ class LightningCore:
         return self._tracked.active
 
     def _scan(self, trainer: Any, final: bool = False) -> None:
-        """Upload checkpoint files not seen before (see "How checkpoints are caught")."""
+        """Upload checkpoint files not seen before (see "How checkpoints are caught").
+
+        A checkpoint file can only appear after a save, so a non-final scan does nothing
+        until ``on_save_checkpoint`` marked the scan dirty, which keeps the per-step cost to
+        a few attribute reads. ``save_weights_only=True`` callbacks save without calling
+        ``on_save_checkpoint``: with one of those every scan point looks.
+        """
         if self.upload == "none" or not self._tracked.active:
             return
         if self.upload == "best_and_last" and not final:
             return
+        if not final and not self._scan_dirty and not self._always_scan:
+            return
         if not _is_global_zero(trainer):
             return
+        self._scan_dirty = False
         with self._tracked.guard("looking for checkpoints"):  # never breaks training
             for cb in _checkpoint_callbacks(trainer):
                 paths = [getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", "")]

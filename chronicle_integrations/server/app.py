@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from .._version import __version__
 from ..store import Store
+from .fastlane import HeartbeatLane
 from .middleware import Guard, error_response
 from .routes import build_router
 
@@ -97,7 +98,7 @@ def create_app(
     app.include_router(build_router(store, max_chunk_bytes=max_chunk_bytes,
                                     upload_executor=lambda: uploads.get("executor")))
     app.add_middleware(Guard, api_key=api_key, max_json_bytes=max_json_bytes,
-                       max_chunk_bytes=max_chunk_bytes)
+                       max_chunk_bytes=max_chunk_bytes, fast_lane=HeartbeatLane(store))
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

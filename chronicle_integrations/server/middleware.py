@@ -6,6 +6,8 @@ It is plain ASGI middleware so that it runs before routing and before FastAPI re
 * a JSON body is read here, bounded by ``max_json_bytes`` whether or not it declares a
   ``Content-Length`` (chunked bodies do not), checked (UTF-8, well-formed, an object, nesting
   depth), then replayed to FastAPI; so no bad body can reach a route and become a 5xx;
+* well-formed heartbeats are answered by the fast lane (``fastlane.py``) without FastAPI's
+  routing; everything else, and any heartbeat the lane declines, goes on to the routes;
 * upload chunks (``PUT /v1/uploads/{id}``) are *not* read here: the route streams them to disk
   and counts their bytes itself; only a declared ``Content-Length`` is checked up front;
 * an exception that escapes everything else becomes a logged 500 with the standard error body
@@ -26,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import APIError, InvalidRequest, PayloadTooLarge, ServerError, Unauthorized
+from .fastlane import HeartbeatLane
 
 __all__ = ["MAX_JSON_DEPTH", "Guard", "error_response"]
 
@@ -56,8 +59,9 @@ class Guard:
     """ASGI middleware enforcing authentication and body limits (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_json_bytes: int,
-                 max_chunk_bytes: int) -> None:
+                 max_chunk_bytes: int, fast_lane: HeartbeatLane | None = None) -> None:
         self.app = app
+        self.fast_lane = fast_lane
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.max_json_bytes = max_json_bytes
         self.max_chunk_bytes = max_chunk_bytes
@@ -120,6 +124,9 @@ class Guard:
         body, error = await _read_json_body(receive, limit)
         if error is not None:
             await error_response(error)(scope, receive, send)
+            return
+        if self.fast_lane is not None and await self.fast_lane.handle(scope, receive, send,
+                                                                      headers, body):
             return
         await self.app(scope, _replay(body, receive), send)
 
