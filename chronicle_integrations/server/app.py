@@ -57,6 +57,7 @@ def create_app(
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     sweep_interval: float | None = None,
+    heartbeat_lane: bool = True,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -64,6 +65,8 @@ def create_app(
     ``max_json_bytes`` / ``max_chunk_bytes``: body limits (413 beyond).
     ``sweep_interval``: seconds between watchdog sweeps (default
     ``min(30, heartbeat_timeout / 4)``).
+    ``heartbeat_lane``: serve well-formed heartbeats from the fast lane (``fastlane.py``);
+    False sends every heartbeat through its FastAPI route, which the lane must agree with.
     """
     interval = (float(sweep_interval) if sweep_interval is not None
                 else min(30.0, store.heartbeat_timeout / 4))
@@ -72,6 +75,7 @@ def create_app(
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
         raise ValueError("max_json_bytes and max_chunk_bytes must be > 0")
     uploads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+    lane = HeartbeatLane(store) if heartbeat_lane else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -86,6 +90,8 @@ def create_app(
         finally:
             stop.set()
             executor = uploads.pop("executor")
+            if lane is not None:
+                await anyio.to_thread.run_sync(lane.close)
             await anyio.to_thread.run_sync(watchdog.join, 10.0)
             await anyio.to_thread.run_sync(executor.shutdown)
 
@@ -98,7 +104,7 @@ def create_app(
     app.include_router(build_router(store, max_chunk_bytes=max_chunk_bytes,
                                     upload_executor=lambda: uploads.get("executor")))
     app.add_middleware(Guard, api_key=api_key, max_json_bytes=max_json_bytes,
-                       max_chunk_bytes=max_chunk_bytes, fast_lane=HeartbeatLane(store))
+                       max_chunk_bytes=max_chunk_bytes, fast_lane=lane)
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

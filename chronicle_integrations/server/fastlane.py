@@ -15,19 +15,29 @@ API key and read and checked the body:
   an unusual ``Content-Type``) is handed to the FastAPI route unchanged, so every error a
   client can provoke with a malformed request is still produced in one place.
 
+Heartbeats that arrive together are *group-committed*: the lane hands them to one writer
+thread, which applies everything waiting as one batch (:meth:`Store.heartbeat_many`: one
+transaction for the live ones, each still answered with its own record or error) and wakes
+the waiting requests. Under load a batch holds dozens of heartbeats, so the fixed cost of a
+transaction and of a thread hand-off is paid once per batch; alone, a heartbeat waits for
+nothing but its own statement.
+
 The FastAPI route stays registered: it documents the endpoint in ``/openapi.json`` and serves
 whatever the lane declines. ``tests/server`` runs every heartbeat case through both.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
+import threading
+from collections import deque
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
@@ -41,6 +51,11 @@ __all__ = ["HeartbeatLane"]
 log = logging.getLogger(__name__)
 
 _HEARTBEAT_PATH = re.compile(r"/v1/runs/([^/]+)/([0-9]{1,20})/([0-9]{1,20})/heartbeat")
+#: Most heartbeats applied in one transaction (bounds how long the write lock is held).
+MAX_BATCH = 256
+
+_Beat = tuple[str, int, int, "str | None", "dict[str, Any] | None"]
+_Waiter = tuple[_Beat, asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
 class HeartbeatLane:
@@ -48,6 +63,19 @@ class HeartbeatLane:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._waiting: deque[_Waiter] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop the writer thread once the heartbeats already handed to it are applied."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        thread = self._thread
+        if thread is not None:
+            thread.join(10.0)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send,
                      headers: dict[bytes, bytes], body: bytes) -> bool:
@@ -62,8 +90,8 @@ class HeartbeatLane:
         if request is None or variation > check.MAX_NUMBER or run > check.MAX_NUMBER:
             return False  # the FastAPI route produces the exact validation error
         try:
-            info = await run_in_threadpool(self.store.heartbeat, match.group(1), variation,
-                                           run, request.lease, request.progress)
+            info = await self._apply((match.group(1), variation, run, request.lease,
+                                      request.progress))
         except APIError as exc:
             if exc.status >= 500:
                 log.error("POST %s failed: %s", scope["path"], exc.message, exc_info=exc)
@@ -72,6 +100,54 @@ class HeartbeatLane:
             response = JSONResponse(info.to_dict())
         await response(scope, receive, send)
         return True
+
+    async def _apply(self, beat: _Beat) -> Any:
+        """Queue one heartbeat for the writer thread and wait for its own result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._writer, daemon=True,
+                                                name="chronicle-heartbeats")
+                self._thread.start()
+            self._waiting.append((beat, future, loop))
+            self._wake.notify()
+        return await future
+
+    def _writer(self) -> None:
+        """Apply what is waiting as one batch, hand each request its result, repeat."""
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if not self._waiting:
+                    return  # closed and drained
+                batch = [self._waiting.popleft()
+                         for _ in range(min(MAX_BATCH, len(self._waiting)))]
+            outcomes: list[Any]
+            try:
+                outcomes = list(self.store.heartbeat_many([beat for beat, _, _ in batch]))
+            except Exception as exc:  # not an API error: each request becomes a logged 500
+                outcomes = [exc] * len(batch)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+            for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
+                by_loop.setdefault(loop, []).append((future, outcome))
+            for loop, settled in by_loop.items():
+                # One wake-up per batch; a closed loop means nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # the client went away; its heartbeat was applied all the same
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _parse(headers: dict[bytes, bytes], body: bytes) -> schemas.HeartbeatRequest | None:

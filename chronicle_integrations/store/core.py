@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from .. import _validation as check
 from .._errors import (
     AlreadyExists,
+    APIError,
     ConfigurationError,
     InvalidRequest,
     InvalidTransition,
@@ -74,7 +75,15 @@ DEFAULT_STALL_TIMEOUT = 1800.0
 _RUNNING, _LOST = RunState.RUNNING.value, RunState.LOST.value
 
 
-def _heartbeat_fast_statement(with_progress: bool) -> sa.Update:
+#: The run's asset count, in a ``RETURNING`` clause of an ``UPDATE runs``. Written out:
+#: SQLAlchemy's SQLite dialect renders RETURNING columns unqualified, which would turn the
+#: correlation into ``experiment_id = experiment_id`` (a count of every asset).
+_RETURNING_RUN = "RETURNING " + ", ".join(f"runs.{c.name}" for c in t.runs.c) + """,
+    (SELECT count(*) FROM assets WHERE assets.experiment_id = runs.experiment_id
+        AND assets.variation = runs.variation AND assets.run = runs.run) AS asset_count"""
+
+
+def _heartbeat_fast_statement(with_progress: bool) -> sa.TextClause:
     """The heartbeat fast path as one prebuilt statement: a live run beating under its
     lease is updated and read back (with its asset count) in a single round trip.
 
@@ -84,28 +93,35 @@ def _heartbeat_fast_statement(with_progress: bool) -> sa.Update:
     ``p_lease``, ``p_cut`` (oldest ``alive_at`` still running), ``p_now`` and, with
     progress, ``p_progress`` (canonical JSON; ``progress_at`` moves only when it changed).
     """
-    c = t.runs.c
-    now = sa.bindparam("p_now", type_=sa.Float)
-    values: dict[str, Any] = {"last_heartbeat_at": now, "alive_at": now}
-    if with_progress:
-        progress = sa.bindparam("p_progress", type_=sa.Text)
-        values["progress"] = progress
-        values["progress_at"] = sa.case((c.progress.is_distinct_from(progress), now),
-                                        else_=c.progress_at)
-    a = t.assets.c
-    asset_count = (sa.select(sa.func.count()).select_from(t.assets)
-                   .where(a.experiment_id == c.experiment_id, a.variation == c.variation,
-                          a.run == c.run).scalar_subquery())
-    return (t.runs.update()
-            .where(c.experiment_id == sa.bindparam("p_e"), c.variation == sa.bindparam("p_v"),
-                   c.run == sa.bindparam("p_r"), c.state == _RUNNING,
-                   c.lease == sa.bindparam("p_lease"), c.alive_at >= sa.bindparam("p_cut"))
-            .values(**values)
-            .returning(*c, asset_count.label("asset_count")))
+    progress = """, progress = :p_progress,
+    progress_at = CASE WHEN runs.progress IS NULL OR runs.progress <> :p_progress
+                       THEN :p_now ELSE runs.progress_at END""" if with_progress else ""
+    return sa.text(f"""
+UPDATE runs SET last_heartbeat_at = :p_now, alive_at = :p_now{progress}
+WHERE runs.experiment_id = :p_e AND runs.variation = :p_v AND runs.run = :p_r
+  AND runs.state = 'running' AND runs.lease = :p_lease AND runs.alive_at >= :p_cut
+{_RETURNING_RUN}""")
 
 
 _HEARTBEAT_FAST = {True: _heartbeat_fast_statement(True),
                    False: _heartbeat_fast_statement(False)}
+
+#: PostgreSQL: a batch of fast-path heartbeats in one statement (see
+#: ``Store._heartbeat_set``): the same predicate and assignments as ``_HEARTBEAT_FAST``, one
+#: row per array position; a NULL progress leaves the run's progress as it was.
+_HEARTBEAT_SET_PG = sa.text("""
+UPDATE runs SET last_heartbeat_at = :now, alive_at = :now,
+    progress = COALESCE(b.progress, runs.progress),
+    progress_at = CASE WHEN b.progress IS NOT NULL
+                        AND runs.progress IS DISTINCT FROM b.progress
+                       THEN :now ELSE runs.progress_at END
+FROM unnest(CAST(:beats AS integer[]), CAST(:es AS text[]), CAST(:vs AS integer[]),
+            CAST(:rs AS integer[]), CAST(:leases AS text[]), CAST(:progress AS text[]))
+     AS b(beat, experiment_id, variation, run, lease, progress)
+WHERE runs.experiment_id = b.experiment_id AND runs.variation = b.variation
+  AND runs.run = b.run AND runs.state = 'running' AND runs.lease = b.lease
+  AND runs.alive_at >= :cut
+""" + _RETURNING_RUN.replace("RETURNING ", "RETURNING b.beat AS beat, "))
 
 
 def _now_clock() -> float:
@@ -513,6 +529,85 @@ class Store:
             if state is not target:
                 self._event(conn, key, state, target, now, "heartbeat")
             return self._info(self._reload(conn, key), now)
+
+    def heartbeat_many(
+        self, beats: Iterable[tuple[str, int, int, str | None, dict[str, Any] | None]],
+    ) -> list[RunInfo | APIError]:
+        """Many heartbeats ``(experiment_id, variation, run, lease, progress)`` at once, each
+        with exactly the effect and result of :meth:`heartbeat` (its record, or the error it
+        would raise).
+
+        Live runs beating under their lease (nearly all heartbeats) share one write
+        transaction, one prebuilt statement each: the transaction's fixed cost (the write
+        lock, ``BEGIN``, the commit) is paid once per batch instead of once per heartbeat.
+        The rest (a lost run coming back, a stale lease, a terminal run, bad input) and, if
+        the shared transaction fails, every heartbeat of the batch, take :meth:`heartbeat`
+        one by one, so no heartbeat's error can affect another's.
+        """
+        items = list(beats)
+        results: list[RunInfo | APIError | None] = [None] * len(items)
+        fast: list[tuple[int, dict[str, Any], bool]] = []
+        batched: set[tuple[str, int, int]] = set()
+        now = self.clock()
+        for i, (e, v, r, lease, progress) in enumerate(items):
+            if not isinstance(lease, str):
+                continue
+            try:
+                key = _key(e, v, r)
+                encoded = _dumps(check.progress(progress)) if progress is not None else None
+            except APIError:
+                continue  # heartbeat() raises the same error below
+            if key in batched:
+                continue  # a run's later heartbeats follow its first, in order, below
+            batched.add(key)
+            params: dict[str, Any] = {"p_e": key[0], "p_v": key[1], "p_r": key[2],
+                                      "p_lease": lease, "p_now": now,
+                                      "p_cut": now - self.heartbeat_timeout}
+            if encoded is not None:
+                params["p_progress"] = encoded
+            fast.append((i, params, encoded is not None))
+        if fast:
+            try:
+                with self._write() as conn:
+                    rows = (self._heartbeat_rows(conn, fast) if self._sqlite
+                            else self._heartbeat_set(conn, fast, now))
+            except APIError as exc:
+                log.warning("a batch of %d heartbeats failed (%s); retrying them one by one",
+                            len(fast), exc)
+            else:
+                for i, row in rows:
+                    if row is not None:
+                        results[i] = self._info(row, now)
+        for i, item in enumerate(items):
+            if results[i] is None:
+                try:
+                    results[i] = self.heartbeat(*item)
+                except APIError as exc:
+                    results[i] = exc
+        return [result for result in results if result is not None]
+
+    @staticmethod
+    def _heartbeat_rows(conn: sa.Connection, fast: list[tuple[int, dict[str, Any], bool]],
+                        ) -> list[tuple[int, Any]]:
+        """SQLite: the prebuilt statement once per heartbeat (a statement costs
+        microseconds in-process; the transaction is what the batch saves)."""
+        return [(i, conn.execute(_HEARTBEAT_FAST[has], params).first())
+                for i, params, has in fast]
+
+    def _heartbeat_set(self, conn: sa.Connection, fast: list[tuple[int, dict[str, Any], bool]],
+                       now: float) -> list[tuple[int, Any]]:
+        """PostgreSQL: the whole batch as one prebuilt ``UPDATE ... FROM unnest(arrays)``
+        (one round trip and one cached plan instead of one per heartbeat;
+        ``heartbeat_many`` puts at most one heartbeat per run in it)."""
+        params = {"now": now, "cut": now - self.heartbeat_timeout,
+                  "beats": [i for i, _, _ in fast],
+                  "es": [p["p_e"] for _, p, _ in fast],
+                  "vs": [p["p_v"] for _, p, _ in fast],
+                  "rs": [p["p_r"] for _, p, _ in fast],
+                  "leases": [p["p_lease"] for _, p, _ in fast],
+                  "progress": [p.get("p_progress") for _, p, _ in fast]}
+        by_beat = {row.beat: row for row in conn.execute(_HEARTBEAT_SET_PG, params)}
+        return [(i, by_beat.get(i)) for i, _, _ in fast]
 
     def succeed(self, experiment_id: str, variation: int, run: int,
                 lease: str | None) -> RunInfo:

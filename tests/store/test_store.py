@@ -8,6 +8,7 @@ function, so watchdog timing is exact without sleeping.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import multiprocessing
 import os
@@ -406,3 +407,98 @@ def test_migration_from_schema_v1_adds_progress(store_url: str, tmp_path) -> Non
     lease = store.start(exp, 0, 0).lease
     assert store.heartbeat(exp, 0, 0, lease, {"step": 3}).progress == {"step": 3}
     store.close()
+
+
+# -------------------------------------------------------------------- batched heartbeats
+def _twin_beats(store: Store, clock: Clock) -> tuple[list[tuple], list[tuple]]:
+    """Two identical batches on twin runs, covering every kind of heartbeat: live runs (with
+    and without progress, the same run three times), every other state, a stale and a
+    missing lease, bad input. Lost and expired runs are made first: making them moves the
+    clock, which must not age the others."""
+    twins: tuple[list[tuple], list[tuple]] = ([], [])
+    order = [RunState.FAILED_LOST, RunState.LOST,
+             *(s for s in RunState if s not in (RunState.FAILED_LOST, RunState.LOST))]
+    for state in order:
+        for beats in twins:
+            key, lease = make_run(store, clock, state)
+            beats.append((*key, lease, {"step": 1}))
+    for beats in twins:
+        key, lease = make_run(store, clock, RunState.RUNNING)
+        beats += [(*key, lease, {"step": 2}), (*key, lease, {"step": 3}), (*key, lease, None),
+                  (*key, "another-lease-123", {"step": 4}), (*key, None, None),
+                  (*key, lease, {"step": [1, 2]}), (key[0], 99, 0, lease, None),
+                  ("bad id!", 0, 0, lease, None), (*key, 12345, None)]
+        other, other_lease = make_run(store, clock, RunState.RUNNING)
+        store.put_asset(*other, "a.bin", io.BytesIO(b"x"), hashlib.sha256(b"x").hexdigest(),
+                        lease=other_lease)
+        beats += [(*other, other_lease, None), (*other, other_lease, {"epoch": 1})]
+    return twins
+
+
+def _outcome(result) -> tuple:
+    """What a heartbeat answered, without the run's identity (the twins differ in it)."""
+    if isinstance(result, Exception):
+        return (type(result).__name__, result.code, result.details.get("state"))
+    return ("ok", result.state, result.progress, result.progress_at, result.last_heartbeat_at,
+            result.asset_count, result.stalled)
+
+
+def _final(store: Store, beats: list[tuple]) -> list[tuple]:
+    """Every beaten run as it ended up: its record and its timeline, without its identity."""
+    out = []
+    for item in dict.fromkeys(item[:3] for item in beats):
+        try:
+            info = store.get_run(*item).to_dict()
+        except Exception as exc:
+            out.append((type(exc).__name__,))
+            continue
+        # The twins were made at different times; the heartbeats ran at the same time.
+        for field in ("experiment_id", "run", "lease_holder", "created_at", "started_at",
+                      "ended_at"):
+            info.pop(field, None)
+        events = [(e.from_state, e.to_state, e.cause, e.at if e.cause == "heartbeat" else 0)
+                  for e in store.events(*item)]
+        out.append((info, events))
+    return out
+
+
+def test_heartbeat_many_equals_heartbeat_one_by_one(store: Store, clock: Clock) -> None:
+    # Twin batches on twin runs: one beaten one by one, one as a batch; same everything.
+    one_by_one, batch = _twin_beats(store, clock)
+    expected = []
+    for item in one_by_one:
+        try:
+            expected.append(_outcome(store.heartbeat(*item)))
+        except Exception as exc:
+            expected.append(_outcome(exc))
+    results = store.heartbeat_many(batch)
+    assert len(results) == len(batch)
+    got = [_outcome(result) for result in results]
+    assert got == expected
+    assert _final(store, batch) == _final(store, one_by_one)
+    kinds = {outcome[0] for outcome in got}
+    assert kinds >= {"ok", "InvalidTransition", "LeaseConflict", "InvalidRequest", "NotFound"}
+    # A run beaten three times in one batch answers each in order and keeps the last.
+    twin = len(RunState)
+    assert [got[twin + k][2] for k in range(3)] == [{"step": 2}, {"step": 3}, {"step": 3}]
+    # The asset count comes back from the batched statement as well.
+    assert got[-1][5] == 1 and got[-1][2] == {"epoch": 1}
+
+
+def test_heartbeat_many_keeps_runs_alive_and_moves_lost_ones_back(store: Store,
+                                                                   clock: Clock) -> None:
+    runs = [make_run(store, clock, RunState.RUNNING) for _ in range(20)]
+    lost_key, lost_lease = make_run(store, clock, RunState.LOST)
+    for step in range(3):
+        clock.now += TIMEOUT / 2
+        out = store.heartbeat_many([(*key, lease, {"step": step}) for key, lease in runs]
+                                   + [(*lost_key, lost_lease, None)])
+        assert all(info.state is RunState.RUNNING for info in out)
+        assert [info.progress for info in out[:-1]] == [{"step": step}] * 20
+    assert store.sweep() == {"lost": 0, "failed_lost": 0}
+    events = store.events(*lost_key)
+    assert [(e.from_state, e.to_state) for e in events if e.kind == "transition"][-1] == (
+        RunState.LOST, RunState.RUNNING)
+    edges = [(RunState(e.from_state) if e.from_state else None, RunState(e.to_state))
+             for e in events if e.kind == "transition"]
+    assert is_valid_path(edges), edges
