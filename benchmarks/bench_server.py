@@ -122,8 +122,8 @@ def bench(backend: str, levels: list[int], duration: float, warmup: float,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends",
-                   default="sqlite,postgres,mlflow,mlflow-postgres,sqlite+writelock,"
-                           "postgres+pgasync")
+                   default="sqlite,postgres,mlflow,mlflow-postgres,sqlite+nolane,"
+                           "postgres+nolane")
     p.add_argument("--levels", default="1,8,64")
     p.add_argument("--duration", type=float)
     p.add_argument("--repeats", type=int)

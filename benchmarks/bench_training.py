@@ -69,35 +69,9 @@ HF_HOOKS = ["on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "
             "on_evaluate", "on_pre_optimizer_step", "on_optimizer_step"]
 
 
-def apply_scanfix(cb: object) -> None:
-    """The proposed fix for the per-step cost, applied to one callback instance by
-    monkeypatching (the library is not changed): the stat-based checkpoint scan runs only
-    when a save may have happened since the last scan - ``on_save_checkpoint`` marks the
-    scan dirty *after* its own pre-write scan; callbacks with ``save_weights_only=True``
-    (no ``on_save_checkpoint``) keep scanning every hook; final scans always run."""
-    from chronicle_integrations import _lightning_core as core
-
-    scan, on_save = cb._scan, cb.on_save_checkpoint
-    state = {"dirty": True}
-
-    def _scan(trainer, final: bool = False) -> None:
-        if not final and not state["dirty"] and not any(
-                getattr(k, "save_weights_only", False)
-                for k in core._checkpoint_callbacks(trainer)):
-            return
-        state["dirty"] = False
-        scan(trainer, final=final)
-
-    def on_save_checkpoint(trainer, pl_module, checkpoint) -> None:
-        on_save(trainer, pl_module, checkpoint)
-        state["dirty"] = True  # the file is written after this hook: scan next time
-
-    cb._scan = _scan
-    cb.on_save_checkpoint = on_save_checkpoint
-
-
 # ---------------------------------------------------------------------- Lightning
 def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
+    width = ctx["width"]
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -128,8 +102,6 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         from chronicle_integrations.lightning import ChronicleCallback
 
         cb = ChronicleCallback()
-        if variant.endswith("+scanfix"):
-            apply_scanfix(cb)
         timed_hooks(cb, LIGHTNING_HOOKS)
         callbacks.append(cb)
     elif variant == "noop-callback":
@@ -145,7 +117,7 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
                          callbacks=callbacks, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(root),
                          log_every_n_steps=50)
-    model = Net()
+    model = Net(width=width)
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     elapsed = time.perf_counter() - t0
@@ -158,14 +130,16 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
 # ---------------------------------------------------------------------- HF Trainer
 def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    width = ctx["width"]
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                           torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                           torch.nn.Linear(256, 1))
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(),
+                                           torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                           torch.nn.Linear(width, 1))
 
         def forward(self, x, labels=None):
             out = self.net(x)
@@ -190,6 +164,10 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         cb = ChronicleTrainerCallback()
         timed_hooks(cb, HF_HOOKS)
         callbacks.append(cb)
+    elif variant == "noop-callback":
+        # What the Trainer charges for *any* extra callback: the same hooks as ours, empty.
+        callbacks.append(type("Noop", (TrainerCallback,), {
+            name: (lambda self, *a, **kw: None) for name in HF_HOOKS})())
     args = TrainingArguments(
         output_dir=str(root), max_steps=steps, per_device_train_batch_size=32,
         learning_rate=0.01, save_strategy="steps", save_steps=max(1, steps // 2),
@@ -210,6 +188,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per epoch/fit")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--width", type=int, default=256,
+                   help="hidden width of the MLP (256: a ~1.5 ms step, the worst case for a "
+                        "per-step cost; 1024: a ~10x longer step, still a small model)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. long)")
     p.add_argument("--profile", action="store_true",
@@ -232,7 +213,7 @@ def main() -> None:
 
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"fit-{args.framework}-", dir=c.WORK))
-    ctx: dict = {}
+    ctx: dict = {"width": args.width}
     servers = contextlib.ExitStack()
     fit = lightning_fit if args.framework == "lightning" else hf_fit
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -305,7 +286,7 @@ def main() -> None:
 
     base = c.stats(times["none"])["median"] if "none" in times else None
     out = {"framework": args.framework, "steps": steps, "repeats": repeats,
-           "torch_threads": args.threads, "variants": {},
+           "torch_threads": args.threads, "width": args.width, "variants": {},
            "versions": c.versions("torch", "lightning", "transformers", "mlflow",
                                   "chronicle-integrations")}
     for v, ts in times.items():

@@ -7,6 +7,8 @@ proposing it (the library itself is not changed). Same options as
               transaction (``Store._write``), so the server's worker threads queue on a lock
               that wakes the next waiter at once, instead of colliding on ``BEGIN IMMEDIATE``
               and sleeping in SQLite's busy handler (back-off sleeps of up to 100 ms).
+  nolane    : every heartbeat through its FastAPI route, one transaction each (the server
+              before the heartbeat lane), for a same-run comparison.
   pgasync   : PostgreSQL only - ``SET LOCAL synchronous_commit = off`` in each write
               transaction, so a commit does not wait for its WAL flush (fdatasync). In this
               benchmark only heartbeats write; the proposal limits it to heartbeats (idempotent,
@@ -53,6 +55,16 @@ if "pgasync" in patches:
             yield conn
 
     core.Store._write = _write_async  # type: ignore[method-assign]
+
+if "nolane" in patches:
+    # The server as it was before the heartbeat lane: every heartbeat through its FastAPI
+    # route, one transaction each (for a same-run comparison with the lane).
+    import functools
+
+    from chronicle_integrations.server import app as _app
+    from chronicle_integrations.server import runner as _runner
+
+    _runner.create_app = functools.partial(_app.create_app, heartbeat_lane=False)
 
 if __name__ == "__main__":
     from chronicle_integrations.server.__main__ import main

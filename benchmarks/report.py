@@ -35,32 +35,28 @@ def row(fig: str, ours: str, base: str, ratio: str, goal: str, met: bool | None)
 
 
 # 1 -----------------------------------------------------------------------------------
-for fw, tag in (("lightning", ""), ("lightning", "_long"), ("lightning", "_noop"),
-                ("hf", "")):
+OWNER = {"lightning": "Lightning's", "hf": "the HF Trainer's"}
+for fw, tag in (("lightning", ""), ("lightning", "_w1024"), ("hf", ""), ("hf", "_w1024")):
     ours, peers = load(f"fig1_{fw}_chronicle{tag}"), load(f"fig1_{fw}_peers{tag}")
     if ours:
+        steps = ours["steps"] * (2 if fw == "lightning" else 1)
+        what = f"1 {fw} fit ({steps} steps, width {ours.get('width', 256)})"
         base = ours["variants"]["none"]["fit_s"]
         if "noop-callback" in ours["variants"]:
             e = ours["variants"]["noop-callback"]
-            row(f"1 {fw} fit ({ours['steps'] * 2} steps, extra run '{tag[1:]}'), an empty "
-                "Callback with the same "
-                "hooks (s)", mmm(e["fit_s"], fmt="{:.3f}"), "no tracking " + mmm(base := ours[
-                    "variants"]["none"]["fit_s"], fmt="{:.3f}"),
-                f"{e['ratio']:.3f} (Lightning's own per-callback cost)", "(reference)", None)
-        for v in ("chronicle-embedded", "chronicle-http", "chronicle-http+scanfix"):
+            row(f"{what}, an empty callback with the same hooks (s)",
+                mmm(e["fit_s"], fmt="{:.3f}"), "no tracking " + mmm(base, fmt="{:.3f}"),
+                f"{e['ratio']:.3f} ({OWNER[fw]} own per-callback cost)", "(reference)", None)
+        for v in ("chronicle-embedded", "chronicle-http"):
             e = ours["variants"].get(v)
             if not e:
                 continue
             hb = e["hook_breakdown_median_ms"]
             fixed = sum(hb.get(k, 0) for k in ("on_fit_start", "on_fit_end", "on_train_begin",
                                                 "on_train_end", "on_init_end"))
-            steps = ours["steps"] * (2 if fw == "lightning" else 1)
             saves = hb.get("on_save", 0)
             per_step_us = (sum(hb.values()) - fixed - saves) / steps * 1e3
-            label = v if "+" not in v else f"{v} (proposed fix, monkeypatched)"
-            steps_label = (f"{ours['steps'] * (2 if fw == 'lightning' else 1)} steps"
-                           + (f", extra run '{tag[1:]}'" if tag else ""))
-            row(f"1 {fw} fit ({steps_label}), {label} (s)", mmm(e["fit_s"], fmt="{:.3f}"),
+            row(f"{what}, {v} (s)", mmm(e["fit_s"], fmt="{:.3f}"),
                 "no tracking " + mmm(base, fmt="{:.3f}"),
                 f"{e['ratio']:.3f} (in our hooks: {e['hook_fraction_of_baseline'] * 100:.1f}% ="
                 f" {fixed:.0f} ms per fit + {per_step_us:.0f} us/step"
@@ -69,8 +65,9 @@ for fw, tag in (("lightning", ""), ("lightning", "_long"), ("lightning", "_noop"
                 "<= 1.01", e["ratio"] <= 1.01)
     if peers and "mlflow" in peers["variants"]:
         e = peers["variants"]["mlflow"]
-        row(f"1 {fw} fit ({peers['steps'] * (2 if fw == 'lightning' else 1)} steps), "
-            "MLflow logger (s)", mmm(e["fit_s"], fmt="{:.3f}"),
+        steps = peers["steps"] * (2 if fw == "lightning" else 1)
+        row(f"1 {fw} fit ({steps} steps, width {peers.get('width', 256)}), MLflow logger (s)",
+            mmm(e["fit_s"], fmt="{:.3f}"),
             "no tracking " + mmm(peers["variants"]["none"]["fit_s"], fmt="{:.3f}"),
             f"{e['ratio']:.3f}", "(peer)", None)
 

@@ -39,12 +39,13 @@ step $P benchmarks/bench_endwait.py "${quick[@]}"
 step $P benchmarks/bench_upload.py "${quick[@]}"
 step $P benchmarks/bench_checkpoint.py "${quick[@]}"
 step $Q benchmarks/bench_checkpoint.py --variants none,mlflow,wandb-offline "${quick[@]}"
-step $P benchmarks/bench_training.py --framework lightning --variants none,chronicle-embedded,chronicle-http,chronicle-http+scanfix "${quick[@]}"
+fit=(none,noop-callback,chronicle-embedded,chronicle-http)
+step $P benchmarks/bench_training.py --framework lightning --variants "${fit[@]}" "${quick[@]}"
+step $P benchmarks/bench_training.py --framework lightning --variants "${fit[@]}" --width 1024 --steps 300 --tag w1024 "${quick[@]}"
 step $Q benchmarks/bench_training.py --framework lightning --variants none,mlflow "${quick[@]}"
-if [[ -f chronicle_integrations/transformers.py ]]; then
-    step $P benchmarks/bench_training.py --framework hf "${quick[@]}"
-    step $Q benchmarks/bench_training.py --framework hf --variants none,mlflow "${quick[@]}"
-fi
+step $P benchmarks/bench_training.py --framework hf --variants "${fit[@]}" "${quick[@]}"
+step $P benchmarks/bench_training.py --framework hf --variants "${fit[@]}" --width 1024 --steps 300 --tag w1024 "${quick[@]}"
+step $Q benchmarks/bench_training.py --framework hf --variants none,mlflow "${quick[@]}"
 rm -rf benchmarks/.work/data
 $P benchmarks/report.py "${quick[@]}" > benchmarks/results/REPORT$suffix.md
 echo "all figures in $((SECONDS - start))s ($failed step(s) failed); table: benchmarks/results/REPORT$suffix.md" | tee -a "$log"

@@ -139,6 +139,7 @@ class LocalBlobStore:
             if hasher is not None:
                 with self._lock:
                     self._hashers[upload_id] = (written, hasher)
+            _start_writeback(fd, offset, written - offset)
             return written
 
     def commit(self, upload_id: str, sha256: str) -> int:
@@ -196,6 +197,20 @@ class LocalBlobStore:
 
     def size(self, sha256: str) -> int:
         return self.object_path(sha256).stat().st_size
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a received range to disk now, without waiting for it.
+
+    The commit must ``fsync`` the object before publishing it; without this, the whole
+    upload would still be dirty in the page cache then, and the commit would wait for all of
+    it (about 0.3 s per GiB here). ``POSIX_FADV_DONTNEED`` on dirty pages queues their
+    writeback (and drops nothing that is not yet on disk), so the disk works while the next
+    chunks arrive and the final ``fsync`` finds little left to do.
+    """
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 @contextlib.contextmanager
