@@ -52,6 +52,15 @@ class Progress:
             self._values = merged  # one reference swap: readers never see a half update
             self.advanced_at = time.monotonic()
 
+    def advance(self, step: int, epoch: float) -> None:
+        """``update(step=step, epoch=epoch)`` for the per-step hot path of the integrations:
+        no keyword dict and no merge when only these two values are reported."""
+        values = self._values
+        if values.get("step") == step and values.get("epoch") == epoch:
+            return
+        self._values = {**values, "step": step, "epoch": epoch}
+        self.advanced_at = time.monotonic()
+
     def touch(self) -> None:
         """Count as progress without a new value (a long validation or save is not a hang)."""
         self.advanced_at = time.monotonic()

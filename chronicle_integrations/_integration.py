@@ -109,12 +109,19 @@ class TrackedRun:
         self.owns_run = True
         self.outcome: str | None = None  # "succeeded" | "crashed" | "abandoned" | "preempted"
         self._own_client = False
+        #: ``(url, home)`` of a user-given client dropped by pickling, rebuilt on first use.
+        self._client_spec: tuple[str | None, str] | None = None
         self._warned = False
 
     # -- pickling: drop live objects (ddp_spawn pickles callbacks into workers) -------------
     def __getstate__(self) -> dict[str, Any]:
+        """Live objects stay behind: the run, and any client (it holds locks, threads and
+        sessions). A client the user gave is replaced by how to rebuild it (its URL and
+        home), so the copy talks to the same store; one we created is made afresh."""
         state = self.__dict__.copy()
-        state.update(chronicle=None if self._own_client else self.chronicle, run=None)
+        state.update(chronicle=None, run=None)
+        if self.chronicle is not None and not self._own_client:
+            state["_client_spec"] = (self.chronicle.url, str(self.chronicle.home))
         return state
 
     @property
@@ -142,7 +149,11 @@ class TrackedRun:
 
     def _client(self) -> Chronicle:
         if self.chronicle is None:
-            self.chronicle = Chronicle()
+            if self._client_spec is not None:
+                url, home = self._client_spec
+                self.chronicle = Chronicle(url=url, home=home)
+            else:
+                self.chronicle = Chronicle()
             self._own_client = True
         return self.chronicle
 

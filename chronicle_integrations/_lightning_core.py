@@ -167,8 +167,6 @@ class LightningCore:
         self._tracked = TrackedRun(chronicle=chronicle, **self._args)
         self.upload = upload
         self.strict = strict
-        #: ``(url, home)`` of a user-given client dropped by pickling, rebuilt in the worker.
-        self._client_spec: tuple[str | None, str] | None = None
         #: Identity restored by ``load_state_dict`` (``fit(ckpt_path=...)``).
         self._resume_identity: tuple[str, int, int] | None = None
         #: path -> (inode, size, mtime_ns) of every checkpoint handed to the client.
@@ -197,14 +195,9 @@ class LightningCore:
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
+        # The TrackedRun pickles itself without live objects (a user-given client becomes
+        # its URL and home, rebuilt in the worker on first use).
         state = self.__dict__.copy()
-        tracked = self._tracked
-        if tracked.chronicle is not None and not tracked._own_client:
-            # A user-given client holds locks and threads: keep how to rebuild it instead.
-            state["_client_spec"] = (tracked.chronicle.url, str(tracked.chronicle.home))
-            copy = TrackedRun.__new__(TrackedRun)
-            copy.__dict__.update(tracked.__getstate__(), chronicle=None)
-            state["_tracked"] = copy
         state["_exit_hook"] = None
         # Lightning binds the module's log/log_dict onto callbacks at each fit; not ours to ship.
         state.pop("log", None)
@@ -277,8 +270,12 @@ class LightningCore:
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._progress(step=trainer.global_step, epoch=trainer.current_epoch)
-        self._check_cancel(trainer, sync=trainer.global_step % DDP_CANCEL_SYNC_STEPS == 0)
+        step = trainer.global_step
+        progress = getattr(self._tracked.run, "progress", None)
+        if progress is not None:
+            progress.advance(step, trainer.current_epoch)
+        if self._world > 1 or self._cancel_requested:
+            self._check_cancel(trainer, sync=step % DDP_CANCEL_SYNC_STEPS == 0)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._scan(trainer)
@@ -312,16 +309,14 @@ class LightningCore:
         if tracked.outcome is not None:
             # A second fit with the same callback: a fresh lifecycle. A client we created
             # was closed when the first fit ended: the new lifecycle creates another.
+            # (A client rebuilt from a pickled user client's spec is rebuilt again.)
             chronicle = None if tracked._own_client else tracked.chronicle
+            spec = tracked._client_spec
             tracked = self._tracked = TrackedRun(chronicle=chronicle, **self._args)
+            tracked._client_spec = spec
             self._seen.clear()
         if tracked.run is not None:
             return
-        if tracked.chronicle is None and self._client_spec is not None:
-            url, home = self._client_spec
-            with tracked.guard("recreating the client"):
-                tracked.chronicle = Chronicle(url=url, home=home)
-                tracked._own_client = True
         resume = self._resume_target(tracked)
         tracked.begin(config=_hparams(trainer, pl_module), resume_identity=resume,
                       on_cancel=self._on_cancel)

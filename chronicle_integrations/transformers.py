@@ -463,7 +463,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         if state is None:
             run.progress.touch()
         else:
-            run.progress.update(step=int(state.global_step), epoch=float(state.epoch or 0.0))
+            run.progress.advance(int(state.global_step), float(state.epoch or 0.0))
 
     def on_substep_end(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
@@ -477,8 +477,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                     control: TrainerControl, **kwargs: Any) -> None:
         self._progress(state)
         stop = self.tracker is not None and self.tracker.cancelled
-        if _distributed(args) and (control.should_log or control.should_save
-                                   or control.should_evaluate):
+        if (control.should_log or control.should_save or control.should_evaluate) \
+                and _distributed(args):
             stop = _any_rank(stop, args)  # every rank reaches this at the same step
         if stop:
             control.should_training_stop = True

@@ -36,6 +36,24 @@ def test_progress_travels_with_heartbeats(chronicle: Chronicle) -> None:
     run.succeed()
 
 
+def test_progress_advance_is_update_of_step_and_epoch() -> None:
+    from chronicle_integrations._heartbeat import Progress
+
+    progress = Progress()
+    progress.update(loss=0.5)
+    before = progress.advanced_at
+    time.sleep(0.01)
+    progress.advance(3, 1)
+    assert progress.snapshot() == {"loss": 0.5, "step": 3, "epoch": 1}
+    moved = progress.advanced_at
+    assert moved > before
+    time.sleep(0.01)
+    progress.advance(3, 1)  # the same values again: not progress
+    assert progress.advanced_at == moved
+    progress.advance(4, 1)
+    assert progress.snapshot()["step"] == 4 and progress.advanced_at > moved
+
+
 def test_stalled_training_stops_heartbeats_and_goes_lost_then_recovers(
         chronicle: Chronicle) -> None:
     exp = chronicle.create_experiment("liveness", [{}])

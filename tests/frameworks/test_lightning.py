@@ -361,7 +361,13 @@ def test_callback_pickles_without_live_objects(app: Any, tmp_path: Path,
     cb = app.ChronicleCallback(chronicle=embedded, experiment_name="pickled")
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.chronicle is None and clone.run is None
-    assert clone._client_spec == (None, str(embedded.home))
+    assert clone._tracked._client_spec == (None, str(embedded.home))
+    rebuilt = clone._tracked._client()  # the worker's client: the same store, its own
+    try:
+        assert rebuilt is not embedded and rebuilt.home == embedded.home
+        assert clone._tracked._own_client  # closed by the callback when its fit ends
+    finally:
+        rebuilt.close()
     _, cb, _, error = fit(app, tmp_path / "root", embedded, epochs=1)
     assert error is None
     clone = pickle.loads(pickle.dumps(cb))  # after a fit too (threads, locks dropped)

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 
 pytest.importorskip("hydra")
 
@@ -58,14 +58,7 @@ def runs_by_variation(chronicle: Chronicle, experiment_id: str) -> dict[int, lis
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    return testkit.wait_until(predicate, timeout=timeout, interval=0.2, what=what)
 
 
 @pytest.fixture

@@ -28,9 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
+import testkit
+from testkit import HttpApi, assert_error, sha256_file
 
 from chronicle_integrations.lifecycle import is_valid_path
+
+__all__ = ["Api", "FaultyProxy", "Plan", "assert_error", "assert_valid_path", "has",
+           "read_journal", "run_path", "sha256_file", "spawn_worker", "wait_until"]
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -38,23 +42,8 @@ WORKER = Path(__file__).with_name("worker.py")
 # ------------------------------------------------------------------------------ waiting
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
                what: str = "condition") -> Any:
-    """Poll ``predicate`` until truthy; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+    """:func:`testkit.wait_until`, polling faster (fault windows are short)."""
+    return testkit.wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 # ------------------------------------------------------------------------------ workers
@@ -88,26 +77,8 @@ def has(entries: list[dict[str, Any]], op: str, phase: str, **match: Any) -> boo
 
 
 # ------------------------------------------------------------------------------ raw HTTP
-class Api:
-    """``requests`` against one server (optionally with its API key)."""
-
-    def __init__(self, url: str, api_key: str | None = None) -> None:
-        self.url = url
-        self.session = requests.Session()
-        if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
-
-    def close(self) -> None:
-        self.session.close()
-
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 30)
-        return self.session.request(method, self.url + path, **kwargs)
-
-    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
-        resp = self.request(method, path, **kwargs)
-        assert resp.status_code == status, f"{method} {path}: {resp.status_code} {resp.text}"
-        return resp.json()
+class Api(HttpApi):
+    """Raw HTTP against one server, with the reliability suite's shortcuts (runs by key)."""
 
     def experiment(self, variations: int = 1) -> str:
         eid = f"rel-{os.urandom(6).hex()}"
@@ -152,21 +123,6 @@ def run_path(key: tuple[str, int, int]) -> str:
 
 def assert_valid_path(edges: list[tuple[str | None, str]], what: str = "") -> None:
     assert is_valid_path(edges), f"{what}: the event log is not a walk through the table: {edges}"
-
-
-def assert_error(resp: requests.Response, status: int | tuple[int, ...],
-                 code: str | None = None) -> dict[str, Any]:
-    """A 4xx answer with the standard error body."""
-    statuses = (status,) if isinstance(status, int) else status
-    assert resp.status_code in statuses, (
-        f"expected {statuses} {code or ''}, got {resp.status_code}: {resp.text[:300]}")
-    body = resp.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert isinstance(error.get("message"), str) and error["message"], error
-    if code is not None:
-        assert error["code"] == code, error
-    return dict(error)
 
 
 # ------------------------------------------------------------------------------ TCP proxy

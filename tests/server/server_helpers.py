@@ -7,46 +7,13 @@ import hashlib
 import secrets
 from typing import Any
 
-import requests
+from testkit import HttpApi, assert_error
+
+__all__ = ["Api", "assert_error"]
 
 
-class Api:
-    """``requests`` against one server, plus shortcuts for the common setup steps."""
-
-    def __init__(self, url: str, api_key: str | None = None) -> None:
-        self.url = url
-        self.session = requests.Session()
-        if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self) -> Api:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- raw verbs ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", 30)
-        return self.session.request(method, self.url + path, **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, json: Any = None, **kwargs: Any) -> requests.Response:
-        return self.request("POST", path, json=json, **kwargs)
-
-    def put(self, path: str, **kwargs: Any) -> requests.Response:
-        return self.request("PUT", path, **kwargs)
-
-    # -- expectations ------------------------------------------------------------------------
-    def ok(self, method: str, path: str, status: int = 200, **kwargs: Any) -> Any:
-        resp = self.request(method, path, **kwargs)
-        assert resp.status_code == status, f"{method} {path}: {resp.status_code} {resp.text}"
-        return resp.json()
+class Api(HttpApi):
+    """Raw HTTP against one server, plus shortcuts for the common setup steps."""
 
     # -- setup shortcuts ---------------------------------------------------------------------
     def experiment(self, variations: int | list[dict[str, Any]] = 1,
@@ -82,16 +49,3 @@ class Api:
         self.ok("PUT", f"/v1/uploads/{uid}", params={"offset": 0}, data=data)
         return self.ok("POST", f"/v1/uploads/{uid}/complete",
                        json={"sha256": hashlib.sha256(data).hexdigest()})
-
-
-def assert_error(resp: requests.Response, status: int, code: str) -> dict[str, Any]:
-    """Check an error answer: status, the standard body and its code; returns ``error``."""
-    assert resp.status_code == status, f"expected {status} {code}, got {resp.status_code}: " \
-                                       f"{resp.text[:500]}"
-    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert error["code"] == code, error
-    assert isinstance(error["message"], str) and error["message"], error
-    return dict(error)
