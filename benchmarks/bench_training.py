@@ -118,9 +118,10 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
                          enable_model_summary=False, default_root_dir=str(root),
                          log_every_n_steps=50)
     model = Net(width=width)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     trainer.fit(model, loader)
     elapsed = time.perf_counter() - t0
+    ctx["thread_cpu"] = time.thread_time() - c0
     if variant.startswith("chronicle"):
         run = cb.run
         assert run is not None and run.state.value == "succeeded", run
@@ -175,9 +176,11 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, save_total_limit=2)
     trainer = Trainer(model=Net(), args=args, train_dataset=Data(steps * 32),
                       callbacks=callbacks)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     trainer.train()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    ctx["thread_cpu"] = time.thread_time() - c0
+    return elapsed
 
 
 # ---------------------------------------------------------------------- driver
@@ -217,6 +220,9 @@ def main() -> None:
     servers = contextlib.ExitStack()
     fit = lightning_fit if args.framework == "lightning" else hf_fit
     times: dict[str, list[float]] = {v: [] for v in variants}
+    #: CPU time of the training thread per fit: what the training thread itself executed
+    #: (our hooks included), immune to other tenants' load, blind to GIL waits.
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     hooks: dict[str, dict] = {}
     try:
         if any(v.startswith("chronicle-http") for v in variants):
@@ -246,6 +252,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             if record:
                 times[variant].append(elapsed)
+                cpu[variant].append(ctx["thread_cpu"])
                 if HOOK_TIMES:
                     h = hooks.setdefault(variant, {"total": [], "per_hook": defaultdict(list),
                                                    "calls": {}})
@@ -291,7 +298,16 @@ def main() -> None:
                                   "chronicle-integrations")}
     for v, ts in times.items():
         s = c.stats(ts)
-        entry = {"fit_s": s, "ratio": (s["median"] / base) if base else None}
+        entry = {"fit_s": s, "ratio": (s["median"] / base) if base else None,
+                 "thread_cpu_s": c.stats(cpu[v])}
+        if "none" in times and v != "none":
+            # Each repeat runs every variant back to back: the ratio of a variant to the
+            # untracked fit of the *same* repeat cancels the machine's slow drifts (other
+            # tenants), which the ratio of medians does not.
+            entry["paired_ratio"] = c.stats([t / b for t, b in zip(ts, times["none"],
+                                                                   strict=True)])
+            entry["thread_cpu_paired_ratio"] = c.stats(
+                [t / b for t, b in zip(cpu[v], cpu["none"], strict=True)])
         if v in hooks:
             h = hooks[v]
             entry["hook_s"] = c.stats(h["total"])
@@ -303,6 +319,11 @@ def main() -> None:
         out["variants"][v] = entry
         print(f"{v:20s} median {s['median']:.3f}s [{s['min']:.3f}-{s['max']:.3f}]"
               + (f"  ratio {entry['ratio']:.4f}" if entry["ratio"] else "")
+              + (f"  paired {entry['paired_ratio']['median']:.4f} "
+                 f"[{entry['paired_ratio']['min']:.3f}-{entry['paired_ratio']['max']:.3f}]"
+                 if "paired_ratio" in entry else "")
+              + (f"  thread-cpu paired {entry['thread_cpu_paired_ratio']['median']:.4f}"
+                 if "thread_cpu_paired_ratio" in entry else "")
               + (f"  hooks {entry['hook_s']['median'] * 1e3:.1f} ms" if v in hooks else ""))
     tag = "peers" if "mlflow" in variants else "chronicle"
     c.save(f"fig1_{args.framework}_{tag}{'_quick' if args.quick else ''}"

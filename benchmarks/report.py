@@ -36,6 +36,17 @@ def row(fig: str, ours: str, base: str, ratio: str, goal: str, met: bool | None)
 
 # 1 -----------------------------------------------------------------------------------
 OWNER = {"lightning": "Lightning's", "hf": "the HF Trainer's"}
+
+
+def ratio(entry: dict) -> str:
+    """The paired ratio (per repeat, against that repeat's untracked fit), median [min-max];
+    the ratio of medians where an older result has no pairs."""
+    paired = entry.get("paired_ratio")
+    text = (mmm(paired, fmt="{:.3f}") + " paired") if paired else f"{entry['ratio']:.3f}"
+    cpu = entry.get("thread_cpu_paired_ratio")
+    if cpu:
+        text += f"; training-thread CPU {mmm(cpu, fmt='{:.3f}')}"
+    return text
 for fw, tag in (("lightning", ""), ("lightning", "_w1024"), ("hf", ""), ("hf", "_w1024")):
     ours, peers = load(f"fig1_{fw}_chronicle{tag}"), load(f"fig1_{fw}_peers{tag}")
     if ours:
@@ -46,7 +57,7 @@ for fw, tag in (("lightning", ""), ("lightning", "_w1024"), ("hf", ""), ("hf", "
             e = ours["variants"]["noop-callback"]
             row(f"{what}, an empty callback with the same hooks (s)",
                 mmm(e["fit_s"], fmt="{:.3f}"), "no tracking " + mmm(base, fmt="{:.3f}"),
-                f"{e['ratio']:.3f} ({OWNER[fw]} own per-callback cost)", "(reference)", None)
+                f"{ratio(e)} ({OWNER[fw]} own per-callback cost)", "(reference)", None)
         for v in ("chronicle-embedded", "chronicle-http"):
             e = ours["variants"].get(v)
             if not e:
@@ -58,18 +69,18 @@ for fw, tag in (("lightning", ""), ("lightning", "_w1024"), ("hf", ""), ("hf", "
             per_step_us = (sum(hb.values()) - fixed - saves) / steps * 1e3
             row(f"{what}, {v} (s)", mmm(e["fit_s"], fmt="{:.3f}"),
                 "no tracking " + mmm(base, fmt="{:.3f}"),
-                f"{e['ratio']:.3f} (in our hooks: {e['hook_fraction_of_baseline'] * 100:.1f}% ="
+                f"{ratio(e)} (in our hooks: {e['hook_fraction_of_baseline'] * 100:.1f}% ="
                 f" {fixed:.0f} ms per fit + {per_step_us:.0f} us/step"
                 + (f" + {saves / max(1, e['hook_calls'].get('on_save', 1)):.0f} ms/save"
                    if saves else "") + ")",
-                "<= 1.01", e["ratio"] <= 1.01)
+                "<= 1.01", e.get("paired_ratio", {}).get("median", e["ratio"]) <= 1.01)
     if peers and "mlflow" in peers["variants"]:
         e = peers["variants"]["mlflow"]
         steps = peers["steps"] * (2 if fw == "lightning" else 1)
         row(f"1 {fw} fit ({steps} steps, width {peers.get('width', 256)}), MLflow logger (s)",
             mmm(e["fit_s"], fmt="{:.3f}"),
             "no tracking " + mmm(peers["variants"]["none"]["fit_s"], fmt="{:.3f}"),
-            f"{e['ratio']:.3f}", "(peer)", None)
+            ratio(e), "(peer)", None)
 
 # 2 -----------------------------------------------------------------------------------
 ours, peers = load("fig2_checkpoint_chronicle"), load("fig2_checkpoint_peers")
@@ -117,10 +128,10 @@ for size, s in (up or {}).get("sizes", {}).items():
 srv = load("fig4_server")
 if srv:
     sm = srv["summary"]
-    for b in ("sqlite", "postgres", "sqlite+writelock", "postgres+pgasync"):
+    for b in ("sqlite", "postgres", "sqlite+nolane", "postgres+nolane"):
         if b not in sm:
             continue
-        label = b if "+" not in b else f"{b} (proposed fix, monkeypatched)"
+        label = b if "+" not in b else f"{b} (the heartbeat lane off: the server before it)"
         for n, s in sm[b].items():
             peer_key = "mlflow-postgres" if b.startswith("postgres") else "mlflow"
             peer = sm.get(peer_key, {}).get(n)
@@ -144,7 +155,7 @@ for b, r in (sw or {}).get("backends", {}).items():
         mmm(r["sweep_s"], 1e3), f"idle sweep {mmm(r['idle_sweep_s'], 1e3)}", "",
         "<= 200 ms", r["sweep_s"]["median"] <= 0.2)
     if "proposed_setbased_sweep_s" in r:
-        row(f"5 sweep, {b}, proposed set-based fix (ms)",
+        row(f"5 sweep, {b}, the set-based statements alone (reference, same data) (ms)",
             mmm(r["proposed_setbased_sweep_s"], 1e3), "", "", "<= 200 ms",
             r["proposed_setbased_sweep_s"]["median"] <= 0.2)
 

@@ -18,7 +18,6 @@ import email.utils
 import hashlib
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -47,9 +46,6 @@ log = logging.getLogger(__name__)
 #: Bytes sent per upload request: big enough to amortise a request, small enough that a
 #: dropped connection costs little and proxies with body limits can be configured for it.
 CHUNK_BYTES = 64 * 1024 * 1024
-#: Blocks (of ``READ_BLOCK`` bytes) an upload reads and hashes ahead of the socket.
-READ_AHEAD = 4
-_END_OF_CHUNK = object()
 
 
 @dataclass(frozen=True)
@@ -289,25 +285,21 @@ class HttpTransport:
                 length = min(CHUNK_BYTES, size - offset)
                 fh.seek(offset)
                 state = {"hashed": hashed}
-                body = _ReadAhead(_chunk_body(fh, offset, length, hasher, state, progress),
-                                  length)
+                body = _chunk_body(fh, offset, length, hasher, state, progress)
                 try:
                     response = self._request(
                         "PUT", f"/v1/uploads/{upload_id}", params={"offset": offset}, decode=True,
                         data=body, headers={"Content-Type": "application/octet-stream"},
                         policy=RetryPolicy(budget=0.0, read_timeout=self.policy.read_timeout,
                                            cap_to_budget=False))
-                    body.close()
                     offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
                     hashed = state["hashed"]
                     attempt = 0
                     deadline = time.monotonic() + patience
                 except OffsetMismatch as exc:
-                    body.close()
                     hashed = state["hashed"]
                     offset = int(exc.details.get("offset", self._offset(upload_id)))
                 except (TransportError, ServerError, StorageFull) as exc:
-                    body.close()
                     hashed = state["hashed"]
                     if time.monotonic() > deadline:
                         raise TransportError(f"upload of {name!r} gave up: {exc}") from exc
@@ -404,79 +396,6 @@ def _hash_range(fh: BinaryIO, hasher: Any, length: int) -> int:
         hasher.update(block)
         done += len(block)
     return done
-
-
-class _ReadAhead:
-    """One chunk's blocks as a request body, read and hashed ahead of the sender.
-
-    A thread of its own runs ``blocks`` (which reads the file and feeds the hasher), at most
-    :data:`READ_AHEAD` blocks ahead, while the caller's thread sends: reading and hashing
-    (both release the GIL) overlap with the socket writes instead of alternating with them.
-    Sized (``len``), so ``requests`` sends it with a ``Content-Length``, block by block as
-    they are, instead of re-framing (copying) every block for chunked encoding.
-
-    :meth:`close` stops the reader and waits for it: only then do the hasher and ``state``
-    describe exactly the bytes read, which a resume relies on. An error of the reader (the
-    file shrank: :class:`SourceChanged`) is raised in the sender.
-    """
-
-    def __init__(self, blocks: Iterator[bytes], length: int) -> None:
-        self._blocks = blocks
-        self._length = length
-        self._queue: queue.Queue[object] = queue.Queue(READ_AHEAD)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._thread is not None:
-            raise RuntimeError("a chunk body can be sent once")
-        self._thread = threading.Thread(target=self._read, name="chronicle-read-ahead",
-                                        daemon=True)
-        self._thread.start()
-        try:
-            while True:
-                item = self._queue.get()
-                if item is _END_OF_CHUNK:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, bytes)
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop the reader (if it still runs) and wait until it has."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _read(self) -> None:
-        try:
-            for block in self._blocks:
-                if not self._put(block):
-                    return
-        except BaseException as exc:  # handed to the sender, which raises it
-            self._put(exc)
-        else:
-            self._put(_END_OF_CHUNK)
-        finally:
-            close = getattr(self._blocks, "close", None)
-            if close is not None:
-                close()
 
 
 def _chunk_body(fh: BinaryIO, offset: int, length: int, hasher: Any, state: dict[str, int],
