@@ -39,6 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1G")
     p.add_argument("--no-spy", action="store_true", help="CPU use only (no sampling overhead)")
+    p.add_argument("--patches", default="",
+                   help="run the server with these patched_server.py patches (comma-separated)")
     a = p.parse_args()
     size = parse_size(a.size)
     src = c.make_file(c.WORK / "data" / f"blob-{size}.bin", size)
@@ -46,7 +48,7 @@ def main() -> None:
     spy = str(c.HERE / ".peers-venv" / "bin" / "py-spy")
     try:
         with c.chronicle_server(f"sqlite:///{scratch}/s.db", scratch / "assets",
-                                scratch / "server.log") as server:
+                                scratch / "server.log", patches=a.patches) as server:
             client = subprocess.Popen(
                 [str(c.PROJECT_PY), "-c", CLIENT.format(url=server.url, home=str(
                     scratch / "home"), path=str(src))],
