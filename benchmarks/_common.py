@@ -165,6 +165,30 @@ class Server:
         self.stop()
 
 
+#: The PostgreSQL server the PostgreSQL figures use (each in a scratch database of its own).
+PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def scratch_postgres(name: str) -> Any:
+    """A fresh database ``chronicle_bench_<name>_<pid>`` on ``PG_ADMIN``'s server; yields its
+    URL and drops it afterwards (whatever still holds connections to it)."""
+    import sqlalchemy as sa
+
+    dbname = f"chronicle_bench_{name}_{os.getpid()}"
+    admin = sa.create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1),
+                             isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def chronicle_server(store_url: str, assets: Path, log: Path, port: int | None = None,
                      extra: list[str] | None = None, patches: str = "") -> Server:
     """``python -m chronicle_integrations.server``; with ``patches``, benchmarks/

@@ -13,8 +13,8 @@ is one asyncio process with pre-encoded requests; its CPU use and the server's a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,8 +25,6 @@ from urllib.parse import quote
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 import loadgen
-
-PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def post(url: str, body: dict) -> dict:
@@ -71,23 +69,15 @@ def mlflow_targets(server: c.Server, n: int) -> list:
 
 def bench(backend: str, levels: list[int], duration: float, warmup: float,
           scratch: Path) -> dict:
-    import sqlalchemy as sa
 
-    admin = None
-    dbname = f"chronicle_bench_server_{os.getpid()}"
+    databases = contextlib.ExitStack()
     result: dict = {"levels": {}}
     try:
         patches = ""
-        if "+" in backend:  # e.g. "sqlite+writelock": a proposed fix, see patched_server.py
+        if "+" in backend:  # e.g. "sqlite+nolane": a patched server, see patched_server.py
             backend, patches = backend.split("+", 1)
         if backend in ("postgres", "mlflow-postgres"):
-            admin = sa.create_engine(PG_ADMIN.replace("postgresql://",
-                                                      "postgresql+psycopg://", 1),
-                                     isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}"'))
-                conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
-            store = PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+            store = databases.enter_context(c.scratch_postgres("server"))
             if backend == "mlflow-postgres":  # MLflow's own driver choice (psycopg2)
                 store = store.replace("postgresql://", "postgresql+psycopg2://", 1)
         else:
@@ -112,10 +102,7 @@ def bench(backend: str, levels: list[int], duration: float, warmup: float,
                       f"cpu: loadgen {r['loadgen_cpu_cores']:.2f} server "
                       f"{r['server_cpu_cores']:.2f} cores", flush=True)
     finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-            admin.dispose()
+        databases.close()
     return result
 
 

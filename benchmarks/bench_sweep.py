@@ -15,7 +15,7 @@ owed is timed too (the steady-state cost).
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
-PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PER_VARIATION = 1000
 PROFILE = False
 TIMEOUT = 900.0
@@ -176,24 +175,16 @@ def watchdog_trail(store) -> list[tuple]:
 
 
 def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
-    import sqlalchemy as sa
 
     from chronicle_integrations.store import Store
 
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=c.WORK))
-    dbname = f"chronicle_bench_sweep_{os.getpid()}"
-    admin = None
+    databases = contextlib.ExitStack()
     try:
         if backend == "sqlite":
             url = f"sqlite:///{scratch}/sweep.db"
         else:
-            admin = sa.create_engine(PG_ADMIN.replace("postgresql://",
-                                                      "postgresql+psycopg://", 1),
-                                     isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}"'))
-                conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
-            url = PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+            url = databases.enter_context(c.scratch_postgres("sweep"))
         store = Store.open(url, scratch / "assets", heartbeat_timeout=TIMEOUT,
                            lost_grace=GRACE)
         now = time.time()
@@ -244,10 +235,7 @@ def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
                 "idle_sweep_s": c.stats(idle),
                 "proposed_setbased_sweep_s": c.stats(proposed)}
     finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-            admin.dispose()
+        databases.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

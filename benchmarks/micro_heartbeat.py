@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 BATCH = 64
-PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def bench(url: str, assets: Path, n: int) -> dict:
@@ -62,7 +60,6 @@ def bench(url: str, assets: Path, n: int) -> dict:
 
 
 def main() -> None:
-    import sqlalchemy as sa
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -70,21 +67,13 @@ def main() -> None:
     n = 200 if a.quick else 1000
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="hb-", dir=c.WORK))
-    dbname = f"chronicle_bench_hb_{os.getpid()}"
-    admin = sa.create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1),
-                             isolation_level="AUTOCOMMIT")
     out: dict = {"heartbeats_per_sample": n, "backends": {},
                  "versions": c.versions("sqlalchemy", "psycopg")}
     try:
         out["backends"]["sqlite"] = bench(f"sqlite:///{scratch}/hb.db", scratch / "a", n)
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
-        out["backends"]["postgres"] = bench(PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname,
-                                            scratch / "b", n)
+        with c.scratch_postgres("hb") as url:
+            out["backends"]["postgres"] = bench(url, scratch / "b", n)
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        admin.dispose()
         shutil.rmtree(scratch, ignore_errors=True)
     for b, r in out["backends"].items():
         print(f"{b:8s} " + "   ".join(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -48,18 +48,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0)
     a = p.parse_args()
-    import sqlalchemy as sa
-
     scratch = Path(tempfile.mkdtemp(prefix="prof-", dir=c.WORK))
-    dbname = f"chronicle_bench_prof_{os.getpid()}"
-    admin = None
+    databases = contextlib.ExitStack()
     try:
         if a.backend == "postgres":
-            admin = sa.create_engine(bench_server.PG_ADMIN.replace(
-                "postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
-            store = bench_server.PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+            store = databases.enter_context(c.scratch_postgres("prof"))
         else:
             store = f"sqlite:///{scratch}/p.db"
         with c.chronicle_server(store, scratch / "assets", scratch / "server.log") as server:
@@ -79,9 +72,7 @@ def main() -> None:
             out.write_text(f"{r}\n\n{report}\n")
             print(report)
     finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        databases.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -73,6 +73,34 @@ def jsonable(value: Any, depth: int = 0) -> Any:
     return repr(value)
 
 
+class Guard:
+    """Runs tracking code so that its errors never reach the training (or job) code: each is
+    logged, the first at WARNING and later ones at DEBUG, and swallowed, unless ``strict``.
+    Exceptions of the ``passthrough`` types always propagate (they are decisions, not
+    tracking failures)."""
+
+    def __init__(self, strict: bool, *, carry_on: str = "training continues without it",
+                 passthrough: tuple[type[BaseException], ...] = ()) -> None:
+        self.strict = strict
+        self.carry_on = carry_on
+        self.passthrough = passthrough
+        self.warned = False
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except self.passthrough:
+            raise
+        except Exception as exc:
+            if self.strict:
+                raise
+            level = logging.DEBUG if self.warned else logging.WARNING
+            log.log(level, "chronicle: %s failed (%s: %s); %s", what, type(exc).__name__, exc,
+                    self.carry_on, exc_info=log.isEnabledFor(logging.DEBUG))
+            self.warned = True
+
+
 class TrackedRun:
     """One run's lifecycle as seen by a framework integration.
 
@@ -104,14 +132,13 @@ class TrackedRun:
         self.experiment_name = experiment_name
         self.heartbeat_interval = heartbeat_interval
         self.stall_timeout = stall_timeout
-        self.strict = strict
         self.run: Run | None = None
         self.owns_run = True
         self.outcome: str | None = None  # "succeeded" | "crashed" | "abandoned" | "preempted"
         self._own_client = False
         #: ``(url, home)`` of a user-given client dropped by pickling, rebuilt on first use.
         self._client_spec: tuple[str | None, str] | None = None
-        self._warned = False
+        self._guard = Guard(strict)
 
     # -- pickling: drop live objects (ddp_spawn pickles callbacks into workers) -------------
     def __getstate__(self) -> dict[str, Any]:
@@ -134,18 +161,14 @@ class TrackedRun:
         """True when the server said the run was cancelled, expired or taken over."""
         return self.run is not None and self.run.cancelled.is_set()
 
-    @contextlib.contextmanager
-    def guard(self, what: str) -> Iterator[None]:
+    @property
+    def strict(self) -> bool:
+        """Raise tracking errors instead of logging them."""
+        return self._guard.strict
+
+    def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Run tracking code; log (once at WARNING) and swallow errors unless strict."""
-        try:
-            yield
-        except Exception as exc:
-            if self.strict:
-                raise
-            level = logging.DEBUG if self._warned else logging.WARNING
-            log.log(level, "chronicle: %s failed (%s: %s); training continues without it",
-                    what, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            self._warned = True
+        return self._guard(what)
 
     def _client(self) -> Chronicle:
         if self.chronicle is None:
@@ -263,4 +286,4 @@ class TrackedRun:
                 self.chronicle.close(timeout=2.0 if self.outcome == "preempted" else None)
 
 
-__all__ = ["TrackedRun", "identity_from_env", "jsonable"]
+__all__ = ["Guard", "TrackedRun", "identity_from_env", "jsonable"]

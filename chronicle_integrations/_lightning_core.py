@@ -140,6 +140,29 @@ def _is_preemption(exc: BaseException) -> bool:
     return type(exc).__name__ == "SIGTERMException" or exc.code in (None, 0)
 
 
+#: The docstring of both public ``ChronicleCallback`` classes (one per Lightning namespace).
+CALLBACK_DOC = """Track a ``Trainer.fit`` as a Chronicle run.
+
+Args:
+    chronicle: a :class:`~chronicle_integrations.Chronicle`; default: one created from the
+        environment (``$CHRONICLE_URL``, else the embedded store in ``$CHRONICLE_HOME`` or
+        ``./chronicle``) on global rank zero when the fit starts.
+    experiment_id, variation, run: the run to track (else ``$CHRONICLE_EXPERIMENT`` /
+        ``$CHRONICLE_VARIATION`` / ``$CHRONICLE_RUN``, else a new experiment whose
+        variation config is the model's and datamodule's ``hparams_initial``).
+    experiment_name: the name of that new experiment (default ``"training"``).
+    upload: ``"all"`` checkpoints as they are written (default), ``"best_and_last"``
+        when the fit ends, or ``"none"``.
+    heartbeat_interval: seconds between heartbeats.
+    strict: raise tracking errors instead of logging them and training on.
+    stall_timeout: pause heartbeats while training makes no progress for this long
+        (None: never), so the watchdog can mark a hung fit lost.
+
+Resuming with ``trainer.fit(..., ckpt_path=...)`` continues the run recorded in the
+checkpoint (pass the callback again).
+"""
+
+
 class LightningCore:
     """The namespace-independent body of ``ChronicleCallback``; see the module docstring.
 
@@ -271,11 +294,8 @@ class LightningCore:
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        progress = getattr(self._tracked.run, "progress", None)
-        if progress is not None:
-            progress.advance(step, trainer.current_epoch)
-        if self._world > 1 or self._cancel_requested:
-            self._check_cancel(trainer, sync=step % DDP_CANCEL_SYNC_STEPS == 0)
+        self._progress(step, trainer.current_epoch)
+        self._check_cancel(trainer, sync=step % DDP_CANCEL_SYNC_STEPS == 0)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._scan(trainer)
@@ -351,16 +371,16 @@ class LightningCore:
             return None
         return key
 
-    def _progress(self, **values: Any) -> None:
-        """Report training progress for the heartbeats (attribute writes, no I/O): values
-        after a step, a plain "still advancing" during validation and saves."""
+    def _progress(self, step: int | None = None, epoch: int = 0) -> None:
+        """Report training progress for the heartbeats (attribute writes, no I/O): the step
+        and epoch after a step, a plain "still advancing" during validation and saves."""
         progress = getattr(self._tracked.run, "progress", None)
         if progress is None:
             return
-        if values:
-            progress.update(**values)
-        else:
+        if step is None:
             progress.touch()
+        else:
+            progress.advance(step, epoch)
 
     def _on_cancel(self, run: Run, why: str) -> None:  # heartbeat thread
         self._cancel_requested = True

@@ -54,7 +54,7 @@ _HEARTBEAT_PATH = re.compile(r"/v1/runs/([^/]+)/([0-9]{1,20})/([0-9]{1,20})/hear
 #: Most heartbeats applied in one transaction (bounds how long the write lock is held).
 MAX_BATCH = 256
 
-_Beat = tuple[str, int, int, "str | None", "dict[str, Any] | None"]
+_Beat = tuple[str, int, int, str | None, dict[str, Any] | None]
 _Waiter = tuple[_Beat, asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -502,12 +502,8 @@ class Store:
         with self._write() as conn:
             # Fast path (one prebuilt statement): a live run beating under its lease.
             if isinstance(lease, str):
-                params: dict[str, Any] = {
-                    "p_e": key[0], "p_v": key[1], "p_r": key[2], "p_lease": lease,
-                    "p_cut": now - self.heartbeat_timeout, "p_now": now}
-                if encoded is not None:
-                    params["p_progress"] = encoded
-                fast = conn.execute(_HEARTBEAT_FAST[encoded is not None], params).first()
+                fast = self._heartbeat_rows(conn, [(0, self._fast_params(key, lease, encoded,
+                                                                         now))])[0][1]
                 if fast is not None:
                     return self._info(fast, now)
             c = t.runs.c
@@ -546,7 +542,7 @@ class Store:
         """
         items = list(beats)
         results: list[RunInfo | APIError | None] = [None] * len(items)
-        fast: list[tuple[int, dict[str, Any], bool]] = []
+        fast: list[tuple[int, dict[str, Any]]] = []
         batched: set[tuple[str, int, int]] = set()
         now = self.clock()
         for i, (e, v, r, lease, progress) in enumerate(items):
@@ -560,12 +556,7 @@ class Store:
             if key in batched:
                 continue  # a run's later heartbeats follow its first, in order, below
             batched.add(key)
-            params: dict[str, Any] = {"p_e": key[0], "p_v": key[1], "p_r": key[2],
-                                      "p_lease": lease, "p_now": now,
-                                      "p_cut": now - self.heartbeat_timeout}
-            if encoded is not None:
-                params["p_progress"] = encoded
-            fast.append((i, params, encoded is not None))
+            fast.append((i, self._fast_params(key, lease, encoded, now)))
         if fast:
             try:
                 with self._write() as conn:
@@ -584,30 +575,41 @@ class Store:
                     results[i] = self.heartbeat(*item)
                 except APIError as exc:
                     results[i] = exc
-        return [result for result in results if result is not None]
+        return cast("list[RunInfo | APIError]", results)  # every slot is filled by now
+
+    def _fast_params(self, key: tuple[str, int, int], lease: str, progress: str | None,
+                     now: float) -> dict[str, Any]:
+        """The parameters of the heartbeat fast path (``p_progress`` only with progress)."""
+        params: dict[str, Any] = {"p_e": key[0], "p_v": key[1], "p_r": key[2],
+                                  "p_lease": lease, "p_now": now,
+                                  "p_cut": now - self.heartbeat_timeout}
+        if progress is not None:
+            params["p_progress"] = progress
+        return params
 
     @staticmethod
-    def _heartbeat_rows(conn: sa.Connection, fast: list[tuple[int, dict[str, Any], bool]],
+    def _heartbeat_rows(conn: sa.Connection, fast: list[tuple[int, dict[str, Any]]],
                         ) -> list[tuple[int, Any]]:
-        """SQLite: the prebuilt statement once per heartbeat (a statement costs
-        microseconds in-process; the transaction is what the batch saves)."""
-        return [(i, conn.execute(_HEARTBEAT_FAST[has], params).first())
-                for i, params, has in fast]
+        """The prebuilt statement once per heartbeat (SQLite batches, and single
+        heartbeats: a statement costs microseconds in-process; the transaction is what a
+        batch saves)."""
+        return [(i, conn.execute(_HEARTBEAT_FAST["p_progress" in params], params).first())
+                for i, params in fast]
 
-    def _heartbeat_set(self, conn: sa.Connection, fast: list[tuple[int, dict[str, Any], bool]],
+    def _heartbeat_set(self, conn: sa.Connection, fast: list[tuple[int, dict[str, Any]]],
                        now: float) -> list[tuple[int, Any]]:
         """PostgreSQL: the whole batch as one prebuilt ``UPDATE ... FROM unnest(arrays)``
         (one round trip and one cached plan instead of one per heartbeat;
         ``heartbeat_many`` puts at most one heartbeat per run in it)."""
         params = {"now": now, "cut": now - self.heartbeat_timeout,
-                  "beats": [i for i, _, _ in fast],
-                  "es": [p["p_e"] for _, p, _ in fast],
-                  "vs": [p["p_v"] for _, p, _ in fast],
-                  "rs": [p["p_r"] for _, p, _ in fast],
-                  "leases": [p["p_lease"] for _, p, _ in fast],
-                  "progress": [p.get("p_progress") for _, p, _ in fast]}
+                  "beats": [i for i, _ in fast],
+                  "es": [p["p_e"] for _, p in fast],
+                  "vs": [p["p_v"] for _, p in fast],
+                  "rs": [p["p_r"] for _, p in fast],
+                  "leases": [p["p_lease"] for _, p in fast],
+                  "progress": [p.get("p_progress") for _, p in fast]}
         by_beat = {row.beat: row for row in conn.execute(_HEARTBEAT_SET_PG, params)}
-        return [(i, by_beat.get(i)) for i, _, _ in fast]
+        return [(i, by_beat.get(i)) for i, _ in fast]
 
     def succeed(self, experiment_id: str, variation: int, run: int,
                 lease: str | None) -> RunInfo:

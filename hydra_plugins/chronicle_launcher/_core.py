@@ -38,7 +38,6 @@ Tracking errors never kill a job: they are logged (once at WARNING) unless ``str
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -46,7 +45,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +69,7 @@ from chronicle_integrations._integration import (
     ENV_LEASE,
     ENV_RUN,
     ENV_VARIATION,
+    Guard,
     identity_from_env,
     jsonable,
 )
@@ -117,28 +117,6 @@ def resolve_target(url: str | None, home: str | None) -> tuple[str | None, str |
 
 
 # ------------------------------------------------------------------------------ the job side
-class _Guard:
-    """Log tracking errors once at WARNING (then DEBUG) and carry on, unless strict."""
-
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.warned = False
-
-    @contextlib.contextmanager
-    def __call__(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except RunNotRunnable:
-            raise
-        except Exception as exc:
-            if self.strict:
-                raise
-            level = logging.DEBUG if self.warned else logging.WARNING
-            log.log(level, "chronicle: %s failed (%s: %s); the job continues without it",
-                    what, type(exc).__name__, exc)
-            self.warned = True
-
-
 class RunNotRunnable(ChronicleError):
     """The job's run was already ended (e.g. cancelled) before the job started: the task is
     not run. Hydra reports the job as failed."""
@@ -179,7 +157,8 @@ class _JobRun:
         self.task = task
         self.key = key
         self.output_dir = output_dir
-        self.guard = _Guard(task.strict)
+        self.guard = Guard(task.strict, carry_on="the job continues without it",
+                           passthrough=(RunNotRunnable,))
         self.run: Run | None = None
 
     def execute(self, cfg: DictConfig) -> Any:
