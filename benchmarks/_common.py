@@ -37,8 +37,13 @@ def stats(values: list[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
     if not values:
         return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values), "values": values}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
 
 
 def versions(*names: str) -> dict[str, str]:
@@ -68,11 +73,19 @@ def machine() -> dict[str, Any]:
         pass
     WORK.mkdir(parents=True, exist_ok=True)
     du = shutil.disk_usage(WORK)
-    info["disk"] = {"path": str(WORK), "total_gib": round(du.total / 2**30),
-                    "free_gib": round(du.free / 2**30)}
+    info["disk"] = {
+        "path": str(WORK),
+        "total_gib": round(du.total / 2**30),
+        "free_gib": round(du.free / 2**30),
+    }
     with contextlib.suppress(Exception):
-        dev = subprocess.run(["df", "--output=source,fstype", str(WORK)], capture_output=True,
-                             text=True).stdout.splitlines()[-1].split()
+        dev = (
+            subprocess.run(
+                ["df", "--output=source,fstype", str(WORK)], capture_output=True, text=True
+            )
+            .stdout.splitlines()[-1]
+            .split()
+        )
         info["disk"]["device"], info["disk"]["fstype"] = dev[0], dev[1]
     with contextlib.suppress(Exception), open("/proc/cpuinfo") as fh:
         for line in fh:
@@ -85,9 +98,14 @@ def machine() -> dict[str, Any]:
 def save(name: str, data: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` (with the machine facts) and print a summary line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"name": name, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
-            "load_at_start": LOAD_AT_START, "machine": machine(), **data}
+    data = {
+        "name": name,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
+        "load_at_start": LOAD_AT_START,
+        "machine": machine(),
+        **data,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     print(f"wrote {path}")
@@ -118,15 +136,25 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 class Server:
     """A server subprocess on a free loopback port; stopped (by its own pid) on exit."""
 
-    def __init__(self, argv: list[str], health_path: str, port: int, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        health_path: str,
+        port: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         try:
             wait_http(self.url + health_path, proc=self.proc)
         except BaseException:
@@ -176,8 +204,9 @@ def scratch_postgres(name: str) -> Any:
     import sqlalchemy as sa
 
     dbname = f"chronicle_bench_{name}_{os.getpid()}"
-    admin = sa.create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1),
-                             isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(
+        PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
@@ -189,30 +218,59 @@ def scratch_postgres(name: str) -> Any:
         admin.dispose()
 
 
-def chronicle_server(store_url: str, assets: Path, log: Path, port: int | None = None,
-                     extra: list[str] | None = None, patches: str = "") -> Server:
+def chronicle_server(
+    store_url: str,
+    assets: Path,
+    log: Path,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    patches: str = "",
+) -> Server:
     """``python -m chronicle_integrations.server``; with ``patches``, benchmarks/
     patched_server.py (a proposed fix applied by monkeypatching, see that file)."""
     port = port or free_port()
-    entry = (["-m", "chronicle_integrations.server"] if not patches
-             else [str(HERE / "patched_server.py")])
-    argv = [str(PROJECT_PY), *entry, "--port", str(port),
-            "--store", store_url, "--assets", str(assets), "--log-level", "warning",
-            *(extra or [])]
+    entry = (
+        ["-m", "chronicle_integrations.server"]
+        if not patches
+        else [str(HERE / "patched_server.py")]
+    )
+    argv = [
+        str(PROJECT_PY),
+        *entry,
+        "--port",
+        str(port),
+        "--store",
+        store_url,
+        "--assets",
+        str(assets),
+        "--log-level",
+        "warning",
+        *(extra or []),
+    ]
     return Server(argv, "/openapi.json", port, log, env={"BENCH_PATCHES": patches})
 
 
-def mlflow_server(backend: str, artifacts: Path, log: Path, port: int | None = None,
-                  workers: int | None = None) -> Server:
+def mlflow_server(
+    backend: str, artifacts: Path, log: Path, port: int | None = None, workers: int | None = None
+) -> Server:
     """``mlflow server --serve-artifacts`` from the peers venv."""
     port = port or free_port()
-    argv = [str(HERE / ".peers-venv" / "bin" / "mlflow"), "server", "--host", "127.0.0.1",
-            "--port", str(port), "--backend-store-uri", backend, "--serve-artifacts",
-            "--artifacts-destination", str(artifacts)]
+    argv = [
+        str(HERE / ".peers-venv" / "bin" / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts),
+    ]
     if workers:
         argv += ["--workers", str(workers)]
-    return Server(argv, "/health", port, log,
-                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    return Server(argv, "/health", port, log, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 class RssSampler:

@@ -66,8 +66,9 @@ def fit(variant: str, size: int, n_ckpt: int, root: Path, ctx: dict) -> dict:
 
     x = torch.randn(every * n_ckpt * 16, 32)
     loader = DataLoader(TensorDataset(x, x[:, :1]), batch_size=16)
-    ckpt = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=every,
-                           save_top_k=-1, save_last=False)
+    ckpt = ModelCheckpoint(
+        dirpath=root / "checkpoints", every_n_train_steps=every, save_top_k=-1, save_last=False
+    )
     callbacks: list = [ckpt]
     logger = False
     UPLOAD_CALLS.clear()
@@ -94,8 +95,9 @@ def fit(variant: str, size: int, n_ckpt: int, root: Path, ctx: dict) -> dict:
     elif variant == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
-        logger = MLFlowLogger(experiment_name="bench-ckpt", tracking_uri=ctx["mlflow_url"],
-                              log_model="all")
+        logger = MLFlowLogger(
+            experiment_name="bench-ckpt", tracking_uri=ctx["mlflow_url"], log_model="all"
+        )
         inner_m = logger.after_save_checkpoint
 
         def after_save(*a, **kw):
@@ -106,24 +108,37 @@ def fit(variant: str, size: int, n_ckpt: int, root: Path, ctx: dict) -> dict:
                 MLFLOW_CALLS.append(time.perf_counter() - t0)
 
         logger.after_save_checkpoint = after_save
-    trainer = pl.Trainer(max_steps=every * n_ckpt, accelerator="cpu", devices=1,
-                         logger=logger, callbacks=callbacks, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(root),
-                         num_sanity_val_steps=0, log_every_n_steps=1000)
+    trainer = pl.Trainer(
+        max_steps=every * n_ckpt,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+        log_every_n_steps=1000,
+    )
     model = Net()
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     wall = time.perf_counter() - t0
     files = sorted((root / "checkpoints").glob("*.ckpt"))
-    out = {"wall_s": wall, "checkpoints": len(files),
-           "ckpt_bytes": files[0].stat().st_size if files else 0}
+    out = {
+        "wall_s": wall,
+        "checkpoints": len(files),
+        "ckpt_bytes": files[0].stat().st_size if files else 0,
+    }
     if variant.startswith("chronicle"):
         during = {k: v for k, v in HOOK_TIMES.items() if k not in ("on_fit_start", "on_fit_end")}
-        out.update(upload_ms=[t * 1e3 for t in UPLOAD_CALLS],
-                   hooks_per_ckpt_ms=sum(during.values()) * 1e3 / max(1, len(files)),
-                   fit_start_ms=HOOK_TIMES.get("on_fit_start", 0) * 1e3,
-                   fit_end_ms=HOOK_TIMES.get("on_fit_end", 0) * 1e3,
-                   hook_breakdown_ms={k: v * 1e3 for k, v in HOOK_TIMES.items()})
+        out.update(
+            upload_ms=[t * 1e3 for t in UPLOAD_CALLS],
+            hooks_per_ckpt_ms=sum(during.values()) * 1e3 / max(1, len(files)),
+            fit_start_ms=HOOK_TIMES.get("on_fit_start", 0) * 1e3,
+            fit_end_ms=HOOK_TIMES.get("on_fit_end", 0) * 1e3,
+            hook_breakdown_ms={k: v * 1e3 for k, v in HOOK_TIMES.items()},
+        )
         assert cb.run.state.value == "succeeded"
         assert len(cb.run.assets()) == len(files), (cb.run.assets(), files)
     if variant == "mlflow":
@@ -163,12 +178,15 @@ def main() -> None:
     a = p.parse_args()
     from bench_upload import fmt_size, parse_size
 
-    sizes = [parse_size(s) for s in (a.sizes or ("20M,100M" if a.quick else "200M,1G")
-                                     ).split(",")]
+    sizes = [parse_size(s) for s in (a.sizes or ("20M,100M" if a.quick else "200M,1G")).split(",")]
     n_ckpt = a.checkpoints or (2 if a.quick else 3)
     variants = a.variants.split(",")
-    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     import torch
@@ -178,17 +196,26 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="ckpt-", dir=c.WORK))
     servers = contextlib.ExitStack()
     ctx: dict = {}
-    out: dict = {"checkpoints_per_fit": n_ckpt, "sizes": {},
-                 "versions": c.versions("torch", "lightning", "mlflow", "wandb")}
+    out: dict = {
+        "checkpoints_per_fit": n_ckpt,
+        "sizes": {},
+        "versions": c.versions("torch", "lightning", "mlflow", "wandb"),
+    }
     try:
         if "chronicle-http" in variants:
-            ctx["server"] = servers.enter_context(c.chronicle_server(
-                f"sqlite:///{scratch}/server.db", scratch / "server-assets",
-                scratch / "server.log"))
+            ctx["server"] = servers.enter_context(
+                c.chronicle_server(
+                    f"sqlite:///{scratch}/server.db",
+                    scratch / "server-assets",
+                    scratch / "server.log",
+                )
+            )
         if "mlflow" in variants:
-            srv = servers.enter_context(c.mlflow_server(
-                f"sqlite:///{scratch}/mlflow.db", scratch / "mlflow-art",
-                scratch / "mlflow.log"))
+            srv = servers.enter_context(
+                c.mlflow_server(
+                    f"sqlite:///{scratch}/mlflow.db", scratch / "mlflow-art", scratch / "mlflow.log"
+                )
+            )
             ctx["mlflow_url"] = srv.url
         for size in sizes:
             res: dict = {}
@@ -205,16 +232,21 @@ def main() -> None:
                 res[variant] = r
                 msg = f"  {fmt_size(size)} {variant:18s} fit {r['wall_s']:.2f}s"
                 if "upload_ms" in r:
-                    msg += (f"  upload_asset {max(r['upload_ms']):.2f} ms max  hooks/ckpt "
-                            f"{r['hooks_per_ckpt_ms']:.2f} ms  on_fit_end "
-                            f"{r['fit_end_ms']:.0f} ms")
+                    msg += (
+                        f"  upload_asset {max(r['upload_ms']):.2f} ms max  hooks/ckpt "
+                        f"{r['hooks_per_ckpt_ms']:.2f} ms  on_fit_end "
+                        f"{r['fit_end_ms']:.0f} ms"
+                    )
                 if "after_save_ms" in r:
                     msg += f"  after_save_checkpoint {c.stats(r['after_save_ms'])['median']:.0f} ms"
                 print(msg, flush=True)
                 if variant != "none" or "wandb-offline" not in variants:
                     shutil.rmtree(root, ignore_errors=True)
-                for d in (scratch / "server-assets", scratch / "mlflow-art",
-                          scratch / f"home-{variant}" / "assets"):
+                for d in (
+                    scratch / "server-assets",
+                    scratch / "mlflow-art",
+                    scratch / f"home-{variant}" / "assets",
+                ):
                     if d.exists():
                         for f in d.rglob("*"):
                             if f.is_file() and f.stat().st_size > 2**20:
@@ -223,8 +255,11 @@ def main() -> None:
                 files = ctx["files"][size]
                 w, finish = wandb_offline(files, scratch / "wandb")
                 res["wandb-offline"] = {"log_artifact_ms": w, "finish_s": finish}
-                print(f"  {fmt_size(size)} wandb-offline      log_artifact "
-                      f"{c.stats(w)['median']:.0f} ms median  finish {finish:.1f}s", flush=True)
+                print(
+                    f"  {fmt_size(size)} wandb-offline      log_artifact "
+                    f"{c.stats(w)['median']:.0f} ms median  finish {finish:.1f}s",
+                    flush=True,
+                )
                 shutil.rmtree(scratch / "wandb", ignore_errors=True)
                 shutil.rmtree(scratch / f"none-{size}", ignore_errors=True)
             base = res.get("none", {}).get("wall_s")

@@ -34,8 +34,12 @@ def one(ch, exp: str, src: Path) -> dict:
     run.succeed()
     t_end = time.perf_counter()
     assert run.state.value == "succeeded" and handle.done()
-    return {"overhead_ms": (t_end - done["t"]) * 1e3, "upload_s": done["t"] - t_call,
-            "call_ms": (t_call - t0) * 1e3, "total_s": t_end - t0}
+    return {
+        "overhead_ms": (t_end - done["t"]) * 1e3,
+        "upload_s": done["t"] - t_call,
+        "call_ms": (t_call - t0) * 1e3,
+        "total_s": t_end - t0,
+    }
 
 
 def main() -> None:
@@ -44,18 +48,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
-    sizes = [parse_size(s) for s in (a.sizes or ("16M,64M" if a.quick else "64M,256M,1G")
-                                     ).split(",")]
+    sizes = [
+        parse_size(s) for s in (a.sizes or ("16M,64M" if a.quick else "64M,256M,1G")).split(",")
+    ]
     repeats = a.repeats or (3 if a.quick else 5)
     from chronicle_integrations import Chronicle
 
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="endwait-", dir=c.WORK))
-    out: dict = {"repeats": repeats, "modes": {},
-                 "versions": c.versions("chronicle-integrations", "requests", "uvicorn")}
+    out: dict = {
+        "repeats": repeats,
+        "modes": {},
+        "versions": c.versions("chronicle-integrations", "requests", "uvicorn"),
+    }
     try:
-        with c.chronicle_server(f"sqlite:///{scratch}/server.db", scratch / "assets",
-                                scratch / "server.log") as server:
+        with c.chronicle_server(
+            f"sqlite:///{scratch}/server.db", scratch / "assets", scratch / "server.log"
+        ) as server:
             for mode in ("http", "embedded"):
                 url = server.url if mode == "http" else None
                 with Chronicle(url=url, home=scratch / f"home-{mode}") as ch:
@@ -69,11 +78,14 @@ def main() -> None:
                                     f.unlink()
                         s = {k: c.stats([r[k] for r in rs]) for k in rs[0]}
                         out["modes"].setdefault(mode, {})[fmt_size(size)] = s
-                        print(f"{mode:8s} {fmt_size(size):>7s}: succeed() returned "
-                              f"{s['overhead_ms']['median']:.1f} ms "
-                              f"[{s['overhead_ms']['min']:.1f}-{s['overhead_ms']['max']:.1f}] "
-                              f"after the upload finished (upload {s['upload_s']['median']:.2f}s,"
-                              f" upload_asset call {s['call_ms']['median']:.2f} ms)", flush=True)
+                        print(
+                            f"{mode:8s} {fmt_size(size):>7s}: succeed() returned "
+                            f"{s['overhead_ms']['median']:.1f} ms "
+                            f"[{s['overhead_ms']['min']:.1f}-{s['overhead_ms']['max']:.1f}] "
+                            f"after the upload finished (upload {s['upload_s']['median']:.2f}s,"
+                            f" upload_asset call {s['call_ms']['median']:.2f} ms)",
+                            flush=True,
+                        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     c.save("fig7_endwait" + ("_quick" if a.quick else ""), out)

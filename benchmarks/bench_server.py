@@ -28,8 +28,9 @@ import loadgen
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -42,13 +43,14 @@ def chronicle_targets(server: c.Server, n: int) -> list:
         runs = [ch.create_run(exp, 0).start() for _ in range(n)]
     makers = []
     for run in runs:
-        path = (f"/v1/runs/{quote(run.experiment_id, safe='')}/{run.variation}/{run.run}"
-                "/heartbeat")
+        path = f"/v1/runs/{quote(run.experiment_id, safe='')}/{run.variation}/{run.run}/heartbeat"
         lease = run.lease
 
         def make(i: int, path=path, lease=lease) -> bytes:
-            return loadgen.encode("127.0.0.1", server.port, path,
-                                  {"lease": lease, "progress": {"step": i}})
+            return loadgen.encode(
+                "127.0.0.1", server.port, path, {"lease": lease, "progress": {"step": i}}
+            )
+
         makers.append(make)
     return makers
 
@@ -57,18 +59,23 @@ def mlflow_targets(server: c.Server, n: int) -> list:
     exp = post(server.url + "/api/2.0/mlflow/experiments/create", {"name": "load"})
     makers = []
     for _ in range(n):
-        run = post(server.url + "/api/2.0/mlflow/runs/create",
-                   {"experiment_id": exp["experiment_id"]})["run"]["info"]["run_id"]
+        run = post(
+            server.url + "/api/2.0/mlflow/runs/create", {"experiment_id": exp["experiment_id"]}
+        )["run"]["info"]["run_id"]
 
         def make(i: int, run=run) -> bytes:
-            return loadgen.encode("127.0.0.1", server.port, "/api/2.0/mlflow/runs/set-tag",
-                                  {"run_id": run, "key": "heartbeat", "value": str(i)})
+            return loadgen.encode(
+                "127.0.0.1",
+                server.port,
+                "/api/2.0/mlflow/runs/set-tag",
+                {"run_id": run, "key": "heartbeat", "value": str(i)},
+            )
+
         makers.append(make)
     return makers
 
 
-def bench(backend: str, levels: list[int], duration: float, warmup: float,
-          scratch: Path) -> dict:
+def bench(backend: str, levels: list[int], duration: float, warmup: float, scratch: Path) -> dict:
 
     databases = contextlib.ExitStack()
     result: dict = {"levels": {}}
@@ -86,21 +93,26 @@ def bench(backend: str, levels: list[int], duration: float, warmup: float,
             server = c.mlflow_server(store, scratch / "mlflow-art", scratch / "mlflow.log")
             targets = mlflow_targets
         else:
-            server = c.chronicle_server(store, scratch / f"{backend}-assets",
-                                        scratch / f"{backend}.log", patches=patches)
+            server = c.chronicle_server(
+                store, scratch / f"{backend}-assets", scratch / f"{backend}.log", patches=patches
+            )
             targets = chronicle_targets
         with server:
             result["server_processes"] = len(server.pids())
             makers = targets(server, max(levels))
             for n in levels:
-                r = loadgen.run("127.0.0.1", server.port, makers[:n], duration, warmup,
-                                server.pids())
+                r = loadgen.run(
+                    "127.0.0.1", server.port, makers[:n], duration, warmup, server.pids()
+                )
                 result["levels"][str(n)] = r
                 label = backend + ("+" + patches if patches else "")
-                print(f"  {label:8s} {n:3d} clients: {r['rps']:8.0f} req/s  p50 "
-                      f"{r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  "
-                      f"cpu: loadgen {r['loadgen_cpu_cores']:.2f} server "
-                      f"{r['server_cpu_cores']:.2f} cores", flush=True)
+                print(
+                    f"  {label:8s} {n:3d} clients: {r['rps']:8.0f} req/s  p50 "
+                    f"{r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  "
+                    f"cpu: loadgen {r['loadgen_cpu_cores']:.2f} server "
+                    f"{r['server_cpu_cores']:.2f} cores",
+                    flush=True,
+                )
     finally:
         databases.close()
     return result
@@ -108,9 +120,9 @@ def bench(backend: str, levels: list[int], duration: float, warmup: float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backends",
-                   default="sqlite,postgres,mlflow,mlflow-postgres,sqlite+nolane,"
-                           "postgres+nolane")
+    p.add_argument(
+        "--backends", default="sqlite,postgres,mlflow,mlflow-postgres,sqlite+nolane,postgres+nolane"
+    )
     p.add_argument("--levels", default="1,8,64")
     p.add_argument("--duration", type=float)
     p.add_argument("--repeats", type=int)
@@ -119,12 +131,15 @@ def main() -> None:
     duration = a.duration or (2.0 if a.quick else 4.0)
     repeats = a.repeats or (1 if a.quick else 2)
     levels = [int(x) for x in a.levels.split(",")]
-    backends = [b for b in a.backends.split(",")
-                if not b.startswith("mlflow") or c.peers_ready()]
+    backends = [b for b in a.backends.split(",") if not b.startswith("mlflow") or c.peers_ready()]
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="server-", dir=c.WORK))
-    out: dict = {"duration_s": duration, "repeats": repeats, "backends": {},
-                 "versions": c.versions("uvicorn", "fastapi", "sqlalchemy", "psycopg")}
+    out: dict = {
+        "duration_s": duration,
+        "repeats": repeats,
+        "backends": {},
+        "versions": c.versions("uvicorn", "fastapi", "sqlalchemy", "psycopg"),
+    }
     try:
         for rep in range(repeats):
             for b in backends:
@@ -140,13 +155,23 @@ def main() -> None:
         summary[b] = {}
         for n in map(str, levels):
             rs = [r["levels"][n] for r in reps]
-            summary[b][n] = {k: c.stats([r[k] for r in rs]) for k in
-                             ("rps", "p50_ms", "p99_ms", "loadgen_cpu_cores",
-                              "server_cpu_cores", "errors")}
+            summary[b][n] = {
+                k: c.stats([r[k] for r in rs])
+                for k in (
+                    "rps",
+                    "p50_ms",
+                    "p99_ms",
+                    "loadgen_cpu_cores",
+                    "server_cpu_cores",
+                    "errors",
+                )
+            }
             s = summary[b][n]
-            print(f"{b:8s} {n:>3s} clients: {s['rps']['median']:8.0f} req/s "
-                  f"[{s['rps']['min']:.0f}-{s['rps']['max']:.0f}]  p50 "
-                  f"{s['p50_ms']['median']:.2f} ms  p99 {s['p99_ms']['median']:.2f} ms")
+            print(
+                f"{b:8s} {n:>3s} clients: {s['rps']['median']:8.0f} req/s "
+                f"[{s['rps']['min']:.0f}-{s['rps']['max']:.0f}]  p50 "
+                f"{s['p50_ms']['median']:.2f} ms  p99 {s['p99_ms']['median']:.2f} ms"
+            )
     out["summary"] = summary
     c.save("fig4_server" + ("_quick" if a.quick else ""), out)
 

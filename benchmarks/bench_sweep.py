@@ -46,30 +46,97 @@ def populate(store, n: int, k: int, now: float) -> tuple[str, int]:
         for i in range(n):
             v, r = divmod(i, PER_VARIATION)
             if i < k // 2:
-                yield (exp, v, r, "running", now - 5000, now - 4000, now - 2000, None, None,
-                       "lease", "bench")
+                yield (
+                    exp,
+                    v,
+                    r,
+                    "running",
+                    now - 5000,
+                    now - 4000,
+                    now - 2000,
+                    None,
+                    None,
+                    "lease",
+                    "bench",
+                )
             elif i < k:
-                yield (exp, v, r, "lost", now - 200000, now - 190000, now - 180000, None,
-                       None, "lease", "bench")
+                yield (
+                    exp,
+                    v,
+                    r,
+                    "lost",
+                    now - 200000,
+                    now - 190000,
+                    now - 180000,
+                    None,
+                    None,
+                    "lease",
+                    "bench",
+                )
             elif i < fresh_until:
-                yield (exp, v, r, "running", now - 5000, now - 4000, now - 10, None, None,
-                       "lease", "bench")
+                yield (
+                    exp,
+                    v,
+                    r,
+                    "running",
+                    now - 5000,
+                    now - 4000,
+                    now - 10,
+                    None,
+                    None,
+                    "lease",
+                    "bench",
+                )
             else:
-                yield (exp, v, r, "succeeded", now - 90000, now - 80000, now - 70000,
-                       now - 70000, None, "lease", "bench")
+                yield (
+                    exp,
+                    v,
+                    r,
+                    "succeeded",
+                    now - 90000,
+                    now - 80000,
+                    now - 70000,
+                    now - 70000,
+                    None,
+                    "lease",
+                    "bench",
+                )
 
-    cols = ["experiment_id", "variation", "run", "state", "created_at", "started_at",
-            "alive_at", "ended_at", "reason", "lease", "lease_holder"]
+    cols = [
+        "experiment_id",
+        "variation",
+        "run",
+        "state",
+        "created_at",
+        "started_at",
+        "alive_at",
+        "ended_at",
+        "reason",
+        "lease",
+        "lease_holder",
+    ]
     with store.engine.begin() as conn:
-        conn.execute(t.experiments.insert().values(experiment_id=exp, name=exp, created_at=now,
-                                                   next_variation=nvar))
-        conn.execute(t.variations.insert(), [
-            {"experiment_id": exp, "variation": v, "config": "{}", "created_at": now,
-             "next_run": PER_VARIATION} for v in range(nvar)])
+        conn.execute(
+            t.experiments.insert().values(
+                experiment_id=exp, name=exp, created_at=now, next_variation=nvar
+            )
+        )
+        conn.execute(
+            t.variations.insert(),
+            [
+                {
+                    "experiment_id": exp,
+                    "variation": v,
+                    "config": "{}",
+                    "created_at": now,
+                    "next_run": PER_VARIATION,
+                }
+                for v in range(nvar)
+            ],
+        )
         if store.engine.dialect.name == "postgresql":
             raw = conn.connection.driver_connection
-            with raw.cursor() as cur, cur.copy(
-                    f"COPY runs ({', '.join(cols)}) FROM STDIN") as copy:
+            with raw.cursor() as cur, cur.copy(f"COPY runs ({', '.join(cols)}) FROM STDIN") as copy:
                 buf: list[str] = []
                 for row in rows():
                     buf.append("\t".join("\\N" if x is None else str(x) for x in row))
@@ -80,8 +147,10 @@ def populate(store, n: int, k: int, now: float) -> tuple[str, int]:
                     copy.write("\n".join(buf) + "\n")
         else:
             # executemany of plain tuples on the SQLAlchemy connection (the fast path)
-            sql = (f"INSERT INTO runs ({', '.join(cols)}, last_heartbeat_at) "
-                   f"VALUES ({', '.join('?' * (len(cols) + 1))})")
+            sql = (
+                f"INSERT INTO runs ({', '.join(cols)}, last_heartbeat_at) "
+                f"VALUES ({', '.join('?' * (len(cols) + 1))})"
+            )
             batch: list[tuple] = []
             for row in rows():
                 batch.append((*row, row[6]))
@@ -103,12 +172,16 @@ def reset(store, exp: str, k: int, now: float) -> None:
     c_ = t.runs.c
     index = c_.variation * PER_VARIATION + c_.run  # the owed runs are the first k
     with store.engine.begin() as conn:
-        conn.execute(t.runs.update().where(c_.experiment_id == exp, index < k // 2)
-                     .values(state="running", alive_at=now - 2000))
-        conn.execute(t.runs.update().where(c_.experiment_id == exp, index >= k // 2,
-                                           index < k)
-                     .values(state="lost", alive_at=now - 180000, ended_at=None,
-                             reason=None))
+        conn.execute(
+            t.runs.update()
+            .where(c_.experiment_id == exp, index < k // 2)
+            .values(state="running", alive_at=now - 2000)
+        )
+        conn.execute(
+            t.runs.update()
+            .where(c_.experiment_id == exp, index >= k // 2, index < k)
+            .values(state="lost", alive_at=now - 180000, ended_at=None, reason=None)
+        )
         conn.execute(t.events.delete().where(t.events.c.cause == "watchdog"))
 
 
@@ -123,36 +196,61 @@ def sweep_setbased(store) -> dict[str, int]:
 
     now = store.clock()
     timeout, grace = store.heartbeat_timeout, store.lost_grace
-    params = {"cut": now - timeout, "ecut": now - timeout - grace, "timeout": timeout,
-              "grace": grace}
+    params = {
+        "cut": now - timeout,
+        "ecut": now - timeout - grace,
+        "timeout": timeout,
+        "grace": grace,
+    }
     cols = "experiment_id, variation, run, kind, from_state, to_state, at, cause, detail"
-    lost_sel = ("experiment_id, variation, run, 'transition', 'running', 'lost', "
-                "alive_at + :timeout, 'watchdog', NULL")
-    exp_sel = ("experiment_id, variation, run, 'transition', 'lost', 'failed_lost', "
-               "alive_at + :timeout + :grace, 'watchdog', NULL")
+    lost_sel = (
+        "experiment_id, variation, run, 'transition', 'running', 'lost', "
+        "alive_at + :timeout, 'watchdog', NULL"
+    )
+    exp_sel = (
+        "experiment_id, variation, run, 'transition', 'lost', 'failed_lost', "
+        "alive_at + :timeout + :grace, 'watchdog', NULL"
+    )
     lost_where = "state = 'running' AND alive_at < :cut"
     exp_where = "state = 'lost' AND alive_at < :ecut"
-    exp_set = ("state = 'failed_lost', reason = 'lost', "
-               "ended_at = alive_at + :timeout + :grace")
+    exp_set = "state = 'failed_lost', reason = 'lost', ended_at = alive_at + :timeout + :grace"
     with store._write() as conn:
         if store._sqlite:
-            conn.execute(sa.text(f"INSERT INTO events ({cols}) SELECT {lost_sel} FROM runs "
-                                 f"WHERE {lost_where}"), params)
-            lost = conn.execute(sa.text(f"UPDATE runs SET state = 'lost' WHERE {lost_where}"),
-                                params).rowcount
-            conn.execute(sa.text(f"INSERT INTO events ({cols}) SELECT {exp_sel} FROM runs "
-                                 f"WHERE {exp_where}"), params)
-            expired = conn.execute(sa.text(f"UPDATE runs SET {exp_set} WHERE {exp_where}"),
-                                   params).rowcount
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO events ({cols}) SELECT {lost_sel} FROM runs WHERE {lost_where}"
+                ),
+                params,
+            )
+            lost = conn.execute(
+                sa.text(f"UPDATE runs SET state = 'lost' WHERE {lost_where}"), params
+            ).rowcount
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO events ({cols}) SELECT {exp_sel} FROM runs WHERE {exp_where}"
+                ),
+                params,
+            )
+            expired = conn.execute(
+                sa.text(f"UPDATE runs SET {exp_set} WHERE {exp_where}"), params
+            ).rowcount
         else:
-            lost = conn.execute(sa.text(
-                f"WITH moved AS (UPDATE runs SET state = 'lost' WHERE {lost_where} "
-                "RETURNING experiment_id, variation, run, alive_at) "
-                f"INSERT INTO events ({cols}) SELECT {lost_sel} FROM moved"), params).rowcount
-            expired = conn.execute(sa.text(
-                f"WITH moved AS (UPDATE runs SET {exp_set} WHERE {exp_where} "
-                "RETURNING experiment_id, variation, run, alive_at) "
-                f"INSERT INTO events ({cols}) SELECT {exp_sel} FROM moved"), params).rowcount
+            lost = conn.execute(
+                sa.text(
+                    f"WITH moved AS (UPDATE runs SET state = 'lost' WHERE {lost_where} "
+                    "RETURNING experiment_id, variation, run, alive_at) "
+                    f"INSERT INTO events ({cols}) SELECT {lost_sel} FROM moved"
+                ),
+                params,
+            ).rowcount
+            expired = conn.execute(
+                sa.text(
+                    f"WITH moved AS (UPDATE runs SET {exp_set} WHERE {exp_where} "
+                    "RETURNING experiment_id, variation, run, alive_at) "
+                    f"INSERT INTO events ({cols}) SELECT {exp_sel} FROM moved"
+                ),
+                params,
+            ).rowcount
     return {"lost": lost, "failed_lost": expired}
 
 
@@ -164,14 +262,19 @@ def watchdog_trail(store) -> list[tuple]:
 
     e, r = t.events.c, t.runs.c
     with store.engine.connect() as conn:
-        events = conn.execute(sa.select(e.experiment_id, e.variation, e.run, e.kind,
-                                        e.from_state, e.to_state, e.at, e.cause)
-                              .where(e.cause == "watchdog")).all()
-        runs = conn.execute(sa.select(r.experiment_id, r.variation, r.run, r.state, r.reason,
-                                      r.ended_at).where(r.state.in_(["lost", "failed_lost"]))
-                            ).all()
+        events = conn.execute(
+            sa.select(
+                e.experiment_id, e.variation, e.run, e.kind, e.from_state, e.to_state, e.at, e.cause
+            ).where(e.cause == "watchdog")
+        ).all()
+        runs = conn.execute(
+            sa.select(r.experiment_id, r.variation, r.run, r.state, r.reason, r.ended_at).where(
+                r.state.in_(["lost", "failed_lost"])
+            )
+        ).all()
     return sorted((*x[:6], round(x[6], 3), x[7]) for x in events) + sorted(
-        (*x[:5], None if x[5] is None else round(x[5], 3)) for x in runs)
+        (*x[:5], None if x[5] is None else round(x[5], 3)) for x in runs
+    )
 
 
 def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
@@ -185,8 +288,7 @@ def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
             url = f"sqlite:///{scratch}/sweep.db"
         else:
             url = databases.enter_context(c.scratch_postgres("sweep"))
-        store = Store.open(url, scratch / "assets", heartbeat_timeout=TIMEOUT,
-                           lost_grace=GRACE)
+        store = Store.open(url, scratch / "assets", heartbeat_timeout=TIMEOUT, lost_grace=GRACE)
         now = time.time()
         t0 = time.perf_counter()
         exp, _ = populate(store, n, k, now)
@@ -204,8 +306,11 @@ def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
             again = store.sweep()
             idle.append(time.perf_counter() - t0)
             assert again == {"lost": 0, "failed_lost": 0}, again
-            print(f"  {backend} rep {rep}: sweep {owed[-1] * 1e3:.1f} ms (moved {moved}), "
-                  f"idle sweep {idle[-1] * 1e3:.1f} ms", flush=True)
+            print(
+                f"  {backend} rep {rep}: sweep {owed[-1] * 1e3:.1f} ms (moved {moved}), "
+                f"idle sweep {idle[-1] * 1e3:.1f} ms",
+                flush=True,
+            )
         trail = watchdog_trail(store)
         proposed = []
         for _ in range(repeats):
@@ -215,8 +320,11 @@ def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
             proposed.append(time.perf_counter() - t0)
             assert moved == {"lost": k // 2, "failed_lost": k - k // 2}, moved
         assert watchdog_trail(store) == trail, "the proposed sweep writes a different trail"
-        print(f"  {backend}: proposed set-based sweep median "
-              f"{c.stats(proposed)['median'] * 1e3:.1f} ms", flush=True)
+        print(
+            f"  {backend}: proposed set-based sweep median "
+            f"{c.stats(proposed)['median'] * 1e3:.1f} ms",
+            flush=True,
+        )
         if PROFILE:
             import cProfile
             import pstats
@@ -231,9 +339,14 @@ def bench_backend(backend: str, n: int, k: int, repeats: int) -> dict:
                 pstats.Stats(prof, stream=fh).sort_stats("cumulative").print_stats(35)
             print(f"  profile: {prof_path}")
         store.close()
-        return {"runs": n, "owed": k, "insert_s": setup_s, "sweep_s": c.stats(owed),
-                "idle_sweep_s": c.stats(idle),
-                "proposed_setbased_sweep_s": c.stats(proposed)}
+        return {
+            "runs": n,
+            "owed": k,
+            "insert_s": setup_s,
+            "sweep_s": c.stats(owed),
+            "idle_sweep_s": c.stats(idle),
+            "proposed_setbased_sweep_s": c.stats(proposed),
+        }
     finally:
         databases.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -262,10 +375,11 @@ def main() -> None:
         r = bench_backend(backend, n, k, repeats)
         out["backends"][backend] = r
         s = r["sweep_s"]
-        print(f"{backend}: sweep over {n} runs, {k} owed: median {s['median'] * 1e3:.1f} ms "
-              f"[{s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f}]")
-    c.save("fig5_sweep" + ("_quick" if a.quick else "") + ("_profiled" if a.profile else ""),
-           out)
+        print(
+            f"{backend}: sweep over {n} runs, {k} owed: median {s['median'] * 1e3:.1f} ms "
+            f"[{s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f}]"
+        )
+    c.save("fig5_sweep" + ("_quick" if a.quick else "") + ("_profiled" if a.profile else ""), out)
 
 
 if __name__ == "__main__":

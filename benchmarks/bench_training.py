@@ -59,14 +59,40 @@ def timed_hooks(obj: object, names: list[str]) -> None:
         setattr(obj, name, wrapper)
 
 
-LIGHTNING_HOOKS = ["setup", "on_fit_start", "on_fit_end", "on_train_start", "on_train_end",
-                   "on_train_batch_start", "on_train_batch_end", "on_train_epoch_start",
-                   "on_train_epoch_end", "on_validation_start", "on_validation_end",
-                   "on_save_checkpoint", "on_exception", "teardown", "state_dict",
-                   "on_before_backward", "on_after_backward"]
-HF_HOOKS = ["on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
-            "on_step_begin", "on_step_end", "on_substep_end", "on_save", "on_log",
-            "on_evaluate", "on_pre_optimizer_step", "on_optimizer_step"]
+LIGHTNING_HOOKS = [
+    "setup",
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_validation_start",
+    "on_validation_end",
+    "on_save_checkpoint",
+    "on_exception",
+    "teardown",
+    "state_dict",
+    "on_before_backward",
+    "on_after_backward",
+]
+HF_HOOKS = [
+    "on_init_end",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_step_begin",
+    "on_step_end",
+    "on_substep_end",
+    "on_save",
+    "on_log",
+    "on_evaluate",
+    "on_pre_optimizer_step",
+    "on_optimizer_step",
+]
 
 
 # ---------------------------------------------------------------------- Lightning
@@ -80,9 +106,13 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         def __init__(self, width: int = 256, lr: float = 0.01) -> None:
             super().__init__()
             self.save_hyperparameters()
-            self.net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(),
-                                           torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                           torch.nn.Linear(width, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(64, width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, 1),
+            )
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -106,17 +136,32 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         callbacks.append(cb)
     elif variant == "noop-callback":
         # What Lightning charges for *any* extra callback: the same hooks as ours, empty.
-        callbacks.append(type("Noop", (pl.Callback,), {
-            name: (lambda self, *a, **kw: None) for name in LIGHTNING_HOOKS
-            if name not in ("state_dict", "setup", "teardown", "on_exception")})())
+        callbacks.append(
+            type(
+                "Noop",
+                (pl.Callback,),
+                {
+                    name: (lambda self, *a, **kw: None)
+                    for name in LIGHTNING_HOOKS
+                    if name not in ("state_dict", "setup", "teardown", "on_exception")
+                },
+            )()
+        )
     elif variant == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
         logger = MLFlowLogger(experiment_name="bench-fit", tracking_uri=ctx["mlflow_url"])
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger,
-                         callbacks=callbacks, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(root),
-                         log_every_n_steps=50)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        log_every_n_steps=50,
+    )
     model = Net(width=width)
     t0, c0 = time.perf_counter(), time.thread_time()
     trainer.fit(model, loader)
@@ -138,9 +183,13 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(),
-                                           torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                           torch.nn.Linear(width, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(64, width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, 1),
+            )
 
         def forward(self, x, labels=None):
             out = self.net(x)
@@ -167,15 +216,28 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         callbacks.append(cb)
     elif variant == "noop-callback":
         # What the Trainer charges for *any* extra callback: the same hooks as ours, empty.
-        callbacks.append(type("Noop", (TrainerCallback,), {
-            name: (lambda self, *a, **kw: None) for name in HF_HOOKS})())
+        callbacks.append(
+            type(
+                "Noop",
+                (TrainerCallback,),
+                {name: (lambda self, *a, **kw: None) for name in HF_HOOKS},
+            )()
+        )
     args = TrainingArguments(
-        output_dir=str(root), max_steps=steps, per_device_train_batch_size=32,
-        learning_rate=0.01, save_strategy="steps", save_steps=max(1, steps // 2),
-        logging_steps=50, report_to=["mlflow"] if variant == "mlflow" else "none",
-        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, save_total_limit=2)
-    trainer = Trainer(model=Net(), args=args, train_dataset=Data(steps * 32),
-                      callbacks=callbacks)
+        output_dir=str(root),
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=0.01,
+        save_strategy="steps",
+        save_steps=max(1, steps // 2),
+        logging_steps=50,
+        report_to=["mlflow"] if variant == "mlflow" else "none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_total_limit=2,
+    )
+    trainer = Trainer(model=Net(), args=args, train_dataset=Data(steps * 32), callbacks=callbacks)
     t0, c0 = time.perf_counter(), time.thread_time()
     trainer.train()
     elapsed = time.perf_counter() - t0
@@ -191,19 +253,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per epoch/fit")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--width", type=int, default=256,
-                   help="hidden width of the MLP (256: a ~1.5 ms step, the worst case for a "
-                        "per-step cost; 1024: a ~10x longer step, still a small model)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=256,
+        help="hidden width of the MLP (256: a ~1.5 ms step, the worst case for a "
+        "per-step cost; 1024: a ~10x longer step, still a small model)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result file name (e.g. long)")
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, cProfile one fit per tracked variant (training thread)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, cProfile one fit per tracked variant (training thread)",
+    )
     args = p.parse_args()
     steps = args.steps or (100 if args.quick else 600)
     repeats = args.repeats or (2 if args.quick else 5)
     variants = args.variants.split(",")
-    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -226,13 +299,21 @@ def main() -> None:
     hooks: dict[str, dict] = {}
     try:
         if any(v.startswith("chronicle-http") for v in variants):
-            ctx["chronicle_server"] = servers.enter_context(c.chronicle_server(
-                f"sqlite:///{scratch}/server.db", scratch / "server-assets",
-                scratch / "chronicle-server.log"))
+            ctx["chronicle_server"] = servers.enter_context(
+                c.chronicle_server(
+                    f"sqlite:///{scratch}/server.db",
+                    scratch / "server-assets",
+                    scratch / "chronicle-server.log",
+                )
+            )
         if "mlflow" in variants:
-            srv = servers.enter_context(c.mlflow_server(
-                f"sqlite:///{scratch}/mlflow.db", scratch / "mlflow-artifacts",
-                scratch / "mlflow-server.log"))
+            srv = servers.enter_context(
+                c.mlflow_server(
+                    f"sqlite:///{scratch}/mlflow.db",
+                    scratch / "mlflow-artifacts",
+                    scratch / "mlflow-server.log",
+                )
+            )
             ctx["mlflow_url"] = srv.url
             os.environ["MLFLOW_TRACKING_URI"] = srv.url
             os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "bench-fit-hf")
@@ -254,20 +335,24 @@ def main() -> None:
                 times[variant].append(elapsed)
                 cpu[variant].append(ctx["thread_cpu"])
                 if HOOK_TIMES:
-                    h = hooks.setdefault(variant, {"total": [], "per_hook": defaultdict(list),
-                                                   "calls": {}})
+                    h = hooks.setdefault(
+                        variant, {"total": [], "per_hook": defaultdict(list), "calls": {}}
+                    )
                     h["total"].append(sum(HOOK_TIMES.values()))
                     for k, v in HOOK_TIMES.items():
                         h["per_hook"][k].append(v)
                     h["calls"] = dict(HOOK_CALLS)
-            print(f"  {variant:20s} rep {rep}: {elapsed:.3f}s"
-                  + (f"  hooks {sum(HOOK_TIMES.values()) * 1e3:.1f} ms" if HOOK_TIMES else "")
-                  + ("" if record else "  (warm-up)"), flush=True)
+            print(
+                f"  {variant:20s} rep {rep}: {elapsed:.3f}s"
+                + (f"  hooks {sum(HOOK_TIMES.values()) * 1e3:.1f} ms" if HOOK_TIMES else "")
+                + ("" if record else "  (warm-up)"),
+                flush=True,
+            )
 
         for v in variants:
             one(v, -1, record=False)
         for rep in range(repeats):
-            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+            order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             for v in order:
                 one(v, rep, record=True)
         if args.profile:
@@ -292,42 +377,65 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     base = c.stats(times["none"])["median"] if "none" in times else None
-    out = {"framework": args.framework, "steps": steps, "repeats": repeats,
-           "torch_threads": args.threads, "width": args.width, "variants": {},
-           "versions": c.versions("torch", "lightning", "transformers", "mlflow",
-                                  "chronicle-integrations")}
+    out = {
+        "framework": args.framework,
+        "steps": steps,
+        "repeats": repeats,
+        "torch_threads": args.threads,
+        "width": args.width,
+        "variants": {},
+        "versions": c.versions(
+            "torch", "lightning", "transformers", "mlflow", "chronicle-integrations"
+        ),
+    }
     for v, ts in times.items():
         s = c.stats(ts)
-        entry = {"fit_s": s, "ratio": (s["median"] / base) if base else None,
-                 "thread_cpu_s": c.stats(cpu[v])}
+        entry = {
+            "fit_s": s,
+            "ratio": (s["median"] / base) if base else None,
+            "thread_cpu_s": c.stats(cpu[v]),
+        }
         if "none" in times and v != "none":
             # Each repeat runs every variant back to back: the ratio of a variant to the
             # untracked fit of the *same* repeat cancels the machine's slow drifts (other
             # tenants), which the ratio of medians does not.
-            entry["paired_ratio"] = c.stats([t / b for t, b in zip(ts, times["none"],
-                                                                   strict=True)])
+            entry["paired_ratio"] = c.stats([t / b for t, b in zip(ts, times["none"], strict=True)])
             entry["thread_cpu_paired_ratio"] = c.stats(
-                [t / b for t, b in zip(cpu[v], cpu["none"], strict=True)])
+                [t / b for t, b in zip(cpu[v], cpu["none"], strict=True)]
+            )
         if v in hooks:
             h = hooks[v]
             entry["hook_s"] = c.stats(h["total"])
-            entry["hook_fraction_of_baseline"] = (c.stats(h["total"])["median"] / base
-                                                  if base else None)
+            entry["hook_fraction_of_baseline"] = (
+                c.stats(h["total"])["median"] / base if base else None
+            )
             entry["hook_breakdown_median_ms"] = {
-                k: round(c.stats(vs)["median"] * 1e3, 3) for k, vs in h["per_hook"].items()}
+                k: round(c.stats(vs)["median"] * 1e3, 3) for k, vs in h["per_hook"].items()
+            }
             entry["hook_calls"] = h["calls"]
         out["variants"][v] = entry
-        print(f"{v:20s} median {s['median']:.3f}s [{s['min']:.3f}-{s['max']:.3f}]"
-              + (f"  ratio {entry['ratio']:.4f}" if entry["ratio"] else "")
-              + (f"  paired {entry['paired_ratio']['median']:.4f} "
-                 f"[{entry['paired_ratio']['min']:.3f}-{entry['paired_ratio']['max']:.3f}]"
-                 if "paired_ratio" in entry else "")
-              + (f"  thread-cpu paired {entry['thread_cpu_paired_ratio']['median']:.4f}"
-                 if "thread_cpu_paired_ratio" in entry else "")
-              + (f"  hooks {entry['hook_s']['median'] * 1e3:.1f} ms" if v in hooks else ""))
+        print(
+            f"{v:20s} median {s['median']:.3f}s [{s['min']:.3f}-{s['max']:.3f}]"
+            + (f"  ratio {entry['ratio']:.4f}" if entry["ratio"] else "")
+            + (
+                f"  paired {entry['paired_ratio']['median']:.4f} "
+                f"[{entry['paired_ratio']['min']:.3f}-{entry['paired_ratio']['max']:.3f}]"
+                if "paired_ratio" in entry
+                else ""
+            )
+            + (
+                f"  thread-cpu paired {entry['thread_cpu_paired_ratio']['median']:.4f}"
+                if "thread_cpu_paired_ratio" in entry
+                else ""
+            )
+            + (f"  hooks {entry['hook_s']['median'] * 1e3:.1f} ms" if v in hooks else "")
+        )
     tag = "peers" if "mlflow" in variants else "chronicle"
-    c.save(f"fig1_{args.framework}_{tag}{'_quick' if args.quick else ''}"
-           f"{'_profiled' if args.profile else ''}{'_' + args.tag if args.tag else ''}", out)
+    c.save(
+        f"fig1_{args.framework}_{tag}{'_quick' if args.quick else ''}"
+        f"{'_profiled' if args.profile else ''}{'_' + args.tag if args.tag else ''}",
+        out,
+    )
 
 
 if __name__ == "__main__":

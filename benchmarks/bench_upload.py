@@ -77,10 +77,13 @@ def chronicle_upload(ch, exp: str, src: Path, server: c.Server) -> dict:
         t_end = time.perf_counter()
     info = handle.result()
     assert info.size == src.stat().st_size
-    return {"seconds": done["t"] - t0, "call_ms": (t_call - t0) * 1e3,
-            "end_wait_overhead_ms": (t_end - done["t"]) * 1e3,
-            "client_rss_growth_mib": rss.growth_mib()["client"],
-            "server_rss_growth_mib": rss.growth_mib()["server"]}
+    return {
+        "seconds": done["t"] - t0,
+        "call_ms": (t_call - t0) * 1e3,
+        "end_wait_overhead_ms": (t_end - done["t"]) * 1e3,
+        "client_rss_growth_mib": rss.growth_mib()["client"],
+        "server_rss_growth_mib": rss.growth_mib()["server"],
+    }
 
 
 def mlflow_upload(src: Path, server: c.Server) -> dict:
@@ -108,8 +111,9 @@ def main() -> None:
     p.add_argument("--peers", default="mlflow")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
-    sizes = [parse_size(s) for s in (a.sizes or ("64M,256M" if a.quick else "256M,2G,4G")
-                                     ).split(",")]
+    sizes = [
+        parse_size(s) for s in (a.sizes or ("64M,256M" if a.quick else "256M,2G,4G")).split(",")
+    ]
     repeats = a.repeats or (2 if a.quick else 3)
     c.WORK.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(c.WORK).free
@@ -119,17 +123,29 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=c.WORK))
     data_dir = c.WORK / "data"
     use_mlflow = "mlflow" in a.peers and c.peers_ready()
-    out: dict = {"repeats": repeats, "sizes": {},
-                 "versions": c.versions("requests", "uvicorn", "fastapi", "mlflow")}
+    out: dict = {
+        "repeats": repeats,
+        "sizes": {},
+        "versions": c.versions("requests", "uvicorn", "fastapi", "mlflow"),
+    }
     from chronicle_integrations import Chronicle
 
     servers = contextlib.ExitStack()  # stopped whatever happens
     try:
-        server = servers.enter_context(c.chronicle_server(
-            f"sqlite:///{scratch}/server.db", scratch / "assets", scratch / "chronicle.log"))
-        mlf = (servers.enter_context(c.mlflow_server(
-            f"sqlite:///{scratch}/mlflow.db", scratch / "mlflow-art", scratch / "mlflow.log"))
-            if use_mlflow else None)
+        server = servers.enter_context(
+            c.chronicle_server(
+                f"sqlite:///{scratch}/server.db", scratch / "assets", scratch / "chronicle.log"
+            )
+        )
+        mlf = (
+            servers.enter_context(
+                c.mlflow_server(
+                    f"sqlite:///{scratch}/mlflow.db", scratch / "mlflow-art", scratch / "mlflow.log"
+                )
+            )
+            if use_mlflow
+            else None
+        )
         ch = Chronicle(url=server.url, home=scratch / "client-home")
         exp = ch.create_experiment("upload", variations=[{}])
         try:
@@ -146,18 +162,22 @@ def main() -> None:
                     r = chronicle_upload(ch, exp, src, server)
                     res["chronicle"].append(r)
                     clean_dir(scratch / "assets")
-                    line = (f"  {fmt_size(size)} rep {rep}: cp+sync {withsync:.2f}s "
-                            f"(cp {nosync:.2f}s)  chronicle {r['seconds']:.2f}s "
-                            f"(rss client +{r['client_rss_growth_mib']:.0f} MiB, server "
-                            f"+{r['server_rss_growth_mib']:.0f} MiB, end wait "
-                            f"+{r['end_wait_overhead_ms']:.1f} ms)")
+                    line = (
+                        f"  {fmt_size(size)} rep {rep}: cp+sync {withsync:.2f}s "
+                        f"(cp {nosync:.2f}s)  chronicle {r['seconds']:.2f}s "
+                        f"(rss client +{r['client_rss_growth_mib']:.0f} MiB, server "
+                        f"+{r['server_rss_growth_mib']:.0f} MiB, end wait "
+                        f"+{r['end_wait_overhead_ms']:.1f} ms)"
+                    )
                     if mlf is not None:
                         m = mlflow_upload(src, mlf)
                         res["mlflow"].append(m)
                         clean_dir(scratch / "mlflow-art")
-                        line += (f"  mlflow {m['seconds']:.2f}s (rss client "
-                                 f"+{m['client_rss_growth_mib']:.0f} MiB, server "
-                                 f"+{m['server_rss_growth_mib']:.0f} MiB)")
+                        line += (
+                            f"  mlflow {m['seconds']:.2f}s (rss client "
+                            f"+{m['client_rss_growth_mib']:.0f} MiB, server "
+                            f"+{m['server_rss_growth_mib']:.0f} MiB)"
+                        )
                     print(line, flush=True)
                 mib = size / 2**20
                 summary = {"cp_s": c.stats(res["cp"]), "cp_nosync_s": c.stats(res["cp_nosync"])}
@@ -170,20 +190,29 @@ def main() -> None:
                 for k in list(summary):
                     if k.endswith("_s") and summary[k]["n"]:
                         summary[k.replace("_s", "_mib_per_s", 1)] = mib / summary[k]["median"]
-                summary["chronicle_vs_cp"] = summary["cp_s"]["median"] / summary[
-                    "chronicle_s"]["median"]
-                summary["chronicle_vs_cp_nosync"] = summary["cp_nosync_s"]["median"] / \
-                    summary["chronicle_s"]["median"]
+                summary["chronicle_vs_cp"] = (
+                    summary["cp_s"]["median"] / summary["chronicle_s"]["median"]
+                )
+                summary["chronicle_vs_cp_nosync"] = (
+                    summary["cp_nosync_s"]["median"] / summary["chronicle_s"]["median"]
+                )
                 if res["mlflow"]:
-                    summary["mlflow_vs_cp"] = summary["cp_s"]["median"] / summary[
-                        "mlflow_s"]["median"]
+                    summary["mlflow_vs_cp"] = (
+                        summary["cp_s"]["median"] / summary["mlflow_s"]["median"]
+                    )
                 out["sizes"][fmt_size(size)] = summary
-                print(f"{fmt_size(size)}: chronicle {summary['chronicle_mib_per_s']:.0f} MiB/s "
-                      f"= {summary['chronicle_vs_cp']:.2f}x cp+sync "
-                      f"({summary['chronicle_vs_cp_nosync']:.2f}x cp)"
-                      + (f"; mlflow {summary['mlflow_mib_per_s']:.0f} MiB/s = "
-                         f"{summary['mlflow_vs_cp']:.2f}x cp+sync" if res["mlflow"] else ""),
-                      flush=True)
+                print(
+                    f"{fmt_size(size)}: chronicle {summary['chronicle_mib_per_s']:.0f} MiB/s "
+                    f"= {summary['chronicle_vs_cp']:.2f}x cp+sync "
+                    f"({summary['chronicle_vs_cp_nosync']:.2f}x cp)"
+                    + (
+                        f"; mlflow {summary['mlflow_mib_per_s']:.0f} MiB/s = "
+                        f"{summary['mlflow_vs_cp']:.2f}x cp+sync"
+                        if res["mlflow"]
+                        else ""
+                    ),
+                    flush=True,
+                )
         finally:
             ch.close()
     finally:

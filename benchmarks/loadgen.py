@@ -17,13 +17,22 @@ from collections.abc import Callable
 
 def encode(host: str, port: int, path: str, body: dict) -> bytes:
     data = json.dumps(body, separators=(",", ":")).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: keep-alive\r\n\r\n").encode() + data
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        f"Connection: keep-alive\r\n\r\n"
+    ).encode() + data
 
 
-async def _client(host: str, port: int, make: Callable[[int], bytes], t_start: float,
-                  t_end: float, lat: list[float], errors: list[str]) -> None:
+async def _client(
+    host: str,
+    port: int,
+    make: Callable[[int], bytes],
+    t_start: float,
+    t_end: float,
+    lat: list[float],
+    errors: list[str],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     n = 0
     try:
@@ -53,8 +62,14 @@ async def _client(host: str, port: int, make: Callable[[int], bytes], t_start: f
         writer.close()
 
 
-def run(host: str, port: int, makers: list[Callable[[int], bytes]], duration: float,
-        warmup: float, server_pids: list[int]) -> dict:
+def run(
+    host: str,
+    port: int,
+    makers: list[Callable[[int], bytes]],
+    duration: float,
+    warmup: float,
+    server_pids: list[int],
+) -> dict:
     """Drive len(makers) concurrent clients for warmup + duration seconds."""
     import psutil
 
@@ -96,11 +111,19 @@ def run(host: str, port: int, makers: list[Callable[[int], bytes]], duration: fl
     def pct(q: float) -> float | None:
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
 
-    return {"clients": len(makers), "requests": len(lat), "wall_s": wall,
-            "rps": len(lat) / duration, "p50_ms": _ms(pct(0.50)), "p99_ms": _ms(pct(0.99)),
-            "max_ms": _ms(lat[-1] if lat else None), "errors": len(errors),
-            "error_samples": [e for e in errors if e][:5],
-            "loadgen_cpu_cores": gen_cpu / wall, "server_cpu_cores": srv_cpu / wall}
+    return {
+        "clients": len(makers),
+        "requests": len(lat),
+        "wall_s": wall,
+        "rps": len(lat) / duration,
+        "p50_ms": _ms(pct(0.50)),
+        "p99_ms": _ms(pct(0.99)),
+        "max_ms": _ms(lat[-1] if lat else None),
+        "errors": len(errors),
+        "error_samples": [e for e in errors if e][:5],
+        "loadgen_cpu_cores": gen_cpu / wall,
+        "server_cpu_cores": srv_cpu / wall,
+    }
 
 
 def _ms(x: float | None) -> float | None:

@@ -1,12 +1,12 @@
 """What one heartbeat costs inside the store (no HTTP, one thread), SQLite and PostgreSQL:
 
-  heartbeat        : ``Store.heartbeat(...)``: one transaction, one prebuilt
-                     ``UPDATE ... RETURNING`` (the fast path of a live run under its lease);
-  heartbeat_many_64: ``Store.heartbeat_many`` with 64 runs per call, what the server's
-                     heartbeat lane does under load (one transaction per batch; on
-                     PostgreSQL one ``UPDATE ... FROM unnest(...)`` for the batch).
+heartbeat        : ``Store.heartbeat(...)``: one transaction, one prebuilt
+                   ``UPDATE ... RETURNING`` (the fast path of a live run under its lease);
+heartbeat_many_64: ``Store.heartbeat_many`` with 64 runs per call, what the server's
+                   heartbeat lane does under load (one transaction per batch; on
+                   PostgreSQL one ``UPDATE ... FROM unnest(...)`` for the batch).
 
-    .venv/bin/python benchmarks/micro_heartbeat.py [--quick]
+  .venv/bin/python benchmarks/micro_heartbeat.py [--quick]
 """
 
 from __future__ import annotations
@@ -67,8 +67,11 @@ def main() -> None:
     n = 200 if a.quick else 1000
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="hb-", dir=c.WORK))
-    out: dict = {"heartbeats_per_sample": n, "backends": {},
-                 "versions": c.versions("sqlalchemy", "psycopg")}
+    out: dict = {
+        "heartbeats_per_sample": n,
+        "backends": {},
+        "versions": c.versions("sqlalchemy", "psycopg"),
+    }
     try:
         out["backends"]["sqlite"] = bench(f"sqlite:///{scratch}/hb.db", scratch / "a", n)
         with c.scratch_postgres("hb") as url:
@@ -76,9 +79,13 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for b, r in out["backends"].items():
-        print(f"{b:8s} " + "   ".join(
-            f"{name} {s['median']:.3f} ms [{s['min']:.3f}-{s['max']:.3f}] per heartbeat"
-            for name, s in r.items()))
+        print(
+            f"{b:8s} "
+            + "   ".join(
+                f"{name} {s['median']:.3f} ms [{s['min']:.3f}-{s['max']:.3f}] per heartbeat"
+                for name, s in r.items()
+            )
+        )
     c.save("micro_heartbeat" + ("_quick" if a.quick else ""), out)
 
 

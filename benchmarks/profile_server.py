@@ -58,13 +58,25 @@ def main() -> None:
         with c.chronicle_server(store, scratch / "assets", scratch / "server.log") as server:
             makers = bench_server.chronicle_targets(server, a.clients)
             raw = c.RESULTS / f"profile_server_{a.backend}_{a.clients}.raw.txt"
-            spy = subprocess.Popen([str(c.HERE / ".peers-venv" / "bin" / "py-spy"), "record",
-                                    "--pid", str(server.pid), "--duration",
-                                    str(int(a.duration)), "--rate", "200", "--format", "raw",
-                                    "-o", str(raw)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            r = loadgen.run("127.0.0.1", server.port, makers, a.duration - 1, 0.5,
-                            server.pids())
+            spy = subprocess.Popen(
+                [
+                    str(c.HERE / ".peers-venv" / "bin" / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--duration",
+                    str(int(a.duration)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(raw),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            r = loadgen.run("127.0.0.1", server.port, makers, a.duration - 1, 0.5, server.pids())
             spy.wait(60)
             print(r)
             report = summarize(raw)

@@ -64,8 +64,9 @@ class TransportError(ChronicleError):
 class UploadError(ChronicleError):
     """An asset upload failed for good. ``staged_path`` is kept for ``chronicle sync``."""
 
-    def __init__(self, message: str, *, name: str | None = None,
-                 staged_path: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, name: str | None = None, staged_path: str | None = None
+    ) -> None:
         super().__init__(message)
         self.name = name
         self.staged_path = staged_path
@@ -186,9 +187,19 @@ class ServerError(APIError):
 
 _BY_CODE: dict[str, type[APIError]] = {
     cls.code: cls
-    for cls in (InvalidRequest, Unauthorized, NotFound, InvalidTransition, LeaseConflict,
-                AlreadyExists, OffsetMismatch, PayloadTooLarge, DigestMismatch, StorageFull,
-                ServerError)
+    for cls in (
+        InvalidRequest,
+        Unauthorized,
+        NotFound,
+        InvalidTransition,
+        LeaseConflict,
+        AlreadyExists,
+        OffsetMismatch,
+        PayloadTooLarge,
+        DigestMismatch,
+        StorageFull,
+        ServerError,
+    )
 }
 
 

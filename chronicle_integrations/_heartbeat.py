@@ -77,9 +77,13 @@ class Progress:
 class KeepAlive:
     """A running heartbeat loop for one run. A context manager; ``stop()`` ends it."""
 
-    def __init__(self, run: Run, interval: float = 60.0,
-                 on_cancel: Callable[[Run, str], None] | None = None,
-                 stall_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        run: Run,
+        interval: float = 60.0,
+        on_cancel: Callable[[Run, str], None] | None = None,
+        stall_timeout: float | None = None,
+    ) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         if stall_timeout is not None and stall_timeout <= 0:
@@ -95,12 +99,15 @@ class KeepAlive:
         self.stalled = False
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._loop, daemon=True,
-            name=f"chronicle-heartbeat-{run.experiment_id}/{run.variation}/{run.run}")
+            target=self._loop,
+            daemon=True,
+            name=f"chronicle-heartbeat-{run.experiment_id}/{run.variation}/{run.run}",
+        )
         self.beats = 0
 
-    def join(self, run: Run, on_cancel: Callable[[Run, str], None] | None,
-             stall_timeout: float | None) -> None:
+    def join(
+        self, run: Run, on_cancel: Callable[[Run, str], None] | None, stall_timeout: float | None
+    ) -> None:
         """Let another handle on this run share the loop (or update the owner's settings).
         The tightest stall timeout of all members applies."""
         if run is self.run:
@@ -142,8 +149,12 @@ class KeepAlive:
     def __enter__(self) -> KeepAlive:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def _loop(self) -> None:
@@ -164,8 +175,7 @@ class KeepAlive:
                 return
             except APIError as exc:
                 if exc.status < 500 and exc.status != 429:
-                    log.error("heartbeat for %s refused: %s; heartbeats stop",
-                              self.run.key, exc)
+                    log.error("heartbeat for %s refused: %s; heartbeats stop", self.run.key, exc)
                     return
                 failing, delay = self._failed(exc, failing, delay)
                 continue
@@ -184,9 +194,13 @@ class KeepAlive:
         idle = self.run.progress.idle_for()
         if idle > self.stall_timeout:
             if not self.stalled:
-                log.warning("run %s: no training progress for %.0fs (stall_timeout=%.0fs); "
-                            "heartbeats pause so the watchdog can mark the run lost",
-                            self.run.key, idle, self.stall_timeout)
+                log.warning(
+                    "run %s: no training progress for %.0fs (stall_timeout=%.0fs); "
+                    "heartbeats pause so the watchdog can mark the run lost",
+                    self.run.key,
+                    idle,
+                    self.stall_timeout,
+                )
                 self.stalled = True
             return True
         if self.stalled:
@@ -196,8 +210,9 @@ class KeepAlive:
 
     def _failed(self, exc: BaseException, failing: bool, delay: float) -> tuple[bool, float]:
         if not failing:
-            log.warning("heartbeat for %s failed (%s); retrying until it gets through",
-                        self.run.key, exc)
+            log.warning(
+                "heartbeat for %s failed (%s); retrying until it gets through", self.run.key, exc
+            )
         return True, min(self.interval, max(1.0, delay * 2))
 
     def _cancelled(self, exc: APIError) -> None:
@@ -208,10 +223,10 @@ class KeepAlive:
         else:
             state = exc.state if isinstance(exc, InvalidTransition) else None
             why = f"{state} on the server" if state else str(exc)
-        log.warning("run %s is %s: heartbeats stop and the run is marked cancelled",
-                    self.run.key, why)
-        for run, callback in [(self.run, self.on_cancel),
-                              *((m[0], m[1]) for m in self._members)]:
+        log.warning(
+            "run %s is %s: heartbeats stop and the run is marked cancelled", self.run.key, why
+        )
+        for run, callback in [(self.run, self.on_cancel), *((m[0], m[1]) for m in self._members)]:
             run._mark_cancelled(why)
             if callback is None:
                 continue

@@ -87,8 +87,9 @@ def _retry_after(response: requests.Response) -> float | None:
 class HttpTransport:
     """Talks to a Chronicle server. Thread-safe: one session per thread."""
 
-    def __init__(self, url: str, api_key: str | None = None,
-                 policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, url: str, api_key: str | None = None, policy: RetryPolicy | None = None
+    ) -> None:
         self.base = url.rstrip("/")
         self.target = self.base
         self.policy = policy or RetryPolicy()
@@ -116,9 +117,17 @@ class HttpTransport:
         for session in sessions:
             session.close()
 
-    def _request(self, method: str, path: str, *, json: Any = None,
-                 params: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
-                 decode: bool = False, **kwargs: Any) -> requests.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        policy: RetryPolicy | None = None,
+        decode: bool = False,
+        **kwargs: Any,
+    ) -> requests.Response:
         """One API call with retries; returns a 2xx response or raises a typed error.
 
         With ``decode``, the JSON body is read inside the retry loop (``response.decoded``):
@@ -137,7 +146,8 @@ class HttpTransport:
                 connect, read = min(connect, left), min(read, left)
             try:
                 response = self._session().request(
-                    method, url, json=json, params=params, timeout=(connect, read), **kwargs)
+                    method, url, json=json, params=params, timeout=(connect, read), **kwargs
+                )
             except requests.RequestException as exc:
                 failure: str = f"{type(exc).__name__}: {exc}"
                 error: Exception = exc
@@ -170,7 +180,8 @@ class HttpTransport:
                     raise error
                 raise TransportError(
                     f"{method} {url} failed after {attempt + 1} attempt(s) over "
-                    f"{policy.budget:.0f}s: {failure}") from error
+                    f"{policy.budget:.0f}s: {failure}"
+                ) from error
             log.debug("%s %s: %s; retrying in %.2fs", method, path, failure, wait)
             time.sleep(wait)
             attempt += 1
@@ -183,8 +194,9 @@ class HttpTransport:
         return f"/v1/runs/{quote(e, safe='')}/{int(v)}/{int(r)}"
 
     # ------------------------------------------------------------------ experiments
-    def create_experiment(self, name: str, variations: list[dict[str, Any]],
-                          experiment_id: str | None) -> ExperimentInfo:
+    def create_experiment(
+        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+    ) -> ExperimentInfo:
         body = {"name": name, "variations": variations, "experiment_id": experiment_id}
         return ExperimentInfo.from_dict(self._json("POST", "/v1/experiments", json=body))
 
@@ -194,24 +206,27 @@ class HttpTransport:
 
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         return ExperimentInfo.from_dict(
-            self._json("GET", f"/v1/experiments/{quote(experiment_id, safe='')}"))
+            self._json("GET", f"/v1/experiments/{quote(experiment_id, safe='')}")
+        )
 
-    def add_variation(self, experiment_id: str, config: dict[str, Any],
-                      request_id: str) -> int:
-        data = self._json("POST", f"/v1/experiments/{quote(experiment_id, safe='')}/variations",
-                          json={"config": config, "request_id": request_id})
+    def add_variation(self, experiment_id: str, config: dict[str, Any], request_id: str) -> int:
+        data = self._json(
+            "POST",
+            f"/v1/experiments/{quote(experiment_id, safe='')}/variations",
+            json={"config": config, "request_id": request_id},
+        )
         return int(data["variation"])
 
     def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]:
         data = self._json(
-            "GET", f"/v1/experiments/{quote(experiment_id, safe='')}/variations/{int(variation)}")
+            "GET", f"/v1/experiments/{quote(experiment_id, safe='')}/variations/{int(variation)}"
+        )
         config: dict[str, Any] = data["config"]
         return config
 
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo:
-        path = (f"/v1/experiments/{quote(experiment_id, safe='')}/variations/"
-                f"{int(variation)}/runs")
+        path = f"/v1/experiments/{quote(experiment_id, safe='')}/variations/{int(variation)}/runs"
         return RunInfo.from_dict(self._json("POST", path, json={"request_id": request_id}))
 
     def get_run(self, e: str, v: int, r: int) -> RunInfo:
@@ -222,30 +237,44 @@ class HttpTransport:
         data = self._json("GET", "/v1/runs", params=params)
         return [RunInfo.from_dict(x) for x in data["runs"]]
 
-    def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
-              holder: str | None) -> RunInfo:
+    def start(
+        self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
+    ) -> RunInfo:
         body = {"resume": resume, "lease": lease, "holder": holder}
-        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/start",
-                                            json=body))
+        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/start", json=body))
 
-    def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo:
+    def heartbeat(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        *,
+        quick: bool = False,
+        progress: dict[str, Any] | None = None,
+    ) -> RunInfo:
         body: dict[str, Any] = {"lease": lease}
         if progress is not None:
             body["progress"] = progress
-        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/heartbeat",
-                                            json=body,
-                                            policy=QUICK if quick else None))
+        return RunInfo.from_dict(
+            self._json(
+                "POST",
+                self._run_path(e, v, r) + "/heartbeat",
+                json=body,
+                policy=QUICK if quick else None,
+            )
+        )
 
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
-        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/succeed",
-                                            json={"lease": lease}))
+        return RunInfo.from_dict(
+            self._json("POST", self._run_path(e, v, r) + "/succeed", json={"lease": lease})
+        )
 
-    def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
-             lease: str | None) -> RunInfo:
+    def fail(
+        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+    ) -> RunInfo:
         body = {"reason": reason, "message": message, "lease": lease}
-        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail",
-                                            json=body))
+        return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
     def events(self, e: str, v: int, r: int) -> list[Event]:
         data = self._json("GET", self._run_path(e, v, r) + "/events")
@@ -256,10 +285,20 @@ class HttpTransport:
         data = self._json("GET", self._run_path(e, v, r) + "/assets")
         return [AssetInfo.from_dict(x) for x in data["assets"]]
 
-    def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
-                    upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None,
-                    size: int | None = None) -> AssetInfo:
+    def upload_file(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        path: str,
+        *,
+        lease: str | None,
+        upload_id: str,
+        progress: Progress | None = None,
+        verify: Callable[[], None] | None = None,
+        size: int | None = None,
+    ) -> AssetInfo:
         """Upload a file in acknowledged chunks, resuming after failures, SHA-256 verified.
 
         The digest is computed in the same pass that reads the file for sending: each byte is
@@ -269,9 +308,13 @@ class HttpTransport:
         """
         size = os.path.getsize(path) if size is None else size
         patience = max(self.policy.budget, 300.0)
-        status = UploadStatus.from_dict(self._json(
-            "POST", self._run_path(e, v, r) + "/uploads",
-            json={"name": name, "size": size, "upload_id": upload_id, "lease": lease}))
+        status = UploadStatus.from_dict(
+            self._json(
+                "POST",
+                self._run_path(e, v, r) + "/uploads",
+                json={"name": name, "size": size, "upload_id": upload_id, "lease": lease},
+            )
+        )
         hasher = hashlib.sha256()
         hashed = 0  # bytes [0, hashed) are in the hasher
         offset = status.offset
@@ -288,10 +331,16 @@ class HttpTransport:
                 body = _chunk_body(fh, offset, length, hasher, state, progress)
                 try:
                     response = self._request(
-                        "PUT", f"/v1/uploads/{upload_id}", params={"offset": offset}, decode=True,
-                        data=body, headers={"Content-Type": "application/octet-stream"},
-                        policy=RetryPolicy(budget=0.0, read_timeout=self.policy.read_timeout,
-                                           cap_to_budget=False))
+                        "PUT",
+                        f"/v1/uploads/{upload_id}",
+                        params={"offset": offset},
+                        decode=True,
+                        data=body,
+                        headers={"Content-Type": "application/octet-stream"},
+                        policy=RetryPolicy(
+                            budget=0.0, read_timeout=self.policy.read_timeout, cap_to_budget=False
+                        ),
+                    )
                     offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
                     hashed = state["hashed"]
                     attempt = 0
@@ -304,8 +353,13 @@ class HttpTransport:
                     if time.monotonic() > deadline:
                         raise TransportError(f"upload of {name!r} gave up: {exc}") from exc
                     wait = self.policy.delay(attempt)
-                    log.info("upload of %r interrupted at byte %d (%s); resuming in %.1fs",
-                             name, offset, exc, wait)
+                    log.info(
+                        "upload of %r interrupted at byte %d (%s); resuming in %.1fs",
+                        name,
+                        offset,
+                        exc,
+                        wait,
+                    )
                     time.sleep(wait)
                     attempt += 1
                     offset = self._offset(upload_id)
@@ -319,8 +373,9 @@ class HttpTransport:
             progress(size)
         if verify is not None:
             verify()
-        data = self._json("POST", f"/v1/uploads/{upload_id}/complete",
-                          json={"sha256": hasher.hexdigest()})
+        data = self._json(
+            "POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": hasher.hexdigest()}
+        )
         return AssetInfo.from_dict(data)
 
     def abort_upload(self, upload_id: str) -> None:
@@ -334,8 +389,17 @@ class HttpTransport:
         data = self._json("GET", f"/v1/uploads/{upload_id}")
         return int(data["offset"])
 
-    def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
-                       offset: int = 0, progress: Progress | None = None) -> AssetInfo:
+    def download_asset(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        dest: BinaryIO,
+        *,
+        offset: int = 0,
+        progress: Progress | None = None,
+    ) -> AssetInfo:
         """Stream an asset into ``dest``, resuming with HTTP Range after a dropped connection."""
         path = self._run_path(e, v, r) + "/assets/" + quote(name, safe="/")
         info = None
@@ -349,9 +413,12 @@ class HttpTransport:
                         length = int(response.headers.get("Content-Length") or 0)
                         if response.status_code == 206:
                             length += offset
-                        info = AssetInfo(name=name, size=length,
-                                         sha256=response.headers.get("X-Chronicle-SHA256", ""),
-                                         created_at=0.0)
+                        info = AssetInfo(
+                            name=name,
+                            size=length,
+                            sha256=response.headers.get("X-Chronicle-SHA256", ""),
+                            created_at=0.0,
+                        )
                     if offset and response.status_code != 206:
                         dest.seek(0)
                         dest.truncate()
@@ -398,8 +465,14 @@ def _hash_range(fh: BinaryIO, hasher: Any, length: int) -> int:
     return done
 
 
-def _chunk_body(fh: BinaryIO, offset: int, length: int, hasher: Any, state: dict[str, int],
-                progress: Progress | None) -> Iterator[bytes]:
+def _chunk_body(
+    fh: BinaryIO,
+    offset: int,
+    length: int,
+    hasher: Any,
+    state: dict[str, int],
+    progress: Progress | None,
+) -> Iterator[bytes]:
     """Yield one chunk's blocks; hash bytes beyond ``state["hashed"]`` exactly once."""
     position, end = offset, offset + length
     while position < end:

@@ -79,8 +79,13 @@ class Guard:
     Exceptions of the ``passthrough`` types always propagate (they are decisions, not
     tracking failures)."""
 
-    def __init__(self, strict: bool, *, carry_on: str = "training continues without it",
-                 passthrough: tuple[type[BaseException], ...] = ()) -> None:
+    def __init__(
+        self,
+        strict: bool,
+        *,
+        carry_on: str = "training continues without it",
+        passthrough: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self.strict = strict
         self.carry_on = carry_on
         self.passthrough = passthrough
@@ -96,8 +101,15 @@ class Guard:
             if self.strict:
                 raise
             level = logging.DEBUG if self.warned else logging.WARNING
-            log.log(level, "chronicle: %s failed (%s: %s); %s", what, type(exc).__name__, exc,
-                    self.carry_on, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.log(
+                level,
+                "chronicle: %s failed (%s: %s); %s",
+                what,
+                type(exc).__name__,
+                exc,
+                self.carry_on,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             self.warned = True
 
 
@@ -116,11 +128,18 @@ class TrackedRun:
         strict: raise tracking errors instead of logging them.
     """
 
-    def __init__(self, *, chronicle: Chronicle | None = None, experiment_id: str | None = None,
-                 variation: int | None = None, run: int | None = None,
-                 experiment_name: str | None = None, heartbeat_interval: float = 60.0,
-                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
-                 strict: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        chronicle: Chronicle | None = None,
+        experiment_id: str | None = None,
+        variation: int | None = None,
+        run: int | None = None,
+        experiment_name: str | None = None,
+        heartbeat_interval: float = 60.0,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        strict: bool = False,
+    ) -> None:
         if run is not None and (experiment_id is None or variation is None):
             raise ValueError("run= needs experiment_id= and variation= too")
         if variation is not None and experiment_id is None:
@@ -181,9 +200,12 @@ class TrackedRun:
         return self.chronicle
 
     # -- lifecycle -----------------------------------------------------------------------
-    def begin(self, config: dict[str, Any] | None = None,
-              resume_identity: tuple[str, int, int] | None = None,
-              on_cancel: Callable[[Run, str], None] | None = None) -> Run | None:
+    def begin(
+        self,
+        config: dict[str, Any] | None = None,
+        resume_identity: tuple[str, int, int] | None = None,
+        on_cancel: Callable[[Run, str], None] | None = None,
+    ) -> Run | None:
         """Create or attach the run and start it (resume when ``resume_identity`` is given),
         then keep it alive. Returns the run, or None when tracking failed (non-strict)."""
         if self.run is not None:
@@ -211,8 +233,9 @@ class TrackedRun:
             run = client.run(*key, lease=lease)
             run.start(resume=resume)
             run.progress.touch()  # the stall window opens at the start
-            run.keep_alive(self.heartbeat_interval, on_cancel=on_cancel,
-                           stall_timeout=self.stall_timeout)
+            run.keep_alive(
+                self.heartbeat_interval, on_cancel=on_cancel, stall_timeout=self.stall_timeout
+            )
             self.run = run
             log.info("chronicle: tracking run %s (%s)", run.key, client.target)
         return self.run
@@ -231,8 +254,9 @@ class TrackedRun:
         run = self.run
         if run.cancelled.is_set():
             self.outcome = "cancelled"
-            log.warning("chronicle: run %s was %s; not marking it succeeded", run.key,
-                        run.cancel_reason)
+            log.warning(
+                "chronicle: run %s was %s; not marking it succeeded", run.key, run.cancel_reason
+            )
             with self.guard("waiting for uploads"):
                 run.wait_uploads()
                 run.stop_keep_alive()

@@ -128,8 +128,11 @@ def _is_global_zero(trainer: Any) -> bool:
 
 def _checkpoint_callbacks(trainer: Any) -> list[Any]:
     """Every checkpoint callback of either namespace (duck-typed, not ``isinstance``)."""
-    return [cb for cb in getattr(trainer, "callbacks", ())
-            if hasattr(cb, "best_k_models") and hasattr(cb, "last_model_path")]
+    return [
+        cb
+        for cb in getattr(trainer, "callbacks", ())
+        if hasattr(cb, "best_k_models") and hasattr(cb, "last_model_path")
+    ]
 
 
 def _is_preemption(exc: BaseException) -> bool:
@@ -170,22 +173,36 @@ class LightningCore:
     Creates nothing unpicklable before ``on_fit_start`` (``ddp_spawn`` pickles callbacks).
     """
 
-    def __init__(self, chronicle: Chronicle | None = None, experiment_id: str | None = None,
-                 variation: int | None = None, run: int | None = None,
-                 experiment_name: str | None = None, upload: str = "all",
-                 heartbeat_interval: float = 60.0, strict: bool = False,
-                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        chronicle: Chronicle | None = None,
+        experiment_id: str | None = None,
+        variation: int | None = None,
+        run: int | None = None,
+        experiment_name: str | None = None,
+        upload: str = "all",
+        heartbeat_interval: float = 60.0,
+        strict: bool = False,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    ) -> None:
         super().__init__()
         if upload not in UPLOAD_MODES:
-            raise ValueError(f"upload={upload!r} is not one of {', '.join(UPLOAD_MODES)}. "
-                             "Hint: upload='best_and_last' uploads only the best and the last "
-                             "checkpoint when the fit ends.")
+            raise ValueError(
+                f"upload={upload!r} is not one of {', '.join(UPLOAD_MODES)}. "
+                "Hint: upload='best_and_last' uploads only the best and the last "
+                "checkpoint when the fit ends."
+            )
         if heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be > 0 (seconds)")
         self._args: dict[str, Any] = dict(
-            experiment_id=experiment_id, variation=variation, run=run,
-            experiment_name=experiment_name, heartbeat_interval=heartbeat_interval,
-            stall_timeout=stall_timeout, strict=strict)
+            experiment_id=experiment_id,
+            variation=variation,
+            run=run,
+            experiment_name=experiment_name,
+            heartbeat_interval=heartbeat_interval,
+            stall_timeout=stall_timeout,
+            strict=strict,
+        )
         # TrackedRun validates the identity arguments (and creates nothing live).
         self._tracked = TrackedRun(chronicle=chronicle, **self._args)
         self.upload = upload
@@ -239,8 +256,11 @@ class LightningCore:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            self._resume_identity = (str(state_dict["experiment_id"]),
-                                     int(state_dict["variation"]), int(state_dict["run"]))
+            self._resume_identity = (
+                str(state_dict["experiment_id"]),
+                int(state_dict["variation"]),
+                int(state_dict["run"]),
+            )
         except (KeyError, TypeError, ValueError):
             log.debug("no Chronicle run identity in the checkpoint's callback state")
 
@@ -248,8 +268,9 @@ class LightningCore:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._cancel_requested = self._stopping = False  # every rank: a fresh fit
         self._scan_dirty = True
-        self._always_scan = any(getattr(cb, "save_weights_only", False)
-                                for cb in _checkpoint_callbacks(trainer))
+        self._always_scan = any(
+            getattr(cb, "save_weights_only", False) for cb in _checkpoint_callbacks(trainer)
+        )
         self._world = int(getattr(trainer, "world_size", 1) or 1)
         if not _is_fitting(trainer) or not _is_global_zero(trainer):
             return
@@ -286,13 +307,15 @@ class LightningCore:
         self._finish()
 
     # ------------------------------------------------------------------ scan points
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._scan(trainer)
         self._check_cancel(trainer, sync=False)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         self._progress(step, trainer.current_epoch)
         self._check_cancel(trainer, sync=step % DDP_CANCEL_SYNC_STEPS == 0)
@@ -315,8 +338,7 @@ class LightningCore:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._scan(trainer)
 
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # Inside a save, before the write: catches files written earlier in this round.
         self._scan(trainer)
         self._progress()
@@ -338,8 +360,9 @@ class LightningCore:
         if tracked.run is not None:
             return
         resume = self._resume_target(tracked)
-        tracked.begin(config=_hparams(trainer, pl_module), resume_identity=resume,
-                      on_cancel=self._on_cancel)
+        tracked.begin(
+            config=_hparams(trainer, pl_module), resume_identity=resume, on_cancel=self._on_cancel
+        )
         if tracked.run is not None:
             self._resume_identity = None  # used; a later fit without ckpt_path starts afresh
         if tracked.run is not None and self._exit_hook is None:
@@ -354,19 +377,28 @@ class LightningCore:
             return None
         env = identity_from_env()
         if env is not None and (env[3] is not None or env[:3] != key):
-            log.info("chronicle: $CHRONICLE_* names run %s/%s/%s; not resuming %s/%s/%s from "
-                     "the checkpoint", *env[:3], *key)
+            log.info(
+                "chronicle: $CHRONICLE_* names run %s/%s/%s; not resuming %s/%s/%s from "
+                "the checkpoint",
+                *env[:3],
+                *key,
+            )
             return None
         if tracked.experiment_id is not None and (
-                (tracked.experiment_id, tracked.variation or 0) != key[:2]
-                or tracked.run_number not in (None, key[2])):
+            (tracked.experiment_id, tracked.variation or 0) != key[:2]
+            or tracked.run_number not in (None, key[2])
+        ):
             return None  # explicit arguments name another run
         state = None
         with tracked.guard("reading the resumed run's state"):
             state = tracked._client().run(*key).state
         if state is not None and state.is_terminal:
-            log.warning("chronicle: run %s/%s/%s from the checkpoint is %s; tracking this fit "
-                        "as a new run of the same variation", *key, state.value)
+            log.warning(
+                "chronicle: run %s/%s/%s from the checkpoint is %s; tracking this fit "
+                "as a new run of the same variation",
+                *key,
+                state.value,
+            )
             tracked.experiment_id, tracked.variation, tracked.run_number = key[0], key[1], None
             return None
         return key
@@ -410,20 +442,22 @@ class LightningCore:
             trainer.should_stop = True
             if _is_global_zero(trainer):
                 run = self._tracked.run
-                log.warning("chronicle: run %s was cancelled (%s); stopping training",
-                            run.key if run else "?",
-                            run.cancel_reason if run else "cancelled")
+                log.warning(
+                    "chronicle: run %s was cancelled (%s); stopping training",
+                    run.key if run else "?",
+                    run.cancel_reason if run else "cancelled",
+                )
 
-    def _ensure_started(self, trainer: Any, pl_module: Any,
-                        exception: BaseException | None = None) -> bool:
+    def _ensure_started(
+        self, trainer: Any, pl_module: Any, exception: BaseException | None = None
+    ) -> bool:
         """For an exception before ``on_fit_start`` (e.g. in ``setup``): start the run so its
         failure is recorded. True when there is an active run.
 
         Not for a ``ddp_spawn`` worker's failure seen by the launching process: the run
         lives in the worker (which records the crash at exit), so none is created here.
         """
-        if exception is not None and type(exception).__module__.startswith(
-                "torch.multiprocessing"):
+        if exception is not None and type(exception).__module__.startswith("torch.multiprocessing"):
             return self._tracked.active
         if self._tracked.run is None and self._tracked.outcome is None:
             self._begin(trainer, pl_module)
@@ -478,8 +512,11 @@ class LightningCore:
         if run is not None:
             with self._tracked.guard("waiting for uploads"):
                 if not run.wait_uploads(FLUSH_SECONDS):
-                    log.warning("chronicle: uploads for run %s still pending after %.0f s",
-                                run.key, FLUSH_SECONDS)
+                    log.warning(
+                        "chronicle: uploads for run %s still pending after %.0f s",
+                        run.key,
+                        FLUSH_SECONDS,
+                    )
 
     def _finish(self, close_timeout: float | None = None) -> None:
         """After the run ended: close the client if we created it."""
@@ -498,7 +535,8 @@ class LightningCore:
             exc = sys.exc_info()[1] or RuntimeError(
                 "the process exited while the fit was running, without an exception reaching "
                 "Lightning's on_exception (e.g. a failed ddp_spawn worker: see the launching "
-                "process's error for the worker's traceback)")
+                "process's error for the worker's traceback)"
+            )
             tracked.crash(exc)
             self._finish(ABANDON_CLOSE_SECONDS)
 
@@ -532,8 +570,10 @@ def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
 
 def missing_framework(package: str, extra: str) -> ImportError:
     """The ImportError raised when a namespace module's framework is not installed."""
-    return ImportError(f"{package} is not installed; the Chronicle Lightning callback needs "
-                       f"it. Hint: pip install 'chronicle-integrations[{extra}]'")
+    return ImportError(
+        f"{package} is not installed; the Chronicle Lightning callback needs "
+        f"it. Hint: pip install 'chronicle-integrations[{extra}]'"
+    )
 
 
 __all__ = ["UPLOAD_MODES", "LightningCore", "missing_framework"]

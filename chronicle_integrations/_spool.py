@@ -54,16 +54,40 @@ class Spool:
         os.replace(tmp, path)
         return path
 
-    def add_transition(self, target: str, key: tuple[str, int, int], action: str, *,
-                       lease: str | None, reason: str | None = None,
-                       message: str | None = None) -> Path:
+    def add_transition(
+        self,
+        target: str,
+        key: tuple[str, int, int],
+        action: str,
+        *,
+        lease: str | None,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> Path:
         """Defer ``succeed`` or ``fail`` of a run."""
-        return self._write({"kind": "transition", "target": target, "run": list(key),
-                            "action": action, "lease": lease, "reason": reason,
-                            "message": message})
+        return self._write(
+            {
+                "kind": "transition",
+                "target": target,
+                "run": list(key),
+                "action": action,
+                "lease": lease,
+                "reason": reason,
+                "message": message,
+            }
+        )
 
-    def add_upload(self, target: str, key: tuple[str, int, int], name: str, staged: Path,
-                   *, lease: str | None, upload_id: str, linked: bool) -> Path:
+    def add_upload(
+        self,
+        target: str,
+        key: tuple[str, int, int],
+        name: str,
+        staged: Path,
+        *,
+        lease: str | None,
+        upload_id: str,
+        linked: bool,
+    ) -> Path:
         """Defer an upload, taking ownership of the staged file (copied if it is a shared link:
         the source could be rewritten in place later)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -74,9 +98,18 @@ class Spool:
             staged.unlink()
         else:
             os.replace(staged, data)
-        return self._write({"id": entry_id, "kind": "upload", "target": target,
-                            "run": list(key), "name": name, "data": data.name, "lease": lease,
-                            "upload_id": upload_id})
+        return self._write(
+            {
+                "id": entry_id,
+                "kind": "upload",
+                "target": target,
+                "run": list(key),
+                "name": name,
+                "data": data.name,
+                "lease": lease,
+                "upload_id": upload_id,
+            }
+        )
 
     def entries(self) -> list[tuple[Path, dict[str, Any]]]:
         """Every manifest, uploads first, then transitions, oldest first within each."""
@@ -95,7 +128,8 @@ class Spool:
         report = SyncReport()
         for path, entry in self.entries():
             label = f"{entry.get('kind')} {'/'.join(map(str, entry.get('run', [])))}" + (
-                f" {entry['name']}" if entry.get("name") else f" {entry.get('action')}")
+                f" {entry['name']}" if entry.get("name") else f" {entry.get('action')}"
+            )
             if entry.get("target") != transport.target:
                 report.waiting.append(f"{label} (for {entry.get('target')})")
                 continue
@@ -106,8 +140,9 @@ class Spool:
                 report.waiting.append(label)
                 continue
             except (APIError, ChronicleError, OSError) as exc:
-                log.error("sync: %s was refused: %s; moved to %s", label, exc,
-                          self.root / "refused")
+                log.error(
+                    "sync: %s was refused: %s; moved to %s", label, exc, self.root / "refused"
+                )
                 self._retire(path, entry, refused=True)
                 report.refused.append(f"{label}: {exc}")
                 continue
@@ -118,13 +153,21 @@ class Spool:
     def _replay(self, transport: Any, entry: dict[str, Any]) -> None:
         e, v, r = entry["run"]
         if entry["kind"] == "upload":
-            transport.upload_file(e, v, r, entry["name"], str(self.root / entry["data"]),
-                                  lease=entry.get("lease"), upload_id=entry["upload_id"])
+            transport.upload_file(
+                e,
+                v,
+                r,
+                entry["name"],
+                str(self.root / entry["data"]),
+                lease=entry.get("lease"),
+                upload_id=entry["upload_id"],
+            )
         elif entry["action"] == "succeed":
             transport.succeed(e, v, r, entry.get("lease"))
         else:
-            transport.fail(e, v, r, entry.get("reason") or "crash", entry.get("message"),
-                           entry.get("lease"))
+            transport.fail(
+                e, v, r, entry.get("reason") or "crash", entry.get("message"), entry.get("lease")
+            )
 
     def _retire(self, path: Path, entry: dict[str, Any], refused: bool = False) -> None:
         data = self.root / entry["data"] if entry.get("data") else None

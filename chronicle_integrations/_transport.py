@@ -31,42 +31,74 @@ class Transport(Protocol):
 
     target: str  # a human-readable description: the URL, or "embedded:<home>"
 
-    def create_experiment(self, name: str, variations: list[dict[str, Any]],
-                          experiment_id: str | None) -> ExperimentInfo: ...
+    def create_experiment(
+        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+    ) -> ExperimentInfo: ...
     def list_experiments(self) -> list[ExperimentInfo]: ...
     def get_experiment(self, experiment_id: str) -> ExperimentInfo: ...
-    def add_variation(self, experiment_id: str, config: dict[str, Any],
-                      request_id: str) -> int: ...
+    def add_variation(self, experiment_id: str, config: dict[str, Any], request_id: str) -> int: ...
     def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]: ...
     def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo: ...
     def get_run(self, e: str, v: int, r: int) -> RunInfo: ...
     def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]: ...
-    def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
-              holder: str | None) -> RunInfo: ...
-    def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo: ...
+    def start(
+        self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
+    ) -> RunInfo: ...
+    def heartbeat(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        *,
+        quick: bool = False,
+        progress: dict[str, Any] | None = None,
+    ) -> RunInfo: ...
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo: ...
-    def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
-             lease: str | None) -> RunInfo: ...
+    def fail(
+        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+    ) -> RunInfo: ...
     def events(self, e: str, v: int, r: int) -> list[Event]: ...
     def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]: ...
-    def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
-                    upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None,
-                    size: int | None = None) -> AssetInfo:
+    def upload_file(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        path: str,
+        *,
+        lease: str | None,
+        upload_id: str,
+        progress: Progress | None = None,
+        verify: Callable[[], None] | None = None,
+        size: int | None = None,
+    ) -> AssetInfo:
         """Upload exactly ``size`` bytes of a file (default: its size now), resumably;
         ``verify()`` runs after the last byte is read and before the asset is published (it
         raises to stop the publication). A file shorter or longer than ``size`` raises
         :class:`SourceChanged` and nothing is published."""
+
     def abort_upload(self, upload_id: str) -> None:
         """Drop an unfinished upload's bytes (best effort)."""
-    def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
-                       offset: int = 0, progress: Progress | None = None) -> AssetInfo: ...
+
+    def download_asset(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        dest: BinaryIO,
+        *,
+        offset: int = 0,
+        progress: Progress | None = None,
+    ) -> AssetInfo: ...
     def close(self) -> None: ...
 
 
-def hashing_reader(fh: Any, hasher: Any, progress: Progress | None,
-                   start: int = 0) -> Iterator[bytes]:
+def hashing_reader(
+    fh: Any, hasher: Any, progress: Progress | None, start: int = 0
+) -> Iterator[bytes]:
     """Yield ``fh``'s blocks from its current position, hashing them and reporting progress."""
     done = start
     for block in iter(lambda: fh.read(READ_BLOCK), b""):
@@ -96,8 +128,9 @@ class EmbeddedTransport:
         self.store: Store = Store.open_home(self.home, **store_kwargs)
         self.target = f"embedded:{self.home}"
 
-    def create_experiment(self, name: str, variations: list[dict[str, Any]],
-                          experiment_id: str | None) -> ExperimentInfo:
+    def create_experiment(
+        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+    ) -> ExperimentInfo:
         return self.store.create_experiment(name, variations, experiment_id)
 
     def list_experiments(self) -> list[ExperimentInfo]:
@@ -106,8 +139,7 @@ class EmbeddedTransport:
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         return self.store.get_experiment(experiment_id)
 
-    def add_variation(self, experiment_id: str, config: dict[str, Any],
-                      request_id: str) -> int:
+    def add_variation(self, experiment_id: str, config: dict[str, Any], request_id: str) -> int:
         return self.store.add_variation(experiment_id, config, request_id)
 
     def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]:
@@ -124,19 +156,29 @@ class EmbeddedTransport:
         self.store.maybe_sweep()
         return self.store.list_runs(experiment_id, state)
 
-    def start(self, e: str, v: int, r: int, *, resume: bool, lease: str,
-              holder: str | None) -> RunInfo:
+    def start(
+        self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
+    ) -> RunInfo:
         return self.store.start(e, v, r, resume=resume, lease=lease, holder=holder)
 
-    def heartbeat(self, e: str, v: int, r: int, lease: str | None, *,
-                  quick: bool = False, progress: dict[str, Any] | None = None) -> RunInfo:
+    def heartbeat(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        *,
+        quick: bool = False,
+        progress: dict[str, Any] | None = None,
+    ) -> RunInfo:
         return self.store.heartbeat(e, v, r, lease, progress)
 
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
         return self.store.succeed(e, v, r, lease)
 
-    def fail(self, e: str, v: int, r: int, reason: str, message: str | None,
-             lease: str | None) -> RunInfo:
+    def fail(
+        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+    ) -> RunInfo:
         return self.store.fail(e, v, r, reason, message, lease)
 
     def events(self, e: str, v: int, r: int) -> list[Event]:
@@ -145,13 +187,22 @@ class EmbeddedTransport:
     def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
         return self.store.list_assets(e, v, r)
 
-    def upload_file(self, e: str, v: int, r: int, name: str, path: str, *, lease: str | None,
-                    upload_id: str, progress: Progress | None = None,
-                    verify: Callable[[], None] | None = None,
-                    size: int | None = None) -> AssetInfo:
+    def upload_file(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        path: str,
+        *,
+        lease: str | None,
+        upload_id: str,
+        progress: Progress | None = None,
+        verify: Callable[[], None] | None = None,
+        size: int | None = None,
+    ) -> AssetInfo:
         size = os.path.getsize(path) if size is None else size
-        status = self.store.begin_upload(e, v, r, name, size=size, upload_id=upload_id,
-                                         lease=lease)
+        status = self.store.begin_upload(e, v, r, name, size=size, upload_id=upload_id, lease=lease)
         hasher = hashlib.sha256()
         with open(path, "rb") as fh:
             # Exactly ``size`` bytes: a file that grew or shrank since is a changed source.
@@ -162,8 +213,9 @@ class EmbeddedTransport:
             for _ in hashing_reader(_Limited(body, stored), hasher, None):
                 pass
             if not status.completed:
-                self.store.write_chunk(upload_id, status.offset,
-                                       hashing_reader(body, hasher, progress, status.offset))
+                self.store.write_chunk(
+                    upload_id, status.offset, hashing_reader(body, hasher, progress, status.offset)
+                )
             if body.left or fh.read(1):
                 raise SourceChanged(name)
         if verify is not None:
@@ -173,8 +225,17 @@ class EmbeddedTransport:
     def abort_upload(self, upload_id: str) -> None:
         self.store.discard_upload(upload_id)
 
-    def download_asset(self, e: str, v: int, r: int, name: str, dest: BinaryIO, *,
-                       offset: int = 0, progress: Progress | None = None) -> AssetInfo:
+    def download_asset(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        name: str,
+        dest: BinaryIO,
+        *,
+        offset: int = 0,
+        progress: Progress | None = None,
+    ) -> AssetInfo:
         info, src = self.store.open_asset(e, v, r, name)
         with src:
             src.seek(offset)

@@ -94,8 +94,9 @@ class Stager:
         src = Path(path)
         base = check.asset_name(name if name is not None else src.name)
         if src.is_symlink() and src.is_dir():
-            raise UploadError(f"refusing to upload {src}: it is a symbolic link to a directory",
-                              name=base)
+            raise UploadError(
+                f"refusing to upload {src}: it is a symbolic link to a directory", name=base
+            )
         if src.is_dir():
             staged = []
             for dirpath, dirnames, filenames in os.walk(src):
@@ -118,12 +119,14 @@ class Stager:
         try:
             os.link(src, dst)
             st = os.stat(dst)
-            return StagedFile(dst, name, str(src), st.st_size, st.st_mtime_ns,
-                              linked=True)
+            return StagedFile(dst, name, str(src), st.st_size, st.st_mtime_ns, linked=True)
         except OSError:
             if not self._warned_copy:
-                log.info("cannot hard-link %s into %s (another filesystem?); staging by copy",
-                         src, self.root)
+                log.info(
+                    "cannot hard-link %s into %s (another filesystem?); staging by copy",
+                    src,
+                    self.root,
+                )
                 self._warned_copy = True
         return copy_stable(src, dst, name)
 
@@ -138,8 +141,7 @@ def copy_stable(src: Path, dst: Path, name: str, settle: float = 0.0) -> StagedF
         after = os.stat(src)
         if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
             st = os.stat(dst)
-            return StagedFile(dst, name, str(src), st.st_size, st.st_mtime_ns,
-                              linked=False)
+            return StagedFile(dst, name, str(src), st.st_size, st.st_mtime_ns, linked=False)
         settle = max(settle, SETTLE_SECONDS)
     raise UploadError(f"{src} kept changing while it was being captured", name=name)
 
@@ -173,8 +175,9 @@ class UploadHandle:
     raises :class:`UploadError` if the upload finally failed.
     """
 
-    def __init__(self, name: str, futures: list[concurrent.futures.Future[AssetInfo]],
-                 directory: bool) -> None:
+    def __init__(
+        self, name: str, futures: list[concurrent.futures.Future[AssetInfo]], directory: bool
+    ) -> None:
         self.name = name
         self.futures = futures
         self.directory = directory
@@ -217,8 +220,12 @@ class UploadPool:
     parallel uploads would publish whichever finished last.
     """
 
-    def __init__(self, workers: int, upload: Callable[[UploadTask], AssetInfo],
-                 on_failure: Callable[[UploadTask, BaseException], None]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        upload: Callable[[UploadTask], AssetInfo],
+        on_failure: Callable[[UploadTask, BaseException], None],
+    ) -> None:
         self._queue: queue.Queue[UploadTask | None] = queue.Queue()
         self._upload = upload
         self._on_failure = on_failure
@@ -234,8 +241,9 @@ class UploadPool:
         """Queue a task (workers start lazily, on first use)."""
         with self._lock:
             if self._closed:
-                raise UploadError("this Chronicle is closed; no more uploads are accepted",
-                                  name=task.staged.name)
+                raise UploadError(
+                    "this Chronicle is closed; no more uploads are accepted", name=task.staged.name
+                )
             self._pending.setdefault(task.run_key, set()).add(task)
             slot = (task.run_key, task.staged.name)
             if slot in self._waiting:
@@ -243,8 +251,9 @@ class UploadPool:
                 return
             self._waiting[slot] = collections.deque()
             if len(self._threads) < self._workers:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"chronicle-upload-{len(self._threads)}")
+                thread = threading.Thread(
+                    target=self._work, daemon=True, name=f"chronicle-upload-{len(self._threads)}"
+                )
                 self._threads.append(thread)
                 thread.start()
         self._queue.put(task)
@@ -317,13 +326,17 @@ def _as_upload_error(task: UploadTask, exc: BaseException) -> UploadError:
         return exc
     return UploadError(
         f"upload of {task.staged.source} as {task.staged.name!r} failed: "
-        f"{type(exc).__name__}: {exc}", name=task.staged.name, staged_path=str(task.staged.path))
+        f"{type(exc).__name__}: {exc}",
+        name=task.staged.name,
+        staged_path=str(task.staged.path),
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
     """Failures worth spooling for ``chronicle sync`` (the server may come back)."""
     return isinstance(exc, (TransportError, ServerError, StorageFull, OSError)) and not (
-        isinstance(exc, APIError) and exc.status < 500)
+        isinstance(exc, APIError) and exc.status < 500
+    )
 
 
 def describe(tasks: list[Any]) -> str:

@@ -48,8 +48,12 @@ def number(value: Any, field: str) -> int:
 
 def name(value: Any, field: str = "name") -> str:
     """Check a human-readable name (experiment names): non-empty, bounded, no control chars."""
-    if (not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME
-            or any(ord(c) < 32 for c in value)):
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > MAX_NAME
+        or any(ord(c) < 32 for c in value)
+    ):
         raise InvalidRequest(
             f"invalid {field} {value!r}: 1-{MAX_NAME} printable characters", field=field
         )
@@ -95,19 +99,22 @@ def config(value: Any) -> dict[str, Any]:
     try:
         encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InvalidRequest(f"variation config is not JSON-serialisable: {exc}",
-                             field="config") from exc
+        raise InvalidRequest(
+            f"variation config is not JSON-serialisable: {exc}", field="config"
+        ) from exc
     if len(encoded) > MAX_CONFIG_BYTES:
-        raise InvalidRequest(f"variation config is larger than {MAX_CONFIG_BYTES} bytes",
-                             field="config")
+        raise InvalidRequest(
+            f"variation config is larger than {MAX_CONFIG_BYTES} bytes", field="config"
+        )
     return value
 
 
 def fail_reason(value: Any) -> str:
     """Check a ``fail()`` reason: ``"crash"`` or ``"abandoned"``."""
     if value not in FAIL_REASONS:
-        raise InvalidRequest(f"invalid reason {value!r}: use 'crash' or 'abandoned'",
-                             field="reason")
+        raise InvalidRequest(
+            f"invalid reason {value!r}: use 'crash' or 'abandoned'", field="reason"
+        )
     return str(value)
 
 
@@ -120,15 +127,14 @@ def message(value: Any) -> str | None:
     data = value.encode("utf-8", "replace")
     if len(data) <= MAX_MESSAGE_BYTES:
         return value
-    tail = data[-(MAX_MESSAGE_BYTES - 64):].decode("utf-8", "ignore")
+    tail = data[-(MAX_MESSAGE_BYTES - 64) :].decode("utf-8", "ignore")
     return f"[... {len(data) - len(tail.encode())} bytes truncated ...]\n{tail}"
 
 
 def token(value: Any, field: str) -> str:
     """Check an opaque client-chosen token (lease, request id, upload id): 8-128 URL-safe chars."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{8,128}", value):
-        raise InvalidRequest(f"invalid {field}: 8-128 characters from A-Z a-z 0-9 _ -",
-                             field=field)
+        raise InvalidRequest(f"invalid {field}: 8-128 characters from A-Z a-z 0-9 _ -", field=field)
     return value
 
 
@@ -151,14 +157,22 @@ MAX_PROGRESS_KEYS = 16
 def progress(value: Any) -> dict[str, Any]:
     """Check heartbeat progress: a small JSON object of names to numbers or short strings."""
     if not isinstance(value, dict) or len(value) > MAX_PROGRESS_KEYS:
-        raise InvalidRequest(f"progress must be a JSON object with at most {MAX_PROGRESS_KEYS} "
-                             "keys, e.g. {\"step\": 120, \"epoch\": 3}", field="progress")
+        raise InvalidRequest(
+            f"progress must be a JSON object with at most {MAX_PROGRESS_KEYS} "
+            'keys, e.g. {"step": 120, "epoch": 3}',
+            field="progress",
+        )
     for key, item in value.items():
-        ok_item = (isinstance(item, (int, float)) and not isinstance(item, bool)
-                   and item == item and abs(item) != float("inf")) or (
-            isinstance(item, str) and len(item) <= 64)
+        ok_item = (
+            isinstance(item, (int, float))
+            and not isinstance(item, bool)
+            and item == item
+            and abs(item) != float("inf")
+        ) or (isinstance(item, str) and len(item) <= 64)
         if not isinstance(key, str) or len(key) > 64 or not ok_item:
-            raise InvalidRequest(f"invalid progress entry {key!r}: {item!r} (names up to 64 "
-                                 "characters, finite numbers or strings up to 64)",
-                                 field="progress")
+            raise InvalidRequest(
+                f"invalid progress entry {key!r}: {item!r} (names up to 64 "
+                "characters, finite numbers or strings up to 64)",
+                field="progress",
+            )
     return value

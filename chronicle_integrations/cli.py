@@ -100,11 +100,15 @@ log = logging.getLogger(__name__)
 def run_id(text: str) -> tuple[str, int, int]:
     """Parse ``EXPERIMENT/VARIATION/RUN`` strictly (argparse ``type=``)."""
     parts = text.split("/")
-    if (len(parts) != 3 or not EXPERIMENT_ID_RE.fullmatch(parts[0])
-            or not all(re.fullmatch(r"[0-9]+", p) for p in parts[1:])
-            or not all(int(p) <= MAX_NUMBER for p in parts[1:])):
+    if (
+        len(parts) != 3
+        or not EXPERIMENT_ID_RE.fullmatch(parts[0])
+        or not all(re.fullmatch(r"[0-9]+", p) for p in parts[1:])
+        or not all(int(p) <= MAX_NUMBER for p in parts[1:])
+    ):
         raise argparse.ArgumentTypeError(
-            f"invalid run {text!r}: expected EXPERIMENT/VARIATION/RUN, e.g. {RUN_EXAMPLE}")
+            f"invalid run {text!r}: expected EXPERIMENT/VARIATION/RUN, e.g. {RUN_EXAMPLE}"
+        )
     return parts[0], int(parts[1]), int(parts[2])
 
 
@@ -112,14 +116,16 @@ def experiment_arg(text: str) -> str:
     if not EXPERIMENT_ID_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"invalid experiment id {text!r}: 1-128 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit")
+            "starting with a letter or digit"
+        )
     return text
 
 
 def variation_arg(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_NUMBER:
         raise argparse.ArgumentTypeError(
-            f"invalid variation {text!r}: expected an integer from 0 to {MAX_NUMBER}")
+            f"invalid variation {text!r}: expected an integer from 0 to {MAX_NUMBER}"
+        )
     return int(text)
 
 
@@ -128,8 +134,8 @@ def state_arg(text: str) -> RunState:
         return RunState(text.strip().lower())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid state {text!r}: choose from "
-            f"{', '.join(s.value for s in RunState)}") from None
+            f"invalid state {text!r}: choose from {', '.join(s.value for s in RunState)}"
+        ) from None
 
 
 def _positive_float(text: str) -> float:
@@ -246,7 +252,8 @@ class ProgressBar:
         self.stream.write(
             f"\r{self.label}  [{'#' * filled}{'.' * (self.width - filled)}] "
             f"{fraction * 100:5.1f}%  {format_size(done)} / {format_size(total)}  "
-            f"{format_size(rate)}/s ")
+            f"{format_size(rate)}/s "
+        )
         self.stream.flush()
         self._drawn = True
 
@@ -266,7 +273,8 @@ def _open(args: argparse.Namespace) -> Chronicle:
         if not home.is_dir():
             raise ConfigurationError(
                 f"no Chronicle store at {home}: pass --home DIR or set CHRONICLE_HOME "
-                "(or --url / CHRONICLE_URL for a server)")
+                "(or --url / CHRONICLE_URL for a server)"
+            )
     return Chronicle(url=args.url, api_key=args.api_key, home=args.home, timeout=args.timeout)
 
 
@@ -277,15 +285,19 @@ def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
             f"the server needs extra packages ({exc.name} is missing): "
-            "pip install 'chronicle-integrations[server]'") from exc
+            "pip install 'chronicle-integrations[server]'"
+        ) from exc
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port}
-    for key, value in (("store_url", args.store), ("assets", args.assets),
-                       ("api_key", args.server_api_key or args.api_key),
-                       ("heartbeat_timeout", args.heartbeat_timeout),
-                       ("lost_grace", args.lost_grace),
-                       ("stall_timeout", args.stall_timeout),
-                       ("home", args.server_home or args.home),
-                       ("log_level", args.log_level or ("debug" if args.verbose else None))):
+    for key, value in (
+        ("store_url", args.store),
+        ("assets", args.assets),
+        ("api_key", args.server_api_key or args.api_key),
+        ("heartbeat_timeout", args.heartbeat_timeout),
+        ("lost_grace", args.lost_grace),
+        ("stall_timeout", args.stall_timeout),
+        ("home", args.server_home or args.home),
+        ("log_level", args.log_level or ("debug" if args.verbose else None)),
+    ):
         if value is not None:
             kwargs[key] = value
     serve(**kwargs)
@@ -300,9 +312,16 @@ def cmd_experiments(args: argparse.Namespace, out: TextIO) -> int:
     elif not experiments:
         print("no experiments", file=sys.stderr)
     else:
-        out.write(table(["EXPERIMENT", "NAME", "VARIATIONS", "CREATED"],
-                        [[e.experiment_id, e.name, e.variations, format_time(e.created_at)]
-                         for e in experiments]) + "\n")
+        out.write(
+            table(
+                ["EXPERIMENT", "NAME", "VARIATIONS", "CREATED"],
+                [
+                    [e.experiment_id, e.name, e.variations, format_time(e.created_at)]
+                    for e in experiments
+                ],
+            )
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -324,13 +343,34 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
         print("no runs", file=sys.stderr)
     else:
         now = time.time()
-        out.write(table(
-            ["RUN", "STATE", "STARTED", "LAST HEARTBEAT", "PROGRESS", "ENDED", "ASSETS",
-             "REASON"],
-            [[r.key, r.state.value + (" (stalled)" if r.stalled else ""),
-              format_time(r.started_at), format_ago(r.last_heartbeat_at, now),
-              _progress(r.progress), format_time(r.ended_at), r.asset_count,
-              _reason(r)] for r in runs]) + "\n")
+        out.write(
+            table(
+                [
+                    "RUN",
+                    "STATE",
+                    "STARTED",
+                    "LAST HEARTBEAT",
+                    "PROGRESS",
+                    "ENDED",
+                    "ASSETS",
+                    "REASON",
+                ],
+                [
+                    [
+                        r.key,
+                        r.state.value + (" (stalled)" if r.stalled else ""),
+                        format_time(r.started_at),
+                        format_ago(r.last_heartbeat_at, now),
+                        _progress(r.progress),
+                        format_time(r.ended_at),
+                        r.asset_count,
+                        _reason(r),
+                    ]
+                    for r in runs
+                ],
+            )
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -378,8 +418,9 @@ def _progress(progress: dict[str, Any] | None) -> str:
     """``step=120 epoch=3`` (or ``-``)."""
     if not progress:
         return "-"
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in progress.items())
+    return " ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in progress.items()
+    )
 
 
 def _event_text(event: Any) -> str:
@@ -406,9 +447,13 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _print_json([_public(e) for e in events], out)
     else:
-        out.write(table(["AT", "EVENT", "CAUSE"],
-                        [[format_time(e.at), _event_text(e), _event_cause(e)]
-                         for e in events]) + "\n")
+        out.write(
+            table(
+                ["AT", "EVENT", "CAUSE"],
+                [[format_time(e.at), _event_text(e), _event_cause(e)] for e in events],
+            )
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -420,8 +465,9 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
         except InvalidTransition as exc:
             state = exc.state or "terminal"
             raise InvalidTransition(
-                f"cannot cancel run {run.key}: it is already {state}; terminal states never "
-                "change", **exc.details) from exc
+                f"cannot cancel run {run.key}: it is already {state}; terminal states never change",
+                **exc.details,
+            ) from exc
         info = run.info()
     if args.json:
         _print_json(_public(info), out)
@@ -449,9 +495,16 @@ def cmd_assets(args: argparse.Namespace, out: TextIO) -> int:
     elif not assets:
         print("no assets", file=sys.stderr)
     else:
-        out.write(table(["NAME", "SIZE", "SHA256", "CREATED"],
-                        [[a.name, format_size(a.size), a.sha256[:12], format_time(a.created_at)]
-                         for a in assets]) + "\n")
+        out.write(
+            table(
+                ["NAME", "SIZE", "SHA256", "CREATED"],
+                [
+                    [a.name, format_size(a.size), a.sha256[:12], format_time(a.created_at)]
+                    for a in assets
+                ],
+            )
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -490,10 +543,15 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _print_json(report.to_dict(), out)
     else:
-        out.write(f"sent {len(report.sent)}, waiting {len(report.waiting)}, "
-                  f"refused {len(report.refused)}\n")
-        for word, items in (("sent", report.sent), ("waiting", report.waiting),
-                            ("refused", report.refused)):
+        out.write(
+            f"sent {len(report.sent)}, waiting {len(report.waiting)}, "
+            f"refused {len(report.refused)}\n"
+        )
+        for word, items in (
+            ("sent", report.sent),
+            ("waiting", report.waiting),
+            ("refused", report.refused),
+        ):
             for item in items:
                 out.write(f"  {word}: {item}\n")
     return EXIT_ERROR if report.waiting or report.refused else EXIT_OK
@@ -511,18 +569,35 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--url", default=os.environ.get("CHRONICLE_URL") or None,
-                        help="server URL (default $CHRONICLE_URL; else the embedded store)")
-    parser.add_argument("--api-key", default=os.environ.get("CHRONICLE_API_KEY") or None,
-                        help="API key (default $CHRONICLE_API_KEY)")
-    parser.add_argument("--home", default=os.environ.get("CHRONICLE_HOME") or None,
-                        help="client home: embedded store, spool "
-                             "(default $CHRONICLE_HOME, else ./chronicle)")
-    parser.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                        help="retry budget of each request to a server, in seconds "
-                             "(default 60)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log INFO (-vv: DEBUG) to stderr; show tracebacks")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CHRONICLE_URL") or None,
+        help="server URL (default $CHRONICLE_URL; else the embedded store)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CHRONICLE_API_KEY") or None,
+        help="API key (default $CHRONICLE_API_KEY)",
+    )
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("CHRONICLE_HOME") or None,
+        help="client home: embedded store, spool (default $CHRONICLE_HOME, else ./chronicle)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="retry budget of each request to a server, in seconds (default 60)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log INFO (-vv: DEBUG) to stderr; show tracebacks",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # The client options are also accepted after the command (`chronicle runs --url U`), as
@@ -533,17 +608,32 @@ def build_parser() -> argparse.ArgumentParser:
         (("--url",), {"help": "server URL"}),
         (("--api-key",), {"help": "API key"}),
         (("--home",), {"help": "client home"}),
-        (("--timeout",), {"type": _positive_float, "metavar": "S",
-                          "help": "retry budget of each request, in seconds"}),
+        (
+            ("--timeout",),
+            {
+                "type": _positive_float,
+                "metavar": "S",
+                "help": "retry budget of each request, in seconds",
+            },
+        ),
         (("-v", "--verbose"), {"action": "count", "help": "more logging; tracebacks"}),
     ):
         group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
 
-    def add(name: str, func: Callable[[argparse.Namespace, TextIO], int], help: str,
-            json_flag: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           parents=[] if name == "server" else [client_options])
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace, TextIO], int],
+        help: str,
+        json_flag: bool = True,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[] if name == "server" else [client_options],
+        )
         p.set_defaults(func=func)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -552,38 +642,71 @@ def build_parser() -> argparse.ArgumentParser:
     run_help = f"the run, as EXPERIMENT/VARIATION/RUN (e.g. {RUN_EXAMPLE})"
 
     p = add("server", cmd_server, "run the reference Chronicle server", json_flag=False)
-    p.add_argument("--store", metavar="URL",
-                   help="SQLAlchemy store URL (default SQLite in the home)")
-    p.add_argument("--assets", metavar="URL",
-                   help="asset storage: a directory or s3://bucket/prefix "
-                        "(default a directory in the home)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="listen address (default 127.0.0.1; anything beyond loopback needs "
-                        "an API key)")
+    p.add_argument(
+        "--store", metavar="URL", help="SQLAlchemy store URL (default SQLite in the home)"
+    )
+    p.add_argument(
+        "--assets",
+        metavar="URL",
+        help="asset storage: a directory or s3://bucket/prefix (default a directory in the home)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="listen address (default 127.0.0.1; anything beyond loopback needs an API key)",
+    )
     p.add_argument("--port", type=_port, default=8765, help="listen port (default 8765)")
-    p.add_argument("--api-key", dest="server_api_key", metavar="KEY",
-                   help="API key clients must send (default $CHRONICLE_API_KEY)")
-    p.add_argument("--heartbeat-timeout", type=_positive_float, metavar="S",
-                   help="seconds without a heartbeat before a run is lost (default 900)")
-    p.add_argument("--lost-grace", type=_positive_float, metavar="S",
-                   help="seconds a run may stay lost before it fails (default 172800)")
-    p.add_argument("--stall-timeout", type=_positive_float, metavar="S",
-                   help="flag a running run stalled when its heartbeats' progress has not "
-                        "advanced for S seconds (default 1800)")
-    p.add_argument("--home", dest="server_home", metavar="DIR",
-                   help="server home for the default store and assets "
-                        "(default $CHRONICLE_HOME)")
-    p.add_argument("--log-level", type=str.lower,
-                   choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="server log level (default info)")
+    p.add_argument(
+        "--api-key",
+        dest="server_api_key",
+        metavar="KEY",
+        help="API key clients must send (default $CHRONICLE_API_KEY)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="seconds without a heartbeat before a run is lost (default 900)",
+    )
+    p.add_argument(
+        "--lost-grace",
+        type=_positive_float,
+        metavar="S",
+        help="seconds a run may stay lost before it fails (default 172800)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="flag a running run stalled when its heartbeats' progress has not "
+        "advanced for S seconds (default 1800)",
+    )
+    p.add_argument(
+        "--home",
+        dest="server_home",
+        metavar="DIR",
+        help="server home for the default store and assets (default $CHRONICLE_HOME)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="server log level (default info)",
+    )
 
     add("experiments", cmd_experiments, "list experiments")
 
     p = add("runs", cmd_runs, "list runs")
-    p.add_argument("--experiment", "-e", type=experiment_arg, metavar="E",
-                   help="only this experiment's runs")
-    p.add_argument("--state", "-s", type=state_arg, metavar="S",
-                   help=f"only runs in this state ({', '.join(s.value for s in RunState)})")
+    p.add_argument(
+        "--experiment", "-e", type=experiment_arg, metavar="E", help="only this experiment's runs"
+    )
+    p.add_argument(
+        "--state",
+        "-s",
+        type=state_arg,
+        metavar="S",
+        help=f"only runs in this state ({', '.join(s.value for s in RunState)})",
+    )
 
     p = add("show", cmd_show, "show every field of a run")
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
@@ -602,12 +725,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("assets", cmd_assets, "list a run's assets")
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
 
-    p = add("download", cmd_download, "download an asset (SHA-256 verified); prints its path",
-            json_flag=False)
+    p = add(
+        "download",
+        cmd_download,
+        "download an asset (SHA-256 verified); prints its path",
+        json_flag=False,
+    )
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
     p.add_argument("name", metavar="NAME", help="the asset's name (see `chronicle assets`)")
-    p.add_argument("dest", metavar="DEST", nargs="?", default=".",
-                   help="a file path or an existing directory (default .)")
+    p.add_argument(
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        default=".",
+        help="a file path or an existing directory (default .)",
+    )
 
     add("sync", cmd_sync, "send what the spool holds (exit 1 if anything is left)")
     return parser
@@ -634,10 +766,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     # The library never configures logging; the command line does, for its own process.
-    level = logging.WARNING if not args.verbose else (
-        logging.INFO if args.verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (
+        logging.WARNING
+        if not args.verbose
+        else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    )
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         code: int = args.func(args, sys.stdout)
         sys.stdout.flush()
@@ -660,8 +796,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless -v
         if args.verbose:
             traceback.print_exc()
-        print(f"chronicle: error: unexpected {type(exc).__name__}: {exc} "
-              "(run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"chronicle: error: unexpected {type(exc).__name__}: {exc} "
+            "(run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
 
 

@@ -115,17 +115,18 @@ class Chronicle:
         if self.url:
             if not self.url.startswith(("http://", "https://")):
                 raise ConfigurationError(
-                    f"invalid Chronicle URL {self.url!r}: expected http://host:port")
+                    f"invalid Chronicle URL {self.url!r}: expected http://host:port"
+                )
             from ._http import HttpTransport, RetryPolicy
 
             self.transport = HttpTransport(self.url, api_key, RetryPolicy(budget=timeout))
         else:
             kwargs: dict[str, float] = {}
-            for key, value, env in (("heartbeat_timeout", heartbeat_timeout,
-                                     "CHRONICLE_HEARTBEAT_TIMEOUT"),
-                                    ("lost_grace", lost_grace, "CHRONICLE_LOST_GRACE"),
-                                    ("stall_timeout", stall_timeout,
-                                     "CHRONICLE_STALL_TIMEOUT")):
+            for key, value, env in (
+                ("heartbeat_timeout", heartbeat_timeout, "CHRONICLE_HEARTBEAT_TIMEOUT"),
+                ("lost_grace", lost_grace, "CHRONICLE_LOST_GRACE"),
+                ("stall_timeout", stall_timeout, "CHRONICLE_STALL_TIMEOUT"),
+            ):
                 raw = value if value is not None else os.environ.get(env)
                 if raw is not None:
                     try:
@@ -142,8 +143,12 @@ class Chronicle:
     def __enter__(self) -> Chronicle:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -166,13 +171,20 @@ class Chronicle:
             self._wait_uploads(None, timeout, "closing")
         finally:
             for task in self._pool.close():
-                log.error("upload of %s (%s) never started before close; spooled for "
-                          "`chronicle sync`", task.staged.source, task.staged.name)
+                log.error(
+                    "upload of %s (%s) never started before close; spooled for `chronicle sync`",
+                    task.staged.source,
+                    task.staged.name,
+                )
                 self._spool_task(task, "the client closed before it started")
             for task in self._pool.pending():
-                log.error("abandoning upload of %s (%s) after %.0fs: it is still in progress; "
-                          "its staged copy is spooled for `chronicle sync`",
-                          task.staged.source, task.staged.name, timeout)
+                log.error(
+                    "abandoning upload of %s (%s) after %.0fs: it is still in progress; "
+                    "its staged copy is spooled for `chronicle sync`",
+                    task.staged.source,
+                    task.staged.name,
+                    timeout,
+                )
                 self._spool_task(task, "still in progress at close")
             for keepalive in list(self._keepalives):
                 keepalive.stop(timeout=1.0)
@@ -180,8 +192,12 @@ class Chronicle:
             _unregister_exit(self)
 
     # ------------------------------------------------------------------ experiments
-    def create_experiment(self, name: str, variations: list[dict[str, Any]] | None = None,
-                          experiment_id: str | None = None) -> str:
+    def create_experiment(
+        self,
+        name: str,
+        variations: list[dict[str, Any]] | None = None,
+        experiment_id: str | None = None,
+    ) -> str:
         """Create an experiment with numbered variations (0, 1, ...); returns its id.
 
         The id is derived from the name with a random suffix unless given; it is chosen here
@@ -190,8 +206,9 @@ class Chronicle:
         check.name(name)
         if experiment_id is None:
             experiment_id = check.derive_experiment_id(name)
-        return self.transport.create_experiment(name, list(variations or []),
-                                                experiment_id).experiment_id
+        return self.transport.create_experiment(
+            name, list(variations or []), experiment_id
+        ).experiment_id
 
     def add_variation(self, experiment_id: str, config: dict[str, Any]) -> int:
         """Append a variation to an experiment; returns its number."""
@@ -208,12 +225,12 @@ class Chronicle:
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, variation: int) -> Run:
         """Create the next run of a variation (``pending``); returns its handle."""
-        info = self.transport.create_run(check.experiment_id(experiment_id),
-                                         check.number(variation, "variation"), _request_id())
+        info = self.transport.create_run(
+            check.experiment_id(experiment_id), check.number(variation, "variation"), _request_id()
+        )
         return Run(self, info.experiment_id, info.variation, info.run)
 
-    def run(self, experiment_id: str, variation: int, run: int,
-            lease: str | None = None) -> Run:
+    def run(self, experiment_id: str, variation: int, run: int, lease: str | None = None) -> Run:
         """A handle on an existing run. No I/O: handles are cheap to create and discard.
 
         ``lease`` adopts a lease obtained elsewhere (e.g. ``$CHRONICLE_LEASE`` passed by a
@@ -221,8 +238,9 @@ class Chronicle:
         """
         return Run(self, experiment_id, variation, run, lease=lease)
 
-    def runs(self, experiment_id: str | None = None,
-             state: str | RunState | None = None) -> list[RunInfo]:
+    def runs(
+        self, experiment_id: str | None = None, state: str | RunState | None = None
+    ) -> list[RunInfo]:
         """Runs, optionally of one experiment and/or in one state (the effective state)."""
         if state is not None:
             try:
@@ -230,7 +248,8 @@ class Chronicle:
             except ValueError:
                 raise InvalidRequest(
                     f"invalid state {state!r}: one of " + ", ".join(s.value for s in RunState),
-                    field="state") from None
+                    field="state",
+                ) from None
         return self.transport.list_runs(experiment_id, state.value if state else None)
 
     def sync(self) -> SyncReport:
@@ -243,14 +262,20 @@ class Chronicle:
             self._stager = Stager(self.home / "staging")
         return self._stager.stage(path, name)
 
-    def _submit_upload(self, run: Run, path: str | os.PathLike[str],
-                       name: str | None) -> UploadHandle:
+    def _submit_upload(
+        self, run: Run, path: str | os.PathLike[str], name: str | None
+    ) -> UploadHandle:
         staged = self._stage(path, name)
         base = name if name is not None else Path(path).name
         futures = []
         for item in staged:
-            task = UploadTask(staged=item, run_key=run.key_tuple, lease=run.lease,
-                              future=_new_future(), upload_id=_request_id())
+            task = UploadTask(
+                staged=item,
+                run_key=run.key_tuple,
+                lease=run.lease,
+                future=_new_future(),
+                upload_id=_request_id(),
+            )
             self._pool.submit(task)
             futures.append(task.future)
         return UploadHandle(base, futures, directory=Path(path).is_dir())
@@ -269,12 +294,16 @@ class Chronicle:
                     raise  # close() spooled the staged file meanwhile: nothing to re-capture
                 if not isinstance(exc, SourceChanged) and staged.unchanged():
                     raise  # a real failure, not a torn capture
-                log.info("%s was rewritten in place while uploading; capturing its newest "
-                         "complete version", staged.source)
+                log.info(
+                    "%s was rewritten in place while uploading; capturing its newest "
+                    "complete version",
+                    staged.source,
+                )
                 with contextlib.suppress(Exception):
                     self.transport.abort_upload(task.upload_id)
-                fresh = copy_stable(staged.path, staged.path.with_suffix(".recapture"),
-                                    staged.name, settle=0.5)
+                fresh = copy_stable(
+                    staged.path, staged.path.with_suffix(".recapture"), staged.name, settle=0.5
+                )
                 os.replace(fresh.path, staged.path)
                 fresh.path, fresh.source = staged.path, staged.source
                 task.staged = fresh
@@ -282,39 +311,62 @@ class Chronicle:
                 continue
             staged.path.unlink(missing_ok=True)
             return info
-        raise UploadError(f"{task.staged.source} kept being rewritten; gave up",
-                          name=task.staged.name, staged_path=str(task.staged.path))
+        raise UploadError(
+            f"{task.staged.source} kept being rewritten; gave up",
+            name=task.staged.name,
+            staged_path=str(task.staged.path),
+        )
 
     def _upload_failed(self, task: UploadTask, exc: BaseException) -> None:
         """Never silent: ERROR naming the file; spool it when the failure may pass."""
         if not task.staged.path.exists():
             return  # already spooled by close(), which said so
         if isinstance(exc, (TransportError, ServerError, StorageFull)):
-            log.error("upload of %s as %r to run %s failed: %s; spooled for `chronicle sync`",
-                      task.staged.source, task.staged.name, "/".join(map(str, task.run_key)),
-                      exc)
+            log.error(
+                "upload of %s as %r to run %s failed: %s; spooled for `chronicle sync`",
+                task.staged.source,
+                task.staged.name,
+                "/".join(map(str, task.run_key)),
+                exc,
+            )
             self._spool_task(task, str(exc))
         else:
-            log.error("upload of %s as %r to run %s failed: %s; staged copy kept at %s",
-                      task.staged.source, task.staged.name, "/".join(map(str, task.run_key)),
-                      exc, task.staged.path)
+            log.error(
+                "upload of %s as %r to run %s failed: %s; staged copy kept at %s",
+                task.staged.source,
+                task.staged.name,
+                "/".join(map(str, task.run_key)),
+                exc,
+                task.staged.path,
+            )
 
     def _spool_task(self, task: UploadTask, why: str) -> None:
         try:
-            path = self.spool.add_upload(self.transport.target, task.run_key, task.staged.name,
-                                         task.staged.path, lease=task.lease,
-                                         upload_id=task.upload_id, linked=task.staged.linked)
+            path = self.spool.add_upload(
+                self.transport.target,
+                task.run_key,
+                task.staged.name,
+                task.staged.path,
+                lease=task.lease,
+                upload_id=task.upload_id,
+                linked=task.staged.linked,
+            )
         except OSError as exc:
             log.error("could not spool %s (%s): %s", task.staged.name, why, exc)
             return
         if not task.future.done():
-            task.future.set_exception(UploadError(
-                f"upload of {task.staged.source} as {task.staged.name!r} did not finish "
-                f"({why}); spooled at {path}: run `chronicle sync`", name=task.staged.name,
-                staged_path=str(path)))
+            task.future.set_exception(
+                UploadError(
+                    f"upload of {task.staged.source} as {task.staged.name!r} did not finish "
+                    f"({why}); spooled at {path}: run `chronicle sync`",
+                    name=task.staged.name,
+                    staged_path=str(path),
+                )
+            )
 
-    def _wait_uploads(self, run_key: tuple[str, int, int] | None, timeout: float | None,
-                      why: str) -> bool:
+    def _wait_uploads(
+        self, run_key: tuple[str, int, int] | None, timeout: float | None, why: str
+    ) -> bool:
         """Wait for pending uploads (one run's, or all), logging progress on long waits."""
         deadline = None if timeout is None else time.monotonic() + timeout
         started = time.monotonic()
@@ -328,12 +380,21 @@ class Chronicle:
                 return False
             if now >= next_report:
                 size = sum(t.staged.size for t in pending)
-                log.info("%s: waiting for %d upload(s) (%s, %.1f MiB) for %.0fs", why,
-                         len(pending), describe(pending), size / 2**20, now - started)
+                log.info(
+                    "%s: waiting for %d upload(s) (%s, %.1f MiB) for %.0fs",
+                    why,
+                    len(pending),
+                    describe(pending),
+                    size / 2**20,
+                    now - started,
+                )
                 next_report = now + PROGRESS_EVERY
             wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
-            concurrent.futures.wait([t.future for t in pending], timeout=wait,
-                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            concurrent.futures.wait(
+                [t.future for t in pending],
+                timeout=wait,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
 
 
 class Run:
@@ -348,8 +409,14 @@ class Run:
     ``fail("abandoned")`` on ``KeyboardInterrupt``.
     """
 
-    def __init__(self, chronicle: Chronicle, experiment_id: str, variation: int, run: int,
-                 lease: str | None = None) -> None:
+    def __init__(
+        self,
+        chronicle: Chronicle,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        lease: str | None = None,
+    ) -> None:
         self.chronicle = chronicle
         self.experiment_id = check.experiment_id(experiment_id)
         self.variation = check.number(variation, "variation")
@@ -403,8 +470,12 @@ class Run:
         """The run's complete assets."""
         return self._t.list_assets(*self.key_tuple)
 
-    def download_asset(self, name: str, dest: str | os.PathLike[str],
-                       progress: Callable[[int, int], None] | None = None) -> Path:
+    def download_asset(
+        self,
+        name: str,
+        dest: str | os.PathLike[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
         """Download an asset to ``dest`` (a file path, or an existing directory to put it in),
         verifying its SHA-256. The file appears only when complete. Returns the path."""
         check.asset_name(name)
@@ -420,9 +491,12 @@ class Run:
         partial = target.with_name(target.name + ".part")
         try:
             with open(partial, "wb") as fh:
-                self._t.download_asset(*self.key_tuple, name, fh,
-                                       progress=(lambda n: progress(n, expected.size))
-                                       if progress else None)
+                self._t.download_asset(
+                    *self.key_tuple,
+                    name,
+                    fh,
+                    progress=(lambda n: progress(n, expected.size)) if progress else None,
+                )
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -432,8 +506,7 @@ class Run:
                 hasher.update(block)
         if hasher.hexdigest() != expected.sha256:
             partial.unlink(missing_ok=True)
-            raise UploadError(f"downloaded {name!r} does not match its SHA-256; removed",
-                              name=name)
+            raise UploadError(f"downloaded {name!r} does not match its SHA-256; removed", name=name)
         os.replace(partial, target)
         return target
 
@@ -461,15 +534,19 @@ class Run:
         self._send_heartbeat(quick=False, progress=progress)
         return self
 
-    def _send_heartbeat(self, quick: bool = True,
-                        progress: dict[str, Any] | None = None) -> RunInfo:
+    def _send_heartbeat(
+        self, quick: bool = True, progress: dict[str, Any] | None = None
+    ) -> RunInfo:
         if progress is None:
             progress = self.progress.snapshot()
         return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
 
-    def keep_alive(self, interval: float = 60.0,
-                   on_cancel: Callable[[Run, str], None] | None = None,
-                   stall_timeout: float | None = None) -> KeepAlive:
+    def keep_alive(
+        self,
+        interval: float = 60.0,
+        on_cancel: Callable[[Run, str], None] | None = None,
+        stall_timeout: float | None = None,
+    ) -> KeepAlive:
         """Send heartbeats every ``interval`` seconds on a daemon thread (one per run).
 
         Returns the running :class:`KeepAlive` (a context manager; ``.stop()`` ends it). When
@@ -521,8 +598,7 @@ class Run:
         self.cancel_reason = why
         self.cancelled.set()
 
-    def upload_asset(self, path: str | os.PathLike[str], name: str | None = None
-                     ) -> UploadHandle:
+    def upload_asset(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle:
         """Capture a file or directory now and upload it in the background.
 
         Returns at once with a future-like :class:`UploadHandle`. The content is the one at
@@ -567,23 +643,39 @@ class Run:
                 # Not this worker's run (e.g. an operator cancelling): nothing to defer.
                 raise
             path = self.chronicle.spool.add_transition(
-                self.chronicle.target, self.key_tuple,
+                self.chronicle.target,
+                self.key_tuple,
                 "succeed" if action is Action.SUCCEED else "fail",
-                lease=self.lease, reason=reason, message=message)
+                lease=self.lease,
+                reason=reason,
+                message=message,
+            )
             self.spooled = True
-            log.error("could not record %s for run %s (%s); spooled at %s: run "
-                      "`chronicle sync` when the server is back", action, self.key, exc, path)
+            log.error(
+                "could not record %s for run %s (%s); spooled at %s: run "
+                "`chronicle sync` when the server is back",
+                action,
+                self.key,
+                exc,
+                path,
+            )
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Run:
         if self.lease is None:
-            raise ChronicleError("call start() before entering the run's with-block: "
-                                 "`with chronicle.run(e, v, r).start() as run:`")
+            raise ChronicleError(
+                "call start() before entering the run's with-block: "
+                "`with chronicle.run(e, v, r).start() as run:`"
+            )
         self.keep_alive()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc is None:
             self.succeed()
             return
@@ -624,9 +716,17 @@ def _upload_checked(transport: Transport, task: UploadTask) -> AssetInfo:
         if not staged.unchanged():
             raise SourceChanged(staged.name)
 
-    return transport.upload_file(e, v, r, staged.name, str(staged.path), lease=task.lease,
-                                 upload_id=task.upload_id, verify=check_intact,
-                                 size=staged.size)
+    return transport.upload_file(
+        e,
+        v,
+        r,
+        staged.name,
+        str(staged.path),
+        lease=task.lease,
+        upload_id=task.upload_id,
+        verify=check_intact,
+        size=staged.size,
+    )
 
 
 #: Live heartbeat loops of this process by (experiment, variation, run, lease).
@@ -653,4 +753,3 @@ def _close_all_at_exit() -> None:
             chronicle.close()
         except Exception:
             log.exception("error while closing %r at exit", chronicle)
-

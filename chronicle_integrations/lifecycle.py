@@ -85,10 +85,16 @@ TRANSITIONS: Mapping[Action, Mapping[RunState, RunState]] = {
     Action.RESUME: {_P: _R, _R: _R, _L: _R},
     Action.HEARTBEAT: {_R: _R, _L: _R},
     Action.SUCCEED: {_R: RunState.SUCCEEDED, _L: RunState.SUCCEEDED},
-    Action.FAIL_CRASH: {_P: RunState.FAILED_CRASH, _R: RunState.FAILED_CRASH,
-                        _L: RunState.FAILED_CRASH},
-    Action.FAIL_ABANDONED: {_P: RunState.FAILED_ABANDONED, _R: RunState.FAILED_ABANDONED,
-                            _L: RunState.FAILED_ABANDONED},
+    Action.FAIL_CRASH: {
+        _P: RunState.FAILED_CRASH,
+        _R: RunState.FAILED_CRASH,
+        _L: RunState.FAILED_CRASH,
+    },
+    Action.FAIL_ABANDONED: {
+        _P: RunState.FAILED_ABANDONED,
+        _R: RunState.FAILED_ABANDONED,
+        _L: RunState.FAILED_ABANDONED,
+    },
     Action.WATCHDOG_LOST: {_R: _L},
     Action.WATCHDOG_EXPIRED: {_L: RunState.FAILED_LOST},
 }
@@ -102,9 +108,7 @@ TERMINAL_TARGET: Mapping[Action, RunState] = {
 
 #: Actions that must carry the run's current lease once the run has been started.
 #: ``fail(reason="abandoned")`` is a cancellation: any authorised client may send it.
-LEASED_ACTIONS: frozenset[Action] = frozenset(
-    {Action.HEARTBEAT, Action.SUCCEED, Action.FAIL_CRASH}
-)
+LEASED_ACTIONS: frozenset[Action] = frozenset({Action.HEARTBEAT, Action.SUCCEED, Action.FAIL_CRASH})
 
 # Every edge an event log may contain (a repeated running->running start is recorded too).
 _EDGES: frozenset[tuple[RunState, RunState]] = frozenset(

@@ -84,8 +84,10 @@ try:  # the real ``transformers`` package: imports are absolute, this module is 
     from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
     from transformers.training_args import TrainingArguments
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError("transformers is not installed; the Chronicle TrainerCallback needs it. "
-                      "Hint: pip install 'chronicle-integrations[transformers]'") from exc
+    raise ImportError(
+        "transformers is not installed; the Chronicle TrainerCallback needs it. "
+        "Hint: pip install 'chronicle-integrations[transformers]'"
+    ) from exc
 
 from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env, jsonable
 from .client import Chronicle, Run
@@ -97,8 +99,7 @@ __all__ = ["ChronicleTrainerCallback", "track"]
 #: Checkpoint folders are ``checkpoint-<global_step>`` (``transformers.trainer_utils``).
 CHECKPOINT_PREFIX = "checkpoint"
 #: Key fragments of TrainingArguments / model configs that must never reach the store.
-_SECRET_MARKERS = ("secret", "password", "passwd", "api_key", "apikey", "credential",
-                   "access_key")
+_SECRET_MARKERS = ("secret", "password", "passwd", "api_key", "apikey", "credential", "access_key")
 
 #: Callbacks whose wrapped ``train()`` is running, innermost last (see ``__init__``).
 _TRAINING: list[ChronicleTrainerCallback] = []
@@ -144,13 +145,20 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         print(callback.run.key, callback.run.state)
     """
 
-    def __init__(self, chronicle: Chronicle | None = None, experiment_id: str | None = None,
-                 variation: int | None = None, run: int | None = None,
-                 experiment_name: str | None = None, upload_checkpoints: bool = True,
-                 heartbeat_interval: float = 60.0, strict: bool = False,
-                 handle_sigterm: bool = True,
-                 stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
-                 _restored: bool = False) -> None:
+    def __init__(
+        self,
+        chronicle: Chronicle | None = None,
+        experiment_id: str | None = None,
+        variation: int | None = None,
+        run: int | None = None,
+        experiment_name: str | None = None,
+        upload_checkpoints: bool = True,
+        heartbeat_interval: float = 60.0,
+        strict: bool = False,
+        handle_sigterm: bool = True,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        _restored: bool = False,
+    ) -> None:
         if _restored and _TRAINING:
             # ``restore_callback_states_from_checkpoint=True``: the Trainer replaces the
             # instance the user passed by ``type(cb)(**state()["args"])``. Share the
@@ -158,9 +166,11 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             self.__dict__ = _TRAINING[-1].__dict__
             return
         if _restored:
-            log.warning("chronicle: the callback was rebuilt from a checkpoint outside a "
-                        "wrapped train(); its settings come from the environment. Hint: "
-                        "pass it in Trainer(callbacks=[...]) or call callback.attach(trainer)")
+            log.warning(
+                "chronicle: the callback was rebuilt from a checkpoint outside a "
+                "wrapped train(); its settings come from the environment. Hint: "
+                "pass it in Trainer(callbacks=[...]) or call callback.attach(trainer)"
+            )
         # Validate the identity arguments now (bad combinations fail at construction).
         TrackedRun(experiment_id=experiment_id, variation=variation, run=run)
         self.chronicle = chronicle
@@ -192,15 +202,18 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         """What ``trainer_state.json`` keeps: the run identity, so a resume continues it."""
-        return {"args": {"_restored": True},
-                "attributes": {"_saved_run": self._identity_dict()}}
+        return {"args": {"_restored": True}, "attributes": {"_saved_run": self._identity_dict()}}
 
     def _identity_dict(self) -> dict[str, Any] | None:
         run = self.tracker.run if self.tracker is not None else None
         if run is None:
             return None
-        return {"experiment_id": run.experiment_id, "variation": run.variation,
-                "run": run.run, "target": run.chronicle.target}
+        return {
+            "experiment_id": run.experiment_id,
+            "variation": run.variation,
+            "run": run.run,
+            "target": run.chronicle.target,
+        }
 
     @property
     def run(self) -> Run | None:
@@ -265,8 +278,10 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             raise
         except BaseException as exc:
             if self._sigterm or isinstance(exc, SystemExit):
-                log.warning("chronicle: training stopped by %s", "SIGTERM" if self._sigterm
-                            else f"SystemExit({getattr(exc, 'code', None)!r})")
+                log.warning(
+                    "chronicle: training stopped by %s",
+                    "SIGTERM" if self._sigterm else f"SystemExit({getattr(exc, 'code', None)!r})",
+                )
                 self._end("preempted", failing=True)
             else:
                 self._end("crash", exc, failing=True)
@@ -310,6 +325,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             with contextlib.suppress(ValueError, OSError, TypeError):
                 if signal.getsignal(signal.SIGTERM) is on_sigterm:
                     signal.signal(signal.SIGTERM, previous)
+
         return restore
 
     def _end(self, how: str, exc: BaseException | None = None, failing: bool = False) -> None:
@@ -358,14 +374,16 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             return
 
     # ------------------------------------------------------------------ hooks
-    def on_init_end(self, args: TrainingArguments, state: TrainerState,
-                    control: TrainerControl, **kwargs: Any) -> None:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         trainer = self._find_trainer()
         if trainer is not None:
             self.attach(trainer)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
-                       control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # Resuming from a checkpoint written without this callback: Trainer._save_checkpoint
         # indexes stateful_callbacks[<our name>] and would raise KeyError at the first save.
         saved: Any = state.stateful_callbacks
@@ -377,10 +395,12 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             return  # auto_find_batch_size fires on_train_begin again
         if self._depth == 0 and not self._warned_unwrapped:
             self._warned_unwrapped = True
-            log.warning("chronicle: trainer.train() is not wrapped, so a crash cannot be "
-                        "recorded (only the server's heartbeat timeout will notice). Hint: "
-                        "pass the callback in Trainer(callbacks=[...]) or call "
-                        "callback.attach(trainer) before train()")
+            log.warning(
+                "chronicle: trainer.train() is not wrapped, so a crash cannot be "
+                "recorded (only the server's heartbeat timeout will notice). Hint: "
+                "pass the callback in Trainer(callbacks=[...]) or call "
+                "callback.attach(trainer) before train()"
+            )
         self._uploaded = {}
         self._stop_logged = False
         self._begin(args, state, kwargs.get("model"))
@@ -390,11 +410,16 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         explicit = self.experiment_id is not None
         experiment_id, variation = self.experiment_id, self.variation
         config = self._config(args, model, state)
-        tracker = TrackedRun(chronicle=self.chronicle, experiment_id=experiment_id,
-                             variation=variation, run=self.run_number,
-                             experiment_name=self.experiment_name,
-                             heartbeat_interval=self.heartbeat_interval,
-                             stall_timeout=self.stall_timeout, strict=self.strict)
+        tracker = TrackedRun(
+            chronicle=self.chronicle,
+            experiment_id=experiment_id,
+            variation=variation,
+            run=self.run_number,
+            experiment_name=self.experiment_name,
+            heartbeat_interval=self.heartbeat_interval,
+            stall_timeout=self.stall_timeout,
+            strict=self.strict,
+        )
         self.tracker = tracker
         resume: tuple[str, int, int] | None = None
         if state.global_step > 0:
@@ -402,8 +427,11 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             if self.experiment_id is not None and self.run_number is not None:
                 resume = (self.experiment_id, int(self.variation or 0), self.run_number)
             elif explicit:
-                if saved is not None and saved[0] == self.experiment_id and (
-                        self.variation is None or saved[1] == self.variation):
+                if (
+                    saved is not None
+                    and saved[0] == self.experiment_id
+                    and (self.variation is None or saved[1] == self.variation)
+                ):
                     resume = saved
             elif env is not None:
                 if env[3] is None:  # a lease in the environment: the launcher owns the run
@@ -421,8 +449,11 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         if run is None and resume is not None and self.run_number is None:
             # E.g. the run already ended (training continued after success), or the
             # checkpoint came from another Chronicle: a new run of the same variation.
-            log.warning("chronicle: could not resume run %s/%s/%s; tracking a new run of its "
-                        "variation instead", *resume)
+            log.warning(
+                "chronicle: could not resume run %s/%s/%s; tracking a new run of its "
+                "variation instead",
+                *resume,
+            )
             tracker.experiment_id, tracker.variation = resume[0], resume[1]
             run = tracker.begin(config)
         if run is not None and not explicit and env is None and self._auto_experiment is None:
@@ -465,20 +496,24 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         else:
             run.progress.advance(int(state.global_step), float(state.epoch or 0.0))
 
-    def on_substep_end(self, args: TrainingArguments, state: TrainerState,
-                       control: TrainerControl, **kwargs: Any) -> None:
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._progress()  # gradient accumulation: a long step is not a hang
 
-    def on_prediction_step(self, args: TrainingArguments, state: TrainerState,
-                           control: TrainerControl, **kwargs: Any) -> None:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._progress()  # evaluation batches count as progress
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState,
-                    control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._progress(state)
         stop = self.tracker is not None and self.tracker.cancelled
-        if (control.should_log or control.should_save or control.should_evaluate) \
-                and _distributed(args):
+        if (control.should_log or control.should_save or control.should_evaluate) and _distributed(
+            args
+        ):
             stop = _any_rank(stop, args)  # every rank reaches this at the same step
         if stop:
             control.should_training_stop = True
@@ -487,8 +522,9 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                 reason = self.run.cancel_reason if self.run is not None else "cancelled"
                 log.warning("chronicle: the run was %s; stopping training", reason)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not self.upload_checkpoints:
             return
         if _distributed(args):
@@ -501,8 +537,12 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         with tracker.guard(f"uploading {CHECKPOINT_PREFIX}-{state.global_step}"):
             folder = self._checkpoint_dir(args, state.global_step)
             if folder is None:
-                log.warning("chronicle: no %s-%d folder found under %s; not uploaded",
-                            CHECKPOINT_PREFIX, state.global_step, args.output_dir)
+                log.warning(
+                    "chronicle: no %s-%d folder found under %s; not uploaded",
+                    CHECKPOINT_PREFIX,
+                    state.global_step,
+                    args.output_dir,
+                )
                 return
             self._upload(folder)
 
@@ -525,15 +565,17 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         found = [p for p in [base / name, *base.glob(f"*/{name}")] if p.is_dir()]
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState,
-                     control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._depth == 0:  # not wrapped: the best we can do
             self._end("succeed")
 
 
 @contextlib.contextmanager
-def track(trainer: Trainer,
-          callback: ChronicleTrainerCallback | None = None) -> Iterator[ChronicleTrainerCallback]:
+def track(
+    trainer: Trainer, callback: ChronicleTrainerCallback | None = None
+) -> Iterator[ChronicleTrainerCallback]:
     """Record how the block ends, for setups where the automatic attach cannot work::
 
         with track(trainer) as callback:
@@ -543,8 +585,14 @@ def track(trainer: Trainer,
     it has none).
     """
     if callback is None:
-        callback = next((cb for cb in trainer.callback_handler.callbacks
-                         if isinstance(cb, ChronicleTrainerCallback)), None)
+        callback = next(
+            (
+                cb
+                for cb in trainer.callback_handler.callbacks
+                if isinstance(cb, ChronicleTrainerCallback)
+            ),
+            None,
+        )
     if callback is None:
         callback = ChronicleTrainerCallback()
     callback.attach(trainer)

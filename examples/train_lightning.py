@@ -56,11 +56,13 @@ class MLP(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters("hidden", "lr")  # recorded as the variation config
         self.fail_at_step = fail_at_step
-        self.net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(),
-                                       torch.nn.Linear(hidden, 10))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
+        )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor],
-                      batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         if self.fail_at_step is not None and self.global_step >= self.fail_at_step:
             raise RuntimeError(f"--fail-at-step {self.fail_at_step}: failing on purpose")
         x, y = batch
@@ -81,25 +83,44 @@ class MLP(pl.LightningModule):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--home", default=None,
-                        help="Chronicle home (embedded store); default $CHRONICLE_HOME or "
-                             "./chronicle. Ignored when $CHRONICLE_URL names a server.")
-    parser.add_argument("--fail-at-step", type=int, default=None,
-                        help="raise in training_step at this step, to see a crash recorded")
-    parser.add_argument("--output", default="lightning_output",
-                        help="where checkpoints are written")
+    parser.add_argument(
+        "--home",
+        default=None,
+        help="Chronicle home (embedded store); default $CHRONICLE_HOME or "
+        "./chronicle. Ignored when $CHRONICLE_URL names a server.",
+    )
+    parser.add_argument(
+        "--fail-at-step",
+        type=int,
+        default=None,
+        help="raise in training_step at this step, to see a crash recorded",
+    )
+    parser.add_argument(
+        "--output", default="lightning_output", help="where checkpoints are written"
+    )
     args = parser.parse_args(argv)
 
     pl.seed_everything(0, verbose=False)
     with Chronicle(home=args.home) as chronicle:
         tracker = ChronicleCallback(chronicle=chronicle, experiment_name="digits-mlp")
         checkpoints = pl.callbacks.ModelCheckpoint(
-            dirpath=Path(args.output, "checkpoints"), monitor="val_acc", mode="max",
-            save_top_k=2, save_last=True, filename="{epoch}-{val_acc:.3f}")
-        trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1,
-                             callbacks=[tracker, checkpoints], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             default_root_dir=args.output)
+            dirpath=Path(args.output, "checkpoints"),
+            monitor="val_acc",
+            mode="max",
+            save_top_k=2,
+            save_last=True,
+            filename="{epoch}-{val_acc:.3f}",
+        )
+        trainer = pl.Trainer(
+            max_epochs=args.epochs,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[tracker, checkpoints],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=args.output,
+        )
         failed = None
         try:
             trainer.fit(MLP(fail_at_step=args.fail_at_step), datamodule=DigitsData())

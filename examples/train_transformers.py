@@ -61,25 +61,40 @@ def main() -> None:
     parser.add_argument("--output-dir", default="hf_output", help="Trainer output_dir")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--save-steps", type=int, default=10)
-    parser.add_argument("--resume", action="store_true",
-                        help="resume from the last checkpoint in --output-dir (same run)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the last checkpoint in --output-dir (same run)",
+    )
     opts = parser.parse_args()
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=17, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=10)
+    config = BertConfig(
+        vocab_size=17,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=10,
+    )
     model = BertForSequenceClassification(config)
     args = TrainingArguments(
-        output_dir=opts.output_dir, max_steps=opts.max_steps, per_device_train_batch_size=32,
-        learning_rate=3e-3, save_strategy="steps", save_steps=opts.save_steps,
-        save_total_limit=1, logging_steps=10, use_cpu=True, report_to=[], disable_tqdm=True,
+        output_dir=opts.output_dir,
+        max_steps=opts.max_steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        save_strategy="steps",
+        save_steps=opts.save_steps,
+        save_total_limit=1,
+        logging_steps=10,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
     )
     with Chronicle(home=opts.home) as chronicle:
-        callback = ChronicleTrainerCallback(chronicle=chronicle,
-                                            experiment_name="digits-bert-tiny")
-        trainer = Trainer(model=model, args=args, train_dataset=Digits(),
-                          callbacks=[callback])
+        callback = ChronicleTrainerCallback(chronicle=chronicle, experiment_name="digits-bert-tiny")
+        trainer = Trainer(model=model, args=args, train_dataset=Digits(), callbacks=[callback])
         trainer.train(resume_from_checkpoint=True if opts.resume else None)
 
         run = callback.run

@@ -59,8 +59,9 @@ def fresh_store_url(kind: str, directory: Path) -> Iterator[str]:
         return
     base = os.environ.get(POSTGRES_ENV)
     if not base:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (e.g. "
-                    "postgresql://postgres@127.0.0.1:5432/test)")
+        pytest.skip(
+            f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+        )
     import sqlalchemy as sa
 
     admin_url = sa.engine.make_url(base)
@@ -72,8 +73,7 @@ def fresh_store_url(kind: str, directory: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         try:
-            yield sa.engine.make_url(base).set(database=name).render_as_string(
-                hide_password=False)
+            yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
         finally:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -103,19 +103,22 @@ class StoreFactory:
     def __call__(self) -> str:
         self._count += 1
         return self._stack.enter_context(
-            fresh_store_url(self.kind, self.directory / f"store{self._count}"))
+            fresh_store_url(self.kind, self.directory / f"store{self._count}")
+        )
 
     def close(self) -> None:
         self._stack.close()
 
 
 @pytest.fixture(scope="module", params=_BACKENDS)
-def module_store_factory(request: pytest.FixtureRequest,
-                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreFactory]:
+def module_store_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StoreFactory]:
     """Makes fresh store URLs of one backend (parametrized like ``store_url``), for a module."""
     if request.param == "postgres" and not os.environ.get(POSTGRES_ENV):
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (e.g. "
-                    "postgresql://postgres@127.0.0.1:5432/test)")
+        pytest.skip(
+            f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+        )
     factory = StoreFactory(request.param, tmp_path_factory.mktemp("stores"))
     try:
         yield factory
@@ -133,8 +136,17 @@ def module_store_url(module_store_factory: StoreFactory) -> str:
 class ServerProcess:
     """A real Chronicle server in a subprocess, on a loopback port."""
 
-    def __init__(self, *, store_url: str, assets: Path, log_dir: Path, api_key: str | None,
-                 heartbeat_timeout: float, lost_grace: float, extra_args: list[str]) -> None:
+    def __init__(
+        self,
+        *,
+        store_url: str,
+        assets: Path,
+        log_dir: Path,
+        api_key: str | None,
+        heartbeat_timeout: float,
+        lost_grace: float,
+        extra_args: list[str],
+    ) -> None:
         self.store_url = store_url
         self.assets = assets
         self.api_key = api_key
@@ -167,20 +179,37 @@ class ServerProcess:
     def _spawn(self) -> None:
         self._starts += 1
         self.log_path = self._log_dir / f"server-{self._starts}.log"
-        args = [sys.executable, "-m", "chronicle_integrations.server", "--host", "127.0.0.1",
-                "--port", str(self.port), "--store", self.store_url,
-                "--assets", str(self.assets),
-                "--heartbeat-timeout", str(self.heartbeat_timeout),
-                "--lost-grace", str(self.lost_grace), "--log-level", "info", *self.extra_args]
+        args = [
+            sys.executable,
+            "-m",
+            "chronicle_integrations.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--store",
+            self.store_url,
+            "--assets",
+            str(self.assets),
+            "--heartbeat-timeout",
+            str(self.heartbeat_timeout),
+            "--lost-grace",
+            str(self.lost_grace),
+            "--log-level",
+            "info",
+            *self.extra_args,
+        ]
         if self.api_key:
             args += ["--api-key", self.api_key]
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("CHRONICLE_API_KEY", "CHRONICLE_URL")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("CHRONICLE_API_KEY", "CHRONICLE_URL")
+        }
         env["CHRONICLE_HOME"] = str(self._log_dir / "home")
         env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _wait_healthy(self) -> None:
@@ -188,16 +217,18 @@ class ServerProcess:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n"
-                                   f"{self.output()}")
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode}:\n{self.output()}"
+                )
             try:
                 if requests.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"the server did not become healthy within {SERVER_START_TIMEOUT}"
-                           f" s:\n{self.output()}")
+        raise RuntimeError(
+            f"the server did not become healthy within {SERVER_START_TIMEOUT} s:\n{self.output()}"
+        )
 
     def output(self) -> str:
         """What the server printed so far (its log: stdout and stderr)."""
@@ -253,18 +284,29 @@ class ServerFactory:
         self.directory = directory
         self.servers: list[ServerProcess] = []
 
-    def __call__(self, *, store_url: str | None = None, api_key: str | None = None,
-                 heartbeat_timeout: float = 900.0, lost_grace: float = 172800.0,
-                 extra_args: list[str] | tuple[str, ...] = (),
-                 assets: Path | None = None) -> ServerProcess:
+    def __call__(
+        self,
+        *,
+        store_url: str | None = None,
+        api_key: str | None = None,
+        heartbeat_timeout: float = 900.0,
+        lost_grace: float = 172800.0,
+        extra_args: list[str] | tuple[str, ...] = (),
+        assets: Path | None = None,
+    ) -> ServerProcess:
         base = self.directory / f"server{len(self.servers)}"
         base.mkdir(parents=True, exist_ok=True)
         if store_url is None:
             store_url = f"sqlite:///{base / 'chronicle.db'}"
-        server = ServerProcess(store_url=store_url, assets=assets or base / "assets",
-                               log_dir=base, api_key=api_key,
-                               heartbeat_timeout=heartbeat_timeout, lost_grace=lost_grace,
-                               extra_args=list(extra_args))
+        server = ServerProcess(
+            store_url=store_url,
+            assets=assets or base / "assets",
+            log_dir=base,
+            api_key=api_key,
+            heartbeat_timeout=heartbeat_timeout,
+            lost_grace=lost_grace,
+            extra_args=list(extra_args),
+        )
         self.servers.append(server)
         return server.start()
 
@@ -332,8 +374,9 @@ class _MarkerTally:
         for marker, ran in self.ran.items():
             skipped = self.skipped[marker]
             if skipped:
-                out.append(f"{len(skipped)} test(s) marked {marker!r} were skipped, e.g. "
-                           f"{skipped[0]}")
+                out.append(
+                    f"{len(skipped)} test(s) marked {marker!r} were skipped, e.g. {skipped[0]}"
+                )
             elif not ran:
                 out.append(f"no test marked {marker!r} ran")
         return out
@@ -369,15 +412,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 _PROBLEMS_KEY = pytest.StashKey[list[str]]()
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
-                            config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     problems = config.stash.get(_PROBLEMS_KEY, None)
     if not problems:
         return
     terminalreporter.section("required markers", sep="=", red=True, bold=True)
-    source = (f"${REQUIRED_MARKERS_ENV}={os.environ[REQUIRED_MARKERS_ENV]}"
-              if REQUIRED_MARKERS_ENV in os.environ else "CI=true")
+    source = (
+        f"${REQUIRED_MARKERS_ENV}={os.environ[REQUIRED_MARKERS_ENV]}"
+        if REQUIRED_MARKERS_ENV in os.environ
+        else "CI=true"
+    )
     for problem in problems:
         terminalreporter.write_line(f"FAILED ({source}): {problem}", red=True)
-    terminalreporter.write_line("these tests are required here: configure what they need "
-                                f"(e.g. {POSTGRES_ENV}) instead of skipping them", red=True)
+    terminalreporter.write_line(
+        "these tests are required here: configure what they need "
+        f"(e.g. {POSTGRES_ENV}) instead of skipping them",
+        red=True,
+    )

@@ -42,13 +42,18 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def cli(home: Path, *args: str, cwd: Path | None = None, stderr: Any = subprocess.PIPE,
-        **env: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    home: Path, *args: str, cwd: Path | None = None, stderr: Any = subprocess.PIPE, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m chronicle_integrations.cli ARGS`` with ``CHRONICLE_HOME=home``."""
     return subprocess.run(
         [sys.executable, "-m", "chronicle_integrations.cli", *args],
-        env=_env(home, **env), cwd=cwd or home.parent, stdout=subprocess.PIPE, stderr=stderr,
-        text=True, timeout=120,
+        env=_env(home, **env),
+        cwd=cwd or home.parent,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=120,
     )
 
 
@@ -97,8 +102,18 @@ def seed(tmp_path: Path) -> Seed:
 # ---------------------------------------------------------------------- usage
 def test_help_lists_commands_and_exit_codes(tmp_path: Path) -> None:
     out = ok(cli(tmp_path, "--help"))
-    for command in ("server", "experiments", "runs", "show", "events", "cancel", "rerun",
-                    "assets", "download", "sync"):
+    for command in (
+        "server",
+        "experiments",
+        "runs",
+        "show",
+        "events",
+        "cancel",
+        "rerun",
+        "assets",
+        "download",
+        "sync",
+    ):
         assert command in out
     assert "exit codes" in out and "3  not found" in out and "4  invalid transition" in out
 
@@ -109,8 +124,19 @@ def test_no_command_is_a_usage_error(tmp_path: Path) -> None:
     assert "usage: chronicle" in result.stderr
 
 
-@pytest.mark.parametrize("bad", ["exp/0", "exp/0/1/2", "exp/a/1", "exp/0/-1", "/0/1",
-                                 "_bad/0/1", "exp/0/ 1", "exp/0/99999999999"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "exp/0",
+        "exp/0/1/2",
+        "exp/a/1",
+        "exp/0/-1",
+        "/0/1",
+        "_bad/0/1",
+        "exp/0/ 1",
+        "exp/0/99999999999",
+    ],
+)
 def test_bad_run_identifier(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["show", bad]) == 2  # in-process: argparse rejects it before any I/O
     assert "expected EXPERIMENT/VARIATION/RUN, e.g. lr-sweep-1a2b/0/3" in capsys.readouterr().err
@@ -120,7 +146,8 @@ def test_bad_run_identifier_from_the_shell(tmp_path: Path) -> None:
     result = cli(tmp_path, "events", "exp/0")
     assert result.returncode == 2
     assert "invalid run 'exp/0': expected EXPERIMENT/VARIATION/RUN, e.g. lr-sweep-1a2b/0/3" in (
-        result.stderr)
+        result.stderr
+    )
 
 
 def test_missing_home_is_a_configuration_error(tmp_path: Path) -> None:
@@ -178,8 +205,15 @@ def test_runs_table(seed: Seed) -> None:
     lines = ok(cli(seed.home, "runs")).splitlines()
     header = lines[0]
     assert [c.strip() for c in header.split("  ") if c.strip()] == [
-        "RUN", "STATE", "STARTED", "LAST HEARTBEAT", "PROGRESS", "ENDED", "ASSETS",
-        "REASON"]
+        "RUN",
+        "STATE",
+        "STARTED",
+        "LAST HEARTBEAT",
+        "PROGRESS",
+        "ENDED",
+        "ASSETS",
+        "REASON",
+    ]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {seed.done, seed.pending, seed.crashed, seed.running}
     assert rows[seed.done].split()[1] == "succeeded"
@@ -188,8 +222,9 @@ def test_runs_table(seed: Seed) -> None:
     assert rows[seed.running].split()[1] == "running"
     # aligned: every column starts at the same offset on every line
     state_col = header.index("STATE")
-    assert all(line[state_col - 2:state_col] == "  " and line[state_col] != " "
-               for line in lines[1:])
+    assert all(
+        line[state_col - 2 : state_col] == "  " and line[state_col] != " " for line in lines[1:]
+    )
     heartbeat_col = header.index("LAST HEARTBEAT")
     assert re.match(r"\d+[smhd] ago ", rows[seed.running][heartbeat_col:])
     assert rows[seed.pending][heartbeat_col:].startswith("- ")
@@ -197,7 +232,7 @@ def test_runs_table(seed: Seed) -> None:
 
 def test_runs_json_has_stable_keys_and_no_lease(seed: Seed) -> None:
     out = ok(cli(seed.home, "runs", "--json"))
-    assert "lease\"" not in out.replace("lease_holder", "")
+    assert 'lease"' not in out.replace("lease_holder", "")
     data = json.loads(out)
     assert len(data) == 4
     for item in data:
@@ -212,8 +247,9 @@ def test_runs_json_has_stable_keys_and_no_lease(seed: Seed) -> None:
 def test_runs_filters(seed: Seed) -> None:
     data = json.loads(ok(cli(seed.home, "runs", "--state", "failed_crash", "--json")))
     assert [(d["variation"], d["run"]) for d in data] == [(1, 0)]
-    data = json.loads(ok(cli(seed.home, "runs", "--experiment", seed.exp, "--state",
-                             "PENDING", "--json")))
+    data = json.loads(
+        ok(cli(seed.home, "runs", "--experiment", seed.exp, "--state", "PENDING", "--json"))
+    )
     assert [(d["variation"], d["run"]) for d in data] == [(0, 1)]
     result = cli(seed.home, "runs", "--experiment", "other-exp", "--json")
     assert result.returncode == 3 and "other-exp" in error_line(result)
@@ -273,7 +309,10 @@ def test_events(seed: Seed) -> None:
     data = json.loads(ok(cli(seed.home, "events", seed.done, "--json")))
     assert all(set(e) == {f.name for f in dataclasses.fields(Event)} for e in data)
     assert [(e["from_state"], e["to_state"]) for e in data if e["kind"] == "transition"] == [
-        (None, "pending"), ("pending", "running"), ("running", "succeeded")]
+        (None, "pending"),
+        ("pending", "running"),
+        ("running", "succeeded"),
+    ]
     assets = [e for e in data if e["kind"] == "asset"]
     assert assets[0]["detail"]["name"] == "model.bin"
 
@@ -293,7 +332,8 @@ def test_assets(seed: Seed) -> None:
 def test_cancel_then_show(seed: Seed) -> None:
     for key in (seed.pending, seed.running):  # no lease needed, even for a held run
         assert ok(cli(seed.home, "cancel", key, "--message", "not needed")) == (
-            f"{key}: failed_abandoned\n")
+            f"{key}: failed_abandoned\n"
+        )
         data = json.loads(ok(cli(seed.home, "show", key, "--json")))
         assert data["state"] == "failed_abandoned"
         assert data["reason"] == "abandoned" and data["message"] == "not needed"
@@ -419,7 +459,10 @@ def test_download_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
 def test_sync_with_an_empty_spool(seed: Seed) -> None:
     assert ok(cli(seed.home, "sync")).startswith("sent 0, waiting 0, refused 0")
     assert json.loads(ok(cli(seed.home, "sync", "--json"))) == {
-        "sent": [], "waiting": [], "refused": []}
+        "sent": [],
+        "waiting": [],
+        "refused": [],
+    }
 
 
 def test_sync_without_a_home_has_nothing_to_send(tmp_path: Path) -> None:
@@ -432,8 +475,9 @@ def test_sync_sends_and_reports_what_is_left(seed: Seed) -> None:
         target = chronicle.target
     spool = Spool(seed.home / "spool")
     # an entry for this store that is accepted (a cancellation needs no lease) ...
-    spool.add_transition(target, _key(seed.running), "fail", lease=None, reason="abandoned",
-                         message="spooled")
+    spool.add_transition(
+        target, _key(seed.running), "fail", lease=None, reason="abandoned", message="spooled"
+    )
     # ... one for this store that is refused for good (the run already succeeded) ...
     spool.add_transition(target, _key(seed.done), "fail", lease=None, reason="abandoned")
     # ... and one for a server this client cannot talk to now
@@ -446,7 +490,8 @@ def test_sync_sends_and_reports_what_is_left(seed: Seed) -> None:
     assert len(report["refused"]) == 1 and seed.done in report["refused"][0]
     assert len(report["waiting"]) == 1 and seed.pending in report["waiting"][0]
     assert json.loads(ok(cli(seed.home, "show", seed.running, "--json")))["state"] == (
-        "failed_abandoned")
+        "failed_abandoned"
+    )
 
     result = cli(seed.home, "sync")  # the foreign entry is still waiting
     assert result.returncode == 1
@@ -498,7 +543,10 @@ def test_formatting_helpers() -> None:
     assert format_size(1536) == "1.5 KiB"
     assert format_size(12 * 2**20) == "12.0 MiB"
     assert table(["A", "LONG"], [["xyz", 1], ["q", 22]]).splitlines() == [
-        "A    LONG", "xyz  1", "q    22"]
+        "A    LONG",
+        "xyz  1",
+        "q    22",
+    ]
 
 
 def test_progress_bar_draws_and_ends_its_line(tmp_path: Path) -> None:
@@ -543,7 +591,8 @@ def test_against_a_real_server(server_factory: Any, tmp_path: Path) -> None:
     assert result.returncode == 4 and "succeeded" in error_line(result)
     assert ok(cli(home, "cancel", other.key, **url)) == f"{other.key}: failed_abandoned\n"
     assert json.loads(ok(cli(home, "show", other.key, "--json", **url)))["state"] == (
-        "failed_abandoned")
+        "failed_abandoned"
+    )
     assert ok(cli(home, "rerun", exp, "0", **url)) == f"{exp}/0/2\n"
 
     result = cli(home, "show", f"{exp}/0/9", **url)
@@ -562,8 +611,21 @@ def test_unauthorized_exits_5(server_factory: Any, tmp_path: Path) -> None:
         result = cli(home, "--url", server.url, *extra, "experiments")
         assert result.returncode == 5, result.stderr
         error_line(result)
-    assert json.loads(ok(cli(home, "--url", server.url, "experiments", "--json",
-                             CHRONICLE_API_KEY="s3cret-key-for-tests"))) == []
+    assert (
+        json.loads(
+            ok(
+                cli(
+                    home,
+                    "--url",
+                    server.url,
+                    "experiments",
+                    "--json",
+                    CHRONICLE_API_KEY="s3cret-key-for-tests",
+                )
+            )
+        )
+        == []
+    )
 
 
 @pytest.mark.skipif(not _has_serve(), reason="chronicle_integrations.server.serve not available")
@@ -575,9 +637,24 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     home = tmp_path / "server-home"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chronicle_integrations.cli", "server", "--port", str(port),
-         "--home", str(home), "--heartbeat-timeout", "30", "--log-level", "warning"],
-        env=_env(tmp_path / "unused"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "chronicle_integrations.cli",
+            "server",
+            "--port",
+            str(port),
+            "--home",
+            str(home),
+            "--heartbeat-timeout",
+            "30",
+            "--log-level",
+            "warning",
+        ],
+        env=_env(tmp_path / "unused"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -55,7 +55,8 @@ def test_progress_advance_is_update_of_step_and_epoch() -> None:
 
 
 def test_stalled_training_stops_heartbeats_and_goes_lost_then_recovers(
-        chronicle: Chronicle) -> None:
+    chronicle: Chronicle,
+) -> None:
     exp = chronicle.create_experiment("liveness", [{}])
     run = chronicle.create_run(exp, 0).start()
     keepalive = run.keep_alive(interval=0.2, stall_timeout=1.0)
@@ -100,8 +101,9 @@ def test_two_handles_on_one_run_share_one_loop(chronicle: Chronicle, tmp_path) -
     with Chronicle(home=tmp_path / "home", heartbeat_timeout=1.5) as inner_client:
         inner = inner_client.run(*launcher.key_tuple, lease=launcher.lease)
         reasons = []
-        joined = inner.keep_alive(interval=0.2, stall_timeout=1.0,
-                                  on_cancel=lambda run, why: reasons.append(why))
+        joined = inner.keep_alive(
+            interval=0.2, stall_timeout=1.0, on_cancel=lambda run, why: reasons.append(why)
+        )
         assert joined is outer and inner.progress is launcher.progress
         wait_for(lambda: launcher.state is RunState.LOST)  # no progress: beats paused
         inner.progress.update(step=1)
@@ -126,9 +128,13 @@ def test_progress_is_visible_with_chronicle_show_json_during_a_run(chronicle: Ch
     wait_for(lambda: (run.info().progress or {}).get("step") == 42)
     env = dict(os.environ, CHRONICLE_HOME=str(chronicle.home))
     env.pop("CHRONICLE_URL", None)
-    shown = subprocess.run([sys.executable, "-m", "chronicle_integrations.cli", "show",
-                            run.key, "--json"], env=env, capture_output=True, text=True,
-                           check=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "chronicle_integrations.cli", "show", run.key, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     data = json.loads(shown.stdout)
     assert data["state"] == "running"
     assert data["progress"] == {"step": 42, "epoch": 2}

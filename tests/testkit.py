@@ -18,8 +18,12 @@ from typing import Any
 import requests
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it is truthy and return its value; AssertionError naming
     ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -83,13 +87,15 @@ class HttpApi:
         return resp.json()
 
 
-def assert_error(resp: requests.Response, status: int | tuple[int, ...],
-                 code: str | None = None) -> dict[str, Any]:
+def assert_error(
+    resp: requests.Response, status: int | tuple[int, ...], code: str | None = None
+) -> dict[str, Any]:
     """An error answer: one of ``status``, JSON, exactly ``{"error": {...}}`` with a message
     and (when given) ``code``. Returns the ``error`` object."""
     statuses = (status,) if isinstance(status, int) else status
     assert resp.status_code in statuses, (
-        f"expected {statuses} {code or ''}, got {resp.status_code}: {resp.text[:500]}")
+        f"expected {statuses} {code or ''}, got {resp.status_code}: {resp.text[:500]}"
+    )
     assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
     body = resp.json()
     assert isinstance(body, dict) and set(body) == {"error"}, body

@@ -68,8 +68,11 @@ def create_app(
     ``heartbeat_lane``: serve well-formed heartbeats from the fast lane (``fastlane.py``);
     False sends every heartbeat through its FastAPI route, which the lane must agree with.
     """
-    interval = (float(sweep_interval) if sweep_interval is not None
-                else min(30.0, store.heartbeat_timeout / 4))
+    interval = (
+        float(sweep_interval)
+        if sweep_interval is not None
+        else min(30.0, store.heartbeat_timeout / 4)
+    )
     if interval <= 0:
         raise ValueError("sweep_interval must be > 0")
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
@@ -80,10 +83,12 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         uploads["executor"] = concurrent.futures.ThreadPoolExecutor(
-            UPLOAD_WORKERS, thread_name_prefix="chronicle-upload")
+            UPLOAD_WORKERS, thread_name_prefix="chronicle-upload"
+        )
         stop = threading.Event()
-        watchdog = threading.Thread(target=_watchdog, args=(store, interval, stop),
-                                    name="chronicle-watchdog", daemon=True)
+        watchdog = threading.Thread(
+            target=_watchdog, args=(store, interval, stop), name="chronicle-watchdog", daemon=True
+        )
         watchdog.start()
         try:
             yield
@@ -96,15 +101,26 @@ def create_app(
             await anyio.to_thread.run_sync(executor.shutdown)
 
     app = FastAPI(
-        title="Chronicle", version=__version__, description=_DESCRIPTION,
-        lifespan=lifespan, redirect_slashes=False,
+        title="Chronicle",
+        version=__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        redirect_slashes=False,
     )
     app.state.store = store
     app.state.sweep_interval = interval
-    app.include_router(build_router(store, max_chunk_bytes=max_chunk_bytes,
-                                    upload_executor=lambda: uploads.get("executor")))
-    app.add_middleware(Guard, api_key=api_key, max_json_bytes=max_json_bytes,
-                       max_chunk_bytes=max_chunk_bytes, fast_lane=lane)
+    app.include_router(
+        build_router(
+            store, max_chunk_bytes=max_chunk_bytes, upload_executor=lambda: uploads.get("executor")
+        )
+    )
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_json_bytes=max_json_bytes,
+        max_chunk_bytes=max_chunk_bytes,
+        fast_lane=lane,
+    )
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
@@ -135,8 +151,7 @@ def _watchdog(store: Store, interval: float, stop: threading.Event) -> None:
 # ---------------------------------------------------------------------------- errors
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     if exc.status >= 500:
-        log.error("%s %s failed: %s", request.method, request.url.path, exc.message,
-                  exc_info=exc)
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.message, exc_info=exc)
     return error_response(exc)
 
 
@@ -148,11 +163,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         field = ".".join(loc[1:]) or where or "body"
         kind = error.get("type", "")
         if kind == "missing":
-            text = f"missing {where} field {field!r}" if where != "body" or loc[1:] else \
-                "missing request body (a JSON object)"
+            text = (
+                f"missing {where} field {field!r}"
+                if where != "body" or loc[1:]
+                else "missing request body (a JSON object)"
+            )
         elif where == "body" and not loc[1:]:
-            text = ("the request body must be a JSON object sent with "
-                    "Content-Type: application/json")
+            text = "the request body must be a JSON object sent with Content-Type: application/json"
         else:
             msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
             text = f"invalid {field}: {msg}"
@@ -171,8 +188,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 404:
         error = NotFound(f"no such route: {request.method} {request.url.path}")
     elif exc.status_code == 405:
-        error = InvalidRequest(f"method {request.method} is not allowed on "
-                               f"{request.url.path} (allowed: {headers.get('Allow', '?')})")
+        error = InvalidRequest(
+            f"method {request.method} is not allowed on "
+            f"{request.url.path} (allowed: {headers.get('Allow', '?')})"
+        )
         return JSONResponse(error.to_body(), status_code=405, headers=headers)
     elif exc.status_code == 401:
         error = Unauthorized(str(exc.detail))
@@ -183,10 +202,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         error = InvalidRequest(f"{detail} ({request.method} {request.url.path})")
         return JSONResponse(error.to_body(), status_code=exc.status_code, headers=headers)
     else:
-        log.error("%s %s: HTTP %d %s", request.method, request.url.path, exc.status_code,
-                  exc.detail)
-        return JSONResponse({"error": {"code": "internal", "message": str(exc.detail)}},
-                            status_code=exc.status_code, headers=headers)
+        log.error(
+            "%s %s: HTTP %d %s", request.method, request.url.path, exc.status_code, exc.detail
+        )
+        return JSONResponse(
+            {"error": {"code": "internal", "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=headers,
+        )
     return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
 
 
@@ -196,8 +219,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     (not FastAPI's 422), and the bearer key is declared."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                         routes=app.routes)
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():
             responses = operation.get("responses", {})
@@ -208,9 +232,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas = components.get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    components["securitySchemes"] = {"bearerAuth": {
-        "type": "http", "scheme": "bearer",
-        "description": "The server's API key (only when it was started with one)."}}
+    components["securitySchemes"] = {
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The server's API key (only when it was started with one).",
+        }
+    }
     schema["security"] = [{"bearerAuth": []}]
     app.openapi_schema = schema
     return schema

@@ -77,8 +77,9 @@ class HeartbeatLane:
         if thread is not None:
             thread.join(10.0)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send,
-                     headers: dict[bytes, bytes], body: bytes) -> bool:
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], body: bytes
+    ) -> bool:
         """Answer the request if it is a well-formed heartbeat; False to pass it on."""
         if scope["method"] != "POST":
             return False
@@ -90,8 +91,9 @@ class HeartbeatLane:
         if request is None or variation > check.MAX_NUMBER or run > check.MAX_NUMBER:
             return False  # the FastAPI route produces the exact validation error
         try:
-            info = await self._apply((match.group(1), variation, run, request.lease,
-                                      request.progress))
+            info = await self._apply(
+                (match.group(1), variation, run, request.lease, request.progress)
+            )
         except APIError as exc:
             if exc.status >= 500:
                 log.error("POST %s failed: %s", scope["path"], exc.message, exc_info=exc)
@@ -109,8 +111,9 @@ class HeartbeatLane:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._writer, daemon=True,
-                                                name="chronicle-heartbeats")
+                self._thread = threading.Thread(
+                    target=self._writer, daemon=True, name="chronicle-heartbeats"
+                )
                 self._thread.start()
             self._waiting.append((beat, future, loop))
             self._wake.notify()
@@ -124,8 +127,7 @@ class HeartbeatLane:
                     self._wake.wait()
                 if not self._waiting:
                     return  # closed and drained
-                batch = [self._waiting.popleft()
-                         for _ in range(min(MAX_BATCH, len(self._waiting)))]
+                batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
             outcomes: list[Any]
             try:
                 outcomes = list(self.store.heartbeat_many([beat for beat, _, _ in batch]))

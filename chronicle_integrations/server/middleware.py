@@ -39,8 +39,9 @@ MAX_JSON_DEPTH = 64
 
 #: Paths anyone may read, with or without the API key: liveness probes and the API's own
 #: description (it documents the API; it holds no data).
-PUBLIC_PATHS = frozenset({"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                          "/redoc"})
+PUBLIC_PATHS = frozenset(
+    {"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 
 #: JSON bodies larger than this are checked on a worker thread, not on the event loop.
 _INLINE_CHECK_BYTES = 64 * 1024
@@ -58,8 +59,15 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSON
 class Guard:
     """ASGI middleware enforcing authentication and body limits (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_json_bytes: int,
-                 max_chunk_bytes: int, fast_lane: HeartbeatLane | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_json_bytes: int,
+        max_chunk_bytes: int,
+        fast_lane: HeartbeatLane | None = None,
+    ) -> None:
         self.app = app
         self.fast_lane = fast_lane
         self.api_key = api_key.encode("utf-8") if api_key else None
@@ -85,16 +93,20 @@ class Guard:
         except Exception as exc:
             log.exception("unexpected error in %s %s", scope["method"], scope["path"])
             if not started:
-                body = ServerError(f"internal server error ({type(exc).__name__}); "
-                                   "see the server log")
+                body = ServerError(
+                    f"internal server error ({type(exc).__name__}); see the server log"
+                )
                 await error_response(body)(scope, receive, send)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = _headers(scope)
-        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorised(
-                headers.get(b"authorization")):
+        if (
+            self.api_key is not None
+            and path not in PUBLIC_PATHS
+            and not self._authorised(headers.get(b"authorization"))
+        ):
             await error_response(
                 Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'"),
                 headers={"WWW-Authenticate": 'Bearer realm="chronicle"'},
@@ -110,9 +122,9 @@ class Guard:
                 if length < 0:
                     raise ValueError
             except ValueError:
-                await error_response(InvalidRequest(
-                    "invalid Content-Length header", field="content-length"))(scope, receive,
-                                                                              send)
+                await error_response(
+                    InvalidRequest("invalid Content-Length header", field="content-length")
+                )(scope, receive, send)
                 return
             if length > limit:
                 await error_response(_too_large(limit, is_chunk))(scope, receive, send)
@@ -125,8 +137,9 @@ class Guard:
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
-        if self.fast_lane is not None and await self.fast_lane.handle(scope, receive, send,
-                                                                      headers, body):
+        if self.fast_lane is not None and await self.fast_lane.handle(
+            scope, receive, send, headers, body
+        ):
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -135,8 +148,7 @@ class Guard:
         if not header:
             return False
         scheme, _, token = header.strip().partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(),
-                                                                      self.api_key)
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -176,13 +188,15 @@ def _check_json(body: bytes) -> APIError | None:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})",
-                              field="body")
+        return InvalidRequest(
+            f"the request body is not valid UTF-8 (byte {exc.start})", field="body"
+        )
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        return InvalidRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column "
-                              f"{exc.colno}", field="body")
+        return InvalidRequest(
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field="body"
+        )
     except RecursionError:
         return _too_deep()
     except ValueError as exc:  # e.g. an integer literal with more digits than Python allows
@@ -194,7 +208,8 @@ def _check_json(body: bytes) -> APIError | None:
             return InvalidRequest(f"invalid {field}: it contains {problem}", field=field)
     if not isinstance(value, dict):
         return InvalidRequest(
-            f"the request body must be a JSON object, not {_json_type(value)}", field="body")
+            f"the request body must be a JSON object, not {_json_type(value)}", field="body"
+        )
     if _depth(value) > MAX_JSON_DEPTH:
         return _too_deep()
     return None
@@ -227,8 +242,9 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _too_deep() -> InvalidRequest:
-    return InvalidRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
-                          field="body")
+    return InvalidRequest(
+        f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", field="body"
+    )
 
 
 def _depth(value: Any) -> int:

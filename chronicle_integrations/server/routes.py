@@ -60,30 +60,43 @@ def _digits(limit: int) -> Callable[[Any], Any]:
     return parse
 
 
-ExperimentId = Annotated[str, Path(
-    description="`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`", examples=["lr-sweep-1a2b3c4d"])]
+ExperimentId = Annotated[
+    str, Path(description="`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`", examples=["lr-sweep-1a2b3c4d"])
+]
 # (The validator comes after Path so that the schema keeps minimum/maximum; it still runs
 # before the integer parsing.)
-VariationNo = Annotated[int, Path(ge=0, le=check.MAX_NUMBER, description="Variation number."),
-                        BeforeValidator(_digits(check.MAX_NUMBER))]
-RunNo = Annotated[int, Path(ge=0, le=check.MAX_NUMBER, description="Run number."),
-                  BeforeValidator(_digits(check.MAX_NUMBER))]
+VariationNo = Annotated[
+    int,
+    Path(ge=0, le=check.MAX_NUMBER, description="Variation number."),
+    BeforeValidator(_digits(check.MAX_NUMBER)),
+]
+RunNo = Annotated[
+    int,
+    Path(ge=0, le=check.MAX_NUMBER, description="Run number."),
+    BeforeValidator(_digits(check.MAX_NUMBER)),
+]
 UploadId = Annotated[str, Path(description="The id returned by POST .../uploads.")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET,
-                               description="Where this chunk starts: the upload's current "
-                                           "offset."),
-                   BeforeValidator(_digits(MAX_OFFSET))]
+Offset = Annotated[
+    int,
+    Query(ge=0, le=MAX_OFFSET, description="Where this chunk starts: the upload's current offset."),
+    BeforeValidator(_digits(MAX_OFFSET)),
+]
 
 _ERRORS: dict[int, tuple[str, str]] = {
     400: (InvalidRequest.code, "Malformed request: bad name, number, JSON or field."),
     401: (Unauthorized.code, "Missing or wrong API key (when the server has one)."),
     404: (NotFound.code, "Unknown experiment, variation, run, asset or upload."),
-    409: (f"{InvalidTransition.code}, {LeaseConflict.code}, {AlreadyExists.code}, "
-          f"{OffsetMismatch.code}", "Refused: see `code` and the details (`state`, `offset`)."),
+    409: (
+        f"{InvalidTransition.code}, {LeaseConflict.code}, {AlreadyExists.code}, "
+        f"{OffsetMismatch.code}",
+        "Refused: see `code` and the details (`state`, `offset`).",
+    ),
     413: (PayloadTooLarge.code, "The body exceeds the server's limit."),
     416: (RangeNotSatisfiable.code, "The byte range is outside the asset."),
-    422: (DigestMismatch.code, "The bytes received do not hash to the declared SHA-256; "
-                               "nothing was stored."),
+    422: (
+        DigestMismatch.code,
+        "The bytes received do not hash to the declared SHA-256; nothing was stored.",
+    ),
     500: (ServerError.code, "A server bug or database outage; retry later."),
     507: (StorageFull.code, "The asset store is full; the upload can resume later."),
 }
@@ -96,31 +109,49 @@ def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[int |
         wanted.add(401)
     if body:
         wanted.add(413)
-    return {status: {"model": schemas.ErrorResponse,
-                     "description": f"`{_ERRORS[status][0]}`: {_ERRORS[status][1]}"}
-            for status in sorted(wanted)}
+    return {
+        status: {
+            "model": schemas.ErrorResponse,
+            "description": f"`{_ERRORS[status][0]}`: {_ERRORS[status][1]}",
+        }
+        for status in sorted(wanted)
+    }
 
 
 def _json(record: Any, status_code: int = 200) -> JSONResponse:
     return JSONResponse(record.to_dict(), status_code=status_code)
 
 
-def build_router(store: Store, *, max_chunk_bytes: int,
-                 upload_executor: Callable[[], concurrent.futures.Executor | None]) -> APIRouter:
+def build_router(
+    store: Store,
+    *,
+    max_chunk_bytes: int,
+    upload_executor: Callable[[], concurrent.futures.Executor | None],
+) -> APIRouter:
     """The ``/v1`` API over ``store``. ``upload_executor`` gives the thread pool that writes
     upload chunks (a separate pool, so long uploads never starve heartbeats)."""
     router = APIRouter(prefix="/v1")
 
     # ------------------------------------------------------------------ health
-    @router.get("/health", response_model=schemas.Health, tags=["health"],
-                openapi_extra={"security": []}, responses=_errors(auth=False))
+    @router.get(
+        "/health",
+        response_model=schemas.Health,
+        tags=["health"],
+        openapi_extra={"security": []},
+        responses=_errors(auth=False),
+    )
     async def health() -> JSONResponse:
         """Liveness probe; needs no API key."""
         return JSONResponse({"status": "ok", "version": __version__})
 
     # ------------------------------------------------------------------ experiments
-    @router.post("/experiments", status_code=201, response_model=schemas.Experiment,
-                 tags=["experiments"], responses=_errors(409, body=True))
+    @router.post(
+        "/experiments",
+        status_code=201,
+        response_model=schemas.Experiment,
+        tags=["experiments"],
+        responses=_errors(409, body=True),
+    )
     def create_experiment(body: schemas.CreateExperimentRequest) -> JSONResponse:
         """Create an experiment with numbered variations (0, 1, ...). Repeating the request
         with the same ``experiment_id`` and definition returns it again (409
@@ -128,41 +159,66 @@ def build_router(store: Store, *, max_chunk_bytes: int,
         info = store.create_experiment(body.name, body.variations or [], body.experiment_id)
         return _json(info, 201)
 
-    @router.get("/experiments", response_model=schemas.ExperimentList, tags=["experiments"],
-                responses=_errors())
+    @router.get(
+        "/experiments",
+        response_model=schemas.ExperimentList,
+        tags=["experiments"],
+        responses=_errors(),
+    )
     def list_experiments() -> JSONResponse:
         """Every experiment, oldest first."""
         return JSONResponse({"experiments": [e.to_dict() for e in store.list_experiments()]})
 
-    @router.get("/experiments/{experiment_id}", response_model=schemas.Experiment,
-                tags=["experiments"], responses=_errors(404))
+    @router.get(
+        "/experiments/{experiment_id}",
+        response_model=schemas.Experiment,
+        tags=["experiments"],
+        responses=_errors(404),
+    )
     def get_experiment(experiment_id: ExperimentId) -> JSONResponse:
         """One experiment."""
         return _json(store.get_experiment(experiment_id))
 
-    @router.post("/experiments/{experiment_id}/variations", status_code=201,
-                 response_model=schemas.VariationCreated, tags=["experiments"],
-                 responses=_errors(404, body=True))
-    def add_variation(experiment_id: ExperimentId,
-                      body: schemas.AddVariationRequest) -> JSONResponse:
+    @router.post(
+        "/experiments/{experiment_id}/variations",
+        status_code=201,
+        response_model=schemas.VariationCreated,
+        tags=["experiments"],
+        responses=_errors(404, body=True),
+    )
+    def add_variation(
+        experiment_id: ExperimentId, body: schemas.AddVariationRequest
+    ) -> JSONResponse:
         """Append a variation; its number is the next one. ``request_id`` makes a retry return
         the same variation instead of adding another."""
         number = store.add_variation(experiment_id, body.config, body.request_id)
-        return JSONResponse({"experiment_id": experiment_id, "variation": number},
-                            status_code=201)
+        return JSONResponse({"experiment_id": experiment_id, "variation": number}, status_code=201)
 
-    @router.get("/experiments/{experiment_id}/variations/{variation}",
-                response_model=schemas.Variation, tags=["experiments"], responses=_errors(404))
+    @router.get(
+        "/experiments/{experiment_id}/variations/{variation}",
+        response_model=schemas.Variation,
+        tags=["experiments"],
+        responses=_errors(404),
+    )
     def get_variation(experiment_id: ExperimentId, variation: VariationNo) -> JSONResponse:
         """A variation and its config."""
         config = store.get_variation_config(experiment_id, variation)
-        return JSONResponse({"experiment_id": experiment_id, "variation": variation,
-                             "config": config})
+        return JSONResponse(
+            {"experiment_id": experiment_id, "variation": variation, "config": config}
+        )
 
-    @router.post("/experiments/{experiment_id}/variations/{variation}/runs", status_code=201,
-                 response_model=schemas.Run, tags=["runs"], responses=_errors(404, body=True))
-    def create_run(experiment_id: ExperimentId, variation: VariationNo,
-                   body: schemas.CreateRunRequest | None = None) -> JSONResponse:
+    @router.post(
+        "/experiments/{experiment_id}/variations/{variation}/runs",
+        status_code=201,
+        response_model=schemas.Run,
+        tags=["runs"],
+        responses=_errors(404, body=True),
+    )
+    def create_run(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        body: schemas.CreateRunRequest | None = None,
+    ) -> JSONResponse:
         """Create the variation's next run (``max(run) + 1``, 0 for the first), pending."""
         request_id = body.request_id if body else None
         return _json(store.create_run(experiment_id, variation, request_id), 201)
@@ -171,9 +227,13 @@ def build_router(store: Store, *, max_chunk_bytes: int,
     @router.get("/runs", response_model=schemas.RunList, tags=["runs"], responses=_errors())
     def list_runs(
         experiment_id: Annotated[str | None, Query(description="Only this experiment.")] = None,
-        state: Annotated[str | None, Query(
-            description="Only runs in this effective state: "
-                        + ", ".join(s.value for s in RunState))] = None,
+        state: Annotated[
+            str | None,
+            Query(
+                description="Only runs in this effective state: "
+                + ", ".join(s.value for s in RunState)
+            ),
+        ] = None,
     ) -> JSONResponse:
         """Runs, optionally filtered by experiment and effective state."""
         runs = store.list_runs(experiment_id=experiment_id, state=state)
@@ -182,90 +242,158 @@ def build_router(store: Store, *, max_chunk_bytes: int,
     run_path = "/runs/{experiment_id}/{variation}/{run}"
 
     @router.get(run_path, response_model=schemas.Run, tags=["runs"], responses=_errors(404))
-    def get_run(experiment_id: ExperimentId, variation: VariationNo,
-                run: RunNo) -> JSONResponse:
+    def get_run(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
         """A run with its effective state (computed from the server's clock on every read)."""
         return _json(store.get_run(experiment_id, variation, run))
 
-    @router.post(run_path + "/start", response_model=schemas.Run, tags=["runs"],
-                 responses=_errors(404, 409, body=True))
-    def start(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
-              body: schemas.StartRequest | None = None) -> JSONResponse:
+    @router.post(
+        run_path + "/start",
+        response_model=schemas.Run,
+        tags=["runs"],
+        responses=_errors(404, 409, body=True),
+    )
+    def start(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        body: schemas.StartRequest | None = None,
+    ) -> JSONResponse:
         """``pending -> running``; with ``resume``, also take over a running or lost run. The
         answer carries the ``lease`` later calls must send."""
         body = body or schemas.StartRequest()
-        return _json(store.start(experiment_id, variation, run, resume=body.resume,
-                                 lease=body.lease, holder=body.holder))
+        return _json(
+            store.start(
+                experiment_id,
+                variation,
+                run,
+                resume=body.resume,
+                lease=body.lease,
+                holder=body.holder,
+            )
+        )
 
-    @router.post(run_path + "/heartbeat", response_model=schemas.Run, tags=["runs"],
-                 responses=_errors(404, 409, body=True))
-    def heartbeat(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
-                  body: schemas.HeartbeatRequest | None = None) -> JSONResponse:
+    @router.post(
+        run_path + "/heartbeat",
+        response_model=schemas.Run,
+        tags=["runs"],
+        responses=_errors(404, 409, body=True),
+    )
+    def heartbeat(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        body: schemas.HeartbeatRequest | None = None,
+    ) -> JSONResponse:
         """``running -> running``, ``lost -> running``. Refused (409 ``invalid_transition``
         with ``state``) on a terminal run, 409 ``lease_conflict`` under a stale lease.
         ``progress`` is kept; a run beating without new progress is flagged ``stalled``."""
         body = body or schemas.HeartbeatRequest()
-        return _json(store.heartbeat(experiment_id, variation, run, lease=body.lease,
-                                     progress=body.progress))
+        return _json(
+            store.heartbeat(experiment_id, variation, run, lease=body.lease, progress=body.progress)
+        )
 
-    @router.post(run_path + "/succeed", response_model=schemas.Run, tags=["runs"],
-                 responses=_errors(404, 409, body=True))
-    def succeed(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
-                body: schemas.LeaseRequest | None = None) -> JSONResponse:
+    @router.post(
+        run_path + "/succeed",
+        response_model=schemas.Run,
+        tags=["runs"],
+        responses=_errors(404, 409, body=True),
+    )
+    def succeed(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        body: schemas.LeaseRequest | None = None,
+    ) -> JSONResponse:
         """``running|lost -> succeeded`` (idempotent)."""
         lease = body.lease if body else None
         return _json(store.succeed(experiment_id, variation, run, lease=lease))
 
-    @router.post(run_path + "/fail", response_model=schemas.Run, tags=["runs"],
-                 responses=_errors(404, 409, body=True))
-    def fail(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
-             body: schemas.FailRequest) -> JSONResponse:
+    @router.post(
+        run_path + "/fail",
+        response_model=schemas.Run,
+        tags=["runs"],
+        responses=_errors(404, 409, body=True),
+    )
+    def fail(
+        experiment_id: ExperimentId, variation: VariationNo, run: RunNo, body: schemas.FailRequest
+    ) -> JSONResponse:
         """``pending|running|lost -> failed_crash|failed_abandoned`` (idempotent). ``crash``
         needs the lease once started; ``abandoned`` (a cancellation) does not."""
-        return _json(store.fail(experiment_id, variation, run, reason=body.reason,
-                                message=body.message, lease=body.lease))
-
-    @router.get(run_path + "/events", response_model=schemas.EventList, tags=["runs"],
-                responses=_errors(404))
-    def events(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
-        """The run's timeline, oldest first: transitions (with the watchdog's) and uploads."""
-        return JSONResponse({"events": [e.to_dict() for e in
-                                        store.events(experiment_id, variation, run)]})
-
-    # ------------------------------------------------------------------ assets
-    @router.get(run_path + "/assets", response_model=schemas.AssetList, tags=["assets"],
-                responses=_errors(404))
-    def list_assets(experiment_id: ExperimentId, variation: VariationNo,
-                    run: RunNo) -> JSONResponse:
-        """The run's complete assets, by name."""
-        return JSONResponse({"assets": [a.to_dict() for a in
-                                        store.list_assets(experiment_id, variation, run)]})
+        return _json(
+            store.fail(
+                experiment_id,
+                variation,
+                run,
+                reason=body.reason,
+                message=body.message,
+                lease=body.lease,
+            )
+        )
 
     @router.get(
-        run_path + "/assets/{name:path}", tags=["assets"], response_class=Response,
+        run_path + "/events",
+        response_model=schemas.EventList,
+        tags=["runs"],
+        responses=_errors(404),
+    )
+    def events(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
+        """The run's timeline, oldest first: transitions (with the watchdog's) and uploads."""
+        return JSONResponse(
+            {"events": [e.to_dict() for e in store.events(experiment_id, variation, run)]}
+        )
+
+    # ------------------------------------------------------------------ assets
+    @router.get(
+        run_path + "/assets",
+        response_model=schemas.AssetList,
+        tags=["assets"],
+        responses=_errors(404),
+    )
+    def list_assets(
+        experiment_id: ExperimentId, variation: VariationNo, run: RunNo
+    ) -> JSONResponse:
+        """The run's complete assets, by name."""
+        return JSONResponse(
+            {"assets": [a.to_dict() for a in store.list_assets(experiment_id, variation, run)]}
+        )
+
+    @router.get(
+        run_path + "/assets/{name:path}",
+        tags=["assets"],
+        response_class=Response,
         responses={
-            200: {"description": "The asset's bytes.",
-                  "content": {"application/octet-stream": {
-                      "schema": {"type": "string", "format": "binary"}}}},
-            206: {"description": "The requested byte range (`Content-Range`).",
-                  "content": {"application/octet-stream": {
-                      "schema": {"type": "string", "format": "binary"}}}},
+            200: {
+                "description": "The asset's bytes.",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            },
+            206: {
+                "description": "The requested byte range (`Content-Range`).",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            },
             **_errors(404, 416),
         },
     )
     def download_asset(
-        experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
         name: Annotated[str, Path(description="The asset's name (a relative path).")],
-        range_header: Annotated[str | None, Header(
-            alias="range", description="`bytes=a-b`, `bytes=a-` or `bytes=-n`")] = None,
+        range_header: Annotated[
+            str | None, Header(alias="range", description="`bytes=a-b`, `bytes=a-` or `bytes=-n`")
+        ] = None,
         if_range: Annotated[str | None, Header(alias="if-range")] = None,
     ) -> Response:
         """The asset's bytes, streamed. Headers: ``Content-Length``, ``ETag`` and
         ``X-Chronicle-SHA256`` (the SHA-256), ``Accept-Ranges: bytes``."""
         info = store.get_asset(experiment_id, variation, run, name)
         if not store.blobs.exists(info.sha256):
-            raise ServerError(f"the bytes of asset {name!r} ({info.sha256}) are missing from "
-                              "the blob store")
+            raise ServerError(
+                f"the bytes of asset {name!r} ({info.sha256}) are missing from the blob store"
+            )
         opener = functools.partial(store.blobs.open, info.sha256)
         try:
             return blob_response(opener, info, range_header, if_range)
@@ -273,27 +401,55 @@ def build_router(store: Store, *, max_chunk_bytes: int,
             return error_response(exc, headers={"Content-Range": f"bytes */{info.size}"})
 
     # ------------------------------------------------------------------ uploads
-    @router.post(run_path + "/uploads", status_code=201, response_model=schemas.UploadStatus,
-                 tags=["uploads"], responses=_errors(404, 409, body=True))
-    def begin_upload(experiment_id: ExperimentId, variation: VariationNo, run: RunNo,
-                     body: schemas.BeginUploadRequest) -> JSONResponse:
+    @router.post(
+        run_path + "/uploads",
+        status_code=201,
+        response_model=schemas.UploadStatus,
+        tags=["uploads"],
+        responses=_errors(404, 409, body=True),
+    )
+    def begin_upload(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        body: schemas.BeginUploadRequest,
+    ) -> JSONResponse:
         """Open a resumable upload (or re-open one by ``upload_id``: the answer says where it
         stands). Needs the run's lease once the run was started."""
-        status = store.begin_upload(experiment_id, variation, run, body.name, size=body.size,
-                                    upload_id=body.upload_id, lease=body.lease)
+        status = store.begin_upload(
+            experiment_id,
+            variation,
+            run,
+            body.name,
+            size=body.size,
+            upload_id=body.upload_id,
+            lease=body.lease,
+        )
         return _json(status, 201)
 
-    @router.get("/uploads/{upload_id}", response_model=schemas.UploadStatus, tags=["uploads"],
-                responses=_errors(404))
+    @router.get(
+        "/uploads/{upload_id}",
+        response_model=schemas.UploadStatus,
+        tags=["uploads"],
+        responses=_errors(404),
+    )
     def upload_status(upload_id: UploadId) -> JSONResponse:
         """Where an upload stands: ``offset`` bytes are safely stored."""
         return _json(store.upload_status(upload_id))
 
     @router.put(
-        "/uploads/{upload_id}", response_model=schemas.UploadStatus, tags=["uploads"],
+        "/uploads/{upload_id}",
+        response_model=schemas.UploadStatus,
+        tags=["uploads"],
         responses=_errors(404, 409, 507, body=True),
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
     )
     async def put_chunk(upload_id: UploadId, offset: Offset, request: Request) -> JSONResponse:
         """Append the raw body at ``offset``, which must be the upload's current offset (else
@@ -303,25 +459,38 @@ def build_router(store: Store, *, max_chunk_bytes: int,
         if status.completed:
             raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
         if status.offset != offset:  # answer at once instead of after reading the body
-            raise OffsetMismatch(f"upload {upload_id} holds {status.offset} bytes; send the "
-                                 f"next chunk at offset {status.offset}", offset=status.offset)
+            raise OffsetMismatch(
+                f"upload {upload_id} holds {status.offset} bytes; send the "
+                f"next chunk at offset {status.offset}",
+                offset=status.offset,
+            )
         written = await stream_chunk(
-            request, functools.partial(store.write_chunk, upload_id, offset),
-            limit=max_chunk_bytes, executor=upload_executor(), label=f"upload {upload_id}")
+            request,
+            functools.partial(store.write_chunk, upload_id, offset),
+            limit=max_chunk_bytes,
+            executor=upload_executor(),
+            label=f"upload {upload_id}",
+        )
         if written is None:  # the client is gone; this answer is never sent
             return JSONResponse({}, status_code=400)
         return _json(written)
 
-    @router.post("/uploads/{upload_id}/complete", response_model=schemas.Asset,
-                 tags=["uploads"], responses=_errors(404, 422, 507, body=True))
-    def complete_upload(upload_id: UploadId,
-                        body: Annotated[schemas.CompleteUploadRequest, Body()]) -> JSONResponse:
+    @router.post(
+        "/uploads/{upload_id}/complete",
+        response_model=schemas.Asset,
+        tags=["uploads"],
+        responses=_errors(404, 422, 507, body=True),
+    )
+    def complete_upload(
+        upload_id: UploadId, body: Annotated[schemas.CompleteUploadRequest, Body()]
+    ) -> JSONResponse:
         """Verify the SHA-256 of everything received and publish the asset atomically
         (replacing an asset of the same name). Repeating it returns the asset again."""
         return _json(store.complete_upload(upload_id, body.sha256))
 
-    @router.delete("/uploads/{upload_id}", status_code=204, tags=["uploads"],
-                   responses=_errors(404))
+    @router.delete(
+        "/uploads/{upload_id}", status_code=204, tags=["uploads"], responses=_errors(404)
+    )
     def discard_upload(upload_id: UploadId) -> Response:
         """Drop an unfinished upload and the bytes received (the client abandoned this capture,
         e.g. its file was rewritten in place). A completed upload is left as it is."""

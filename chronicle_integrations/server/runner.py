@@ -44,7 +44,8 @@ def is_loopback(host: str) -> bool:
         return False
     addresses = {info[4][0] for info in infos}
     return bool(addresses) and all(
-        ipaddress.ip_address(str(a).split("%", 1)[0]).is_loopback for a in addresses)
+        ipaddress.ip_address(str(a).split("%", 1)[0]).is_loopback for a in addresses
+    )
 
 
 def serve(
@@ -77,13 +78,15 @@ def serve(
         raise ConfigurationError(
             f"refusing to listen on {host!r} without an API key: anyone who can reach it could "
             "read and change every run. Pass --api-key (or set CHRONICLE_API_KEY), or listen "
-            "on 127.0.0.1")
+            "on 127.0.0.1"
+        )
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigurationError(f"invalid port {port!r}: use 0-65535")
     level = log_level.lower()
     if level not in _LOG_LEVELS:
         raise ConfigurationError(
-            f"invalid log level {log_level!r}: one of {', '.join(_LOG_LEVELS)}")
+            f"invalid log level {log_level!r}: one of {', '.join(_LOG_LEVELS)}"
+        )
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
         raise ConfigurationError("max_json_bytes and max_chunk_bytes must be > 0")
 
@@ -100,20 +103,24 @@ def serve(
     # Configure logging first (uvicorn applies its config when Config is built), so that the
     # store's own messages (migrations) are shown.
     config_kwargs: dict[str, Any] = {
-        "host": host, "port": port, "log_level": level, "log_config": _log_config(level),
+        "host": host,
+        "port": port,
+        "log_level": level,
+        "log_config": _log_config(level),
         "http": "httptools" if importlib.util.find_spec("httptools") else "auto",
-        "timeout_graceful_shutdown": 10, "server_header": False,
+        "timeout_graceful_shutdown": 10,
+        "server_header": False,
     }
-    timeouts: dict[str, float] = {"heartbeat_timeout": heartbeat_timeout,
-                                  "lost_grace": lost_grace}
+    timeouts: dict[str, float] = {"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace}
     if stall_timeout is not None:
         if stall_timeout <= 0:
             raise ConfigurationError("stall_timeout must be > 0")
         timeouts["stall_timeout"] = stall_timeout
     store = Store.open(store_url, assets_dir, **timeouts)
     try:
-        app = create_app(store, api_key=api_key, max_json_bytes=max_json_bytes,
-                         max_chunk_bytes=max_chunk_bytes)
+        app = create_app(
+            store, api_key=api_key, max_json_bytes=max_json_bytes, max_chunk_bytes=max_chunk_bytes
+        )
         server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))
         # Everything built so far (modules, routes, the store) lives as long as the process:
         # move it out of the collector's reach, so that full collections under load walk
@@ -122,14 +129,21 @@ def serve(
         gc.collect()
         gc.freeze()
         shown = f"[{host}]" if ":" in host else host
-        log.info("Chronicle server %s on http://%s:%d (store %s, assets %s, API key %s)",
-                 __version__, shown, port, _hide_password(store_url), os.fspath(assets_dir),
-                 "required" if api_key else "not required")
+        log.info(
+            "Chronicle server %s on http://%s:%d (store %s, assets %s, API key %s)",
+            __version__,
+            shown,
+            port,
+            _hide_password(store_url),
+            os.fspath(assets_dir),
+            "required" if api_key else "not required",
+        )
         try:
             server.run()
         except SystemExit as exc:  # uvicorn exits when it cannot bind
             raise ConfigurationError(
-                f"could not serve on {host}:{port} (see the log above)") from exc
+                f"could not serve on {host}:{port} (see the log above)"
+            ) from exc
         if not server.started:
             raise ConfigurationError(f"could not serve on {host}:{port} (see the log above)")
     finally:
@@ -152,7 +166,8 @@ def _log_config(level: str) -> dict[str, Any]:
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["chronicle_integrations"] = {
-        "handlers": ["default"], "propagate": False,
+        "handlers": ["default"],
+        "propagate": False,
         "level": "DEBUG" if level == "trace" else level.upper(),
     }
     return config

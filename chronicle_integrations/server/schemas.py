@@ -53,69 +53,89 @@ class CreateExperimentRequest(_Request):
     name: str = Field(description="Human-readable name (1-256 printable characters).")
     variations: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="One config object per variation; they are numbered 0, 1, ... in order.")
+        description="One config object per variation; they are numbered 0, 1, ... in order.",
+    )
     experiment_id: str | None = Field(
         default=None,
         description="Chosen id (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`); derived from the name when "
-                    "absent. Re-creating an id with the same definition returns it again.")
+        "absent. Re-creating an id with the same definition returns it again.",
+    )
 
 
 class AddVariationRequest(_Request):
     config: dict[str, Any] = Field(description="The variation's config (a JSON object).")
     request_id: str | None = Field(
-        default=None, description="Idempotency key (8-128 URL-safe characters): a retried "
-                                  "request returns the variation the first one created.")
+        default=None,
+        description="Idempotency key (8-128 URL-safe characters): a retried "
+        "request returns the variation the first one created.",
+    )
 
 
 class CreateRunRequest(_Request):
     request_id: str | None = Field(
-        default=None, description="Idempotency key (8-128 URL-safe characters): a retried "
-                                  "request returns the run the first one created.")
+        default=None,
+        description="Idempotency key (8-128 URL-safe characters): a retried "
+        "request returns the run the first one created.",
+    )
 
 
 class StartRequest(_Request):
-    resume: bool = Field(default=False,
-                         description="Also take over a running or lost run (restarted worker).")
+    resume: bool = Field(
+        default=False, description="Also take over a running or lost run (restarted worker)."
+    )
     lease: str | None = Field(
-        default=None, description="Proposed lease token (8-128 URL-safe characters); generated "
-                                  "when absent. Repeating a start with the run's current lease "
-                                  "is a success with no effect.")
-    holder: str | None = Field(default=None,
-                               description="Who holds the run (host, pid...), for people.")
+        default=None,
+        description="Proposed lease token (8-128 URL-safe characters); generated "
+        "when absent. Repeating a start with the run's current lease "
+        "is a success with no effect.",
+    )
+    holder: str | None = Field(
+        default=None, description="Who holds the run (host, pid...), for people."
+    )
 
 
 class LeaseRequest(_Request):
-    lease: str | None = Field(default=None,
-                              description="The lease returned by start; required once started.")
+    lease: str | None = Field(
+        default=None, description="The lease returned by start; required once started."
+    )
 
 
 class HeartbeatRequest(LeaseRequest):
     progress: dict[str, Any] | None = Field(
         default=None,
-        description="Training progress, e.g. `{\"step\": 120, \"epoch\": 3}` (at most 16 "
-                    "names, finite numbers or short strings). A run that keeps beating "
-                    "without new progress is flagged `stalled`.")
+        description='Training progress, e.g. `{"step": 120, "epoch": 3}` (at most 16 '
+        "names, finite numbers or short strings). A run that keeps beating "
+        "without new progress is flagged `stalled`.",
+    )
 
 
 class FailRequest(_Request):
     reason: Literal["crash", "abandoned"] = Field(
         description="`crash` (needs the lease once started) or `abandoned` (a cancellation, "
-                    "no lease needed).")
-    message: str | None = Field(default=None,
-                                description="Free text, e.g. the end of a traceback (64 KiB max).")
+        "no lease needed)."
+    )
+    message: str | None = Field(
+        default=None, description="Free text, e.g. the end of a traceback (64 KiB max)."
+    )
     lease: str | None = Field(default=None, description="The lease returned by start.")
 
 
 class BeginUploadRequest(_Request):
-    name: str = Field(description="Asset name: a relative POSIX path (no `..`, no leading `/`, "
-                                  "no backslash, no NUL), at most 1024 characters.")
-    size: int | None = Field(default=None, ge=0,
-                             description="Total size in bytes, when known (checked on complete).")
+    name: str = Field(
+        description="Asset name: a relative POSIX path (no `..`, no leading `/`, "
+        "no backslash, no NUL), at most 1024 characters."
+    )
+    size: int | None = Field(
+        default=None, ge=0, description="Total size in bytes, when known (checked on complete)."
+    )
     upload_id: str | None = Field(
-        default=None, description="Client-chosen id (8-128 URL-safe characters); re-opening it "
-                                  "returns the upload's current offset.")
-    lease: str | None = Field(default=None,
-                              description="The run's lease; required once the run was started.")
+        default=None,
+        description="Client-chosen id (8-128 URL-safe characters); re-opening it "
+        "returns the upload's current offset.",
+    )
+    lease: str | None = Field(
+        default=None, description="The run's lease; required once the run was started."
+    )
 
 
 class CompleteUploadRequest(_Request):
@@ -164,15 +184,19 @@ class Run(BaseModel):
     lease_holder: str | None = None
     asset_count: int = 0
     progress: dict[str, Any] | None = Field(
-        default=None, description="The latest progress a heartbeat carried.")
-    progress_at: float | None = Field(default=None,
-                                      description="When that progress last advanced.")
-    stalled: bool = Field(default=False,
-                          description="Running, beating, but without new progress for longer "
-                                      "than the server's stall timeout (a flag, not a state).")
-    lease: str | None = Field(default=None,
-                              description="Only in the answer to start: the lease token "
-                                          "later calls must carry. Null otherwise.")
+        default=None, description="The latest progress a heartbeat carried."
+    )
+    progress_at: float | None = Field(default=None, description="When that progress last advanced.")
+    stalled: bool = Field(
+        default=False,
+        description="Running, beating, but without new progress for longer "
+        "than the server's stall timeout (a flag, not a state).",
+    )
+    lease: str | None = Field(
+        default=None,
+        description="Only in the answer to start: the lease token "
+        "later calls must carry. Null otherwise.",
+    )
 
 
 class RunList(BaseModel):
@@ -185,8 +209,10 @@ class Event(BaseModel):
     from_state: str | None
     to_state: str | None
     at: float
-    cause: str = Field(description="What caused it: start, resume, heartbeat, succeed, "
-                                   "fail_crash, fail_abandoned, watchdog, create, upload.")
+    cause: str = Field(
+        description="What caused it: start, resume, heartbeat, succeed, "
+        "fail_crash, fail_abandoned, watchdog, create, upload."
+    )
     detail: dict[str, Any] | None = None
 
 

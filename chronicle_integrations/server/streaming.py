@@ -114,8 +114,14 @@ class _ChunkPipe:
             self._release()  # wakes a producer blocked in put()
 
 
-async def stream_chunk(request: Request, write: Callable[[Iterator[bytes]], T], *, limit: int,
-                       executor: concurrent.futures.Executor | None, label: str) -> T | None:
+async def stream_chunk(
+    request: Request,
+    write: Callable[[Iterator[bytes]], T],
+    *,
+    limit: int,
+    executor: concurrent.futures.Executor | None,
+    label: str,
+) -> T | None:
     """Stream the request body into ``write`` (run on ``executor``), at most ``limit`` bytes.
 
     Returns ``write``'s result, or None when the client disconnected (the bytes received
@@ -133,7 +139,8 @@ async def stream_chunk(request: Request, write: Callable[[Iterator[bytes]], T], 
                     raise PayloadTooLarge(
                         f"an upload chunk may not exceed {limit} bytes; the bytes before the "
                         "limit were stored: resume from the offset GET /v1/uploads/{id} reports",
-                        limit=limit)
+                        limit=limit,
+                    )
                 received += len(piece)
                 parts.append(piece)
                 pending += len(piece)
@@ -149,8 +156,11 @@ async def stream_chunk(request: Request, write: Callable[[Iterator[bytes]], T], 
     except ClientDisconnect:
         pipe.abort()
         await _settle(writer)
-        log.info("%s: the client disconnected after sending %d bytes of the chunk (kept)",
-                 label, received)
+        log.info(
+            "%s: the client disconnected after sending %d bytes of the chunk (kept)",
+            label,
+            received,
+        )
         return None
     except BaseException:
         pipe.abort()
@@ -204,16 +214,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     elif match and last and int(last) > 0 and size > 0:
         return max(size - int(last), 0), size
     raise RangeNotSatisfiable(
-        f"range {header.strip()!r} cannot be satisfied: the asset has {size} bytes",
-        size=size)
+        f"range {header.strip()!r} cannot be satisfied: the asset has {size} bytes", size=size
+    )
 
 
-def blob_response(opener: Callable[[], BinaryIO], info: AssetInfo, range_header: str | None,
-                  if_range: str | None) -> StreamingResponse:
+def blob_response(
+    opener: Callable[[], BinaryIO], info: AssetInfo, range_header: str | None, if_range: str | None
+) -> StreamingResponse:
     """Stream a complete object (``opener()`` opens it), honouring a single byte range."""
     etag = f'"{info.sha256}"'
-    headers = {"Accept-Ranges": "bytes", "ETag": etag, "X-Chronicle-SHA256": info.sha256,
-               "Cache-Control": "no-cache"}
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+        "X-Chronicle-SHA256": info.sha256,
+        "Cache-Control": "no-cache",
+    }
     wanted = parse_range(range_header, info.size)
     if wanted is not None and if_range is not None and if_range.strip() != etag:
         wanted = None  # the client's copy is of another version: send the whole asset
@@ -224,8 +239,12 @@ def blob_response(opener: Callable[[], BinaryIO], info: AssetInfo, range_header:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.size}"
     headers["Content-Length"] = str(end - start)
-    return StreamingResponse(_read(opener, start, end), status_code=status, headers=headers,
-                             media_type="application/octet-stream")
+    return StreamingResponse(
+        _read(opener, start, end),
+        status_code=status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
 
 
 async def _read(opener: Callable[[], BinaryIO], start: int, end: int) -> AsyncIterator[bytes]:

@@ -118,7 +118,7 @@ class LocalBlobStore:
                     view = memoryview(chunk)
                     while view:
                         n = fh.write(view)
-                        view = view[n or 0:]
+                        view = view[n or 0 :]
                     if hasher is not None:
                         hasher.update(chunk)
                     written += len(chunk)
@@ -166,7 +166,8 @@ class LocalBlobStore:
                 raise DigestMismatch(
                     f"upload {upload_id}: received {size} bytes with SHA-256 {digest}, "
                     f"but {sha256} was declared; nothing was stored",
-                    received_sha256=digest, size=size,
+                    received_sha256=digest,
+                    size=size,
                 )
             target = self.object_path(digest)
             try:
@@ -243,7 +244,7 @@ def open_blob_store(url: str | os.PathLike[str]) -> LocalBlobStore:
     """Open a blob store from a path or ``file://`` URL (S3-compatible storage comes later)."""
     text = os.fspath(url)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     elif "://" in text:
         from .._errors import ConfigurationError
 

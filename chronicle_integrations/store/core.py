@@ -78,9 +78,13 @@ _RUNNING, _LOST = RunState.RUNNING.value, RunState.LOST.value
 #: The run's asset count, in a ``RETURNING`` clause of an ``UPDATE runs``. Written out:
 #: SQLAlchemy's SQLite dialect renders RETURNING columns unqualified, which would turn the
 #: correlation into ``experiment_id = experiment_id`` (a count of every asset).
-_RETURNING_RUN = "RETURNING " + ", ".join(f"runs.{c.name}" for c in t.runs.c) + """,
+_RETURNING_RUN = (
+    "RETURNING "
+    + ", ".join(f"runs.{c.name}" for c in t.runs.c)
+    + """,
     (SELECT count(*) FROM assets WHERE assets.experiment_id = runs.experiment_id
         AND assets.variation = runs.variation AND assets.run = runs.run) AS asset_count"""
+)
 
 
 def _heartbeat_fast_statement(with_progress: bool) -> sa.TextClause:
@@ -93,9 +97,13 @@ def _heartbeat_fast_statement(with_progress: bool) -> sa.TextClause:
     ``p_lease``, ``p_cut`` (oldest ``alive_at`` still running), ``p_now`` and, with
     progress, ``p_progress`` (canonical JSON; ``progress_at`` moves only when it changed).
     """
-    progress = """, progress = :p_progress,
+    progress = (
+        """, progress = :p_progress,
     progress_at = CASE WHEN runs.progress IS NULL OR runs.progress <> :p_progress
-                       THEN :p_now ELSE runs.progress_at END""" if with_progress else ""
+                       THEN :p_now ELSE runs.progress_at END"""
+        if with_progress
+        else ""
+    )
     return sa.text(f"""
 UPDATE runs SET last_heartbeat_at = :p_now, alive_at = :p_now{progress}
 WHERE runs.experiment_id = :p_e AND runs.variation = :p_v AND runs.run = :p_r
@@ -103,13 +111,13 @@ WHERE runs.experiment_id = :p_e AND runs.variation = :p_v AND runs.run = :p_r
 {_RETURNING_RUN}""")
 
 
-_HEARTBEAT_FAST = {True: _heartbeat_fast_statement(True),
-                   False: _heartbeat_fast_statement(False)}
+_HEARTBEAT_FAST = {True: _heartbeat_fast_statement(True), False: _heartbeat_fast_statement(False)}
 
 #: PostgreSQL: a batch of fast-path heartbeats in one statement (see
 #: ``Store._heartbeat_set``): the same predicate and assignments as ``_HEARTBEAT_FAST``, one
 #: row per array position; a NULL progress leaves the run's progress as it was.
-_HEARTBEAT_SET_PG = sa.text("""
+_HEARTBEAT_SET_PG = sa.text(
+    """
 UPDATE runs SET last_heartbeat_at = :now, alive_at = :now,
     progress = COALESCE(b.progress, runs.progress),
     progress_at = CASE WHEN b.progress IS NOT NULL
@@ -121,7 +129,9 @@ FROM unnest(CAST(:beats AS integer[]), CAST(:es AS text[]), CAST(:vs AS integer[
 WHERE runs.experiment_id = b.experiment_id AND runs.variation = b.variation
   AND runs.run = b.run AND runs.state = 'running' AND runs.lease = b.lease
   AND runs.alive_at >= :cut
-""" + _RETURNING_RUN.replace("RETURNING ", "RETURNING b.beat AS beat, "))
+"""
+    + _RETURNING_RUN.replace("RETURNING ", "RETURNING b.beat AS beat, ")
+)
 
 
 def _now_clock() -> float:
@@ -210,8 +220,7 @@ class Store:
             query = query.with_for_update()
         row = conn.execute(query).first()
         if row is None:
-            raise NotFound(f"run {e}/{v}/{r} does not exist", experiment_id=e, variation=v,
-                           run=r)
+            raise NotFound(f"run {e}/{v}/{r} does not exist", experiment_id=e, variation=v, run=r)
         return row
 
     # ------------------------------------------------------------------ effective state
@@ -228,11 +237,14 @@ class Store:
     def _effective_sql(self, now: float) -> sa.ColumnElement[str]:
         c = t.runs.c
         return sa.case(
-            (sa.and_(c.state.in_([_RUNNING, _LOST]),
-                     c.alive_at < now - self.heartbeat_timeout - self.lost_grace),
-             RunState.FAILED_LOST.value),
-            (sa.and_(c.state == _RUNNING, c.alive_at < now - self.heartbeat_timeout),
-             _LOST),
+            (
+                sa.and_(
+                    c.state.in_([_RUNNING, _LOST]),
+                    c.alive_at < now - self.heartbeat_timeout - self.lost_grace,
+                ),
+                RunState.FAILED_LOST.value,
+            ),
+            (sa.and_(c.state == _RUNNING, c.alive_at < now - self.heartbeat_timeout), _LOST),
             else_=c.state,
         )
 
@@ -245,14 +257,28 @@ class Store:
         key = (row.experiment_id, row.variation, row.run)
         lost_at = row.alive_at + self.heartbeat_timeout
         if state is RunState.RUNNING:
-            self._event(conn, key, state, RunState.LOST, lost_at, "watchdog",
-                        {"silent_for": self.heartbeat_timeout})
+            self._event(
+                conn,
+                key,
+                state,
+                RunState.LOST,
+                lost_at,
+                "watchdog",
+                {"silent_for": self.heartbeat_timeout},
+            )
             state = RunState.LOST
         values: dict[str, Any] = {"state": effective.value}
         if effective is RunState.FAILED_LOST:
             expired_at = lost_at + self.lost_grace
-            self._event(conn, key, RunState.LOST, RunState.FAILED_LOST, expired_at, "watchdog",
-                        {"lost_for": self.lost_grace})
+            self._event(
+                conn,
+                key,
+                RunState.LOST,
+                RunState.FAILED_LOST,
+                expired_at,
+                "watchdog",
+                {"lost_for": self.lost_grace},
+            )
             values.update(ended_at=expired_at, reason="lost")
         conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
         return effective
@@ -277,54 +303,82 @@ class Store:
         now = self.clock()
         try:
             with self._write() as conn:
-                conn.execute(t.experiments.insert().values(
-                    experiment_id=experiment_id, name=name, created_at=now,
-                    next_variation=len(configs)))
+                conn.execute(
+                    t.experiments.insert().values(
+                        experiment_id=experiment_id,
+                        name=name,
+                        created_at=now,
+                        next_variation=len(configs),
+                    )
+                )
                 if configs:
-                    conn.execute(t.variations.insert(), [
-                        {"experiment_id": experiment_id, "variation": i,
-                         "config": _dumps(c), "created_at": now}
-                        for i, c in enumerate(configs)])
+                    conn.execute(
+                        t.variations.insert(),
+                        [
+                            {
+                                "experiment_id": experiment_id,
+                                "variation": i,
+                                "config": _dumps(c),
+                                "created_at": now,
+                            }
+                            for i, c in enumerate(configs)
+                        ],
+                    )
         except IntegrityError:
             existing = self.get_experiment(experiment_id)
             with self._read() as conn:
-                stored = [json.loads(x) for x in conn.execute(
-                    sa.select(t.variations.c.config)
-                    .where(t.variations.c.experiment_id == experiment_id)
-                    .order_by(t.variations.c.variation)).scalars()]
-            if existing.name == name and stored[:len(configs)] == configs:
+                stored = [
+                    json.loads(x)
+                    for x in conn.execute(
+                        sa.select(t.variations.c.config)
+                        .where(t.variations.c.experiment_id == experiment_id)
+                        .order_by(t.variations.c.variation)
+                    ).scalars()
+                ]
+            if existing.name == name and stored[: len(configs)] == configs:
                 return existing
             raise AlreadyExists(
                 f"experiment {experiment_id!r} exists with a different definition",
-                experiment_id=experiment_id) from None
+                experiment_id=experiment_id,
+            ) from None
         return ExperimentInfo(experiment_id, name, now, len(configs))
 
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         """One experiment, or NotFound."""
         check.experiment_id(experiment_id)
         with self._read() as conn:
-            row = conn.execute(sa.select(t.experiments).where(
-                t.experiments.c.experiment_id == experiment_id)).first()
+            row = conn.execute(
+                sa.select(t.experiments).where(t.experiments.c.experiment_id == experiment_id)
+            ).first()
         if row is None:
-            raise NotFound(f"experiment {experiment_id!r} does not exist",
-                           experiment_id=experiment_id)
+            raise NotFound(
+                f"experiment {experiment_id!r} does not exist", experiment_id=experiment_id
+            )
         return ExperimentInfo(row.experiment_id, row.name, row.created_at, row.next_variation)
 
     def list_experiments(self) -> list[ExperimentInfo]:
         """Every experiment, oldest first."""
         with self._read() as conn:
-            rows = conn.execute(sa.select(t.experiments).order_by(
-                t.experiments.c.created_at, t.experiments.c.experiment_id)).all()
-        return [ExperimentInfo(r.experiment_id, r.name, r.created_at, r.next_variation)
-                for r in rows]
+            rows = conn.execute(
+                sa.select(t.experiments).order_by(
+                    t.experiments.c.created_at, t.experiments.c.experiment_id
+                )
+            ).all()
+        return [
+            ExperimentInfo(r.experiment_id, r.name, r.created_at, r.next_variation) for r in rows
+        ]
 
-    def add_variation(self, experiment_id: str, config: dict[str, Any],
-                      request_id: str | None = None) -> int:
+    def add_variation(
+        self, experiment_id: str, config: dict[str, Any], request_id: str | None = None
+    ) -> int:
         """Append a variation; returns its number. ``request_id`` makes retries safe."""
         check.experiment_id(experiment_id)
         check.config(config)
-        rid = (_request_key("add_variation", request_id, experiment_id, _dumps(config))
-               if request_id else None)
+        rid = (
+            _request_key("add_variation", request_id, experiment_id, _dumps(config))
+            if request_id
+            else None
+        )
         with self._write() as conn:
             if rid and (done := self._request_done(conn, rid)) is not None:
                 return int(done["variation"])
@@ -332,14 +386,21 @@ class Store:
                 t.experiments.update()
                 .where(t.experiments.c.experiment_id == experiment_id)
                 .values(next_variation=t.experiments.c.next_variation + 1)
-                .returning(t.experiments.c.next_variation)).scalar()
+                .returning(t.experiments.c.next_variation)
+            ).scalar()
             if number is None:
-                raise NotFound(f"experiment {experiment_id!r} does not exist",
-                               experiment_id=experiment_id)
+                raise NotFound(
+                    f"experiment {experiment_id!r} does not exist", experiment_id=experiment_id
+                )
             variation = number - 1
-            conn.execute(t.variations.insert().values(
-                experiment_id=experiment_id, variation=variation, config=_dumps(config),
-                created_at=self.clock()))
+            conn.execute(
+                t.variations.insert().values(
+                    experiment_id=experiment_id,
+                    variation=variation,
+                    config=_dumps(config),
+                    created_at=self.clock(),
+                )
+            )
             if rid:
                 self._remember(conn, rid, {"variation": variation})
         return variation
@@ -349,23 +410,33 @@ class Store:
         check.experiment_id(experiment_id)
         check.number(variation, "variation")
         with self._read() as conn:
-            config = conn.execute(sa.select(t.variations.c.config).where(
-                t.variations.c.experiment_id == experiment_id,
-                t.variations.c.variation == variation)).scalar()
+            config = conn.execute(
+                sa.select(t.variations.c.config).where(
+                    t.variations.c.experiment_id == experiment_id,
+                    t.variations.c.variation == variation,
+                )
+            ).scalar()
         if config is None:
-            raise NotFound(f"variation {experiment_id}/{variation} does not exist",
-                           experiment_id=experiment_id, variation=variation)
+            raise NotFound(
+                f"variation {experiment_id}/{variation} does not exist",
+                experiment_id=experiment_id,
+                variation=variation,
+            )
         result: dict[str, Any] = json.loads(config)
         return result
 
     # ------------------------------------------------------------------ runs
-    def create_run(self, experiment_id: str, variation: int,
-                   request_id: str | None = None) -> RunInfo:
+    def create_run(
+        self, experiment_id: str, variation: int, request_id: str | None = None
+    ) -> RunInfo:
         """Create the next run (``max(run) + 1``, 0 for the first) of a variation, pending."""
         check.experiment_id(experiment_id)
         check.number(variation, "variation")
-        rid = (_request_key("create_run", request_id, experiment_id, str(variation))
-               if request_id else None)
+        rid = (
+            _request_key("create_run", request_id, experiment_id, str(variation))
+            if request_id
+            else None
+        )
         now = self.clock()
         with self._write() as conn:
             if rid and (done := self._request_done(conn, rid)) is not None:
@@ -373,19 +444,32 @@ class Store:
             else:
                 number = conn.execute(
                     t.variations.update()
-                    .where(t.variations.c.experiment_id == experiment_id,
-                           t.variations.c.variation == variation)
+                    .where(
+                        t.variations.c.experiment_id == experiment_id,
+                        t.variations.c.variation == variation,
+                    )
                     .values(next_run=t.variations.c.next_run + 1)
-                    .returning(t.variations.c.next_run)).scalar()
+                    .returning(t.variations.c.next_run)
+                ).scalar()
                 if number is None:
-                    raise NotFound(f"variation {experiment_id}/{variation} does not exist",
-                                   experiment_id=experiment_id, variation=variation)
+                    raise NotFound(
+                        f"variation {experiment_id}/{variation} does not exist",
+                        experiment_id=experiment_id,
+                        variation=variation,
+                    )
                 run = number - 1
-                conn.execute(t.runs.insert().values(
-                    experiment_id=experiment_id, variation=variation, run=run,
-                    state=RunState.PENDING.value, created_at=now))
-                self._event(conn, (experiment_id, variation, run), None, RunState.PENDING, now,
-                            "create")
+                conn.execute(
+                    t.runs.insert().values(
+                        experiment_id=experiment_id,
+                        variation=variation,
+                        run=run,
+                        state=RunState.PENDING.value,
+                        created_at=now,
+                    )
+                )
+                self._event(
+                    conn, (experiment_id, variation, run), None, RunState.PENDING, now, "create"
+                )
                 if rid:
                     self._remember(conn, rid, {"run": run})
         return self.get_run(experiment_id, variation, run)
@@ -397,12 +481,17 @@ class Store:
         check.number(run, "run")
         infos = self._select_runs(_run_pk(experiment_id, variation, run))
         if not infos:
-            raise NotFound(f"run {experiment_id}/{variation}/{run} does not exist",
-                           experiment_id=experiment_id, variation=variation, run=run)
+            raise NotFound(
+                f"run {experiment_id}/{variation}/{run} does not exist",
+                experiment_id=experiment_id,
+                variation=variation,
+                run=run,
+            )
         return infos[0]
 
-    def list_runs(self, experiment_id: str | None = None,
-                  state: str | RunState | None = None) -> list[RunInfo]:
+    def list_runs(
+        self, experiment_id: str | None = None, state: str | RunState | None = None
+    ) -> list[RunInfo]:
         """Runs, optionally of one experiment and/or in one (effective) state."""
         conditions: list[sa.ColumnElement[bool]] = []
         now = self.clock()
@@ -414,20 +503,32 @@ class Store:
                 wanted = RunState(state)
             except ValueError:
                 raise InvalidRequest(
-                    f"invalid state {state!r}: one of "
-                    + ", ".join(s.value for s in RunState), field="state") from None
+                    f"invalid state {state!r}: one of " + ", ".join(s.value for s in RunState),
+                    field="state",
+                ) from None
             conditions.append(self._effective_sql(now) == wanted.value)
         return self._select_runs(sa.and_(sa.true(), *conditions), now=now)
 
-    def _select_runs(self, where: sa.ColumnElement[bool],
-                     now: float | None = None) -> list[RunInfo]:
+    def _select_runs(
+        self, where: sa.ColumnElement[bool], now: float | None = None
+    ) -> list[RunInfo]:
         now = self.clock() if now is None else now
         c = t.runs.c
-        asset_count = (sa.select(sa.func.count()).select_from(t.assets).where(
-            t.assets.c.experiment_id == c.experiment_id, t.assets.c.variation == c.variation,
-            t.assets.c.run == c.run).scalar_subquery())
-        query = (sa.select(t.runs, asset_count.label("asset_count")).where(where)
-                 .order_by(c.experiment_id, c.variation, c.run))
+        asset_count = (
+            sa.select(sa.func.count())
+            .select_from(t.assets)
+            .where(
+                t.assets.c.experiment_id == c.experiment_id,
+                t.assets.c.variation == c.variation,
+                t.assets.c.run == c.run,
+            )
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(t.runs, asset_count.label("asset_count"))
+            .where(where)
+            .order_by(c.experiment_id, c.variation, c.run)
+        )
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [self._info(row, now) for row in rows]
@@ -439,20 +540,39 @@ class Store:
             ended_at = row.alive_at + self.heartbeat_timeout + self.lost_grace
             reason = "lost"
         return RunInfo(
-            experiment_id=row.experiment_id, variation=row.variation, run=row.run,
-            state=state, created_at=row.created_at, started_at=row.started_at,
-            last_heartbeat_at=row.last_heartbeat_at, ended_at=ended_at, reason=reason,
-            message=row.message, lease_holder=row.lease_holder,
-            asset_count=int(getattr(row, "asset_count", 0) or 0), lease=lease,
+            experiment_id=row.experiment_id,
+            variation=row.variation,
+            run=row.run,
+            state=state,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            last_heartbeat_at=row.last_heartbeat_at,
+            ended_at=ended_at,
+            reason=reason,
+            message=row.message,
+            lease_holder=row.lease_holder,
+            asset_count=int(getattr(row, "asset_count", 0) or 0),
+            lease=lease,
             progress=json.loads(row.progress) if row.progress else None,
             progress_at=row.progress_at,
-            stalled=(state is RunState.RUNNING and row.progress_at is not None
-                     and now - row.progress_at > self.stall_timeout),
+            stalled=(
+                state is RunState.RUNNING
+                and row.progress_at is not None
+                and now - row.progress_at > self.stall_timeout
+            ),
         )
 
     # ------------------------------------------------------------------ transitions
-    def start(self, experiment_id: str, variation: int, run: int, *, resume: bool = False,
-              lease: str | None = None, holder: str | None = None) -> RunInfo:
+    def start(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        *,
+        resume: bool = False,
+        lease: str | None = None,
+        holder: str | None = None,
+    ) -> RunInfo:
         """``pending -> running`` (``resume=True``: also take over a running or lost run).
 
         Returns the run with ``lease`` set. The caller may propose the lease token; repeating
@@ -474,8 +594,11 @@ class Store:
             if target is None:
                 raise _refused(action, state, key)
             values: dict[str, Any] = {
-                "state": target.value, "lease": lease, "lease_holder": holder,
-                "alive_at": now, "last_heartbeat_at": None,
+                "state": target.value,
+                "lease": lease,
+                "lease_holder": holder,
+                "alive_at": now,
+                "last_heartbeat_at": None,
                 # a (re)start opens a new stall window: progress is measured from here
                 "progress_at": now if row.progress is not None else None,
             }
@@ -484,12 +607,19 @@ class Store:
             else:
                 values["last_heartbeat_at"] = now  # a takeover counts as a sign of life
             conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
-            self._event(conn, key, state, target, now, str(action),
-                        {"holder": holder} if holder else None)
+            self._event(
+                conn, key, state, target, now, str(action), {"holder": holder} if holder else None
+            )
             return self._info(self._reload(conn, key), now, lease=lease)
 
-    def heartbeat(self, experiment_id: str, variation: int, run: int,
-                  lease: str | None, progress: dict[str, Any] | None = None) -> RunInfo:
+    def heartbeat(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
+    ) -> RunInfo:
         """``running -> running`` / ``lost -> running``. Refused on terminal runs (the error
         carries the state, so a worker learns it was cancelled) and under a stale lease.
 
@@ -502,8 +632,9 @@ class Store:
         with self._write() as conn:
             # Fast path (one prebuilt statement): a live run beating under its lease.
             if isinstance(lease, str):
-                fast = self._heartbeat_rows(conn, [(0, self._fast_params(key, lease, encoded,
-                                                                         now))])[0][1]
+                fast = self._heartbeat_rows(
+                    conn, [(0, self._fast_params(key, lease, encoded, now))]
+                )[0][1]
                 if fast is not None:
                     return self._info(fast, now)
             c = t.runs.c
@@ -511,7 +642,8 @@ class Store:
             if encoded is not None:
                 values["progress"] = encoded
                 values["progress_at"] = sa.case(
-                    (c.progress.is_distinct_from(encoded), now), else_=c.progress_at)
+                    (c.progress.is_distinct_from(encoded), now), else_=c.progress_at
+                )
             row = self._lock_run(conn, *key)
             state = self._materialise(conn, row, now)
             self._check_lease(Action.HEARTBEAT, state, row, lease, key)
@@ -520,14 +652,14 @@ class Store:
                 raise _refused(Action.HEARTBEAT, state, key)
             if state is not target and encoded is not None:
                 values["progress_at"] = now  # back from lost: a new stall window
-            conn.execute(t.runs.update().where(_run_pk(*key)).values(state=target.value,
-                                                                     **values))
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(state=target.value, **values))
             if state is not target:
                 self._event(conn, key, state, target, now, "heartbeat")
             return self._info(self._reload(conn, key), now)
 
     def heartbeat_many(
-        self, beats: Iterable[tuple[str, int, int, str | None, dict[str, Any] | None]],
+        self,
+        beats: Iterable[tuple[str, int, int, str | None, dict[str, Any] | None]],
     ) -> list[RunInfo | APIError]:
         """Many heartbeats ``(experiment_id, variation, run, lease, progress)`` at once, each
         with exactly the effect and result of :meth:`heartbeat` (its record, or the error it
@@ -560,11 +692,15 @@ class Store:
         if fast:
             try:
                 with self._write() as conn:
-                    rows = (self._heartbeat_rows(conn, fast) if self._sqlite
-                            else self._heartbeat_set(conn, fast, now))
+                    rows = (
+                        self._heartbeat_rows(conn, fast)
+                        if self._sqlite
+                        else self._heartbeat_set(conn, fast, now)
+                    )
             except APIError as exc:
-                log.warning("a batch of %d heartbeats failed (%s); retrying them one by one",
-                            len(fast), exc)
+                log.warning(
+                    "a batch of %d heartbeats failed (%s); retrying them one by one", len(fast), exc
+                )
             else:
                 for i, row in rows:
                     if row is not None:
@@ -577,48 +713,69 @@ class Store:
                     results[i] = exc
         return cast("list[RunInfo | APIError]", results)  # every slot is filled by now
 
-    def _fast_params(self, key: tuple[str, int, int], lease: str, progress: str | None,
-                     now: float) -> dict[str, Any]:
+    def _fast_params(
+        self, key: tuple[str, int, int], lease: str, progress: str | None, now: float
+    ) -> dict[str, Any]:
         """The parameters of the heartbeat fast path (``p_progress`` only with progress)."""
-        params: dict[str, Any] = {"p_e": key[0], "p_v": key[1], "p_r": key[2],
-                                  "p_lease": lease, "p_now": now,
-                                  "p_cut": now - self.heartbeat_timeout}
+        params: dict[str, Any] = {
+            "p_e": key[0],
+            "p_v": key[1],
+            "p_r": key[2],
+            "p_lease": lease,
+            "p_now": now,
+            "p_cut": now - self.heartbeat_timeout,
+        }
         if progress is not None:
             params["p_progress"] = progress
         return params
 
     @staticmethod
-    def _heartbeat_rows(conn: sa.Connection, fast: list[tuple[int, dict[str, Any]]],
-                        ) -> list[tuple[int, Any]]:
+    def _heartbeat_rows(
+        conn: sa.Connection,
+        fast: list[tuple[int, dict[str, Any]]],
+    ) -> list[tuple[int, Any]]:
         """The prebuilt statement once per heartbeat (SQLite batches, and single
         heartbeats: a statement costs microseconds in-process; the transaction is what a
         batch saves)."""
-        return [(i, conn.execute(_HEARTBEAT_FAST["p_progress" in params], params).first())
-                for i, params in fast]
+        return [
+            (i, conn.execute(_HEARTBEAT_FAST["p_progress" in params], params).first())
+            for i, params in fast
+        ]
 
-    def _heartbeat_set(self, conn: sa.Connection, fast: list[tuple[int, dict[str, Any]]],
-                       now: float) -> list[tuple[int, Any]]:
+    def _heartbeat_set(
+        self, conn: sa.Connection, fast: list[tuple[int, dict[str, Any]]], now: float
+    ) -> list[tuple[int, Any]]:
         """PostgreSQL: the whole batch as one prebuilt ``UPDATE ... FROM unnest(arrays)``
         (one round trip and one cached plan instead of one per heartbeat;
         ``heartbeat_many`` puts at most one heartbeat per run in it)."""
-        params = {"now": now, "cut": now - self.heartbeat_timeout,
-                  "beats": [i for i, _ in fast],
-                  "es": [p["p_e"] for _, p in fast],
-                  "vs": [p["p_v"] for _, p in fast],
-                  "rs": [p["p_r"] for _, p in fast],
-                  "leases": [p["p_lease"] for _, p in fast],
-                  "progress": [p.get("p_progress") for _, p in fast]}
+        params = {
+            "now": now,
+            "cut": now - self.heartbeat_timeout,
+            "beats": [i for i, _ in fast],
+            "es": [p["p_e"] for _, p in fast],
+            "vs": [p["p_v"] for _, p in fast],
+            "rs": [p["p_r"] for _, p in fast],
+            "leases": [p["p_lease"] for _, p in fast],
+            "progress": [p.get("p_progress") for _, p in fast],
+        }
         by_beat = {row.beat: row for row in conn.execute(_HEARTBEAT_SET_PG, params)}
         return [(i, by_beat.get(i)) for i, _ in fast]
 
-    def succeed(self, experiment_id: str, variation: int, run: int,
-                lease: str | None) -> RunInfo:
+    def succeed(self, experiment_id: str, variation: int, run: int, lease: str | None) -> RunInfo:
         """``running|lost -> succeeded``, under the run's lease."""
-        return self._terminate(Action.SUCCEED, _key(experiment_id, variation, run), lease,
-                               None, None)
+        return self._terminate(
+            Action.SUCCEED, _key(experiment_id, variation, run), lease, None, None
+        )
 
-    def fail(self, experiment_id: str, variation: int, run: int, reason: str = "crash",
-             message: str | None = None, lease: str | None = None) -> RunInfo:
+    def fail(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        reason: str = "crash",
+        message: str | None = None,
+        lease: str | None = None,
+    ) -> RunInfo:
         """``pending|running|lost -> failed_crash|failed_abandoned``.
 
         ``reason="crash"`` needs the lease once the run was started; ``"abandoned"`` (a
@@ -626,11 +783,18 @@ class Store:
         """
         check.fail_reason(reason)
         action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
-        return self._terminate(action, _key(experiment_id, variation, run), lease,
-                               check.message(message), reason)
+        return self._terminate(
+            action, _key(experiment_id, variation, run), lease, check.message(message), reason
+        )
 
-    def _terminate(self, action: Action, key: tuple[str, int, int], lease: str | None,
-                   message: str | None, reason: str | None) -> RunInfo:
+    def _terminate(
+        self,
+        action: Action,
+        key: tuple[str, int, int],
+        lease: str | None,
+        message: str | None,
+        reason: str | None,
+    ) -> RunInfo:
         now = self.clock()
         with self._write() as conn:
             row = self._lock_run(conn, *key)
@@ -643,43 +807,87 @@ class Store:
             target = next_state(action, state)
             if target is None:
                 raise _refused(action, state, key)
-            conn.execute(t.runs.update().where(_run_pk(*key)).values(
-                state=target.value, ended_at=now, reason=reason, message=message))
-            self._event(conn, key, state, target, now, str(action),
-                        {"message": message[:1000]} if message else None)
+            conn.execute(
+                t.runs.update()
+                .where(_run_pk(*key))
+                .values(state=target.value, ended_at=now, reason=reason, message=message)
+            )
+            self._event(
+                conn,
+                key,
+                state,
+                target,
+                now,
+                str(action),
+                {"message": message[:1000]} if message else None,
+            )
             return self._info(self._reload(conn, key), now)
 
-    def _check_lease(self, action: Action, state: RunState, row: Any, lease: str | None,
-                     key: tuple[str, int, int]) -> None:
+    def _check_lease(
+        self,
+        action: Action,
+        state: RunState,
+        row: Any,
+        lease: str | None,
+        key: tuple[str, int, int],
+    ) -> None:
         if action not in LEASED_ACTIONS or row.lease is None or state.is_terminal:
             return
         if lease is None:
             raise LeaseConflict(
                 f"run {_fmt(key)} was started under a lease; {action} must carry it",
-                state=state.value)
+                state=state.value,
+            )
         if not _same_lease(lease, row.lease):
             raise LeaseConflict(
                 f"run {_fmt(key)} is held by another worker"
                 + (f" ({row.lease_holder})" if row.lease_holder else "")
                 + ": it was started or resumed under a different lease",
-                state=state.value, holder=row.lease_holder)
+                state=state.value,
+                holder=row.lease_holder,
+            )
 
     def _reload(self, conn: sa.Connection, key: tuple[str, int, int]) -> Any:
         c = t.runs.c
-        count = (sa.select(sa.func.count()).select_from(t.assets).where(
-            t.assets.c.experiment_id == c.experiment_id, t.assets.c.variation == c.variation,
-            t.assets.c.run == c.run).scalar_subquery())
-        return conn.execute(sa.select(t.runs, count.label("asset_count"))
-                            .where(_run_pk(*key))).one()
+        count = (
+            sa.select(sa.func.count())
+            .select_from(t.assets)
+            .where(
+                t.assets.c.experiment_id == c.experiment_id,
+                t.assets.c.variation == c.variation,
+                t.assets.c.run == c.run,
+            )
+            .scalar_subquery()
+        )
+        return conn.execute(
+            sa.select(t.runs, count.label("asset_count")).where(_run_pk(*key))
+        ).one()
 
     # ------------------------------------------------------------------ events
-    def _event(self, conn: sa.Connection, key: tuple[str, int, int], src: RunState | None,
-               dst: RunState | None, at: float, cause: str,
-               detail: dict[str, Any] | None = None, kind: str = "transition") -> None:
-        conn.execute(t.events.insert().values(
-            experiment_id=key[0], variation=key[1], run=key[2], kind=kind,
-            from_state=src.value if src else None, to_state=dst.value if dst else None,
-            at=at, cause=cause, detail=_dumps(detail) if detail else None))
+    def _event(
+        self,
+        conn: sa.Connection,
+        key: tuple[str, int, int],
+        src: RunState | None,
+        dst: RunState | None,
+        at: float,
+        cause: str,
+        detail: dict[str, Any] | None = None,
+        kind: str = "transition",
+    ) -> None:
+        conn.execute(
+            t.events.insert().values(
+                experiment_id=key[0],
+                variation=key[1],
+                run=key[2],
+                kind=kind,
+                from_state=src.value if src else None,
+                to_state=dst.value if dst else None,
+                at=at,
+                cause=cause,
+                detail=_dumps(detail) if detail else None,
+            )
+        )
 
     def events(self, experiment_id: str, variation: int, run: int) -> list[Event]:
         """The run's timeline, oldest first, including watchdog transitions it is owed."""
@@ -693,12 +901,27 @@ class Store:
             with self._write() as conn:
                 self._materialise(conn, self._lock_run(conn, *key), now)
         with self._read() as conn:
-            rows = conn.execute(sa.select(t.events).where(
-                t.events.c.experiment_id == key[0], t.events.c.variation == key[1],
-                t.events.c.run == key[2]).order_by(t.events.c.id)).all()
-        return [Event(id=r.id, kind=r.kind, from_state=r.from_state, to_state=r.to_state,
-                      at=r.at, cause=r.cause,
-                      detail=json.loads(r.detail) if r.detail else None) for r in rows]
+            rows = conn.execute(
+                sa.select(t.events)
+                .where(
+                    t.events.c.experiment_id == key[0],
+                    t.events.c.variation == key[1],
+                    t.events.c.run == key[2],
+                )
+                .order_by(t.events.c.id)
+            ).all()
+        return [
+            Event(
+                id=r.id,
+                kind=r.kind,
+                from_state=r.from_state,
+                to_state=r.to_state,
+                at=r.at,
+                cause=r.cause,
+                detail=json.loads(r.detail) if r.detail else None,
+            )
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ watchdog
     def sweep(self) -> dict[str, int]:
@@ -721,42 +944,83 @@ class Store:
         expired_at = c.alive_at + self.heartbeat_timeout + self.lost_grace
         with self._write() as conn:
             lost = self._sweep_step(
-                conn, sa.and_(c.state == _RUNNING, c.alive_at < lost_cut),
-                {"state": _LOST}, RunState.RUNNING, RunState.LOST,
-                c.alive_at + self.heartbeat_timeout)
+                conn,
+                sa.and_(c.state == _RUNNING, c.alive_at < lost_cut),
+                {"state": _LOST},
+                RunState.RUNNING,
+                RunState.LOST,
+                c.alive_at + self.heartbeat_timeout,
+            )
             expired = self._sweep_step(
-                conn, sa.and_(c.state == _LOST, c.alive_at < expire_cut),
-                {"state": RunState.FAILED_LOST.value, "reason": "lost",
-                 "ended_at": expired_at},
-                RunState.LOST, RunState.FAILED_LOST, expired_at)
+                conn,
+                sa.and_(c.state == _LOST, c.alive_at < expire_cut),
+                {"state": RunState.FAILED_LOST.value, "reason": "lost", "ended_at": expired_at},
+                RunState.LOST,
+                RunState.FAILED_LOST,
+                expired_at,
+            )
         self._last_sweep = now
         if lost or expired:
             log.info("watchdog: %d run(s) lost, %d expired", lost, expired)
         return {"lost": lost, "failed_lost": expired}
 
-    def _sweep_step(self, conn: sa.Connection, where: sa.ColumnElement[bool],
-                    values: dict[str, Any], src: RunState, dst: RunState,
-                    at: sa.ColumnElement[float]) -> int:
+    def _sweep_step(
+        self,
+        conn: sa.Connection,
+        where: sa.ColumnElement[bool],
+        values: dict[str, Any],
+        src: RunState,
+        dst: RunState,
+        at: sa.ColumnElement[float],
+    ) -> int:
         """Move every run matching ``where`` from ``src`` to ``dst``, logging one event each
         (``at``: when the watchdog's transition really happened, from the run's liveness)."""
         c = t.runs.c
-        columns = ["experiment_id", "variation", "run", "kind", "from_state", "to_state", "at",
-                   "cause"]
+        columns = [
+            "experiment_id",
+            "variation",
+            "run",
+            "kind",
+            "from_state",
+            "to_state",
+            "at",
+            "cause",
+        ]
 
         def rows(source: Any) -> sa.Select[Any]:
-            return sa.select(source.c.experiment_id, source.c.variation, source.c.run,
-                             sa.literal("transition"), sa.literal(src.value),
-                             sa.literal(dst.value), source.c.at, sa.literal("watchdog"))
+            return sa.select(
+                source.c.experiment_id,
+                source.c.variation,
+                source.c.run,
+                sa.literal("transition"),
+                sa.literal(src.value),
+                sa.literal(dst.value),
+                source.c.at,
+                sa.literal("watchdog"),
+            )
 
         if self._sqlite:
-            conn.execute(t.events.insert().from_select(
-                columns, rows(sa.select(c.experiment_id, c.variation, c.run, at.label("at"))
-                              .where(where).subquery())))
+            conn.execute(
+                t.events.insert().from_select(
+                    columns,
+                    rows(
+                        sa.select(c.experiment_id, c.variation, c.run, at.label("at"))
+                        .where(where)
+                        .subquery()
+                    ),
+                )
+            )
             return int(conn.execute(t.runs.update().where(where).values(**values)).rowcount)
-        moved = (t.runs.update().where(where).values(**values)
-                 .returning(c.experiment_id, c.variation, c.run, at.label("at")).cte("moved"))
-        inserted = conn.execute(t.events.insert().from_select(columns, rows(moved))
-                                .returning(t.events.c.id))
+        moved = (
+            t.runs.update()
+            .where(where)
+            .values(**values)
+            .returning(c.experiment_id, c.variation, c.run, at.label("at"))
+            .cte("moved")
+        )
+        inserted = conn.execute(
+            t.events.insert().from_select(columns, rows(moved)).returning(t.events.c.id)
+        )
         return len(inserted.all())  # (psycopg reports no rowcount for INSERT ... SELECT)
 
     def maybe_sweep(self, every: float = 30.0) -> None:
@@ -774,9 +1038,15 @@ class Store:
         key = _key(experiment_id, variation, run)
         self.get_run(*key)
         with self._read() as conn:
-            rows = conn.execute(sa.select(t.assets).where(
-                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
-                t.assets.c.run == key[2]).order_by(t.assets.c.name)).all()
+            rows = conn.execute(
+                sa.select(t.assets)
+                .where(
+                    t.assets.c.experiment_id == key[0],
+                    t.assets.c.variation == key[1],
+                    t.assets.c.run == key[2],
+                )
+                .order_by(t.assets.c.name)
+            ).all()
         return [AssetInfo(r.name, r.size, r.sha256, r.created_at) for r in rows]
 
     def get_asset(self, experiment_id: str, variation: int, run: int, name: str) -> AssetInfo:
@@ -784,22 +1054,36 @@ class Store:
         key = _key(experiment_id, variation, run)
         check.asset_name(name)
         with self._read() as conn:
-            row = conn.execute(sa.select(t.assets).where(
-                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
-                t.assets.c.run == key[2], t.assets.c.name == name)).first()
+            row = conn.execute(
+                sa.select(t.assets).where(
+                    t.assets.c.experiment_id == key[0],
+                    t.assets.c.variation == key[1],
+                    t.assets.c.run == key[2],
+                    t.assets.c.name == name,
+                )
+            ).first()
         if row is None:
             raise NotFound(f"run {_fmt(key)} has no asset {name!r}", name=name)
         return AssetInfo(row.name, row.size, row.sha256, row.created_at)
 
-    def open_asset(self, experiment_id: str, variation: int, run: int,
-                   name: str) -> tuple[AssetInfo, BinaryIO]:
+    def open_asset(
+        self, experiment_id: str, variation: int, run: int, name: str
+    ) -> tuple[AssetInfo, BinaryIO]:
         """An asset's metadata and a binary stream of its bytes (the caller closes it)."""
         info = self.get_asset(experiment_id, variation, run, name)
         return info, self.blobs.open(info.sha256)
 
-    def begin_upload(self, experiment_id: str, variation: int, run: int, name: str, *,
-                     size: int | None = None, upload_id: str | None = None,
-                     lease: str | None = None) -> UploadStatus:
+    def begin_upload(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        name: str,
+        *,
+        size: int | None = None,
+        upload_id: str | None = None,
+        lease: str | None = None,
+    ) -> UploadStatus:
         """Open (or, with the same ``upload_id``, re-open) a resumable upload to a run.
 
         When the run was started under a lease, uploads must carry it: only the worker that
@@ -807,35 +1091,53 @@ class Store:
         """
         key = _key(experiment_id, variation, run)
         check.asset_name(name)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
-                                 or size < 0 or size > 2**53):
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or size < 0 or size > 2**53
+        ):
             raise InvalidRequest("size must be an integer >= 0", field="size")
-        upload_id = (check.token(upload_id, "upload_id") if upload_id is not None
-                     else secrets.token_urlsafe(18))
+        upload_id = (
+            check.token(upload_id, "upload_id")
+            if upload_id is not None
+            else secrets.token_urlsafe(18)
+        )
         with self._write() as conn:
-            existing = conn.execute(sa.select(t.uploads).where(
-                t.uploads.c.upload_id == upload_id)).first()
+            existing = conn.execute(
+                sa.select(t.uploads).where(t.uploads.c.upload_id == upload_id)
+            ).first()
             if existing is not None:
-                if (existing.experiment_id, existing.variation, existing.run,
-                        existing.name) != (*key, name):
-                    raise InvalidRequest(f"upload id {upload_id} belongs to another asset",
-                                         field="upload_id")
+                if (existing.experiment_id, existing.variation, existing.run, existing.name) != (
+                    *key,
+                    name,
+                ):
+                    raise InvalidRequest(
+                        f"upload id {upload_id} belongs to another asset", field="upload_id"
+                    )
                 return self._upload_status(existing)
             row = self._lock_run(conn, *key)
             if row.lease is not None and (lease is None or not _same_lease(lease, row.lease)):
-                raise LeaseConflict(f"run {_fmt(key)}: uploads must carry the run's lease",
-                                    state=self.effective_state(row.state, row.alive_at,
-                                                               self.clock()).value)
-            conn.execute(t.uploads.insert().values(
-                upload_id=upload_id, experiment_id=key[0], variation=key[1], run=key[2],
-                name=name, size=size, created_at=self.clock()))
+                raise LeaseConflict(
+                    f"run {_fmt(key)}: uploads must carry the run's lease",
+                    state=self.effective_state(row.state, row.alive_at, self.clock()).value,
+                )
+            conn.execute(
+                t.uploads.insert().values(
+                    upload_id=upload_id,
+                    experiment_id=key[0],
+                    variation=key[1],
+                    run=key[2],
+                    name=name,
+                    size=size,
+                    created_at=self.clock(),
+                )
+            )
         return UploadStatus(upload_id=upload_id, name=name, offset=0, size=size)
 
     def _upload_row(self, upload_id: str) -> Any:
         check.token(upload_id, "upload_id")
         with self._read() as conn:
-            row = conn.execute(sa.select(t.uploads).where(
-                t.uploads.c.upload_id == upload_id)).first()
+            row = conn.execute(
+                sa.select(t.uploads).where(t.uploads.c.upload_id == upload_id)
+            ).first()
         if row is None:
             raise NotFound(f"upload {upload_id} does not exist", upload_id=upload_id)
         return row
@@ -843,8 +1145,14 @@ class Store:
     def _upload_status(self, row: Any) -> UploadStatus:
         done = row.completed_at is not None
         offset = row.size if done and row.size is not None else self.blobs.offset(row.upload_id)
-        return UploadStatus(upload_id=row.upload_id, name=row.name, offset=offset,
-                            size=row.size, completed=done, sha256=row.sha256)
+        return UploadStatus(
+            upload_id=row.upload_id,
+            name=row.name,
+            offset=offset,
+            size=row.size,
+            completed=done,
+            sha256=row.sha256,
+        )
 
     def upload_status(self, upload_id: str) -> UploadStatus:
         """Where an upload stands (``offset`` = bytes safely stored)."""
@@ -858,11 +1166,13 @@ class Store:
         if row.completed_at is not None:
             raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
         if row.size is not None and offset > row.size:
-            raise InvalidRequest(f"offset {offset} is past the declared size {row.size}",
-                                 field="offset")
+            raise InvalidRequest(
+                f"offset {offset} is past the declared size {row.size}", field="offset"
+            )
         limit = row.size
-        written = self.blobs.append(upload_id, offset,
-                                    _bounded(chunks, None if limit is None else limit - offset))
+        written = self.blobs.append(
+            upload_id, offset, _bounded(chunks, None if limit is None else limit - offset)
+        )
         return UploadStatus(upload_id=upload_id, name=row.name, offset=written, size=row.size)
 
     def complete_upload(self, upload_id: str, sha256: str) -> AssetInfo:
@@ -878,29 +1188,59 @@ class Store:
                 raise InvalidRequest(f"upload {upload_id} was completed with another digest")
             return AssetInfo(row.name, int(row.size), sha256, row.completed_at)
         stored = self.blobs.offset(upload_id)
-        if (stored == 0 and row.size and self.blobs.exists(sha256)
-                and self.blobs.size(sha256) == row.size):
+        if (
+            stored == 0
+            and row.size
+            and self.blobs.exists(sha256)
+            and self.blobs.size(sha256) == row.size
+        ):
             # The bytes were verified and published, then we died before recording the
             # asset (or the SQL write failed): the object is there, only the rows are owed.
             size = row.size
         elif row.size is not None and stored != row.size:
             raise InvalidRequest(
                 f"upload {upload_id} holds {stored} of {row.size} declared bytes",
-                field="size", offset=stored)
+                field="size",
+                offset=stored,
+            )
         else:
             size = self.blobs.commit(upload_id, sha256)
         now = self.clock()
         with self._write() as conn:
-            conn.execute(t.assets.delete().where(
-                t.assets.c.experiment_id == key[0], t.assets.c.variation == key[1],
-                t.assets.c.run == key[2], t.assets.c.name == row.name))
-            conn.execute(t.assets.insert().values(
-                experiment_id=key[0], variation=key[1], run=key[2], name=row.name,
-                sha256=sha256, size=size, created_at=now))
-            conn.execute(t.uploads.update().where(t.uploads.c.upload_id == upload_id).values(
-                completed_at=now, sha256=sha256, size=size))
-            self._event(conn, key, None, None, now, "upload", kind="asset",
-                        detail={"name": row.name, "sha256": sha256, "size": size})
+            conn.execute(
+                t.assets.delete().where(
+                    t.assets.c.experiment_id == key[0],
+                    t.assets.c.variation == key[1],
+                    t.assets.c.run == key[2],
+                    t.assets.c.name == row.name,
+                )
+            )
+            conn.execute(
+                t.assets.insert().values(
+                    experiment_id=key[0],
+                    variation=key[1],
+                    run=key[2],
+                    name=row.name,
+                    sha256=sha256,
+                    size=size,
+                    created_at=now,
+                )
+            )
+            conn.execute(
+                t.uploads.update()
+                .where(t.uploads.c.upload_id == upload_id)
+                .values(completed_at=now, sha256=sha256, size=size)
+            )
+            self._event(
+                conn,
+                key,
+                None,
+                None,
+                now,
+                "upload",
+                kind="asset",
+                detail={"name": row.name, "sha256": sha256, "size": size},
+            )
         return AssetInfo(row.name, size, sha256, now)
 
     def discard_upload(self, upload_id: str) -> None:
@@ -911,32 +1251,50 @@ class Store:
             return
         self.blobs.discard(upload_id)
         with self._write() as conn:
-            conn.execute(t.uploads.delete().where(t.uploads.c.upload_id == upload_id,
-                                                  t.uploads.c.completed_at.is_(None)))
+            conn.execute(
+                t.uploads.delete().where(
+                    t.uploads.c.upload_id == upload_id, t.uploads.c.completed_at.is_(None)
+                )
+            )
 
-    def put_asset(self, experiment_id: str, variation: int, run: int, name: str,
-                  source: BinaryIO, sha256: str, *, lease: str | None = None,
-                  upload_id: str | None = None) -> AssetInfo:
+    def put_asset(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        name: str,
+        source: BinaryIO,
+        sha256: str,
+        *,
+        lease: str | None = None,
+        upload_id: str | None = None,
+    ) -> AssetInfo:
         """Upload a whole stream in one go (the embedded client's path)."""
-        status = self.begin_upload(experiment_id, variation, run, name, upload_id=upload_id,
-                                   lease=lease)
+        status = self.begin_upload(
+            experiment_id, variation, run, name, upload_id=upload_id, lease=lease
+        )
         if status.completed:
             return self.complete_upload(status.upload_id, sha256)
         if status.offset:
             source.seek(status.offset)
-        self.write_chunk(status.upload_id, status.offset,
-                         iter(lambda: source.read(1024 * 1024), b""))
+        self.write_chunk(
+            status.upload_id, status.offset, iter(lambda: source.read(1024 * 1024), b"")
+        )
         return self.complete_upload(status.upload_id, sha256)
 
     # ------------------------------------------------------------------ idempotency
     def _request_done(self, conn: sa.Connection, request_id: str) -> dict[str, Any] | None:
-        result = conn.execute(sa.select(t.requests_done.c.result).where(
-            t.requests_done.c.request_id == request_id)).scalar()
+        result = conn.execute(
+            sa.select(t.requests_done.c.result).where(t.requests_done.c.request_id == request_id)
+        ).scalar()
         return json.loads(result) if result is not None else None
 
     def _remember(self, conn: sa.Connection, request_id: str, result: dict[str, Any]) -> None:
-        conn.execute(t.requests_done.insert().values(
-            request_id=request_id, result=_dumps(result), created_at=self.clock()))
+        conn.execute(
+            t.requests_done.insert().values(
+                request_id=request_id, result=_dumps(result), created_at=self.clock()
+            )
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -949,8 +1307,11 @@ def _request_key(kind: str, request_id: str, *params: str) -> str:
 
 
 def _key(experiment_id: str, variation: int, run: int) -> tuple[str, int, int]:
-    return (check.experiment_id(experiment_id), check.number(variation, "variation"),
-            check.number(run, "run"))
+    return (
+        check.experiment_id(experiment_id),
+        check.number(variation, "variation"),
+        check.number(run, "run"),
+    )
 
 
 def _fmt(key: tuple[str, int, int]) -> str:
@@ -962,8 +1323,9 @@ def _same_lease(given: Any, held: str) -> bool:
     non-string input: ``compare_digest(str, str)`` raises TypeError for non-ASCII text."""
     if not isinstance(given, str):
         return False
-    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                  held.encode("utf-8", "surrogatepass"))
+    return secrets.compare_digest(
+        given.encode("utf-8", "surrogatepass"), held.encode("utf-8", "surrogatepass")
+    )
 
 
 def _run_pk(e: str, v: int, r: int) -> sa.ColumnElement[bool]:
@@ -974,7 +1336,7 @@ def _run_pk(e: str, v: int, r: int) -> sa.ColumnElement[bool]:
 _HINTS = {
     RunState.FAILED_ABANDONED: "it was cancelled; create a rerun with `chronicle rerun {e} {v}`",
     RunState.FAILED_LOST: "it stopped heartbeating and its recovery window passed; "
-                          "create a rerun with `chronicle rerun {e} {v}`",
+    "create a rerun with `chronicle rerun {e} {v}`",
     RunState.SUCCEEDED: "it already succeeded; terminal states never change",
     RunState.FAILED_CRASH: "it already failed; create a rerun with `chronicle rerun {e} {v}`",
     RunState.PENDING: "start it first",
@@ -987,7 +1349,8 @@ def _refused(action: Action, state: RunState, key: tuple[str, int, int]) -> Inva
     hint = hint.format(e=key[0], v=key[1]) if hint else ""
     return InvalidTransition(
         f"cannot {action} run {_fmt(key)}: it is {state.value}" + (f"; {hint}" if hint else ""),
-        state=state.value, action=action.value,
+        state=state.value,
+        action=action.value,
     )
 
 
@@ -1034,7 +1397,8 @@ def make_engine(url: str) -> sa.Engine:
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
             f"the driver for {parsed.drivername} is not installed: "
-            "pip install 'chronicle-integrations[postgres]'") from exc
+            "pip install 'chronicle-integrations[postgres]'"
+        ) from exc
     except sa.exc.NoSuchModuleError as exc:  # an unknown dialect, e.g. "nonsense://"
         raise ConfigurationError(f"unsupported store URL {url!r}: {exc}") from exc
 

@@ -25,7 +25,8 @@ metadata = sa.MetaData()
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 experiments = sa.Table(
-    "experiments", metadata,
+    "experiments",
+    metadata,
     sa.Column("experiment_id", sa.String(128), primary_key=True),
     sa.Column("name", sa.String(256), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -33,9 +34,14 @@ experiments = sa.Table(
 )
 
 variations = sa.Table(
-    "variations", metadata,
-    sa.Column("experiment_id", sa.String(128), sa.ForeignKey("experiments.experiment_id"),
-              primary_key=True),
+    "variations",
+    metadata,
+    sa.Column(
+        "experiment_id",
+        sa.String(128),
+        sa.ForeignKey("experiments.experiment_id"),
+        primary_key=True,
+    ),
     sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -44,7 +50,8 @@ variations = sa.Table(
 )
 
 runs = sa.Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     sa.Column("experiment_id", sa.String(128), primary_key=True),
     sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
@@ -64,13 +71,15 @@ runs = sa.Table(
     # when it last changed (store clock): a run that beats without advancing is "stalled".
     sa.Column("progress", sa.Text),
     sa.Column("progress_at", sa.Float),
-    sa.ForeignKeyConstraint(["experiment_id", "variation"],
-                            ["variations.experiment_id", "variations.variation"]),
+    sa.ForeignKeyConstraint(
+        ["experiment_id", "variation"], ["variations.experiment_id", "variations.variation"]
+    ),
     sa.Index("ix_runs_state_alive", "state", "alive_at"),
 )
 
 events = sa.Table(
-    "events", metadata,
+    "events",
+    metadata,
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column("experiment_id", sa.String(128), nullable=False),
     sa.Column("variation", sa.Integer, nullable=False),
@@ -85,7 +94,8 @@ events = sa.Table(
 )
 
 assets = sa.Table(
-    "assets", metadata,
+    "assets",
+    metadata,
     sa.Column("experiment_id", sa.String(128), primary_key=True),
     sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
@@ -96,7 +106,8 @@ assets = sa.Table(
 )
 
 uploads = sa.Table(
-    "uploads", metadata,
+    "uploads",
+    metadata,
     sa.Column("upload_id", sa.String(128), primary_key=True),
     sa.Column("experiment_id", sa.String(128), nullable=False),
     sa.Column("variation", sa.Integer, nullable=False),
@@ -111,14 +122,16 @@ uploads = sa.Table(
 # Results of non-idempotent creations (add_variation, create_run) keyed by a client request id,
 # so that a retry after a lost response returns the first answer instead of a ghost duplicate.
 requests_done = sa.Table(
-    "requests_done", metadata,
+    "requests_done",
+    metadata,
     sa.Column("request_id", sa.String(160), primary_key=True),
     sa.Column("result", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
 schema_version = sa.Table(
-    "chronicle_schema", metadata,
+    "chronicle_schema",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("version", sa.Integer, nullable=False),
 )

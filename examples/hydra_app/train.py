@@ -41,16 +41,26 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     # was run, so a relative $CHRONICLE_HOME / ./chronicle means the same store for every job).
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoints = pl.callbacks.ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", monitor="val_acc", mode="max", save_top_k=2,
-        save_last=True, filename="{epoch}-{val_acc:.3f}")
-    trainer = pl.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1,
-                         limit_train_batches=cfg.trainer.limit_train_batches,
-                         limit_val_batches=cfg.trainer.limit_val_batches,
-                         callbacks=[ChronicleCallback(), checkpoints], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=output_dir)
-    model = MLP(hidden=cfg.model.hidden, lr=cfg.model.lr,
-                fail_at_step=cfg.trainer.fail_at_step)
+        dirpath=output_dir / "checkpoints",
+        monitor="val_acc",
+        mode="max",
+        save_top_k=2,
+        save_last=True,
+        filename="{epoch}-{val_acc:.3f}",
+    )
+    trainer = pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator="cpu",
+        devices=1,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        callbacks=[ChronicleCallback(), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=output_dir,
+    )
+    model = MLP(hidden=cfg.model.hidden, lr=cfg.model.lr, fail_at_step=cfg.trainer.fail_at_step)
     trainer.fit(model, datamodule=DigitsData(batch_size=cfg.data.batch_size))
     # Returned metrics are recorded as the run's return_value.json (JSON-serialisable only).
     return {name: float(value) for name, value in trainer.callback_metrics.items()}

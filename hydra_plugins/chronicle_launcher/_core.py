@@ -157,8 +157,9 @@ class _JobRun:
         self.task = task
         self.key = key
         self.output_dir = output_dir
-        self.guard = Guard(task.strict, carry_on="the job continues without it",
-                           passthrough=(RunNotRunnable,))
+        self.guard = Guard(
+            task.strict, carry_on="the job continues without it", passthrough=(RunNotRunnable,)
+        )
         self.run: Run | None = None
 
     def execute(self, cfg: DictConfig) -> Any:
@@ -200,7 +201,8 @@ class _JobRun:
                 if exc.state not in (RunState.RUNNING.value, RunState.LOST.value):
                     raise RunNotRunnable(
                         f"run {run.key} is {exc.state}; not running its job (was it cancelled?"
-                        " Rerun it with hydra.launcher.rerun_failed_of=...)") from exc
+                        " Rerun it with hydra.launcher.rerun_failed_of=...)"
+                    ) from exc
                 # A requeued job (pre-emption): take over the run it left running or lost.
                 log.info("chronicle: run %s was %s; resuming it", run.key, exc.state)
                 run.start(resume=True)
@@ -214,8 +216,10 @@ class _JobRun:
         if run is None:
             return {}
         values: dict[str, str | None] = {
-            ENV_EXPERIMENT: run.experiment_id, ENV_VARIATION: str(run.variation),
-            ENV_RUN: str(run.run), ENV_LEASE: run.lease,
+            ENV_EXPERIMENT: run.experiment_id,
+            ENV_VARIATION: str(run.variation),
+            ENV_RUN: str(run.run),
+            ENV_LEASE: run.lease,
         }
         if self.task.url:
             values["CHRONICLE_URL"] = self.task.url
@@ -235,8 +239,11 @@ class _JobRun:
         with self.guard("recording the return value"):
             _upload_return_value(run, result)
         if run.cancelled.is_set():
-            log.warning("chronicle: run %s was %s while the job ran; not marking it succeeded",
-                        run.key, run.cancel_reason)
+            log.warning(
+                "chronicle: run %s was %s while the job ran; not marking it succeeded",
+                run.key,
+                run.cancel_reason,
+            )
             with self.guard("waiting for uploads"):
                 run.wait_uploads()
                 run.stop_keep_alive()
@@ -251,8 +258,10 @@ class _JobRun:
         self._upload_outputs()
         with self.guard("recording the crash"):
             if not run.wait_uploads(CRASH_FLUSH_SECONDS):
-                log.warning("chronicle: run %s: recording the crash before every output was "
-                            "uploaded", run.key)
+                log.warning(
+                    "chronicle: run %s: recording the crash before every output was uploaded",
+                    run.key,
+                )
             if run.cancelled.is_set():
                 run.stop_keep_alive()
             else:
@@ -274,8 +283,12 @@ class _JobRun:
             run.wait_uploads(PREEMPT_FLUSH_SECONDS)
         with self.guard("stopping heartbeats"):
             run.stop_keep_alive()
-        log.warning("chronicle: run %s: job exited (SystemExit %r, e.g. pre-emption); left "
-                    "resumable, no terminal state", run.key, exc.code)
+        log.warning(
+            "chronicle: run %s: job exited (SystemExit %r, e.g. pre-emption); left "
+            "resumable, no terminal state",
+            run.key,
+            exc.code,
+        )
 
     def _upload_outputs(self) -> None:
         run = self.run
@@ -324,8 +337,9 @@ def _upload_return_value(run: Run, result: Any) -> None:
     try:
         text = json.dumps(result, allow_nan=False, indent=2, sort_keys=True)
     except (TypeError, ValueError):
-        log.info("chronicle: the return value of run %s is not JSON-serialisable; not "
-                 "recorded", run.key)
+        log.info(
+            "chronicle: the return value of run %s is not JSON-serialisable; not recorded", run.key
+        )
         return
     fd, tmp = tempfile.mkstemp(prefix="chronicle-return-", suffix=".json")
     try:
@@ -370,8 +384,9 @@ class SweepState:
     recorded: list[_Variation] = field(default_factory=list)
 
 
-def launch(launcher: ChronicleLauncher, job_overrides: Sequence[Sequence[str]],
-           initial_job_idx: int) -> Sequence[JobReturn]:
+def launch(
+    launcher: ChronicleLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+) -> Sequence[JobReturn]:
     """Register the batch as variations and runs, then run it on the inner launcher."""
     assert launcher.config is not None and launcher.hydra_context is not None
     assert launcher.task_function is not None
@@ -410,17 +425,23 @@ def launch(launcher: ChronicleLauncher, job_overrides: Sequence[Sequence[str]],
         if state.abandon_on_interrupt:
             _end_unfinished(state, runs, None, interrupted=True)
         else:
-            log.warning("chronicle: interrupted; the runs of jobs already submitted are left "
-                        "to those jobs (they keep running on the cluster)")
+            log.warning(
+                "chronicle: interrupted; the runs of jobs already submitted are left "
+                "to those jobs (they keep running on the cluster)"
+            )
         raise
     except BaseException as exc:
         if state.jobs_outlive_launcher:
             # E.g. submitit could not get a job's result (its process was killed): the other
             # jobs may still be running (or about to start) and end their runs themselves;
             # a killed one goes lost by the heartbeat timeout.
-            log.error("chronicle: the %s launcher failed (%s: %s); the runs of its jobs are "
-                      "left to those jobs and the heartbeat timeout",
-                      _executor_name(launcher), type(exc).__name__, exc)
+            log.error(
+                "chronicle: the %s launcher failed (%s: %s); the runs of its jobs are "
+                "left to those jobs and the heartbeat timeout",
+                _executor_name(launcher),
+                type(exc).__name__,
+                exc,
+            )
         else:
             # basic / joblib: nothing of this batch runs any more. Jobs that never started
             # get failed_crash; a job whose worker died is left to go lost.
@@ -436,10 +457,14 @@ def _begin_sweep(launcher: ChronicleLauncher) -> SweepState:
     assert launcher.task_function is not None
     url, home = resolve_target(launcher.url, launcher.home)
     client = client_for(url, home)
-    task = TrackedTask(task_function=launcher.task_function, url=url,
-                       home=None if url else home,
-                       heartbeat_interval=launcher.heartbeat_interval,
-                       upload_outputs=launcher.upload_outputs, strict=launcher.strict)
+    task = TrackedTask(
+        task_function=launcher.task_function,
+        url=url,
+        home=None if url else home,
+        heartbeat_interval=launcher.heartbeat_interval,
+        upload_outputs=launcher.upload_outputs,
+        strict=launcher.strict,
+    )
     executor = launcher.executor
     if executor is None:
         executor = OmegaConf.create({"_target_": BASIC_LAUNCHER})
@@ -453,8 +478,13 @@ def _begin_sweep(launcher: ChronicleLauncher) -> SweepState:
     abandon = launcher.abandon_on_interrupt
     if abandon is None:
         abandon = "slurm" not in executor_name.lower()
-    state = SweepState(client=client, inner=inner, task=task, abandon_on_interrupt=abandon,
-                       jobs_outlive_launcher="submitit" in _executor_module(launcher))
+    state = SweepState(
+        client=client,
+        inner=inner,
+        task=task,
+        abandon_on_interrupt=abandon,
+        jobs_outlive_launcher="submitit" in _executor_module(launcher),
+    )
     _register_experiment(launcher, state)
     return state
 
@@ -474,7 +504,8 @@ def _register_experiment(launcher: ChronicleLauncher, state: SweepState) -> None
             client.experiment(experiment_id)  # NotFound early, with the id in the message
         else:
             experiment_id = launcher.experiment_id or derive_experiment_id(
-                task_name, str(config.hydra.sweep.dir))
+                task_name, str(config.hydra.sweep.dir)
+            )
             try:  # an existing experiment is reused whatever its name (reruns, batches)
                 client.experiment(experiment_id)
             except NotFound:
@@ -484,12 +515,19 @@ def _register_experiment(launcher: ChronicleLauncher, state: SweepState) -> None
     except UNREACHABLE as exc:
         if launcher.strict or launcher.rerun_failed_of is not None:
             raise
-        log.error("chronicle: cannot register the sweep on %s (%s); its jobs run untracked",
-                  client.target, exc)
+        log.error(
+            "chronicle: cannot register the sweep on %s (%s); its jobs run untracked",
+            client.target,
+            exc,
+        )
         return
     state.experiment_id = experiment_id
-    log.info("chronicle: sweep -> experiment %s (%s)%s", experiment_id, client.target,
-             f", {len(state.recorded)} variation(s) recorded before" if state.recorded else "")
+    log.info(
+        "chronicle: sweep -> experiment %s (%s)%s",
+        experiment_id,
+        client.target,
+        f", {len(state.recorded)} variation(s) recorded before" if state.recorded else "",
+    )
 
 
 def derive_experiment_id(task_name: str, sweep_dir: str) -> str:
@@ -523,18 +561,22 @@ def _recorded_variations(client: Chronicle, experiment_id: str) -> list[_Variati
     return out
 
 
-def _variation_for(launcher: ChronicleLauncher, state: SweepState, overrides: list[str],
-                   num: int) -> int:
+def _variation_for(
+    launcher: ChronicleLauncher, state: SweepState, overrides: list[str], num: int
+) -> int:
     """The variation of a job: a recorded one with the same overrides (a rerun), else new."""
     assert state.experiment_id is not None
     for recorded in state.recorded:
         if not recorded.used and sorted(recorded.overrides) == sorted(overrides):
             recorded.used = True
             return recorded.number
-    return state.client.add_variation(state.experiment_id, {
-        "overrides": overrides,
-        "config": _task_config(launcher, overrides, num),
-    })
+    return state.client.add_variation(
+        state.experiment_id,
+        {
+            "overrides": overrides,
+            "config": _task_config(launcher, overrides, num),
+        },
+    )
 
 
 def _task_config(launcher: ChronicleLauncher, overrides: list[str], num: int) -> Any:
@@ -546,8 +588,9 @@ def _task_config(launcher: ChronicleLauncher, overrides: list[str], num: int) ->
     hydra_config = HydraConfig.instance()
     saved = hydra_config.cfg
     try:
-        sweep = launcher.hydra_context.config_loader.load_sweep_config(launcher.config,
-                                                                       list(overrides))
+        sweep = launcher.hydra_context.config_loader.load_sweep_config(
+            launcher.config, list(overrides)
+        )
         with open_dict(sweep):
             sweep.hydra.job.num = num
         hydra_config.set_config(sweep)
@@ -577,8 +620,9 @@ def _select_failed(state: SweepState, jobs: list[list[str]]) -> list[list[str]]:
     for info in state.client.runs(experiment_id=state.experiment_id):
         if info.variation not in latest or info.run > latest[info.variation][0]:
             latest[info.variation] = (info.run, info.state)
-    failed = [v for v in state.recorded
-              if v.number in latest and latest[v.number][1] in FAILED_STATES]
+    failed = [
+        v for v in state.recorded if v.number in latest and latest[v.number][1] in FAILED_STATES
+    ]
     if jobs == [[]]:
         selected = [list(v.overrides) for v in failed]
     else:
@@ -586,15 +630,26 @@ def _select_failed(state: SweepState, jobs: list[list[str]]) -> list[list[str]]:
         selected = [job for job in jobs if tuple(sorted(job)) in wanted]
         skipped = len(jobs) - len(selected)
         if skipped:
-            log.info("chronicle: rerun_failed_of=%s: skipping %d job(s) whose variation did "
-                     "not fail (or is not in the experiment)", state.experiment_id, skipped)
-    log.info("chronicle: rerunning %d failed variation(s) of %s", len(selected),
-             state.experiment_id)
+            log.info(
+                "chronicle: rerun_failed_of=%s: skipping %d job(s) whose variation did "
+                "not fail (or is not in the experiment)",
+                state.experiment_id,
+                skipped,
+            )
+    log.info(
+        "chronicle: rerunning %d failed variation(s) of %s", len(selected), state.experiment_id
+    )
     return selected
 
 
-def _end_unfinished(state: SweepState, runs: list[Run], results: list[JobReturn] | None,
-                    *, interrupted: bool, error: BaseException | None = None) -> None:
+def _end_unfinished(
+    state: SweepState,
+    runs: list[Run],
+    results: list[JobReturn] | None,
+    *,
+    interrupted: bool,
+    error: BaseException | None = None,
+) -> None:
     """After a batch: fail the runs its jobs never ended.
 
     Interrupted (Ctrl+C): every run not yet terminal -> ``failed_abandoned`` (the job that was
@@ -605,11 +660,14 @@ def _end_unfinished(state: SweepState, runs: list[Run], results: list[JobReturn]
     if not runs or state.experiment_id is None:
         return
     try:
-        current = {(i.variation, i.run): i.state
-                   for i in state.client.runs(experiment_id=state.experiment_id)}
+        current = {
+            (i.variation, i.run): i.state
+            for i in state.client.runs(experiment_id=state.experiment_id)
+        }
     except (ChronicleError, OSError) as exc:
-        log.warning("chronicle: could not read the runs of %s to close them: %s",
-                    state.experiment_id, exc)
+        log.warning(
+            "chronicle: could not read the runs of %s to close them: %s", state.experiment_id, exc
+        )
         return
     for index, run in enumerate(runs):
         run_state = current.get((run.variation, run.run))
@@ -633,11 +691,9 @@ def _end_unfinished(state: SweepState, runs: list[Run], results: list[JobReturn]
             log.warning("chronicle: could not fail run %s: %s", run.key, exc)
 
 
-def _never_started(results: list[JobReturn] | None, index: int,
-                   error: BaseException | None) -> str:
+def _never_started(results: list[JobReturn] | None, index: int, error: BaseException | None) -> str:
     if error is not None:
-        return ("the launcher failed before this job started its run: "
-                + format_exception(error))
+        return "the launcher failed before this job started its run: " + format_exception(error)
     result = results[index] if results is not None and index < len(results) else None
     if result is not None and result.status == JobStatus.FAILED:
         error = result._return_value

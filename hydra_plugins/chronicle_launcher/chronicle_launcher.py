@@ -34,7 +34,8 @@ class ChronicleLauncherConf:
     """
 
     defaults: List[Any] = field(  # noqa: UP006
-        default_factory=lambda: ["_self_", {"/hydra/launcher@executor": "basic"}])
+        default_factory=lambda: ["_self_", {"/hydra/launcher@executor": "basic"}]
+    )
     _target_: str = "hydra_plugins.chronicle_launcher.chronicle_launcher.ChronicleLauncher"
     _recursive_: bool = False
     #: The wrapped launcher's config (chosen with ``hydra/launcher@hydra.launcher.executor=``).
@@ -60,8 +61,12 @@ class ChronicleLauncherConf:
     strict: bool = False
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="chronicle",
-                             node=ChronicleLauncherConf, provider="chronicle-integrations")
+ConfigStore.instance().store(
+    group="hydra/launcher",
+    name="chronicle",
+    node=ChronicleLauncherConf,
+    provider="chronicle-integrations",
+)
 
 
 class ChronicleLauncher(Launcher):
@@ -72,11 +77,19 @@ class ChronicleLauncher(Launcher):
     variation numbers (``hydra.job.num`` keeps growing across batches).
     """
 
-    def __init__(self, executor: Any = None, experiment_id: str | None = None,
-                 experiment_name: str | None = None, url: str | None = None,
-                 home: str | None = None, heartbeat_interval: float = 60.0,
-                 upload_outputs: bool = True, rerun_failed_of: str | None = None,
-                 abandon_on_interrupt: bool | None = None, strict: bool = False) -> None:
+    def __init__(
+        self,
+        executor: Any = None,
+        experiment_id: str | None = None,
+        experiment_name: str | None = None,
+        url: str | None = None,
+        home: str | None = None,
+        heartbeat_interval: float = 60.0,
+        upload_outputs: bool = True,
+        rerun_failed_of: str | None = None,
+        abandon_on_interrupt: bool | None = None,
+        strict: bool = False,
+    ) -> None:
         self.executor = executor
         self.experiment_id = experiment_id
         self.experiment_name = experiment_name
@@ -93,14 +106,16 @@ class ChronicleLauncher(Launcher):
         #: Filled by ``_core`` on the first launch (the sweep's state across batches).
         self.state: Any = None
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    def launch(self, job_overrides: Sequence[Sequence[str]],
-               initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
         from . import _core
 
         return _core.launch(self, job_overrides, initial_job_idx)

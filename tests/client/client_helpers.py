@@ -28,7 +28,7 @@ def write_random(path: Path, size: int, block: int = 1 << 20) -> str:
         while written < size:
             # Vary each block a little so equal blocks do not line up with chunk boundaries.
             piece = counter.to_bytes(8, "little") + chunk[8:]
-            piece = piece[:size - written]
+            piece = piece[: size - written]
             fh.write(piece)
             hasher.update(piece)
             written += len(piece)

@@ -90,8 +90,9 @@ def http_server(request: pytest.FixtureRequest) -> Callable[..., Any]:
 @pytest.fixture
 def experiment(chronicle: Chronicle) -> str:
     """An experiment with two variations."""
-    return chronicle.create_experiment("client-suite",
-                                       variations=[{"lr": 0.1}, {"lr": 0.01, "bs": 32}])
+    return chronicle.create_experiment(
+        "client-suite", variations=[{"lr": 0.1}, {"lr": 0.01, "bs": 32}]
+    )
 
 
 @pytest.fixture

@@ -28,8 +28,9 @@ def test_embedded_in_chronicle_home(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         assert [r.state for r in again.runs(exp)] == [RunState.SUCCEEDED]
 
 
-def test_default_home_is_relative_to_the_working_directory(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_default_home_is_relative_to_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     with Chronicle() as chronicle:
         assert chronicle.target == f"embedded:{tmp_path / 'chronicle'}"
@@ -37,8 +38,9 @@ def test_default_home_is_relative_to_the_working_directory(monkeypatch: pytest.M
     assert chronicle.home == tmp_path / "chronicle"
 
 
-def test_url_and_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                          http_server: Any) -> None:
+def test_url_and_key_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, http_server: Any
+) -> None:
     server = http_server(api_key="env-key-123")
     monkeypatch.setenv("CHRONICLE_URL", server.url)
     with Chronicle(home=tmp_path / "h1", timeout=5) as keyless:

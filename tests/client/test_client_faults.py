@@ -58,8 +58,11 @@ def test_heartbeats_resume_after_a_server_crash(server: Any, client: Chronicle) 
     server.restart()
     restarted_at = time.time()
     # the server's clock: a beat recorded after the restart proves the loop came back
-    wait_until(lambda: (run.info().last_heartbeat_at or 0) > restarted_at, timeout=60,
-               what="a heartbeat after the restart")
+    wait_until(
+        lambda: (run.info().last_heartbeat_at or 0) > restarted_at,
+        timeout=60,
+        what="a heartbeat after the restart",
+    )
     assert keepalive.alive and not run.cancelled.is_set()
     assert run.state is RunState.RUNNING
 
@@ -69,8 +72,9 @@ def test_heartbeats_resume_after_a_server_crash(server: Any, client: Chronicle) 
     wait_until(lambda: not keepalive.alive, timeout=10, what="the keep-alive to stop")
 
 
-def test_upload_resumes_after_a_server_crash(server: Any, client: Chronicle, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_resumes_after_a_server_crash(
+    server: Any, client: Chronicle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Evidence that the upload resumed rather than restarted, from both sides:
 
     * the client: every chunk it sends is recorded (offset and bytes actually read for the
@@ -109,8 +113,12 @@ def test_upload_resumes_after_a_server_crash(server: Any, client: Chronicle, tmp
 
     handle = run.upload_asset(src)
     # past the first acknowledged chunk, in the middle of the second one
-    sizes = wait_until(lambda: {k: v for k, v in partial_sizes().items() if v >= 90 * MB},
-                       timeout=120, interval=0.005, what="the upload to pass 90 MB")
+    sizes = wait_until(
+        lambda: {k: v for k, v in partial_sizes().items() if v >= 90 * MB},
+        timeout=120,
+        interval=0.005,
+        what="the upload to pass 90 MB",
+    )
     [upload_id] = sizes
     server.kill()
     held = partial_sizes()[upload_id]  # what the dead server left on disk
@@ -133,16 +141,19 @@ def test_upload_resumes_after_a_server_crash(server: Any, client: Chronicle, tmp
     assert resumed[0]["offset"] >= held, (resumed[0], held)
     assert all(c["offset"] > 0 for c in chunks[1:]), chunks  # never back to 0
     total_sent = sum(c["sent"] for c in chunks)
-    print(f"held at crash {held}, resumed at {resumed[0]['offset']}, sent {total_sent} "
-          f"for {size} bytes; chunks {[(c['offset'], c['sent']) for c in chunks]}")
+    print(
+        f"held at crash {held}, resumed at {resumed[0]['offset']}, sent {total_sent} "
+        f"for {size} bytes; chunks {[(c['offset'], c['sent']) for c in chunks]}"
+    )
     assert total_sent < size + held, (total_sent, size, held)
     assert set(partial_sizes()) == set(), "a partial upload was left behind"
     run.succeed()
     assert run.info().asset_count == 1
 
 
-def _end_during_outage(chronicle: Chronicle, exp: str, variation: int,
-                       tmp_path: Path) -> tuple[Any, dict[str, bytes]]:
+def _end_during_outage(
+    chronicle: Chronicle, exp: str, variation: int, tmp_path: Path
+) -> tuple[Any, dict[str, bytes]]:
     """Start a run and upload while the server is up; return the run and its contents."""
     run = chronicle.create_run(exp, variation).start()
     early = os.urandom(MB)
@@ -152,8 +163,7 @@ def _end_during_outage(chronicle: Chronicle, exp: str, variation: int,
     return run, {"early.bin": early, "late.bin": os.urandom(2 * MB)}
 
 
-def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any,
-                                                       tmp_path: Path) -> None:
+def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any, tmp_path: Path) -> None:
     """Two workers (two client homes) end their runs while the server is down: each run's
     unfinished upload and its succeed() are spooled. The server comes back; one worker syncs
     with ``chronicle.sync()``, the other with the CLI ``chronicle sync``.
@@ -162,8 +172,7 @@ def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any,
     comes back, and the late ``succeed`` is still accepted (lost is recoverable)."""
     server = http_server(heartbeat_timeout=2.0)
     homes = {"python": tmp_path / "home-python", "cli": tmp_path / "home-cli"}
-    clients = {how: Chronicle(url=server.url, home=home, timeout=3)
-               for how, home in homes.items()}
+    clients = {how: Chronicle(url=server.url, home=home, timeout=3) for how, home in homes.items()}
     try:
         exp = clients["python"].create_experiment("spool", variations=[{}, {}])
         ends: dict[str, Any] = {}
@@ -200,16 +209,33 @@ def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any,
 
         server.restart()
         for run, _ in ends.values():  # nothing was delivered yet
-            wait_until(lambda run=run: run.state is RunState.LOST, timeout=30, interval=0.1,
-                       what="the silent run to be lost")
+            wait_until(
+                lambda run=run: run.state is RunState.LOST,
+                timeout=30,
+                interval=0.1,
+                what="the silent run to be lost",
+            )
 
         report = clients["python"].sync()
         assert len(report.sent) == 2 and not report.waiting and not report.refused, report
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
         proc = subprocess.run(
-            [sys.executable, "-m", "chronicle_integrations.cli", "--url", server.url,
-             "--home", str(homes["cli"]), "sync", "--json"],
-            env=env, capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "chronicle_integrations.cli",
+                "--url",
+                server.url,
+                "--home",
+                str(homes["cli"]),
+                "sync",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert len(json.loads(proc.stdout)["sent"]) == 2, proc.stdout
 
@@ -233,8 +259,7 @@ def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any,
 def test_api_key_errors_map_to_unauthorized(http_server: Any, tmp_path: Path) -> None:
     server = http_server(api_key="s3cret-key-for-tests")
     for key in (None, "wrong-key"):
-        stranger = Chronicle(url=server.url, api_key=key, home=tmp_path / f"h-{key}",
-                             timeout=5)
+        stranger = Chronicle(url=server.url, api_key=key, home=tmp_path / f"h-{key}", timeout=5)
         try:
             with pytest.raises(Unauthorized) as caught:
                 stranger.experiments()

@@ -25,8 +25,11 @@ def _beat_at(run: Run) -> float | None:
 
 def _advances(run: Run, after: float | None, timeout: float = 30.0) -> float:
     """Wait until the store's last_heartbeat_at is later than ``after``."""
-    return wait_until(lambda: (t := _beat_at(run)) is not None and (after is None or t > after)
-                      and t, timeout=timeout, what="last_heartbeat_at to advance")
+    return wait_until(
+        lambda: (t := _beat_at(run)) is not None and (after is None or t > after) and t,
+        timeout=timeout,
+        what="last_heartbeat_at to advance",
+    )
 
 
 def test_seed_heartbeat_loop_verbatim(chronicle: Chronicle, experiment: str) -> None:
@@ -96,8 +99,7 @@ def test_keep_alive_context_manager_and_stop(chronicle: Chronicle, run: Run) -> 
     run.succeed()
 
 
-def test_own_succeed_never_marks_the_run_cancelled(chronicle: Chronicle,
-                                                   experiment: str) -> None:
+def test_own_succeed_never_marks_the_run_cancelled(chronicle: Chronicle, experiment: str) -> None:
     """A worker's own succeed() racing its keep-alive must not look like a cancellation."""
     calls: list[str] = []
     for _ in range(15):
@@ -135,8 +137,9 @@ def test_cancel_from_another_client_is_seen(backend, chronicle: Chronicle, run: 
 
 
 @pytest.mark.skipif(not HAS_CLI, reason="chronicle_integrations/cli.py does not exist yet")
-def test_cancel_from_the_cli_is_seen(backend, chronicle: Chronicle, run: Run,
-                                     tmp_path: Path) -> None:
+def test_cancel_from_the_cli_is_seen(
+    backend, chronicle: Chronicle, run: Run, tmp_path: Path
+) -> None:
     run.start()
     run.keep_alive(interval=0.3)
     _advances(run, None)
@@ -149,7 +152,11 @@ def test_cancel_from_the_cli_is_seen(backend, chronicle: Chronicle, run: Run,
         env["CHRONICLE_HOME"] = str(tmp_path / "cli-home")
     proc = subprocess.run(
         [sys.executable, "-m", "chronicle_integrations.cli", "cancel", run.key],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert run.cancelled.wait(30)
     assert run.state is RunState.FAILED_ABANDONED
@@ -171,8 +178,7 @@ def test_takeover_sets_cancelled(backend, chronicle: Chronicle, run: Run) -> Non
     assert run.state is RunState.SUCCEEDED
 
 
-def test_with_block_stops_inside_when_cancelled(backend, chronicle: Chronicle,
-                                                run: Run) -> None:
+def test_with_block_stops_inside_when_cancelled(backend, chronicle: Chronicle, run: Run) -> None:
     """The training loop can watch run.cancelled; the block then ends without succeeding."""
     from chronicle_integrations import InvalidTransition
 

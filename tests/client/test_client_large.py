@@ -49,8 +49,7 @@ class PeakRSS:
 
 
 @pytest.mark.slow
-def test_two_gib_upload_over_http(http_server: Any, tmp_path: Path,
-                                  record_property: Any) -> None:
+def test_two_gib_upload_over_http(http_server: Any, tmp_path: Path, record_property: Any) -> None:
     server = http_server()
     src = tmp_path / "big.bin"
     started = time.monotonic()
@@ -79,7 +78,8 @@ def test_two_gib_upload_over_http(http_server: Any, tmp_path: Path,
         chronicle.close(timeout=30)
 
     numbers = {
-        "write_s": round(write_s, 1), "upload_s": round(upload_s, 1),
+        "write_s": round(write_s, 1),
+        "upload_s": round(upload_s, 1),
         "upload_MiB_per_s": round(2 * GiB / MiB / upload_s, 1),
         "upload_rss_growth_MiB": round(upload_rss.growth / MiB, 1),
         "download_s": round(download_s, 1),

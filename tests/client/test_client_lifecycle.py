@@ -153,8 +153,9 @@ def test_idempotent_repeats(chronicle: Chronicle, run: Run) -> None:
         ("failed_abandoned", lambda r: r.succeed(), "failed_abandoned"),
     ],
 )
-def test_invalid_transitions_raise_with_state(chronicle: Chronicle, run: Run, setup: str,
-                                              action, state: str) -> None:
+def test_invalid_transitions_raise_with_state(
+    chronicle: Chronicle, run: Run, setup: str, action, state: str
+) -> None:
     if setup == "succeeded":
         run.start().succeed()
     elif setup == "failed_crash":
@@ -168,8 +169,7 @@ def test_invalid_transitions_raise_with_state(chronicle: Chronicle, run: Run, se
     assert run.state.value == state  # nothing changed
 
 
-def test_start_of_a_running_run_without_resume_is_refused(chronicle: Chronicle,
-                                                          run: Run) -> None:
+def test_start_of_a_running_run_without_resume_is_refused(chronicle: Chronicle, run: Run) -> None:
     run.start()
     other = chronicle.run(run.experiment_id, run.variation, run.run)
     with pytest.raises(InvalidTransition) as caught:
@@ -268,16 +268,16 @@ def test_with_block_keyboard_interrupt_abandons(chronicle: Chronicle, run: Run) 
     assert info.reason == "abandoned"
 
 
-def test_with_block_never_hides_the_training_exception(backend, chronicle: Chronicle,
-                                                       run: Run) -> None:
+def test_with_block_never_hides_the_training_exception(
+    backend, chronicle: Chronicle, run: Run
+) -> None:
     with pytest.raises(ValueError, match="training blew up"), run.start():
         backend.connect().run(run.experiment_id, 0, 0).fail("abandoned")
         raise ValueError("training blew up")
     assert run.state is RunState.FAILED_ABANDONED
 
 
-def test_adopted_lease_may_beat_and_end_the_run(backend, chronicle: Chronicle,
-                                                run: Run) -> None:
+def test_adopted_lease_may_beat_and_end_the_run(backend, chronicle: Chronicle, run: Run) -> None:
     """A launcher starts the run and passes its lease to the job (CHRONICLE_LEASE)."""
     run.start()
     job = backend.connect().run(run.experiment_id, run.variation, run.run, lease=run.lease)
@@ -337,15 +337,22 @@ def test_events_form_a_valid_path(backend, chronicle: Chronicle, run: Run) -> No
     events = run.events()
     edges = transitions(run)
     assert is_valid_path(edges)
-    assert edges == [(None, "pending"), ("pending", "running"), ("running", "running"),
-                     ("running", "succeeded")]
+    assert edges == [
+        (None, "pending"),
+        ("pending", "running"),
+        ("running", "running"),
+        ("running", "succeeded"),
+    ]
     times = [e.at for e in events]
     assert times == sorted(times)
     assert all(e.cause for e in events)
     assert [e.id for e in events] == sorted({e.id for e in events})
 
-    for setup in (lambda r: r.start().fail("crash", "x"), lambda r: r.fail("abandoned"),
-                  lambda r: r.start().fail("abandoned")):
+    for setup in (
+        lambda r: r.start().fail("crash", "x"),
+        lambda r: r.fail("abandoned"),
+        lambda r: r.start().fail("abandoned"),
+    ):
         other = chronicle.create_run(run.experiment_id, 1)
         setup(other)
         assert is_valid_path(transitions(other))
@@ -354,11 +361,20 @@ def test_events_form_a_valid_path(backend, chronicle: Chronicle, run: Run) -> No
 def test_run_state_enum() -> None:
     assert len(RunState) == 7
     assert {s.value for s in RunState} == {
-        "pending", "running", "succeeded", "failed_crash", "failed_abandoned", "lost",
-        "failed_lost"}
+        "pending",
+        "running",
+        "succeeded",
+        "failed_crash",
+        "failed_abandoned",
+        "lost",
+        "failed_lost",
+    }
     assert {s for s in RunState if s.is_terminal} == {
-        RunState.SUCCEEDED, RunState.FAILED_CRASH, RunState.FAILED_ABANDONED,
-        RunState.FAILED_LOST}
+        RunState.SUCCEEDED,
+        RunState.FAILED_CRASH,
+        RunState.FAILED_ABANDONED,
+        RunState.FAILED_LOST,
+    }
     assert isinstance(RunState.RUNNING, str) and RunState.RUNNING == "running"
     assert str(RunState.LOST) == "lost"
     assert not RunState.LOST.is_terminal
@@ -413,8 +429,9 @@ def test_invalid_requests(chronicle: Chronicle, run: Run) -> None:
     assert run.state is RunState.RUNNING
 
 
-def test_concurrent_create_run_numbers_are_unique(backend, chronicle: Chronicle,
-                                                  experiment: str) -> None:
+def test_concurrent_create_run_numbers_are_unique(
+    backend, chronicle: Chronicle, experiment: str
+) -> None:
     clients = [chronicle, backend.connect()]
     numbers: list[int] = []
     errors: list[BaseException] = []

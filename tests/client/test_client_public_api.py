@@ -38,16 +38,27 @@ EXPECTED_ALL = [
     "__version__",
 ]
 
-HEAVY = ["torch", "lightning", "pytorch_lightning", "transformers", "hydra", "fastapi",
-         "sqlalchemy", "uvicorn"]
+HEAVY = [
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "hydra",
+    "fastapi",
+    "sqlalchemy",
+    "uvicorn",
+]
 
 
 def _modules_after(code: str) -> set[str]:
     """Run ``code`` in a fresh interpreter; return the top-level modules it imported."""
-    script = (code + "\nimport json, sys\n"
-              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    script = (
+        code + "\nimport json, sys\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     return set(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -63,11 +74,16 @@ def test_error_tree() -> None:
     for name in ("ConfigurationError", "TransportError", "UploadError", "APIError"):
         assert issubclass(getattr(ci, name), ci.ChronicleError)
     codes = {
-        "InvalidRequest": "invalid_request", "Unauthorized": "unauthorized",
-        "NotFound": "not_found", "InvalidTransition": "invalid_transition",
-        "LeaseConflict": "lease_conflict", "AlreadyExists": "already_exists",
-        "OffsetMismatch": "offset_mismatch", "PayloadTooLarge": "payload_too_large",
-        "DigestMismatch": "digest_mismatch", "StorageFull": "storage_full",
+        "InvalidRequest": "invalid_request",
+        "Unauthorized": "unauthorized",
+        "NotFound": "not_found",
+        "InvalidTransition": "invalid_transition",
+        "LeaseConflict": "lease_conflict",
+        "AlreadyExists": "already_exists",
+        "OffsetMismatch": "offset_mismatch",
+        "PayloadTooLarge": "payload_too_large",
+        "DigestMismatch": "digest_mismatch",
+        "StorageFull": "storage_full",
         "ServerError": "internal",
     }
     for name, code in codes.items():
@@ -87,7 +103,8 @@ def test_constructing_an_http_client_is_light() -> None:
         "import tempfile\n"
         "c = Chronicle(url='http://127.0.0.1:9', home=tempfile.mkdtemp(), timeout=0.1)\n"
         "c.run('exp', 0, 0)\n"
-        "c.close()\n")
+        "c.close()\n"
+    )
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
@@ -101,5 +118,6 @@ def test_http_client_never_imports_the_store() -> None:
         "    c.create_experiment('sweep', [{'lr': 0.1}])\n"
         "except TransportError:\n"
         "    pass\n"
-        "c.close()\n")
+        "c.close()\n"
+    )
     assert "sqlalchemy" not in loaded

@@ -39,15 +39,12 @@ def _asset_bytes(run: Run, name: str, dest: Path) -> bytes:
     return run.download_asset(name, dest).read_bytes()
 
 
-
-
 @pytest.fixture
 def started(run: Run) -> Run:
     return run.start()
 
 
-def test_upload_returns_a_future_and_download_is_identical(started: Run,
-                                                           tmp_path: Path) -> None:
+def test_upload_returns_a_future_and_download_is_identical(started: Run, tmp_path: Path) -> None:
     data = os.urandom(3 * MB + 17)
     src = tmp_path / "model.ckpt"
     src.write_bytes(data)
@@ -68,8 +65,9 @@ def test_upload_returns_a_future_and_download_is_identical(started: Run,
     started.succeed()
 
 
-def test_empty_file_and_nested_name(request: pytest.FixtureRequest, backend, started: Run,
-                                    tmp_path: Path) -> None:
+def test_empty_file_and_nested_name(
+    request: pytest.FixtureRequest, backend, started: Run, tmp_path: Path
+) -> None:
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     info = started.upload_asset(empty, name="dir/sub/empty.bin").result(60)
@@ -78,9 +76,16 @@ def test_empty_file_and_nested_name(request: pytest.FixtureRequest, backend, sta
 
 
 def test_unusual_but_valid_names_round_trip(started: Run, tmp_path: Path) -> None:
-    names = ["with space/é ü.bin", "hash#tag.bin", "query?x=1.bin", "percent%20.bin",
-             "semi;colon,comma+plus&amp.bin", "deep/a/b/c/d/e/f.bin", "..dots/x..y/...",
-             "~tilde/@at"]
+    names = [
+        "with space/é ü.bin",
+        "hash#tag.bin",
+        "query?x=1.bin",
+        "percent%20.bin",
+        "semi;colon,comma+plus&amp.bin",
+        "deep/a/b/c/d/e/f.bin",
+        "..dots/x..y/...",
+        "~tilde/@at",
+    ]
     contents = {}
     for i, name in enumerate(names):
         src = tmp_path / f"src-{i}.bin"
@@ -135,8 +140,9 @@ def test_source_rewritten_in_place_is_never_torn(started: Run, tmp_path: Path) -
             try:
                 info = handle.result(120)
             except UploadError as exc:
-                pytest.fail(f"race {i}: the upload failed instead of capturing a complete "
-                            f"version: {exc}")
+                pytest.fail(
+                    f"race {i}: the upload failed instead of capturing a complete version: {exc}"
+                )
             assert info.sha256 in {sha_old, sha_new}, f"race {i}: the asset is torn"
     # the stored bytes are the ones the digests describe: one version throughout
     for i in (0, rounds * width - 1):
@@ -149,8 +155,9 @@ def test_source_rewritten_in_place_is_never_torn(started: Run, tmp_path: Path) -
 
 def _pending_upload_id(chronicle: Chronicle, run: Run) -> str:
     """The id of the run's upload in flight (read from the pool, to watch its progress)."""
-    tasks = wait_until(lambda: chronicle._pool.pending(run.key_tuple), timeout=10,
-                       what="the upload to be queued")
+    tasks = wait_until(
+        lambda: chronicle._pool.pending(run.key_tuple), timeout=10, what="the upload to be queued"
+    )
     return tasks[0].upload_id
 
 
@@ -167,8 +174,9 @@ def _stored_offset(chronicle: Chronicle, upload_id: str) -> int:
         return 0
 
 
-def _rewrite_mid_upload(chronicle: Chronicle, run: Run, tmp_path: Path, old: bytes,
-                        new: bytes, mode: str) -> tuple[UploadHandle, str]:
+def _rewrite_mid_upload(
+    chronicle: Chronicle, run: Run, tmp_path: Path, old: bytes, new: bytes, mode: str
+) -> tuple[UploadHandle, str]:
     """Start uploading ``old``; once the store holds part of it (the worker is reading the
     staged inode), rewrite the source in place with ``new``. Returns the handle and the
     id of the upload that was under way."""
@@ -176,12 +184,16 @@ def _rewrite_mid_upload(chronicle: Chronicle, run: Run, tmp_path: Path, old: byt
     src.write_bytes(old)
     handle = run.upload_asset(src)
     upload_id = _pending_upload_id(chronicle, run)
-    offset = wait_until(lambda: _stored_offset(chronicle, upload_id) >= 8 * MB
-                        or handle.done(), timeout=60, interval=0.001,
-                        what="the upload to be under way")
+    offset = wait_until(
+        lambda: _stored_offset(chronicle, upload_id) >= 8 * MB or handle.done(),
+        timeout=60,
+        interval=0.001,
+        what="the upload to be under way",
+    )
     offset = _stored_offset(chronicle, upload_id)
     assert not handle.done() and offset < len(old) // 2, (
-        "the upload finished before it could be rewritten: make the file bigger")
+        "the upload finished before it could be rewritten: make the file bigger"
+    )
     with open(src, mode) as fh:
         fh.write(new)
     return handle, upload_id
@@ -190,10 +202,9 @@ def _rewrite_mid_upload(chronicle: Chronicle, run: Run, tmp_path: Path, old: byt
 BIG = 128 * MB
 
 
-def test_in_place_rewrite_that_grows_the_file_mid_upload(request: pytest.FixtureRequest,
-                                                         backend, chronicle: Chronicle,
-                                                         started: Run,
-                                                         tmp_path: Path) -> None:
+def test_in_place_rewrite_that_grows_the_file_mid_upload(
+    request: pytest.FixtureRequest, backend, chronicle: Chronicle, started: Run, tmp_path: Path
+) -> None:
     """A bigger version written over the same inode (no truncation) while the worker reads:
     the asset must be one complete version, not a failure and not a mix."""
     old, new = _version(1, BIG), _version(2, BIG + 4 * MB)
@@ -203,10 +214,9 @@ def test_in_place_rewrite_that_grows_the_file_mid_upload(request: pytest.Fixture
     assert info.sha256 == sha256_bytes(new)  # the call-time bytes were partly overwritten
 
 
-def test_in_place_rewrite_that_shrinks_the_file_mid_upload(request: pytest.FixtureRequest,
-                                                           backend, chronicle: Chronicle,
-                                                           started: Run,
-                                                           tmp_path: Path) -> None:
+def test_in_place_rewrite_that_shrinks_the_file_mid_upload(
+    request: pytest.FixtureRequest, backend, chronicle: Chronicle, started: Run, tmp_path: Path
+) -> None:
     """``open(p, "wb")`` with a smaller version while the worker reads past its new end."""
     old, new = _version(1, BIG), _version(2, 2 * MB)
     handle, _ = _rewrite_mid_upload(chronicle, started, tmp_path, old, new, "wb")
@@ -214,8 +224,9 @@ def test_in_place_rewrite_that_shrinks_the_file_mid_upload(request: pytest.Fixtu
     assert info.sha256 == sha256_bytes(new)
 
 
-def test_a_dropped_capture_leaves_no_partial_upload(backend, chronicle: Chronicle,
-                                                    started: Run, tmp_path: Path) -> None:
+def test_a_dropped_capture_leaves_no_partial_upload(
+    backend, chronicle: Chronicle, started: Run, tmp_path: Path
+) -> None:
     old = _version(1, BIG)
     # the rewrite each transport recaptures correctly today (see the two tests above)
     if backend.kind == "embedded":
@@ -240,9 +251,9 @@ def other_fs_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_source_on_another_filesystem_is_copied_at_call_time(started: Run,
-                                                             other_fs_dir: Path,
-                                                             tmp_path: Path) -> None:
+def test_source_on_another_filesystem_is_copied_at_call_time(
+    started: Run, other_fs_dir: Path, tmp_path: Path
+) -> None:
     """Staging falls back to a copy at the call: deleting, replacing or rewriting in place
     right after the call cannot change what is uploaded."""
     cases = {}
@@ -287,8 +298,9 @@ def test_directory_keeps_its_layout(started: Run, tmp_path: Path) -> None:
     assert _asset_bytes(started, name, tmp_path / "one") == b"file 3\n" * 4
 
 
-def test_succeed_waits_for_this_runs_uploads(chronicle: Chronicle, started: Run,
-                                             tmp_path: Path) -> None:
+def test_succeed_waits_for_this_runs_uploads(
+    chronicle: Chronicle, started: Run, tmp_path: Path
+) -> None:
     handles = []
     for i in range(6):
         src = tmp_path / f"out-{i}.bin"
@@ -311,8 +323,21 @@ def test_missing_path_raises_at_call(started: Run, tmp_path: Path) -> None:
     assert started.assets() == []
 
 
-@pytest.mark.parametrize("bad", ["../escape", "/abs/path", "a\\b", "a\x00b", "a//b", "./a",
-                                 "a/..", "", "x" * 1025, "tab\there"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../escape",
+        "/abs/path",
+        "a\\b",
+        "a\x00b",
+        "a//b",
+        "./a",
+        "a/..",
+        "",
+        "x" * 1025,
+        "tab\there",
+    ],
+)
 def test_invalid_names_raise(started: Run, tmp_path: Path, bad: str) -> None:
     src = tmp_path / "ok.bin"
     src.write_bytes(b"payload")
@@ -329,8 +354,9 @@ def test_download_of_an_unknown_asset(started: Run, tmp_path: Path) -> None:
     assert not (tmp_path / "nope").exists()
 
 
-def test_reupload_replaces_atomically_and_events_keep_both_digests(started: Run,
-                                                                   tmp_path: Path) -> None:
+def test_reupload_replaces_atomically_and_events_keep_both_digests(
+    started: Run, tmp_path: Path
+) -> None:
     first, second = os.urandom(MB), os.urandom(MB + 3)
     src = tmp_path / "best.ckpt"
     src.write_bytes(first)
@@ -338,12 +364,14 @@ def test_reupload_replaces_atomically_and_events_keep_both_digests(started: Run,
     src.write_bytes(second)
     started.upload_asset(src).result(60)
     [asset] = started.assets()
-    assert (asset.name, asset.sha256, asset.size) == ("best.ckpt", sha256_bytes(second),
-                                                       len(second))
+    assert (asset.name, asset.sha256, asset.size) == (
+        "best.ckpt",
+        sha256_bytes(second),
+        len(second),
+    )
     assert _asset_bytes(started, "best.ckpt", tmp_path / "out") == second
     uploads = [e for e in started.events() if e.kind == "asset"]
-    digests = [e.detail["sha256"] for e in uploads if e.detail and e.detail["name"] ==
-               "best.ckpt"]
+    digests = [e.detail["sha256"] for e in uploads if e.detail and e.detail["name"] == "best.ckpt"]
     assert digests == [sha256_bytes(first), sha256_bytes(second)]
     started.succeed()
     assert started.info().asset_count == 1
@@ -394,9 +422,9 @@ def test_replacement_is_never_seen_half_written(started: Run, tmp_path: Path) ->
     assert started.assets()[0].sha256 == sha256_bytes(versions[-1])
 
 
-def test_upload_requires_the_runs_lease(backend, chronicle: Chronicle, started: Run,
-                                        tmp_path: Path,
-                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_upload_requires_the_runs_lease(
+    backend, chronicle: Chronicle, started: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Only the worker holding the run writes its assets. A failed upload is never silent:
     its future raises, an ERROR names the file, and the staged copy is kept."""
     src = tmp_path / "intruder.bin"
@@ -409,11 +437,13 @@ def test_upload_requires_the_runs_lease(backend, chronicle: Chronicle, started: 
     assert started.assets() == []
     assert any(r.levelname == "ERROR" and str(src) in r.getMessage() for r in caplog.records)
     assert caught.value.staged_path and Path(caught.value.staged_path).read_bytes() == (
-        b"not yours")
+        b"not yours"
+    )
 
 
-def test_uploads_of_two_runs_are_waited_for_separately(chronicle: Chronicle, experiment: str,
-                                                       tmp_path: Path) -> None:
+def test_uploads_of_two_runs_are_waited_for_separately(
+    chronicle: Chronicle, experiment: str, tmp_path: Path
+) -> None:
     a = chronicle.create_run(experiment, 0).start()
     b = chronicle.create_run(experiment, 1).start()
     for run, n in ((a, 3), (b, 2)):
@@ -427,8 +457,9 @@ def test_uploads_of_two_runs_are_waited_for_separately(chronicle: Chronicle, exp
     assert b.info().asset_count == 2
 
 
-def test_upload_after_close_is_refused(backend, tmp_path: Path, experiment: str,
-                                       chronicle: Chronicle) -> None:
+def test_upload_after_close_is_refused(
+    backend, tmp_path: Path, experiment: str, chronicle: Chronicle
+) -> None:
     run = chronicle.create_run(experiment, 0).start()
     src = tmp_path / "late.bin"
     src.write_bytes(b"late")

@@ -36,8 +36,9 @@ def watched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chronicl
 
 
 def _lost(chronicle: Chronicle, run: Run) -> Run:
-    wait_until(lambda: run.state is RunState.LOST, timeout=30, interval=0.1,
-               what="the run to be lost")
+    wait_until(
+        lambda: run.state is RunState.LOST, timeout=30, interval=0.1, what="the run to be lost"
+    )
     return run
 
 
@@ -68,8 +69,12 @@ def test_lost_run_may_still_succeed(watched: Chronicle) -> None:
 def test_expired_run_refuses_heartbeats_and_cancels_keep_alive(watched: Chronicle) -> None:
     exp = watched.create_experiment("watchdog", variations=[{}])
     run = watched.create_run(exp, 0).start()
-    wait_until(lambda: run.state is RunState.FAILED_LOST, timeout=30, interval=0.1,
-               what="the run to expire")
+    wait_until(
+        lambda: run.state is RunState.FAILED_LOST,
+        timeout=30,
+        interval=0.1,
+        what="the run to expire",
+    )
     info = run.info()
     assert info.state.is_terminal and info.reason == "lost"
     with pytest.raises(InvalidTransition) as caught:
@@ -93,8 +98,11 @@ def test_keep_alive_prevents_loss(watched: Chronicle) -> None:
     keepalive = run.keep_alive(interval=0.2)
     first = wait_until(lambda: run.info().last_heartbeat_at, what="a first heartbeat")
     # keep watching for well past the timeout (judged by the store's own clock)
-    wait_until(lambda: (run.info().last_heartbeat_at or 0) > first + 3 * TIMEOUT, timeout=60,
-               what="heartbeats over three timeouts")
+    wait_until(
+        lambda: (run.info().last_heartbeat_at or 0) > first + 3 * TIMEOUT,
+        timeout=60,
+        what="heartbeats over three timeouts",
+    )
     assert run.state is RunState.RUNNING
     assert ("running", "lost") not in transitions(run)
     assert keepalive.alive

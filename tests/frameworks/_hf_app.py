@@ -44,9 +44,15 @@ VOCAB = 32
 def make_model(seed: int = 0) -> BertForSequenceClassification:
     """A BERT-like classifier small enough to train in milliseconds (built, not downloaded)."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=SEQ_LEN, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=SEQ_LEN,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -73,22 +79,39 @@ class Tokens(torch.utils.data.Dataset):
 
 def make_args(output_dir: str | os.PathLike[str], **overrides: Any) -> TrainingArguments:
     options: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4,
-        save_strategy="steps", save_steps=2, save_total_limit=1, logging_steps=1,
-        use_cpu=True, report_to=[], disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=1,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
         learning_rate=1e-3,
     )
     options.update(overrides)
     return TrainingArguments(**options)
 
 
-def make_trainer(output_dir: str | os.PathLike[str], callbacks: list[Any],
-                 dataset: torch.utils.data.Dataset | None = None, model: Any = None,
-                 eval_dataset: torch.utils.data.Dataset | None = None,
-                 **overrides: Any) -> Trainer:
-    return Trainer(model=model or make_model(), args=make_args(output_dir, **overrides),
-                   train_dataset=dataset if dataset is not None else Tokens(),
-                   eval_dataset=eval_dataset, callbacks=callbacks)
+def make_trainer(
+    output_dir: str | os.PathLike[str],
+    callbacks: list[Any],
+    dataset: torch.utils.data.Dataset | None = None,
+    model: Any = None,
+    eval_dataset: torch.utils.data.Dataset | None = None,
+    **overrides: Any,
+) -> Trainer:
+    return Trainer(
+        model=model or make_model(),
+        args=make_args(output_dir, **overrides),
+        train_dataset=dataset if dataset is not None else Tokens(),
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+    )
 
 
 class SlowRankOneTrainer(Trainer):
@@ -114,7 +137,8 @@ class CancelAt(TrainerCallback):
         run = self.ours.run
         if state.global_step == self.step and run is not None:
             self.client.run(run.experiment_id, run.variation, run.run).fail(
-                "abandoned", "cancelled by the agent")
+                "abandoned", "cancelled by the agent"
+            )
             run.cancelled.wait(30)
 
 
@@ -175,8 +199,9 @@ class Pause(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.step:
             run = self.chronicle_cb.run
-            (self.out / "ready.tmp").write_text(json.dumps(
-                {"key": run.key if run else None, "pid": os.getpid()}))
+            (self.out / "ready.tmp").write_text(
+                json.dumps({"key": run.key if run else None, "pid": os.getpid()})
+            )
             os.replace(self.out / "ready.tmp", self.out / "ready")
             deadline = time.monotonic() + 60
             while not (self.out / "go").exists() and time.monotonic() < deadline:
@@ -187,10 +212,15 @@ class Pause(TrainerCallback):
 
 def _write_result(out: Path, callback: Any, trainer: Trainer, outcome: str) -> None:
     run = callback.run
-    (out / "result.json").write_text(json.dumps({
-        "key": run.key if run else None, "outcome": outcome,
-        "global_step": trainer.state.global_step,
-    }))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "key": run.key if run else None,
+                "outcome": outcome,
+                "global_step": trainer.state.global_step,
+            }
+        )
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -202,9 +232,13 @@ def main(argv: list[str]) -> int:
     if mode == "wait":
         jit = "--jit" in argv
         pause = Pause(out, callback, step=3, slow=0.3 if jit else 0.0)
-        trainer = make_trainer(out / "output", [callback, pause], max_steps=200 if jit else 20,
-                               enable_jit_checkpoint=jit,
-                               save_steps=1000 if jit else 2)  # jit: its checkpoint only
+        trainer = make_trainer(
+            out / "output",
+            [callback, pause],
+            max_steps=200 if jit else 20,
+            enable_jit_checkpoint=jit,
+            save_steps=1000 if jit else 2,
+        )  # jit: its checkpoint only
         trainer.train()
         _write_result(out, callback, trainer, "returned")
         return 0
@@ -215,14 +249,21 @@ def main(argv: list[str]) -> int:
         if cancel:
             from chronicle_integrations import Chronicle
 
-            callbacks.append(CancelAt(callback, Chronicle(home=out / "other"
-                                                          if os.environ.get("CHRONICLE_URL")
-                                                          else None), 2))
+            callbacks.append(
+                CancelAt(
+                    callback,
+                    Chronicle(home=out / "other" if os.environ.get("CHRONICLE_URL") else None),
+                    2,
+                )
+            )
         trainer = SlowRankOneTrainer(
-            model=make_model(), train_dataset=Tokens(),
-            args=make_args(out / "output", max_steps=40 if cancel else 4, save_steps=2,
-                           ddp_backend="gloo"),
-            callbacks=callbacks)
+            model=make_model(),
+            train_dataset=Tokens(),
+            args=make_args(
+                out / "output", max_steps=40 if cancel else 4, save_steps=2, ddp_backend="gloo"
+            ),
+            callbacks=callbacks,
+        )
         trainer.train()
         if trainer.is_world_process_zero():
             _write_result(out, callback, trainer, "returned")

@@ -47,13 +47,20 @@ def build(ns: str = "lightning") -> SimpleNamespace:
         )
 
     class Model(pl.LightningModule):
-        def __init__(self, hidden: int = 8, lr: float = 0.05, fail: str | None = None,
-                     marker: str | None = None, slow: float = 0.0) -> None:
+        def __init__(
+            self,
+            hidden: int = 8,
+            lr: float = 0.05,
+            fail: str | None = None,
+            marker: str | None = None,
+            slow: float = 0.0,
+        ) -> None:
             super().__init__()
             self.save_hyperparameters("hidden", "lr")
             self.fail, self.marker, self.slow = fail, marker, slow
-            self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(),
-                                           torch.nn.Linear(hidden, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+            )
 
         def _maybe_fail(self, where: str) -> None:
             if not self.fail:
@@ -64,8 +71,12 @@ def build(ns: str = "lightning") -> SimpleNamespace:
                 raise RuntimeError(f"boom in {where} at step {step}")
             if kind == "keyboard" and where == "train" and step >= int(at or 0):
                 raise KeyboardInterrupt
-            if kind == "rank1" and where == "train" and self.global_rank == 1 \
-                    and step >= int(at or 0):
+            if (
+                kind == "rank1"
+                and where == "train"
+                and self.global_rank == 1
+                and step >= int(at or 0)
+            ):
                 raise RuntimeError(f"boom on rank 1 at step {step}")
 
         def setup(self, stage: str) -> None:
@@ -126,8 +137,11 @@ def build(ns: str = "lightning") -> SimpleNamespace:
         def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
             super()._save_checkpoint(trainer, filepath)
             if trainer.is_global_zero:
-                entry = {"name": f"{Path(filepath).parent.name}/{Path(filepath).name}",
-                         "path": os.path.abspath(filepath), "sha256": sha256(filepath)}
+                entry = {
+                    "name": f"{Path(filepath).parent.name}/{Path(filepath).name}",
+                    "path": os.path.abspath(filepath),
+                    "sha256": sha256(filepath),
+                }
                 self.saved.append(entry)
                 if self.record:
                     with open(self.record, "a") as fh:
@@ -137,30 +151,55 @@ def build(ns: str = "lightning") -> SimpleNamespace:
         """An epoch-level top-2 + last checkpoint, and a step-level top-2 one that evicts
         inside the same save call that writes its replacement (every 3 steps)."""
         return [
-            RecordingCheckpoint(dirpath=Path(root, "checkpoints"), monitor="val_score",
-                                mode="max", save_top_k=2, save_last=True,
-                                filename="{epoch}", record=record),
-            RecordingCheckpoint(dirpath=Path(root, "steps"), monitor="step", mode="max",
-                                save_top_k=2, every_n_train_steps=3, filename="{step}",
-                                record=record),
+            RecordingCheckpoint(
+                dirpath=Path(root, "checkpoints"),
+                monitor="val_score",
+                mode="max",
+                save_top_k=2,
+                save_last=True,
+                filename="{epoch}",
+                record=record,
+            ),
+            RecordingCheckpoint(
+                dirpath=Path(root, "steps"),
+                monitor="step",
+                mode="max",
+                save_top_k=2,
+                every_n_train_steps=3,
+                filename="{step}",
+                record=record,
+            ),
         ]
 
-    def trainer(root: str | os.PathLike[str], callbacks: list[Any], epochs: int = 3,
-                **kwargs: Any) -> Any:
+    def trainer(
+        root: str | os.PathLike[str], callbacks: list[Any], epochs: int = 3, **kwargs: Any
+    ) -> Any:
         kwargs.setdefault("accelerator", "cpu")
         kwargs.setdefault("devices", 1)
-        return pl.Trainer(max_epochs=epochs, callbacks=callbacks, default_root_dir=str(root),
-                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          **kwargs)
+        return pl.Trainer(
+            max_epochs=epochs,
+            callbacks=callbacks,
+            default_root_dir=str(root),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **kwargs,
+        )
 
     # Module-level names, so that ddp_spawn can pickle the model, data and callbacks.
     for cls in (Model, Data, RecordingCheckpoint):
         cls.__name__ = cls.__qualname__ = f"{cls.__name__}_{ns}"
         globals()[cls.__name__] = cls
 
-    return SimpleNamespace(pl=pl, Model=Model, Data=Data,
-                           RecordingCheckpoint=RecordingCheckpoint, checkpoints=checkpoints,
-                           trainer=trainer, ChronicleCallback=ChronicleCallback)
+    return SimpleNamespace(
+        pl=pl,
+        Model=Model,
+        Data=Data,
+        RecordingCheckpoint=RecordingCheckpoint,
+        checkpoints=checkpoints,
+        trainer=trainer,
+        ChronicleCallback=ChronicleCallback,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -170,19 +209,26 @@ def main(argv: list[str]) -> int:
     app = build(opts.get("ns", "lightning"))
     root = opts["root"]
     record = str(Path(root, "saved.jsonl"))
-    chronicle_cb = app.ChronicleCallback(heartbeat_interval=opts.get("heartbeat_interval",
-                                                                     0.5))
-    trainer = app.trainer(root, [chronicle_cb, *app.checkpoints(root, record)],
-                          epochs=opts.get("epochs", 3), strategy=opts.get("strategy", "auto"),
-                          devices=opts.get("devices", 1))
-    model = app.Model(fail=opts.get("fail"), marker=opts.get("marker"),
-                      slow=opts.get("slow", 0.0))
+    chronicle_cb = app.ChronicleCallback(heartbeat_interval=opts.get("heartbeat_interval", 0.5))
+    trainer = app.trainer(
+        root,
+        [chronicle_cb, *app.checkpoints(root, record)],
+        epochs=opts.get("epochs", 3),
+        strategy=opts.get("strategy", "auto"),
+        devices=opts.get("devices", 1),
+    )
+    model = app.Model(fail=opts.get("fail"), marker=opts.get("marker"), slow=opts.get("slow", 0.0))
     trainer.fit(model, datamodule=app.Data(), ckpt_path=opts.get("ckpt_path"))
     if trainer.is_global_zero and opts.get("result"):
         run = chronicle_cb.run
-        Path(opts["result"]).write_text(json.dumps({
-            "key": list(run.key_tuple) if run is not None else None,
-            "global_step": trainer.global_step}))
+        Path(opts["result"]).write_text(
+            json.dumps(
+                {
+                    "key": list(run.key_tuple) if run is not None else None,
+                    "global_step": trainer.global_step,
+                }
+            )
+        )
     return 0
 
 

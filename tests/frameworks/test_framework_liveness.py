@@ -82,15 +82,25 @@ trainer.train()
 
 
 def _start(script: str, args: list[str], home: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, CHRONICLE_HOME=str(home), CHRONICLE_HEARTBEAT_TIMEOUT="3",
-               CHRONICLE_STALL_TIMEOUT="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        CHRONICLE_HOME=str(home),
+        CHRONICLE_HEARTBEAT_TIMEOUT="3",
+        CHRONICLE_STALL_TIMEOUT="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("CHRONICLE_URL", None)
     # A file, not ``-c``: DDP re-executes the script for rank 1.
     path = home.parent / "train_script.py"
     path.write_text(textwrap.dedent(script))
-    return subprocess.Popen([sys.executable, str(path), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=home.parent)
+    return subprocess.Popen(
+        [sys.executable, str(path), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=home.parent,
+    )
 
 
 def _observe(home: Path, proc: subprocess.Popen[bytes], until, timeout: float = 180.0):
@@ -119,16 +129,18 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.parametrize("devices", [1, 2], ids=["single", "ddp-rank1-hangs"])
-def test_lightning_hang_is_flagged_stalled_then_lost_while_alive(tmp_path: Path,
-                                                                 devices: int) -> None:
+def test_lightning_hang_is_flagged_stalled_then_lost_while_alive(
+    tmp_path: Path, devices: int
+) -> None:
     home = tmp_path / "home"
     hang_rank = 1 if devices == 2 else 0
     proc = _start(LIGHTNING, ["5", "0", str(hang_rank), str(devices)], home)
     try:
         seen = _observe(home, proc, lambda i: i.state is RunState.LOST)
         assert proc.poll() is None, "the training process must still be alive"
-        assert any(i.stalled and i.state is RunState.RUNNING for i in seen), \
+        assert any(i.stalled and i.state is RunState.RUNNING for i in seen), (
             "the hang should be flagged stalled before the run goes lost"
+        )
         assert seen[-1].progress is not None and seen[-1].progress["step"] <= 5
     finally:
         _kill(proc)
@@ -144,8 +156,9 @@ def test_lightning_slow_but_advancing_fit_is_never_flagged(tmp_path: Path) -> No
         assert proc.wait(60) == 0
         assert seen[-1].state is RunState.SUCCEEDED
         assert not any(i.stalled for i in seen)
-        assert all(i.state in (RunState.PENDING, RunState.RUNNING, RunState.SUCCEEDED)
-                   for i in seen)
+        assert all(
+            i.state in (RunState.PENDING, RunState.RUNNING, RunState.SUCCEEDED) for i in seen
+        )
     finally:
         _kill(proc)
 

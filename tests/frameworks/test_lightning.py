@@ -73,10 +73,16 @@ def embedded(tmp_path: Path) -> Iterator[Chronicle]:
     client.close(timeout=10)
 
 
-def fit(app: Any, root: Path, chronicle: Chronicle | None, epochs: int = 3,
-        model_kwargs: dict[str, Any] | None = None, extra: list[Any] | None = None,
-        checkpoints: list[Any] | None = None, **cb_kwargs: Any
-        ) -> tuple[Any, Any, list[Any], BaseException | None]:
+def fit(
+    app: Any,
+    root: Path,
+    chronicle: Chronicle | None,
+    epochs: int = 3,
+    model_kwargs: dict[str, Any] | None = None,
+    extra: list[Any] | None = None,
+    checkpoints: list[Any] | None = None,
+    **cb_kwargs: Any,
+) -> tuple[Any, Any, list[Any], BaseException | None]:
     """Fit once; returns (trainer, chronicle callback, checkpoint callbacks, exception)."""
     cb = app.ChronicleCallback(chronicle=chronicle, heartbeat_interval=0.2, **cb_kwargs)
     cks = app.checkpoints(root) if checkpoints is None else checkpoints
@@ -97,8 +103,11 @@ def assert_every_checkpoint_uploaded(run: Run, saved: list[dict[str, str]]) -> N
     """Each version of each file written is an upload event with its digest, the final
     assets hold each name's last version, and some of them were evicted locally."""
     uploads = [(e.detail or {}).get("name") for e in run.events() if e.kind == "asset"]
-    digests = {((e.detail or {}).get("name"), (e.detail or {}).get("sha256"))
-               for e in run.events() if e.kind == "asset"}
+    digests = {
+        ((e.detail or {}).get("name"), (e.detail or {}).get("sha256"))
+        for e in run.events()
+        if e.kind == "asset"
+    }
     missing = [s for s in saved if (s["name"], s["sha256"]) not in digests]
     assert not missing, f"checkpoint versions never uploaded: {missing}"
     assets = {a.name: a.sha256 for a in run.assets()}
@@ -123,8 +132,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 
 # ----------------------------------------------------------------------------- in-process fits
-def test_fit_succeeds_with_every_checkpoint(app: Any, tmp_path: Path,
-                                            connect: Callable[..., Chronicle]) -> None:
+def test_fit_succeeds_with_every_checkpoint(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
     trainer, cb, cks, error = fit(app, tmp_path / "root", connect(), epochs=4)
     assert error is None
     assert trainer.global_step == 4 * STEPS
@@ -140,11 +150,13 @@ def test_fit_succeeds_with_every_checkpoint(app: Any, tmp_path: Path,
 
     state = torch.load(tmp_path / "root/checkpoints/last.ckpt", weights_only=False)
     assert state["callbacks"]["ChronicleCallback"] == dict(
-        zip(("experiment_id", "variation", "run"), run.key_tuple, strict=True))
+        zip(("experiment_id", "variation", "run"), run.key_tuple, strict=True)
+    )
 
 
 def test_newest_last_ckpt_wins_when_an_older_upload_finishes_last(
-        app: Any, tmp_path: Path, embedded: Chronicle) -> None:
+    app: Any, tmp_path: Path, embedded: Chronicle
+) -> None:
     """The client uploads in parallel: hold the first ``last.ckpt`` upload back while later
     versions are queued; the asset must still end as the final ``last.ckpt`` (the client keeps
     same-name uploads in submission order)."""
@@ -177,40 +189,64 @@ def test_pytorch_lightning_namespace(tmp_path: Path, embedded: Chronicle) -> Non
 
 
 def test_weights_only_checkpoints_are_caught_without_on_save_checkpoint(
-        app: Any, tmp_path: Path, embedded: Chronicle) -> None:
+    app: Any, tmp_path: Path, embedded: Chronicle
+) -> None:
     """``save_weights_only=True`` skips ``Callback.on_save_checkpoint``: the scans of the
     other hooks must still catch every file before its eviction."""
     root = tmp_path / "root"
-    cks = [app.RecordingCheckpoint(dirpath=root / "checkpoints", monitor="val_score",
-                                   mode="max", save_top_k=2, save_last=True,
-                                   filename="{epoch}", save_weights_only=True),
-           app.RecordingCheckpoint(dirpath=root / "steps", monitor="step", mode="max",
-                                   save_top_k=1, every_n_train_steps=2, filename="{step}",
-                                   save_weights_only=True)]
+    cks = [
+        app.RecordingCheckpoint(
+            dirpath=root / "checkpoints",
+            monitor="val_score",
+            mode="max",
+            save_top_k=2,
+            save_last=True,
+            filename="{epoch}",
+            save_weights_only=True,
+        ),
+        app.RecordingCheckpoint(
+            dirpath=root / "steps",
+            monitor="step",
+            mode="max",
+            save_top_k=1,
+            every_n_train_steps=2,
+            filename="{step}",
+            save_weights_only=True,
+        ),
+    ]
     _, cb, _, error = fit(app, root, embedded, epochs=4, checkpoints=cks)
     assert error is None
     assert cb.run.state is RunState.SUCCEEDED
     assert_every_checkpoint_uploaded(cb.run, saved_files(cks))
 
 
-def test_best_and_last_uploads_only_those(app: Any, tmp_path: Path,
-                                          embedded: Chronicle) -> None:
+def test_best_and_last_uploads_only_those(app: Any, tmp_path: Path, embedded: Chronicle) -> None:
     _, cb, cks, error = fit(app, tmp_path / "root", embedded, upload="best_and_last")
     assert error is None
     names = sorted(a.name for a in cb.run.assets())
-    expected = sorted({f"{Path(ck.dirpath).name}/{Path(p).name}" for ck in cks
-                       for p in (ck.best_model_path, ck.last_model_path) if p})
+    expected = sorted(
+        {
+            f"{Path(ck.dirpath).name}/{Path(p).name}"
+            for ck in cks
+            for p in (ck.best_model_path, ck.last_model_path)
+            if p
+        }
+    )
     assert names == expected
 
 
-@pytest.mark.parametrize("backend, where, message", [
-    ("embedded", "train@5", "RuntimeError: boom in train at step 5"),
-    ("http", "train@5", "RuntimeError: boom in train at step 5"),
-    ("embedded", "setup", "RuntimeError: boom in setup"),
-    ("embedded", "sanity", "ValueError: boom in the sanity check"),
-])
-def test_exception_marks_the_run_crashed(app: Any, tmp_path: Path, backend: str, where: str,
-                                         message: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    "backend, where, message",
+    [
+        ("embedded", "train@5", "RuntimeError: boom in train at step 5"),
+        ("http", "train@5", "RuntimeError: boom in train at step 5"),
+        ("embedded", "setup", "RuntimeError: boom in setup"),
+        ("embedded", "sanity", "ValueError: boom in the sanity check"),
+    ],
+)
+def test_exception_marks_the_run_crashed(
+    app: Any, tmp_path: Path, backend: str, where: str, message: str, request: pytest.FixtureRequest
+) -> None:
     if backend == "http":
         server = request.getfixturevalue("shared_server")
         chronicle = Chronicle(url=server.url, home=tmp_path / "home")
@@ -230,8 +266,9 @@ def test_exception_marks_the_run_crashed(app: Any, tmp_path: Path, backend: str,
         chronicle.close(timeout=10)
 
 
-def test_cancel_stops_training_and_stays_abandoned(app: Any, tmp_path: Path,
-                                                   connect: Callable[..., Chronicle]) -> None:
+def test_cancel_stops_training_and_stays_abandoned(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
     operator = connect()
     pl = app.pl
 
@@ -247,8 +284,11 @@ def test_cancel_stops_training_and_stays_abandoned(app: Any, tmp_path: Path,
                 self.done = True
                 key = self.chronicle_cb.run.key_tuple
                 operator.run(*key).fail("abandoned", "cancelled by the operator")
-                wait_for(lambda: self.chronicle_cb.run.cancelled.is_set(), 20,
-                         "the heartbeat to notice the cancellation")
+                wait_for(
+                    lambda: self.chronicle_cb.run.cancelled.is_set(),
+                    20,
+                    "the heartbeat to notice the cancellation",
+                )
 
     cb = app.ChronicleCallback(chronicle=connect(), heartbeat_interval=0.2)
     cks = app.checkpoints(tmp_path / "root")
@@ -261,8 +301,9 @@ def test_cancel_stops_training_and_stays_abandoned(app: Any, tmp_path: Path,
     assert not any(e.to_state == "succeeded" for e in cb.run.events())
 
 
-def test_validate_and_test_after_fit_do_not_touch_the_run(app: Any, tmp_path: Path,
-                                                         embedded: Chronicle) -> None:
+def test_validate_and_test_after_fit_do_not_touch_the_run(
+    app: Any, tmp_path: Path, embedded: Chronicle
+) -> None:
     trainer, cb, _, error = fit(app, tmp_path / "root", embedded, epochs=2)
     assert error is None
     run = cb.run
@@ -278,32 +319,36 @@ def test_validate_and_test_after_fit_do_not_touch_the_run(app: Any, tmp_path: Pa
     assert len(embedded.runs()) == 1
 
 
-def test_server_down_for_the_whole_fit(app: Any, tmp_path: Path,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_server_down_for_the_whole_fit(
+    app: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The run cannot even be created: training completes, one WARNING says tracking is off.
     Nothing is spooled: there is no run a spooled ``succeed`` could apply to (a run number is
     assigned by the server, and ``succeed`` needs a started run)."""
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = Chronicle(url=f"http://127.0.0.1:{port}", home=tmp_path / "home",
-                       timeout=1)
+    client = Chronicle(url=f"http://127.0.0.1:{port}", home=tmp_path / "home", timeout=1)
     try:
         with caplog.at_level(logging.WARNING, logger="chronicle_integrations"):
             trainer, cb, _, error = fit(app, tmp_path / "root", client, epochs=2)
         assert error is None
         assert trainer.global_step == 2 * STEPS
         assert cb.run is None
-        warnings = [r for r in caplog.records if r.name.startswith("chronicle_integrations")
-                    and r.levelno == logging.WARNING]
+        warnings = [
+            r
+            for r in caplog.records
+            if r.name.startswith("chronicle_integrations") and r.levelno == logging.WARNING
+        ]
         assert len(warnings) == 1 and "training continues" in warnings[0].getMessage()
         assert client.spool.entries() == []
     finally:
         client.close(timeout=5)
 
 
-def test_server_lost_mid_fit_spools_what_sync_sends(app: Any, tmp_path: Path,
-                                                    server_factory: Any) -> None:
+def test_server_lost_mid_fit_spools_what_sync_sends(
+    app: Any, tmp_path: Path, server_factory: Any
+) -> None:
     """The server dies after the run started: training completes; the uploads and the
     ``succeed`` go to the spool; ``chronicle sync`` delivers them once it is back."""
     server = server_factory()
@@ -316,8 +361,9 @@ def test_server_lost_mid_fit_spools_what_sync_sends(app: Any, tmp_path: Path,
                 server.kill()
 
     try:
-        trainer, cb, cks, error = fit(app, tmp_path / "root", client, epochs=3,
-                                      extra=[KillServer()])
+        trainer, cb, cks, error = fit(
+            app, tmp_path / "root", client, epochs=3, extra=[KillServer()]
+        )
         assert error is None and trainer.global_step == 3 * STEPS
         run = cb.run
         assert run is not None and run.spooled
@@ -336,7 +382,8 @@ def test_server_lost_mid_fit_spools_what_sync_sends(app: Any, tmp_path: Path,
 
 
 def test_default_client_and_a_second_fit_with_the_same_callback(
-        app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without ``chronicle=``, the callback makes its own client from the environment and
     closes it when the fit ends; a second ``fit`` is a second run."""
     for var in ("CHRONICLE_URL", "CHRONICLE_EXPERIMENT", "CHRONICLE_VARIATION", "CHRONICLE_RUN"):
@@ -356,8 +403,9 @@ def test_default_client_and_a_second_fit_with_the_same_callback(
         assert keys[0] != keys[1]
 
 
-def test_callback_pickles_without_live_objects(app: Any, tmp_path: Path,
-                                               embedded: Chronicle) -> None:
+def test_callback_pickles_without_live_objects(
+    app: Any, tmp_path: Path, embedded: Chronicle
+) -> None:
     cb = app.ChronicleCallback(chronicle=embedded, experiment_name="pickled")
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.chronicle is None and clone.run is None
@@ -382,20 +430,30 @@ def test_bad_arguments_fail_at_construction(app: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- subprocesses
-def spawn(tmp_path: Path, name: str, env_extra: dict[str, str] | None = None,
-          **opts: Any) -> subprocess.Popen[bytes]:
+def spawn(
+    tmp_path: Path, name: str, env_extra: dict[str, str] | None = None, **opts: Any
+) -> subprocess.Popen[bytes]:
     opts.setdefault("root", str(tmp_path / "root"))
     opts.setdefault("result", str(tmp_path / f"{name}.json"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
-    env.update(CHRONICLE_HOME=str(tmp_path / "home"), CHRONICLE_HEARTBEAT_TIMEOUT="2",
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.update(
+        CHRONICLE_HOME=str(tmp_path / "home"),
+        CHRONICLE_HEARTBEAT_TIMEOUT="2",
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        **(env_extra or {}),
+    )
     log = (tmp_path / f"{name}.log").open("wb")
-    return subprocess.Popen([sys.executable, str(APP), json.dumps(opts)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    return subprocess.Popen(
+        [sys.executable, str(APP), json.dumps(opts)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(tmp_path),
+    )
 
 
-def finish(proc: subprocess.Popen[bytes], tmp_path: Path, name: str,
-           timeout: float = 180) -> int:
+def finish(proc: subprocess.Popen[bytes], tmp_path: Path, name: str, timeout: float = 180) -> int:
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -461,8 +519,7 @@ def test_ddp_two_processes_one_run(tmp_path: Path) -> None:
     assert finish(proc, tmp_path, "ddp") == 0, log_of(tmp_path, "ddp")
     run = only_run(tmp_path)
     assert run.state is RunState.SUCCEEDED
-    saved = [json.loads(line) for line in
-             (tmp_path / "root/saved.jsonl").read_text().splitlines()]
+    saved = [json.loads(line) for line in (tmp_path / "root/saved.jsonl").read_text().splitlines()]
     uploads = [(e.detail or {}).get("sha256") for e in run.events() if e.kind == "asset"]
     assert sorted(uploads) == sorted(s["sha256"] for s in saved)  # one set of uploads
 
@@ -473,8 +530,9 @@ def test_ddp_crash_on_rank_1(tmp_path: Path) -> None:
     run = only_run(tmp_path)
     # Rank 0 learns of the failure from its collective (a crash it records) - or Lightning
     # SIGKILLs it first, and the watchdog makes the run lost. Never succeeded, never running.
-    wait_for(lambda: run.state in (RunState.FAILED_CRASH, RunState.LOST), 30,
-             "a failed or lost run")
+    wait_for(
+        lambda: run.state in (RunState.FAILED_CRASH, RunState.LOST), 30, "a failed or lost run"
+    )
     assert run.state is RunState.LOST or "RuntimeError" in (run.info().message or "")
 
 
@@ -482,8 +540,9 @@ def test_ddp_cancel_stops_every_rank(tmp_path: Path) -> None:
     """Only rank 0 hears of the cancellation; the ranks agree on stopping through a
     collective called on every rank, so nobody deadlocks."""
     marker = tmp_path / "mid-fit"
-    proc = spawn(tmp_path, "ddp", strategy="ddp", devices=2, epochs=30, marker=str(marker),
-                 slow=0.3)
+    proc = spawn(
+        tmp_path, "ddp", strategy="ddp", devices=2, epochs=30, marker=str(marker), slow=0.3
+    )
     wait_for(lambda: marker.exists() or proc.poll() is not None, 120, "the fit to start")
     run = only_run(tmp_path)
     run.fail("abandoned", "cancelled by the operator")
@@ -515,20 +574,25 @@ def test_namespaces_do_not_import_each_other() -> None:
     only its own framework (two fresh interpreters, run side by side)."""
     procs = []
     for module, other in (("lightning", "pytorch_lightning"), ("pytorch_lightning", "lightning")):
-        code = (f"import sys, chronicle_integrations\n"
-                f"assert not {{'lightning', 'pytorch_lightning', 'torch'}} & set(sys.modules)\n"
-                f"import chronicle_integrations.{module}\n"
-                f"assert {module!r} in sys.modules\n"
-                f"assert {other!r} not in sys.modules, {other!r}\n")
+        code = (
+            f"import sys, chronicle_integrations\n"
+            f"assert not {{'lightning', 'pytorch_lightning', 'torch'}} & set(sys.modules)\n"
+            f"import chronicle_integrations.{module}\n"
+            f"assert {module!r} in sys.modules\n"
+            f"assert {other!r} not in sys.modules, {other!r}\n"
+        )
         procs.append(subprocess.Popen([sys.executable, "-c", code]))
     assert [p.wait(120) for p in procs] == [0, 0]
 
 
 def test_missing_framework_gives_an_install_hint() -> None:
-    code = ("import sys\nsys.modules['lightning'] = None\nsys.modules['lightning.pytorch'] = None\n"
-            "sys.modules['lightning.pytorch.callbacks'] = None\n"
-            "try:\n    import chronicle_integrations.lightning\nexcept ImportError as e:\n"
-            "    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
+    code = (
+        "import sys\nsys.modules['lightning'] = None\nsys.modules['lightning.pytorch'] = None\n"
+        "sys.modules['lightning.pytorch.callbacks'] = None\n"
+        "try:\n    import chronicle_integrations.lightning\nexcept ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert "pip install 'chronicle-integrations[lightning]'" in out

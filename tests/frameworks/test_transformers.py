@@ -92,8 +92,9 @@ def free_port() -> int:
 
 def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
-    env.update(CHRONICLE_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        CHRONICLE_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra
+    )
     return env
 
 
@@ -101,8 +102,10 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"child exited early ({proc.returncode}):\n"
-                                 f"{proc.stdout.read().decode() if proc.stdout else ''}")
+            raise AssertionError(
+                f"child exited early ({proc.returncode}):\n"
+                f"{proc.stdout.read().decode() if proc.stdout else ''}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("child never became ready")
@@ -113,9 +116,13 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 def signal_child(tmp_path: Path, sig: int, *extra: str) -> tuple[int, str, dict[str, Any]]:
     """Run ``_hf_app.py wait``, deliver ``sig`` while it pauses at step 3, let it go on."""
     out = tmp_path / "child"
-    proc = subprocess.Popen([sys.executable, str(APP), "wait", str(out), *extra],
-                            env=child_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, str(APP), "wait", str(out), *extra],
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     ready = wait_for(out / "ready", proc)
     os.kill(proc.pid, sig)
     (out / "go").touch()
@@ -124,12 +131,19 @@ def signal_child(tmp_path: Path, sig: int, *extra: str) -> tuple[int, str, dict[
 
 
 # ------------------------------------------------------------------------------- success
-def test_normal_training_succeeds_with_every_checkpoint(chronicle: Chronicle,
-                                                        tmp_path: Path) -> None:
+def test_normal_training_succeeds_with_every_checkpoint(
+    chronicle: Chronicle, tmp_path: Path
+) -> None:
     callback = callback_for(chronicle)
     recorder = app.RecordSaves()  # after ours: what each folder held at on_save time
-    trainer = app.make_trainer(tmp_path / "out", [callback, recorder], max_steps=6,
-                               save_steps=2, save_total_limit=1, hub_token="hf_SECRET")
+    trainer = app.make_trainer(
+        tmp_path / "out",
+        [callback, recorder],
+        max_steps=6,
+        save_steps=2,
+        save_total_limit=1,
+        hub_token="hf_SECRET",
+    )
     trainer.train()
 
     run = only_run(chronicle, callback)
@@ -140,11 +154,17 @@ def test_normal_training_succeeds_with_every_checkpoint(chronicle: Chronicle,
     assert not (tmp_path / "out" / "checkpoint-2").exists()
     assets = {a.name: a.sha256 for a in run.assets()}
     assert assets == recorder.files
-    assert {name.split("/")[0] for name in assets} == {"checkpoint-2", "checkpoint-4",
-                                                       "checkpoint-6"}
+    assert {name.split("/")[0] for name in assets} == {
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    }
     assert "checkpoint-2/model.safetensors" in assets
-    assert transitions(run) == [(None, "pending", "create"), ("pending", "running", "start"),
-                                ("running", "succeeded", "succeed")]
+    assert transitions(run) == [
+        (None, "pending", "create"),
+        ("pending", "running", "start"),
+        ("running", "succeeded", "succeed"),
+    ]
     config = run.get_variation_config()
     assert config["training_args"]["max_steps"] == 6
     assert config["model_config"]["hidden_size"] == 16
@@ -161,14 +181,19 @@ def test_early_stopping_is_success(embedded: Chronicle, tmp_path: Path) -> None:
     assert only_run(embedded).state is RunState.SUCCEEDED
 
 
-def test_early_stopping_callback_on_eval_is_success(embedded: Chronicle, tmp_path: Path
-                                                    ) -> None:
+def test_early_stopping_callback_on_eval_is_success(embedded: Chronicle, tmp_path: Path) -> None:
     callback = callback_for(embedded)
     trainer = app.make_trainer(
-        tmp_path / "out", [callback, EarlyStoppingCallback(early_stopping_patience=1,
-                                                           early_stopping_threshold=10.0)],
-        eval_dataset=app.Tokens(8), max_steps=40, eval_strategy="steps", eval_steps=2,
-        save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss")
+        tmp_path / "out",
+        [callback, EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=10.0)],
+        eval_dataset=app.Tokens(8),
+        max_steps=40,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
     trainer.train()
     assert trainer.state.global_step < 40
     assert only_run(embedded).state is RunState.SUCCEEDED
@@ -192,13 +217,13 @@ def _model_failing_to_save() -> Any:
 
 
 CRASHES: dict[str, tuple[Callable[[], dict[str, Any]], type[BaseException], str]] = {
-    "dataset": (lambda: {"dataset": app.Tokens(fail_after=13)}, RuntimeError,
-                "dataset exploded"),
-    "callback": (lambda: {"callbacks": [app.RaiseAt("on_step_end", 3,
-                                                    ValueError("callback says no"))]},
-                 ValueError, "callback says no"),
-    "saving": (lambda: {"model": _model_failing_to_save()}, OSError,
-               "No space left on device"),
+    "dataset": (lambda: {"dataset": app.Tokens(fail_after=13)}, RuntimeError, "dataset exploded"),
+    "callback": (
+        lambda: {"callbacks": [app.RaiseAt("on_step_end", 3, ValueError("callback says no"))]},
+        ValueError,
+        "callback says no",
+    ),
+    "saving": (lambda: {"model": _model_failing_to_save()}, OSError, "No space left on device"),
 }
 
 
@@ -207,8 +232,9 @@ def test_exception_is_failed_crash(chronicle: Chronicle, tmp_path: Path, where: 
     make, exc_type, text = CRASHES[where]
     kwargs = make()
     callback = callback_for(chronicle)
-    trainer = app.make_trainer(tmp_path / "out", [callback, *kwargs.pop("callbacks", [])],
-                               max_steps=8, **kwargs)
+    trainer = app.make_trainer(
+        tmp_path / "out", [callback, *kwargs.pop("callbacks", [])], max_steps=8, **kwargs
+    )
     with pytest.raises(exc_type, match=text):
         trainer.train()
     info = only_run(chronicle, callback).info()
@@ -220,11 +246,11 @@ def test_exception_is_failed_crash(chronicle: Chronicle, tmp_path: Path, where: 
     assert "Traceback" in info.message
 
 
-def test_swallowed_exception_is_still_failed_crash(chronicle: Chronicle, tmp_path: Path
-                                                   ) -> None:
+def test_swallowed_exception_is_still_failed_crash(chronicle: Chronicle, tmp_path: Path) -> None:
     callback = callback_for(chronicle)
-    trainer = app.make_trainer(tmp_path / "out", [callback],
-                               dataset=app.Tokens(fail_after=9), max_steps=8)
+    trainer = app.make_trainer(
+        tmp_path / "out", [callback], dataset=app.Tokens(fail_after=9), max_steps=8
+    )
     swallowed: Exception | None = None
     try:
         trainer.train()
@@ -270,12 +296,14 @@ def test_sigterm_leaves_the_run_resumable_and_resume_continues_it(tmp_path: Path
 
 
 @pytest.mark.parametrize("restore_states", [False, True])
-def test_resume_from_checkpoint_continues_the_same_run(embedded: Chronicle, tmp_path: Path,
-                                                       restore_states: bool) -> None:
+def test_resume_from_checkpoint_continues_the_same_run(
+    embedded: Chronicle, tmp_path: Path, restore_states: bool
+) -> None:
     out = tmp_path / "out"
     first = callback_for(embedded)
-    trainer = app.make_trainer(out, [first, app.RaiseAt("on_step_end", 3, SystemExit(143))],
-                               max_steps=6)
+    trainer = app.make_trainer(
+        out, [first, app.RaiseAt("on_step_end", 3, SystemExit(143))], max_steps=6
+    )
     with pytest.raises(SystemExit):  # a scheduler's pre-emption: not a crash
         trainer.train()
     run = only_run(embedded)
@@ -285,35 +313,41 @@ def test_resume_from_checkpoint_continues_the_same_run(embedded: Chronicle, tmp_
     assert (ident["experiment_id"], ident["variation"], ident["run"]) == run.key_tuple
 
     second = callback_for(embedded)
-    resumed = app.make_trainer(out, [second], max_steps=6,
-                               restore_callback_states_from_checkpoint=restore_states)
+    resumed = app.make_trainer(
+        out, [second], max_steps=6, restore_callback_states_from_checkpoint=restore_states
+    )
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert resumed.state.global_step == 6
     assert len(embedded.runs()) == 1
     assert run.state is RunState.SUCCEEDED
-    assert transitions(run)[-2:] == [("running", "running", "resume"),
-                                     ("running", "succeeded", "succeed")]
+    assert transitions(run)[-2:] == [
+        ("running", "running", "resume"),
+        ("running", "succeeded", "succeed"),
+    ]
     names = {a.name.split("/")[0] for a in run.assets()}
     assert names == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
 
 
 def test_continuing_a_succeeded_run_makes_a_new_run_of_its_variation(
-        embedded: Chronicle, tmp_path: Path) -> None:
+    embedded: Chronicle, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     first = callback_for(embedded)
     app.make_trainer(out, [first], max_steps=2).train()
     assert first.run is not None and first.run.state is RunState.SUCCEEDED
     second = callback_for(embedded)
     app.make_trainer(out, [second], max_steps=4).train(
-        resume_from_checkpoint=str(out / "checkpoint-2"))
+        resume_from_checkpoint=str(out / "checkpoint-2")
+    )
     assert second.run is not None
     assert second.run.key_tuple == (first.run.experiment_id, first.run.variation, 1)
     assert second.run.state is RunState.SUCCEEDED
     assert first.run.state is RunState.SUCCEEDED  # terminal states never change
 
 
-def test_resume_from_a_checkpoint_written_without_the_callback(embedded: Chronicle,
-                                                               tmp_path: Path) -> None:
+def test_resume_from_a_checkpoint_written_without_the_callback(
+    embedded: Chronicle, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     app.make_trainer(out, [], max_steps=2).train()
     callback = callback_for(embedded)
@@ -326,12 +360,16 @@ def test_resume_from_a_checkpoint_written_without_the_callback(embedded: Chronic
 
 # ------------------------------------------------------------------------------- cancellation
 def test_server_side_cancel_stops_training(chronicle: Chronicle, tmp_path: Path) -> None:
-    other = (Chronicle(url=chronicle.url, home=tmp_path / "other") if chronicle.url
-             else Chronicle(home=tmp_path / "home"))
+    other = (
+        Chronicle(url=chronicle.url, home=tmp_path / "other")
+        if chronicle.url
+        else Chronicle(home=tmp_path / "home")
+    )
     try:
         callback = callback_for(chronicle)
-        trainer = app.make_trainer(tmp_path / "out", [callback, app.CancelAt(callback, other, 3)],
-                                   max_steps=30)
+        trainer = app.make_trainer(
+            tmp_path / "out", [callback, app.CancelAt(callback, other, 3)], max_steps=30
+        )
         trainer.train()
     finally:
         other.close()
@@ -343,10 +381,10 @@ def test_server_side_cancel_stops_training(chronicle: Chronicle, tmp_path: Path)
 
 
 # ------------------------------------------------------------------------------- robustness
-def test_tracking_server_down_does_not_harm_training(tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    client = Chronicle(url=f"http://127.0.0.1:{free_port()}", home=tmp_path / "home",
-                       timeout=2)
+def test_tracking_server_down_does_not_harm_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Chronicle(url=f"http://127.0.0.1:{free_port()}", home=tmp_path / "home", timeout=2)
     try:
         callback = callback_for(client)
         trainer = app.make_trainer(tmp_path / "out", [callback], max_steps=4)
@@ -355,15 +393,13 @@ def test_tracking_server_down_does_not_harm_training(tmp_path: Path,
         client.close(timeout=5)
     assert output.global_step == 4
     assert callback.run is None
-    assert any("chronicle:" in r.getMessage() and r.levelname == "WARNING"
-               for r in caplog.records)
+    assert any("chronicle:" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 def test_strict_raises_tracking_errors(tmp_path: Path) -> None:
     from chronicle_integrations._errors import ChronicleError
 
-    client = Chronicle(url=f"http://127.0.0.1:{free_port()}", home=tmp_path / "home",
-                       timeout=1)
+    client = Chronicle(url=f"http://127.0.0.1:{free_port()}", home=tmp_path / "home", timeout=1)
     try:
         trainer = app.make_trainer(tmp_path / "out", [callback_for(client, strict=True)])
         with pytest.raises(ChronicleError):
@@ -373,12 +409,17 @@ def test_strict_raises_tracking_errors(tmp_path: Path) -> None:
 
 
 def test_run_owned_by_a_launcher_is_not_ended_by_the_callback(
-        embedded: Chronicle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    embedded: Chronicle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exp = embedded.create_experiment("launched", variations=[{}])
     run = embedded.create_run(exp, 0).start()  # the launcher started it and holds the lease
     assert run.lease is not None
-    for name, value in (("EXPERIMENT", exp), ("VARIATION", "0"), ("RUN", str(run.run)),
-                        ("LEASE", run.lease)):
+    for name, value in (
+        ("EXPERIMENT", exp),
+        ("VARIATION", "0"),
+        ("RUN", str(run.run)),
+        ("LEASE", run.lease),
+    ):
         monkeypatch.setenv(f"CHRONICLE_{name}", value)
     callback = callback_for(embedded)
     app.make_trainer(tmp_path / "out", [callback], max_steps=2).train()
@@ -390,19 +431,19 @@ def test_run_owned_by_a_launcher_is_not_ended_by_the_callback(
 def test_callback_is_picklable_and_validates_its_arguments() -> None:
     import pickle
 
-    callback = pickle.loads(pickle.dumps(ChronicleTrainerCallback(experiment_id="e",
-                                                                  variation=0)))
+    callback = pickle.loads(pickle.dumps(ChronicleTrainerCallback(experiment_id="e", variation=0)))
     assert (callback.experiment_id, callback.variation) == ("e", 0)
     with pytest.raises(ValueError, match="run= needs"):
         ChronicleTrainerCallback(run=3)
 
 
 def test_missing_transformers_gives_an_install_hint() -> None:
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "try:\n    import chronicle_integrations.transformers\n"
-            "except ImportError as exc:\n    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "try:\n    import chronicle_integrations.transformers\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'chronicle-integrations[transformers]'" in out.stdout, out.stderr
 
 
@@ -418,8 +459,9 @@ def test_explicit_identity_and_explicit_attach(embedded: Chronicle, tmp_path: Pa
     assert len(embedded.runs()) == 1
 
 
-def test_second_train_call_is_a_new_run_of_the_same_experiment(embedded: Chronicle,
-                                                               tmp_path: Path) -> None:
+def test_second_train_call_is_a_new_run_of_the_same_experiment(
+    embedded: Chronicle, tmp_path: Path
+) -> None:
     callback = callback_for(embedded)
     trainer = app.make_trainer(tmp_path / "out", [callback], max_steps=2)
     trainer.train()
@@ -441,13 +483,16 @@ class TrialDirTrainer(app.Trainer):  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("attached", [True, False])
-def test_trial_checkpoint_folders_are_found(embedded: Chronicle, tmp_path: Path,
-                                            attached: bool,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_trial_checkpoint_folders_are_found(
+    embedded: Chronicle, tmp_path: Path, attached: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     callback = callback_for(embedded)
-    trainer = TrialDirTrainer(model=app.make_model(), train_dataset=app.Tokens(),
-                              args=app.make_args(tmp_path / "out", max_steps=4),
-                              callbacks=[callback] if attached else [])
+    trainer = TrialDirTrainer(
+        model=app.make_model(),
+        train_dataset=app.Tokens(),
+        args=app.make_args(tmp_path / "out", max_steps=4),
+        callbacks=[callback] if attached else [],
+    )
     if not attached:  # added late and not attached: no Trainer at hand, folders are searched
         trainer.add_callback(callback)
     trainer.train()
@@ -467,8 +512,10 @@ def test_sigterm_with_jit_checkpoint_uploads_it(tmp_path: Path) -> None:
     assert code == 0, output  # transformers handled SIGTERM: train() returned
     result = json.loads((tmp_path / "child" / "result.json").read_text())
     assert result["global_step"] < 200
-    folders = sorted((tmp_path / "child" / "output").glob("checkpoint-*"),
-                     key=lambda p: int(p.name.split("-")[1]))
+    folders = sorted(
+        (tmp_path / "child" / "output").glob("checkpoint-*"),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     assert len(folders) == 1  # save_steps=1000: the only checkpoint is the JIT one
     last = folders[0]
     assert not (last / "checkpoint-is-incomplete.txt").exists()
@@ -476,8 +523,11 @@ def test_sigterm_with_jit_checkpoint_uploads_it(tmp_path: Path) -> None:
         run = only_run(client)
         assert run.state is RunState.RUNNING, output
         assets = {a.name: a.sha256 for a in run.assets()}
-        on_disk = {f"{last.name}/{f.relative_to(last).as_posix()}": app.digest(f)
-                   for f in last.rglob("*") if f.is_file()}
+        on_disk = {
+            f"{last.name}/{f.relative_to(last).as_posix()}": app.digest(f)
+            for f in last.rglob("*")
+            if f.is_file()
+        }
         assert on_disk and assets == on_disk
 
 
@@ -487,9 +537,21 @@ def torchrun(tmp_path: Path, *args: str) -> tuple[Path, str]:
         pytest.skip("torchrun is not installed")
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [str(exe), "--nproc_per_node=2", f"--master_port={free_port()}", str(APP), "ddp",
-         str(out), *args], env=child_env(tmp_path), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, cwd=tmp_path, timeout=240)
+        [
+            str(exe),
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(APP),
+            "ddp",
+            str(out),
+            *args,
+        ],
+        env=child_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        timeout=240,
+    )
     output = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, output
     return out, output
@@ -508,8 +570,10 @@ def test_torchrun_two_processes_one_run(tmp_path: Path) -> None:
         # (SlowRankOneTrainer); the barrier in on_save makes rank 0 wait for it
         assert assets == recorded
         for step in (2, 4):
-            assert {f"checkpoint-{step}/rng_state_0.pth",
-                    f"checkpoint-{step}/rng_state_1.pth"} <= set(assets)
+            assert {
+                f"checkpoint-{step}/rng_state_0.pth",
+                f"checkpoint-{step}/rng_state_1.pth",
+            } <= set(assets)
         assert [cause for _, _, cause in transitions(run)] == ["create", "start", "succeed"]
 
 

@@ -25,8 +25,7 @@ def launcher_config(*overrides: str) -> dict:
     from omegaconf import OmegaConf
 
     with initialize(version_base=None, config_path=None):
-        cfg = compose(overrides=["hydra/launcher=chronicle", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(overrides=["hydra/launcher=chronicle", *overrides], return_hydra_config=True)
     out = OmegaConf.to_container(cfg.hydra.launcher)
     assert isinstance(out, dict)
     return out
@@ -43,9 +42,11 @@ def test_defaults_wrap_the_basic_launcher() -> None:
 
 def test_engine_is_chosen_on_the_command_line_and_keeps_its_options() -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = launcher_config("hydra/launcher@hydra.launcher.executor=submitit_local",
-                          "hydra.launcher.executor.timeout_min=7",
-                          "hydra.launcher.heartbeat_interval=5")
+    cfg = launcher_config(
+        "hydra/launcher@hydra.launcher.executor=submitit_local",
+        "hydra.launcher.executor.timeout_min=7",
+        "hydra.launcher.heartbeat_interval=5",
+    )
     executor = cfg["executor"]
     assert executor["_target_"].endswith("submitit_launcher.LocalLauncher")
     assert executor["timeout_min"] == 7
@@ -56,8 +57,10 @@ def test_engine_is_chosen_on_the_command_line_and_keeps_its_options() -> None:
 def test_plugin_import_is_light() -> None:
     """Hydra imports every plugin module at every start: ours must not pull in the client,
     SQLAlchemy or requests (they load in launch())."""
-    code = ("import sys, hydra_plugins.chronicle_launcher.chronicle_launcher\n"
-            "heavy = [m for m in ('chronicle_integrations', 'sqlalchemy', 'requests') "
-            "if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, hydra_plugins.chronicle_launcher.chronicle_launcher\n"
+        "heavy = [m for m in ('chronicle_integrations', 'sqlalchemy', 'requests') "
+        "if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

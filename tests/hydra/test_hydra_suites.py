@@ -27,8 +27,9 @@ EXECUTOR = "hydra/launcher@hydra.launcher.executor"
 ENGINES: list[Any] = [
     pytest.param([], id="basic"),
     pytest.param([f"{EXECUTOR}=joblib"], id="joblib"),
-    pytest.param([f"{EXECUTOR}=submitit_local",
-                  "hydra.launcher.executor.timeout_min=5"], id="submitit_local"),
+    pytest.param(
+        [f"{EXECUTOR}=submitit_local", "hydra.launcher.executor.timeout_min=5"], id="submitit_local"
+    ),
 ]
 
 
@@ -53,8 +54,9 @@ class TestChronicleLauncher(LauncherTestSuite):
 
 
 def _flags(engine: Any) -> Any:
-    return pytest.param(["-m", "hydra/launcher=chronicle", *cast(list[str], engine.values[0])],
-                        id=engine.id)
+    return pytest.param(
+        ["-m", "hydra/launcher=chronicle", *cast(list[str], engine.values[0])], id=engine.id
+    )
 
 
 @pytest.mark.parametrize("task_launcher_cfg", [{}])

@@ -44,13 +44,13 @@ def soak() -> bool:
     return SOAK
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
-                            config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     if not FIGURES:
         return
     terminalreporter.section("reliability figures", sep="=", bold=True)
-    terminalreporter.write_line(f"seed: CHRONICLE_RELIABILITY_SEED={_SEED}"
-                                + ("  (soak)" if SOAK else ""))
+    terminalreporter.write_line(
+        f"seed: CHRONICLE_RELIABILITY_SEED={_SEED}" + ("  (soak)" if SOAK else "")
+    )
     faults = sum(v for k, v in FIGURES.items() if k.startswith("fault:"))
     terminalreporter.write_line(f"faults injected: {faults}")
     for key in sorted(FIGURES):

@@ -33,31 +33,55 @@ from testkit import HttpApi, assert_error, sha256_file
 
 from chronicle_integrations.lifecycle import is_valid_path
 
-__all__ = ["Api", "FaultyProxy", "Plan", "assert_error", "assert_valid_path", "has",
-           "read_journal", "run_path", "sha256_file", "spawn_worker", "wait_until"]
+__all__ = [
+    "Api",
+    "FaultyProxy",
+    "Plan",
+    "assert_error",
+    "assert_valid_path",
+    "has",
+    "read_journal",
+    "run_path",
+    "sha256_file",
+    "spawn_worker",
+    "wait_until",
+]
 
 WORKER = Path(__file__).with_name("worker.py")
 
 
 # ------------------------------------------------------------------------------ waiting
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
     """:func:`testkit.wait_until`, polling faster (fault windows are short)."""
     return testkit.wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 # ------------------------------------------------------------------------------ workers
-def spawn_worker(config: dict[str, Any], log: Path, env: dict[str, str] | None = None,
-                 prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    config: dict[str, Any],
+    log: Path,
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``worker.py`` with ``config`` (stdout/stderr to ``log``)."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("CHRONICLE_URL", "CHRONICLE_API_KEY")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("CHRONICLE_URL", "CHRONICLE_API_KEY")
+    }
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     with log.open("ab") as out:
-        return subprocess.Popen([*(prefix or []), sys.executable, str(WORKER), json.dumps(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [*(prefix or []), sys.executable, str(WORKER), json.dumps(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
@@ -72,8 +96,10 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
 
 
 def has(entries: list[dict[str, Any]], op: str, phase: str, **match: Any) -> bool:
-    return any(e["op"] == op and e["phase"] == phase
-               and all(e.get(k) == v for k, v in match.items()) for e in entries)
+    return any(
+        e["op"] == op and e["phase"] == phase and all(e.get(k) == v for k, v in match.items())
+        for e in entries
+    )
 
 
 # ------------------------------------------------------------------------------ raw HTTP
@@ -82,14 +108,20 @@ class Api(HttpApi):
 
     def experiment(self, variations: int = 1) -> str:
         eid = f"rel-{os.urandom(6).hex()}"
-        self.ok("POST", "/v1/experiments", 201, json={
-            "name": "reliability", "variations": [{"i": i} for i in range(variations)],
-            "experiment_id": eid})
+        self.ok(
+            "POST",
+            "/v1/experiments",
+            201,
+            json={
+                "name": "reliability",
+                "variations": [{"i": i} for i in range(variations)],
+                "experiment_id": eid,
+            },
+        )
         return eid
 
     def run(self, experiment_id: str, variation: int = 0) -> tuple[str, int, int]:
-        info = self.ok("POST", f"/v1/experiments/{experiment_id}/variations/{variation}/runs",
-                       201)
+        info = self.ok("POST", f"/v1/experiments/{experiment_id}/variations/{variation}/runs", 201)
         return (experiment_id, variation, int(info["run"]))
 
     def get_run(self, key: tuple[str, int, int]) -> dict[str, Any]:
@@ -102,8 +134,9 @@ class Api(HttpApi):
         return list(self.ok("GET", run_path(key) + "/events")["events"])
 
     def edges(self, key: tuple[str, int, int]) -> list[tuple[str | None, str]]:
-        return [(e["from_state"], e["to_state"]) for e in self.events(key)
-                if e["kind"] == "transition"]
+        return [
+            (e["from_state"], e["to_state"]) for e in self.events(key) if e["kind"] == "transition"
+        ]
 
     def assets(self, key: tuple[str, int, int]) -> dict[str, dict[str, Any]]:
         return {a["name"]: a for a in self.ok("GET", run_path(key) + "/assets")["assets"]}
@@ -155,15 +188,21 @@ class FaultyProxy:
     ``resumed_puts`` = chunks starting at an offset > 0).
     """
 
-    def __init__(self, upstream_port: int | list[int], rng: random.Random, *,
-                 mean_up: int = 24 * 2**20,
-                 mean_down: int = 4096,
-                 kinds: tuple[str, ...] = ("cut", "reset", "delay"),
-                 down_kinds: tuple[str, ...] | None = None,
-                 script: list[Plan] | None = None) -> None:
+    def __init__(
+        self,
+        upstream_port: int | list[int],
+        rng: random.Random,
+        *,
+        mean_up: int = 24 * 2**20,
+        mean_down: int = 4096,
+        kinds: tuple[str, ...] = ("cut", "reset", "delay"),
+        down_kinds: tuple[str, ...] | None = None,
+        script: list[Plan] | None = None,
+    ) -> None:
         #: Connections go to these ports in turn (several replicas of one server).
-        self.upstream_ports = ([upstream_port] if isinstance(upstream_port, int)
-                               else list(upstream_port))
+        self.upstream_ports = (
+            [upstream_port] if isinstance(upstream_port, int) else list(upstream_port)
+        )
         self.rng = rng
         self.mean_up = mean_up
         self.mean_down = mean_down
@@ -214,8 +253,9 @@ class FaultyProxy:
                 top = 4096 if self.rng.random() < 0.2 else 2 * self.mean_up
             else:
                 top = 2 * self.mean_down
-            return Plan(direction, kind, moved + self.rng.randint(0, top),
-                        self.rng.uniform(0.05, 0.4))
+            return Plan(
+                direction, kind, moved + self.rng.randint(0, top), self.rng.uniform(0.05, 0.4)
+            )
 
     def _accept(self) -> None:
         while not self._closed:
@@ -262,10 +302,9 @@ class FaultyProxy:
                             if int(match.group(1)) > 0:
                                 self.count("resumed_puts")
                     plan = plans[direction]
-                    while (self.enabled and data
-                           and moved[direction] + len(data) >= plan.offset):
-                        head = data[:plan.offset - moved[direction]]
-                        data = data[len(head):]
+                    while self.enabled and data and moved[direction] + len(data) >= plan.offset:
+                        head = data[: plan.offset - moved[direction]]
+                        data = data[len(head) :]
                         if head:
                             dst.sendall(head)
                             moved[direction] += len(head)
@@ -280,8 +319,9 @@ class FaultyProxy:
                         if plan.kind == "reset":
                             for sock in (client, upstream):
                                 with contextlib.suppress(OSError):
-                                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                                    struct.pack("ii", 1, 0))
+                                    sock.setsockopt(
+                                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                                    )
                         else:
                             for sock in (client, upstream):
                                 with contextlib.suppress(OSError):

@@ -49,9 +49,16 @@ def _skewed(server: Any, tmp: Path, how: str, skew: float, kill: bool) -> dict[s
         source.write_bytes(b"checkpoint")
         journal = tmp / "journal.jsonl"
         config: dict[str, Any] = {
-            "mode": "lifecycle", "url": server.url, "home": str(tmp / "home"),
-            "run": list(key), "journal": str(journal), "interval": 0.2,
-            "hold": 2.5, "files": [[str(source), "m.bin"]], "timeout": 30}
+            "mode": "lifecycle",
+            "url": server.url,
+            "home": str(tmp / "home"),
+            "run": list(key),
+            "journal": str(journal),
+            "interval": 0.2,
+            "hold": 2.5,
+            "files": [[str(source), "m.bin"]],
+            "timeout": 30,
+        }
         env: dict[str, str] = {}
         prefix: list[str] = []
         if how == "faketime":
@@ -64,8 +71,11 @@ def _skewed(server: Any, tmp: Path, how: str, skew: float, kill: bool) -> dict[s
         t0 = time.time()
         worker = spawn_worker(config, tmp / "worker.log", env=env, prefix=prefix)
         if kill:
-            wait_until(lambda: has(read_journal(journal), "start", "ack") or worker.poll()
-                       is not None, timeout=60, what="the skewed worker to start the run")
+            wait_until(
+                lambda: has(read_journal(journal), "start", "ack") or worker.poll() is not None,
+                timeout=60,
+                what="the skewed worker to start the run",
+            )
             os.killpg(worker.pid, signal.SIGKILL)  # the group: faketime forks
         code = worker.wait(timeout=120)
         entries = read_journal(journal)
@@ -73,8 +83,11 @@ def _skewed(server: Any, tmp: Path, how: str, skew: float, kill: bool) -> dict[s
         # The skew really applied in the worker (else this test proves nothing).
         assert abs((clock - t0) - skew) < 600, (clock, t0, skew)
         if kill:
-            wait_until(lambda: api.state(key) == "failed_lost", timeout=60,
-                       what="the skewed worker's run to expire on the server's clock")
+            wait_until(
+                lambda: api.state(key) == "failed_lost",
+                timeout=60,
+                what="the skewed worker's run to expire on the server's clock",
+            )
         else:
             assert code == 0, (tmp / "worker.log").read_text()[-2000:]
         t1 = time.time()
@@ -88,10 +101,16 @@ def _skewed(server: Any, tmp: Path, how: str, skew: float, kill: bool) -> dict[s
             alive = info["last_heartbeat_at"] or info["started_at"]
             assert abs(lost["at"] - (alive + 1.0)) < 1e-3, (lost, info)
         else:
-            assert edges == [(None, "pending"), ("pending", "running"),
-                             ("running", "succeeded")], edges
-        stamps = [info["created_at"], info["started_at"], info["last_heartbeat_at"],
-                  info["ended_at"], *(e["at"] for e in events)]
+            assert edges == [(None, "pending"), ("pending", "running"), ("running", "succeeded")], (
+                edges
+            )
+        stamps = [
+            info["created_at"],
+            info["started_at"],
+            info["last_heartbeat_at"],
+            info["ended_at"],
+            *(e["at"] for e in events),
+        ]
         slack = 60.0  # the server's clock, give or take scheduling; the skew is >= 30 days
         for stamp in stamps:
             if stamp is not None:
@@ -101,8 +120,9 @@ def _skewed(server: Any, tmp: Path, how: str, skew: float, kill: bool) -> dict[s
         api.close()
 
 
-def test_skewed_client_clocks_change_nothing(clock_server: Any, tmp_path: Path,
-                                             figures: Any) -> None:
+def test_skewed_client_clocks_change_nothing(
+    clock_server: Any, tmp_path: Path, figures: Any
+) -> None:
     cases = []
     for name, (how, skew) in SKEWS.items():
         if how == "faketime" and shutil.which("faketime") is None:
@@ -111,8 +131,13 @@ def test_skewed_client_clocks_change_nothing(clock_server: Any, tmp_path: Path,
             cases.append((name, how, skew, kill))
     assert any(how == "patched" for _, how, _, _ in cases)
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        futures = {pool.submit(_skewed, clock_server, tmp_path / f"{name}-{kill}", how, skew,
-                               kill): (name, kill) for name, how, skew, kill in cases}
+        futures = {
+            pool.submit(_skewed, clock_server, tmp_path / f"{name}-{kill}", how, skew, kill): (
+                name,
+                kill,
+            )
+            for name, how, skew, kill in cases
+        }
         errors = []
         for future, (name, kill) in futures.items():
             try:

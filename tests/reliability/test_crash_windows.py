@@ -22,8 +22,9 @@ import requests
 from rel_helpers import Api, wait_until
 
 
-def test_crash_between_blob_publish_and_asset_row(server_factory: Any, tmp_path: Path,
-                                                  figures: Any) -> None:
+def test_crash_between_blob_publish_and_asset_row(
+    server_factory: Any, tmp_path: Path, figures: Any
+) -> None:
     server = server_factory()
     api = Api(server.url)
     key = api.run(api.experiment())
@@ -31,8 +32,12 @@ def test_crash_between_blob_publish_and_asset_row(server_factory: Any, tmp_path:
     lease = api.ok("POST", path + "/start")["lease"]
     data = os.urandom(256 * 1024)
     digest = hashlib.sha256(data).hexdigest()
-    uid = api.ok("POST", path + "/uploads", 201,
-                 json={"name": "model.ckpt", "size": len(data), "lease": lease})["upload_id"]
+    uid = api.ok(
+        "POST",
+        path + "/uploads",
+        201,
+        json={"name": "model.ckpt", "size": len(data), "lease": lease},
+    )["upload_id"]
     api.ok("PUT", f"/v1/uploads/{uid}", params={"offset": 0}, data=data)
 
     database = server.store_url.removeprefix("sqlite:///")
@@ -42,8 +47,11 @@ def test_crash_between_blob_publish_and_asset_row(server_factory: Any, tmp_path:
 
     def complete() -> None:
         try:
-            answers.append(requests.post(server.url + f"/v1/uploads/{uid}/complete",
-                                         json={"sha256": digest}, timeout=60))
+            answers.append(
+                requests.post(
+                    server.url + f"/v1/uploads/{uid}/complete", json={"sha256": digest}, timeout=60
+                )
+            )
         except requests.RequestException as exc:
             answers.append(exc)
 

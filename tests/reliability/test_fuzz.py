@@ -35,18 +35,32 @@ def fuzz_server(module_server_factory: Any) -> Any:
     server = module_server_factory(extra_args=["--max-chunk-bytes", str(2**20)])
     api = Api(server.url)
     # The schema's example experiment id, with variations, runs and an asset.
-    api.ok("POST", "/v1/experiments", 201, json={
-        "name": "fuzz", "variations": [{"lr": 0.1}, {"lr": 0.01}],
-        "experiment_id": "lr-sweep-1a2b3c4d"})
+    api.ok(
+        "POST",
+        "/v1/experiments",
+        201,
+        json={
+            "name": "fuzz",
+            "variations": [{"lr": 0.1}, {"lr": 0.01}],
+            "experiment_id": "lr-sweep-1a2b3c4d",
+        },
+    )
     for _ in range(2):
         api.run("lr-sweep-1a2b3c4d", 0)
     api.ok("POST", "/v1/runs/lr-sweep-1a2b3c4d/0/1/start")
     lease = api.ok("POST", "/v1/runs/lr-sweep-1a2b3c4d/0/0/start")["lease"]
-    status = api.ok("POST", "/v1/runs/lr-sweep-1a2b3c4d/0/0/uploads", 201,
-                    json={"name": "model.ckpt", "size": 5, "lease": lease})
+    status = api.ok(
+        "POST",
+        "/v1/runs/lr-sweep-1a2b3c4d/0/0/uploads",
+        201,
+        json={"name": "model.ckpt", "size": 5, "lease": lease},
+    )
     api.ok("PUT", f"/v1/uploads/{status['upload_id']}", params={"offset": 0}, data=b"hello")
-    api.ok("POST", f"/v1/uploads/{status['upload_id']}/complete", json={
-        "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"})
+    api.ok(
+        "POST",
+        f"/v1/uploads/{status['upload_id']}/complete",
+        json={"sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+    )
     api.close()
     return server
 
@@ -67,11 +81,15 @@ def _fuzz(server: Any, figures: Any, mode: str, live_run: bool = False) -> None:
         operation = result.ok()
         kwargs: dict[str, Any] = {"generation_mode": GenerationMode(mode)}
         if live_run:
-            if not operation.path.startswith("/v1/runs/{experiment_id}") or \
-                    operation.path.endswith(("/succeed", "/fail")):
+            if not operation.path.startswith("/v1/runs/{experiment_id}") or operation.path.endswith(
+                ("/succeed", "/fail")
+            ):
                 continue
-            kwargs["path_parameters"] = {"experiment_id": LIVE[0], "variation": LIVE[1],
-                                         "run": LIVE[2]}
+            kwargs["path_parameters"] = {
+                "experiment_id": LIVE[0],
+                "variation": LIVE[1],
+                "run": LIVE[2],
+            }
         operations += 1
         failure = _fuzz_operation(server, operation, kwargs, live_run, figures)
         if failure:
@@ -83,20 +101,29 @@ def _fuzz(server: Any, figures: Any, mode: str, live_run: bool = False) -> None:
     assert requests.get(server.url + "/v1/health", timeout=10).status_code == 200
 
 
-def _fuzz_operation(server: Any, operation: Any, kwargs: dict[str, Any], live_run: bool,
-                    figures: Any) -> str | None:
+def _fuzz_operation(
+    server: Any, operation: Any, kwargs: dict[str, Any], live_run: bool, figures: Any
+) -> str | None:
     """Fuzz one operation; the failure found (shrunk by Hypothesis), or None."""
     found: list[str] = []
 
     @given(case=operation.as_strategy(**kwargs))
-    @settings(max_examples=FUZZ_EXAMPLES * (2 if live_run else 1), deadline=None,
-              database=None, derandomize=live_run,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @settings(
+        max_examples=FUZZ_EXAMPLES * (2 if live_run else 1),
+        deadline=None,
+        database=None,
+        derandomize=live_run,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
+    )
     def fuzz(case: Any) -> None:
         figures["fuzz cases"] += 1
         try:
-            case.call_and_validate(base_url=server.url, timeout=30,
-                                   checks=[not_a_server_error, response_schema_conformance])
+            case.call_and_validate(
+                base_url=server.url,
+                timeout=30,
+                checks=[not_a_server_error, response_schema_conformance],
+            )
         except AssertionError as exc:  # schemathesis' check failures
             found.append(f"{operation.label}: {str(exc)[:1500]}")
             raise

@@ -25,8 +25,9 @@ from chronicle_integrations import Chronicle
 MiB = 2**20
 
 
-def test_large_uploads_through_faulty_network(server_factory: Any, tmp_path: Path, rng: Any,
-                                              figures: Any, soak: bool) -> None:
+def test_large_uploads_through_faulty_network(
+    server_factory: Any, tmp_path: Path, rng: Any, figures: Any, soak: bool
+) -> None:
     server = server_factory()
     count = 100 if soak else 30
     base = os.urandom(40 * MiB)
@@ -36,7 +37,7 @@ def test_large_uploads_through_faulty_network(server_factory: Any, tmp_path: Pat
         size = rng.randint(20 * MiB, 40 * MiB)
         start = rng.randint(0, len(base) - size)
         header = os.urandom(64)  # every file distinct (objects are content-addressed)
-        data = header + base[start:start + size - len(header)]
+        data = header + base[start : start + size - len(header)]
         path = tmp_path / "src" / f"ckpt-{i}.bin"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
@@ -48,8 +49,7 @@ def test_large_uploads_through_faulty_network(server_factory: Any, tmp_path: Pat
     # Responses are reset or delayed, not cut with a FIN: a FIN inside the header block is the
     # bug test_response_cut_inside_headers_is_retried pins down.
     with FaultyProxy(server.port, rng) as proxy:
-        chronicle = Chronicle(url=proxy.url, home=tmp_path / "home", upload_workers=4,
-                              timeout=120)
+        chronicle = Chronicle(url=proxy.url, home=tmp_path / "home", upload_workers=4, timeout=120)
         try:
             experiment = chronicle.create_experiment("network-faults", variations=[{}])
             runs = [chronicle.create_run(experiment, 0) for _ in range(3)]
@@ -81,15 +81,15 @@ def test_large_uploads_through_faulty_network(server_factory: Any, tmp_path: Pat
     figures["bytes uploaded through the faulty proxy"] += payload
 
     # Exactly once in effect.
-    numbers = sorted(r["run"] for r in api.ok("GET", "/v1/runs",
-                                              params={"experiment_id": experiment})["runs"])
+    numbers = sorted(
+        r["run"] for r in api.ok("GET", "/v1/runs", params={"experiment_id": experiment})["runs"]
+    )
     assert numbers == list(range(len(runs) + len(extra))), numbers
     for run in runs:
         events = api.events(run.key_tuple)
         edges = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "transition"]
         assert_valid_path(edges, run.key)
-        assert edges == [(None, "pending"), ("pending", "running"), ("running", "succeeded")], \
-            edges
+        assert edges == [(None, "pending"), ("pending", "running"), ("running", "succeeded")], edges
         published = [e["detail"]["name"] for e in events if e["kind"] == "asset"]
         assert sorted(published) == sorted(n for r, n, *_ in handles if r is run), published
 
@@ -111,8 +111,9 @@ def test_large_uploads_through_faulty_network(server_factory: Any, tmp_path: Pat
 
 
 @pytest.mark.parametrize("offset", [0, 16, 40])
-def test_response_cut_inside_headers_is_retried(server_factory: Any, tmp_path: Path,
-                                                rng: Any, figures: Any, offset: int) -> None:
+def test_response_cut_inside_headers_is_retried(
+    server_factory: Any, tmp_path: Path, rng: Any, figures: Any, offset: int
+) -> None:
     """The server processed the request; its answer dies after ``offset`` bytes of the status
     line/headers. The client must retry (the call is idempotent), not fail, and not create a
     second run."""
@@ -131,8 +132,9 @@ def test_response_cut_inside_headers_is_retried(server_factory: Any, tmp_path: P
     assert [r["run"] for r in runs] == [0]
 
 
-def test_uploads_resume_across_replicas(server_factory: Any, tmp_path: Path, rng: Any,
-                                        figures: Any) -> None:
+def test_uploads_resume_across_replicas(
+    server_factory: Any, tmp_path: Path, rng: Any, figures: Any
+) -> None:
     """Two server processes on one store (database and asset directory), connections
     alternating between them through the faulty proxy: a chunk cut on one replica resumes on
     the other, and every asset still ends byte-identical."""
@@ -145,8 +147,7 @@ def test_uploads_resume_across_replicas(server_factory: Any, tmp_path: Path, rng
         path.write_bytes(data)
         files.append((path, hashlib.sha256(data).hexdigest(), len(data)))
     with FaultyProxy([first.port, second.port], rng, mean_up=6 * MiB) as proxy:
-        chronicle = Chronicle(url=proxy.url, home=tmp_path / "home", upload_workers=3,
-                              timeout=120)
+        chronicle = Chronicle(url=proxy.url, home=tmp_path / "home", upload_workers=3, timeout=120)
         try:
             experiment = chronicle.create_experiment("replicas", variations=[{}])
             run = chronicle.create_run(experiment, 0).start()

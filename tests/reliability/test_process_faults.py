@@ -62,8 +62,7 @@ def _allowed(journal: list[dict[str, Any]]) -> set[str]:
     return {"pending", "running", "lost", "failed_lost"}
 
 
-def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any,
-           figures: Any) -> str:
+def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any, figures: Any) -> str:
     api = Api(server.url)
     try:
         key = api.run(api.experiment())
@@ -73,24 +72,52 @@ def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any,
         source.write_bytes(payload)
         digest = hashlib.sha256(payload).hexdigest()
         journal_path = tmp / "journal.jsonl"
-        config = {"mode": "lifecycle", "url": server.url, "home": str(tmp / "home1"),
-                  "run": list(key), "journal": str(journal_path), "interval": 0.2,
-                  "hold": 0.4, "files": [[str(source), "model.ckpt"]], "timeout": 20}
+        config = {
+            "mode": "lifecycle",
+            "url": server.url,
+            "home": str(tmp / "home1"),
+            "run": list(key),
+            "journal": str(journal_path),
+            "interval": 0.2,
+            "hold": 0.4,
+            "files": [[str(source), "model.ckpt"]],
+            "timeout": 20,
+        }
         resumer = None
         if outcome == "resume":
             # Started now, so that it is imported and connected before the kill; it waits
             # for the go file, then takes the run over with a new lease and succeeds.
             resume_journal = tmp / "resume.jsonl"
-            resumer = spawn_worker({**config, "home": str(tmp / "home2"), "resume": True,
-                                    "files": [], "hold": 0.05, "go": str(tmp / "go"),
-                                    "journal": str(resume_journal)}, tmp / "resume.log")
+            resumer = spawn_worker(
+                {
+                    **config,
+                    "home": str(tmp / "home2"),
+                    "resume": True,
+                    "files": [],
+                    "hold": 0.05,
+                    "go": str(tmp / "go"),
+                    "journal": str(resume_journal),
+                },
+                tmp / "resume.log",
+            )
         worker = spawn_worker(config, tmp / "worker.log")
-        trigger = {"start": ("start", "sent"), "heartbeat": ("start", "ack"),
-                   "upload": ("upload", "sent"), "succeed": ("succeed", "sent")}[point]
-        delay = {"start": (0.0, 0.03), "heartbeat": (0.05, 0.35), "upload": (0.0, 0.06),
-                 "succeed": (0.0, 0.02)}[point]
-        wait_until(lambda: has(read_journal(journal_path), *trigger) or worker.poll() is not None,
-                   timeout=60, what=f"the worker to reach {trigger}")
+        trigger = {
+            "start": ("start", "sent"),
+            "heartbeat": ("start", "ack"),
+            "upload": ("upload", "sent"),
+            "succeed": ("succeed", "sent"),
+        }[point]
+        delay = {
+            "start": (0.0, 0.03),
+            "heartbeat": (0.05, 0.35),
+            "upload": (0.0, 0.06),
+            "succeed": (0.0, 0.02),
+        }[point]
+        wait_until(
+            lambda: has(read_journal(journal_path), *trigger) or worker.poll() is not None,
+            timeout=60,
+            what=f"the worker to reach {trigger}",
+        )
         time.sleep(rng.uniform(*delay))
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
@@ -98,8 +125,9 @@ def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any,
         journal = read_journal(journal_path)
         allowed = _allowed(journal)
         state = api.state(key)
-        assert state in allowed, f"{point}: state {state!r} after the kill; allowed {allowed}; " \
-                                 f"journal {journal}"
+        assert state in allowed, (
+            f"{point}: state {state!r} after the kill; allowed {allowed}; journal {journal}"
+        )
 
         # Assets: only complete, only what was sent; acknowledged ones are there.
         assets = api.assets(key)
@@ -143,8 +171,11 @@ def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any,
                 time.sleep(0.2)
                 state = api.state(key)
             if state == "running":
-                state = wait_until(lambda: (now := api.state(key)) != "running" and now,
-                                   timeout=30, what="the run to go lost before the resume")
+                state = wait_until(
+                    lambda: (now := api.state(key)) != "running" and now,
+                    timeout=30,
+                    what="the run to go lost before the resume",
+                )
             (tmp / "go").touch()
             code = resumer.wait(timeout=120)
             rj = read_journal(resume_journal)
@@ -169,14 +200,23 @@ def _trial(server: Any, tmp: Path, point: str, outcome: str, rng: Any,
         api.close()
 
 
-def test_worker_sigkill_at_random_points(watchdog_server: Any, tmp_path: Path, rng: Any,
-                                         figures: Any, soak: bool) -> None:
+def test_worker_sigkill_at_random_points(
+    watchdog_server: Any, tmp_path: Path, rng: Any, figures: Any, soak: bool
+) -> None:
     trials = [(p, o) for p in KILL_POINTS for o in OUTCOMES] * (4 if soak else 1)
     with concurrent.futures.ThreadPoolExecutor(min(len(trials), 8)) as pool:
         futures = {
-            pool.submit(_trial, watchdog_server, tmp_path / f"t{i}-{p}-{o}", p, o,
-                        random.Random(rng.random()), figures): (p, o)
-            for i, (p, o) in enumerate(trials)}
+            pool.submit(
+                _trial,
+                watchdog_server,
+                tmp_path / f"t{i}-{p}-{o}",
+                p,
+                o,
+                random.Random(rng.random()),
+                figures,
+            ): (p, o)
+            for i, (p, o) in enumerate(trials)
+        }
         results = {}
         errors = []
         for future, (point, outcome) in futures.items():
@@ -189,8 +229,9 @@ def test_worker_sigkill_at_random_points(watchdog_server: Any, tmp_path: Path, r
 
 
 # ------------------------------------------------------------------------------ server kills
-def test_server_sigkill_under_load(server_factory: Any, store_url: str, tmp_path: Path,
-                                   rng: Any, figures: Any, soak: bool) -> None:
+def test_server_sigkill_under_load(
+    server_factory: Any, store_url: str, tmp_path: Path, rng: Any, figures: Any, soak: bool
+) -> None:
     """Several client processes create, start, beat, upload and end runs while the server is
     SIGKILLed and restarted; everything acknowledged is there afterwards."""
     server = server_factory(store_url=store_url)
@@ -199,12 +240,18 @@ def test_server_sigkill_under_load(server_factory: Any, store_url: str, tmp_path
     stop = tmp_path / "stop"
     workers = []
     for i in range(3):
-        config = {"mode": "load", "url": server.url, "home": str(tmp_path / f"home{i}"),
-                  "journal": str(tmp_path / f"journal{i}.jsonl"), "experiment_id": experiment,
-                  "seed": rng.random(), "scratch": str(tmp_path / f"scratch{i}"),
-                  "stop": str(stop), "timeout": 120}
-        workers.append((spawn_worker(config, tmp_path / f"worker{i}.log"),
-                        Path(config["journal"])))
+        config = {
+            "mode": "load",
+            "url": server.url,
+            "home": str(tmp_path / f"home{i}"),
+            "journal": str(tmp_path / f"journal{i}.jsonl"),
+            "experiment_id": experiment,
+            "seed": rng.random(),
+            "scratch": str(tmp_path / f"scratch{i}"),
+            "stop": str(stop),
+            "timeout": 120,
+        }
+        workers.append((spawn_worker(config, tmp_path / f"worker{i}.log"), Path(config["journal"])))
     kills = 8 if soak else 3
     try:
         for _ in range(kills):
@@ -255,8 +302,9 @@ def test_server_sigkill_under_load(server_factory: Any, store_url: str, tmp_path
                     assert assets[entry["name"]]["sha256"] == entry["sha256"]
                     assert api.download_sha(key, entry["name"]) == entry["sha256"]
                     checked_assets += 1
-    listed = {r["run"] for r in api.ok("GET", "/v1/runs",
-                                       params={"experiment_id": experiment})["runs"]}
+    listed = {
+        r["run"] for r in api.ok("GET", "/v1/runs", params={"experiment_id": experiment})["runs"]
+    }
     assert set(seen_runs) <= listed
     assert checked_transitions > 0 and checked_assets > 0
     figures["acknowledged transitions verified after server kills"] += checked_transitions
@@ -264,4 +312,3 @@ def test_server_sigkill_under_load(server_factory: Any, store_url: str, tmp_path
     api.close()
     # Everything acknowledged was checked above; now, did every worker get through?
     assert not crashed, "\n\n".join(log[-3000:] for log in crashed)
-

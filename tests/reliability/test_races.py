@@ -26,12 +26,21 @@ def _race(server: Any, tmp: Path, name: str, configs: list[dict[str, Any]]) -> l
     procs = []
     for i, config in enumerate(configs):
         journal = tmp / f"{name}-{i}.jsonl"
-        full = {"url": server.url, "home": str(tmp / f"home-{name}-{i}"), "journal": str(journal),
-                "go": str(go), "timeout": 60, **config}
+        full = {
+            "url": server.url,
+            "home": str(tmp / f"home-{name}-{i}"),
+            "journal": str(journal),
+            "go": str(go),
+            "timeout": 60,
+            **config,
+        }
         procs.append((spawn_worker(full, tmp / f"{name}-{i}.log"), journal))
     # Release them together once every one of them is up (its clock line is written first).
-    wait_until(lambda: all(read_journal(j) for _, j in procs), timeout=120,
-               what="the racing workers to start")
+    wait_until(
+        lambda: all(read_journal(j) for _, j in procs),
+        timeout=120,
+        what="the racing workers to start",
+    )
     time.sleep(0.3)  # imports done, Chronicle built: waiting on the go file
     go.touch()
     journals = []
@@ -43,12 +52,18 @@ def _race(server: Any, tmp: Path, name: str, configs: list[dict[str, Any]]) -> l
 
 
 def _starts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if e["kind"] == "transition" and e["to_state"] == "running"
-            and e["cause"] in ("start", "resume")]
+    return [
+        e
+        for e in events
+        if e["kind"] == "transition"
+        and e["to_state"] == "running"
+        and e["cause"] in ("start", "resume")
+    ]
 
 
-def test_races(server_factory: Any, store_url: str, tmp_path: Path, rng: Any,
-               figures: Any, soak: bool) -> None:
+def test_races(
+    server_factory: Any, store_url: str, tmp_path: Path, rng: Any, figures: Any, soak: bool
+) -> None:
     server = server_factory(store_url=store_url)
     api = Api(server.url)
     rounds = 3 if soak else 1
@@ -57,9 +72,16 @@ def test_races(server_factory: Any, store_url: str, tmp_path: Path, rng: Any,
 
         # -- 1. start / resume / heartbeat on one run: one lease holder at the end --------
         key = api.run(experiment)
-        configs = [{"mode": "race", "run": list(key),
-                    "actions": [rng.choice(["start", "resume", "resume", "heartbeat"])
-                                for _ in range(5)]} for _ in range(WORKERS)]
+        configs = [
+            {
+                "mode": "race",
+                "run": list(key),
+                "actions": [
+                    rng.choice(["start", "resume", "resume", "heartbeat"]) for _ in range(5)
+                ],
+            }
+            for _ in range(WORKERS)
+        ]
         journals = _race(server, tmp_path, f"lease-{experiment}", configs)
         figures["racing transitions"] += sum(len(c["actions"]) for c in configs)
         edges = api.edges(key)
@@ -75,8 +97,9 @@ def test_races(server_factory: Any, store_url: str, tmp_path: Path, rng: Any,
         else:
             accepted = []
             for holder, lease in finals.items():
-                resp = api.request("POST", f"/v1/runs/{key[0]}/{key[1]}/{key[2]}/heartbeat",
-                                   json={"lease": lease})
+                resp = api.request(
+                    "POST", f"/v1/runs/{key[0]}/{key[1]}/{key[2]}/heartbeat", json={"lease": lease}
+                )
                 if resp.status_code == 200:
                     accepted.append(holder)
                 else:
@@ -89,21 +112,37 @@ def test_races(server_factory: Any, store_url: str, tmp_path: Path, rng: Any,
 
         # -- 2. the same, ending with succeed / fail: exactly one end ---------------------
         key = api.run(experiment)
-        configs = [{"mode": "race", "run": list(key),
-                    "actions": ["resume", "heartbeat",
-                                rng.choice(["succeed", "fail_crash", "fail_abandoned"]),
-                                "heartbeat"]} for _ in range(WORKERS)]
+        configs = [
+            {
+                "mode": "race",
+                "run": list(key),
+                "actions": [
+                    "resume",
+                    "heartbeat",
+                    rng.choice(["succeed", "fail_crash", "fail_abandoned"]),
+                    "heartbeat",
+                ],
+            }
+            for _ in range(WORKERS)
+        ]
         journals = _race(server, tmp_path, f"end-{experiment}", configs)
         figures["racing transitions"] += sum(len(c["actions"]) for c in configs)
         events = api.events(key)
         edges = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "transition"]
         assert_valid_path(edges, "end race")
         final = api.state(key)
-        terminal = [e for e in events if e["kind"] == "transition"
-                    and e["to_state"] in ("succeeded", "failed_crash", "failed_abandoned")]
+        terminal = [
+            e
+            for e in events
+            if e["kind"] == "transition"
+            and e["to_state"] in ("succeeded", "failed_crash", "failed_abandoned")
+        ]
         assert len(terminal) == 1 and terminal[0]["to_state"] == final, (final, edges)
-        target = {"succeed": "succeeded", "fail_crash": "failed_crash",
-                  "fail_abandoned": "failed_abandoned"}
+        target = {
+            "succeed": "succeeded",
+            "fail_crash": "failed_crash",
+            "fail_abandoned": "failed_abandoned",
+        }
         enders = []
         for journal in journals:
             for entry in journal:
@@ -122,13 +161,18 @@ def test_races(server_factory: Any, store_url: str, tmp_path: Path, rng: Any,
 
         # -- 3. create_run on one variation: unique, dense run numbers --------------------
         per = 5
-        configs = [{"mode": "create_runs", "experiment_id": experiment, "variation": 1,
-                    "count": per} for _ in range(WORKERS)]
+        configs = [
+            {"mode": "create_runs", "experiment_id": experiment, "variation": 1, "count": per}
+            for _ in range(WORKERS)
+        ]
         journals = _race(server, tmp_path, f"create-{experiment}", configs)
         numbers = [e["run"] for j in journals for e in j if e["op"] == "create_run"]
         assert sorted(numbers) == list(range(WORKERS * per)), sorted(numbers)
-        listed = sorted(r["run"] for r in api.ok("GET", "/v1/runs", params={
-            "experiment_id": experiment})["runs"] if r["variation"] == 1)
+        listed = sorted(
+            r["run"]
+            for r in api.ok("GET", "/v1/runs", params={"experiment_id": experiment})["runs"]
+            if r["variation"] == 1
+        )
         assert listed == list(range(WORKERS * per)), listed
         figures["racing create_run calls"] += len(numbers)
     api.close()

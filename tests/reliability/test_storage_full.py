@@ -30,8 +30,12 @@ MiB = 2**20
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     try:
@@ -49,8 +53,9 @@ def _fill(mount: Path, leave: int) -> Path:
     return filler
 
 
-def test_storage_full_mid_upload_then_resume(server_factory: Any, small_tmpfs: Path,
-                                             figures: Any) -> None:
+def test_storage_full_mid_upload_then_resume(
+    server_factory: Any, small_tmpfs: Path, figures: Any
+) -> None:
     server = server_factory(assets=small_tmpfs / "assets")
     api = Api(server.url)
     key = api.run(api.experiment())
@@ -58,13 +63,18 @@ def test_storage_full_mid_upload_then_resume(server_factory: Any, small_tmpfs: P
     lease = api.ok("POST", path + "/start")["lease"]
     data = os.urandom(4 * MiB)
     filler = _fill(small_tmpfs, int(1.5 * MiB))
-    uid = api.ok("POST", path + "/uploads", 201,
-                 json={"name": "model.ckpt", "size": len(data), "lease": lease})["upload_id"]
+    uid = api.ok(
+        "POST",
+        path + "/uploads",
+        201,
+        json={"name": "model.ckpt", "size": len(data), "lease": lease},
+    )["upload_id"]
     offset = 0
     full = None
     while offset < len(data):
-        resp = api.request("PUT", f"/v1/uploads/{uid}", params={"offset": offset},
-                           data=data[offset:offset + MiB])
+        resp = api.request(
+            "PUT", f"/v1/uploads/{uid}", params={"offset": offset}, data=data[offset : offset + MiB]
+        )
         if resp.status_code != 200:
             full = assert_error(resp, 507, "storage_full")
             break
@@ -76,26 +86,36 @@ def test_storage_full_mid_upload_then_resume(server_factory: Any, small_tmpfs: P
     assert 0 < offset < len(data)
     # Nothing visible, and completing early is refused.
     assert api.assets(key) == {}
-    assert_error(api.request("POST", f"/v1/uploads/{uid}/complete",
-                             json={"sha256": hashlib.sha256(data).hexdigest()}), (400, 409))
+    assert_error(
+        api.request(
+            "POST", f"/v1/uploads/{uid}/complete", json={"sha256": hashlib.sha256(data).hexdigest()}
+        ),
+        (400, 409),
+    )
     assert api.assets(key) == {}
     assert not [e for e in api.events(key) if e["kind"] == "asset"]
     # Free the space: the same upload resumes from where it stood.
     filler.unlink()
     while offset < len(data):
-        offset = api.ok("PUT", f"/v1/uploads/{uid}", params={"offset": offset},
-                        data=data[offset:offset + MiB])["offset"]
-    info = api.ok("POST", f"/v1/uploads/{uid}/complete",
-                  json={"sha256": hashlib.sha256(data).hexdigest()})
+        offset = api.ok(
+            "PUT", f"/v1/uploads/{uid}", params={"offset": offset}, data=data[offset : offset + MiB]
+        )["offset"]
+    info = api.ok(
+        "POST", f"/v1/uploads/{uid}/complete", json={"sha256": hashlib.sha256(data).hexdigest()}
+    )
     assert info["sha256"] == hashlib.sha256(data).hexdigest()
     assert api.download_sha(key, "model.ckpt") == info["sha256"]
     figures["uploads verified"] += 1
     api.close()
 
 
-def test_client_upload_waits_out_a_full_store(server_factory: Any, small_tmpfs: Path,
-                                              tmp_path: Path, figures: Any,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_client_upload_waits_out_a_full_store(
+    server_factory: Any,
+    small_tmpfs: Path,
+    tmp_path: Path,
+    figures: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     server = server_factory(assets=small_tmpfs / "assets")
     filler = _fill(small_tmpfs, 1 * MiB)
     source = tmp_path / "model.ckpt"
@@ -109,8 +129,11 @@ def test_client_upload_waits_out_a_full_store(server_factory: Any, small_tmpfs: 
         # Usually the client reads the 507 (logged as "out of space"); when the server answers
         # before the client finished sending, the client may see a reset instead. Either way
         # the server refused the chunk with 507, and the upload must wait and resume.
-        wait_until(lambda: "out of space" in caplog.text or '" 507' in server.output(),
-                   timeout=60, what="the store to refuse a chunk for lack of space")
+        wait_until(
+            lambda: "out of space" in caplog.text or '" 507' in server.output(),
+            timeout=60,
+            what="the store to refuse a chunk for lack of space",
+        )
         assert not handle.done()
         assert run.assets() == []
         figures["fault:storage full"] += 1

@@ -103,8 +103,9 @@ def load(chronicle: Any, config: dict[str, Any], j: Journal) -> None:
             data = rng.randbytes(rng.randint(64 * 1024, 3 * 1024 * 1024))
             path = scratch / f"{os.getpid()}-{run.run}-{k}.bin"
             path.write_bytes(data)
-            handles.append((f"a{k}.bin", hashlib.sha256(data).hexdigest(),
-                            run.upload_asset(path, f"a{k}.bin")))
+            handles.append(
+                (f"a{k}.bin", hashlib.sha256(data).hexdigest(), run.upload_asset(path, f"a{k}.bin"))
+            )
         for name, sha, handle in handles:
             info = handle.result()
             assert info.sha256 == sha, (info, sha)
@@ -164,11 +165,16 @@ def main() -> int:
     j("clock", "ack", time=time.time())
     from chronicle_integrations import Chronicle
 
-    chronicle = Chronicle(url=config["url"], api_key=config.get("api_key"),
-                          home=config["home"], timeout=float(config.get("timeout", 60)))
+    chronicle = Chronicle(
+        url=config["url"],
+        api_key=config.get("api_key"),
+        home=config["home"],
+        timeout=float(config.get("timeout", 60)),
+    )
     try:
-        {"lifecycle": lifecycle, "load": load, "race": race,
-         "create_runs": create_runs}[config["mode"]](chronicle, config, j)
+        {"lifecycle": lifecycle, "load": load, "race": race, "create_runs": create_runs}[
+            config["mode"]
+        ](chronicle, config, j)
     finally:
         chronicle.close()
     j("exit", "ack")

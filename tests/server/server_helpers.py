@@ -16,13 +16,17 @@ class Api(HttpApi):
     """Raw HTTP against one server, plus shortcuts for the common setup steps."""
 
     # -- setup shortcuts ---------------------------------------------------------------------
-    def experiment(self, variations: int | list[dict[str, Any]] = 1,
-                   name: str = "test") -> str:
-        configs = ([{"i": i} for i in range(variations)] if isinstance(variations, int)
-                   else variations)
+    def experiment(self, variations: int | list[dict[str, Any]] = 1, name: str = "test") -> str:
+        configs = (
+            [{"i": i} for i in range(variations)] if isinstance(variations, int) else variations
+        )
         eid = f"exp-{secrets.token_hex(6)}"
-        self.ok("POST", "/v1/experiments", 201,
-                json={"name": name, "variations": configs, "experiment_id": eid})
+        self.ok(
+            "POST",
+            "/v1/experiments",
+            201,
+            json={"name": name, "variations": configs, "experiment_id": eid},
+        )
         return eid
 
     def run(self, experiment_id: str | None = None, variation: int = 0) -> str:
@@ -43,9 +47,14 @@ class Api(HttpApi):
 
     def upload(self, run_path: str, name: str, data: bytes, lease: str | None = None) -> Any:
         """A whole upload in one chunk; returns the AssetInfo."""
-        status = self.ok("POST", f"{run_path}/uploads", 201,
-                         json={"name": name, "size": len(data), "lease": lease})
+        status = self.ok(
+            "POST",
+            f"{run_path}/uploads",
+            201,
+            json={"name": name, "size": len(data), "lease": lease},
+        )
         uid = status["upload_id"]
         self.ok("PUT", f"/v1/uploads/{uid}", params={"offset": 0}, data=data)
-        return self.ok("POST", f"/v1/uploads/{uid}/complete",
-                       json={"sha256": hashlib.sha256(data).hexdigest()})
+        return self.ok(
+            "POST", f"/v1/uploads/{uid}/complete", json={"sha256": hashlib.sha256(data).hexdigest()}
+        )

@@ -36,10 +36,12 @@ def test_only_the_server_package_imports_fastapi() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_watchdog_sweeps_survives_failures_and_stops(tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "assets",
-                       heartbeat_timeout=1.0)
+def test_watchdog_sweeps_survives_failures_and_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store.open(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "assets", heartbeat_timeout=1.0
+    )
     calls: list[float] = []
 
     def flaky_sweep() -> dict[str, int]:
@@ -70,10 +72,12 @@ def test_watchdog_sweeps_survives_failures_and_stops(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("heartbeat_timeout", "interval"), [(8.0, 2.0), (900.0, 30.0)])
-def test_default_sweep_interval(tmp_path: Path, heartbeat_timeout: float,
-                                interval: float) -> None:
-    store: Any = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "assets",
-                            heartbeat_timeout=heartbeat_timeout)
+def test_default_sweep_interval(tmp_path: Path, heartbeat_timeout: float, interval: float) -> None:
+    store: Any = Store.open(
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        tmp_path / "assets",
+        heartbeat_timeout=heartbeat_timeout,
+    )
     assert create_app(store).state.sweep_interval == interval
     assert create_app(store, sweep_interval=0.5).state.sweep_interval == 0.5
     with pytest.raises(ValueError):
@@ -83,10 +87,21 @@ def test_default_sweep_interval(tmp_path: Path, heartbeat_timeout: float,
 
 async def _call(app: Any, method: str, path: str) -> tuple[int, bytes]:
     """One request straight through the ASGI app (no server, no HTTP client)."""
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
-             "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
     messages: list[dict[str, Any]] = []
     delivered = False
 
@@ -106,7 +121,8 @@ async def _call(app: Any, method: str, path: str) -> tuple[int, bytes]:
 
 
 def test_unexpected_exception_is_a_logged_500_with_the_error_body(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "assets")
 
     def broken() -> Any:

@@ -36,8 +36,13 @@ def keyed_server(module_server_factory: Any, module_store_url: str) -> Iterator[
 def _routes(url: str) -> list[tuple[str, str]]:
     """Every (method, concrete path) of the API, from its (public) OpenAPI schema."""
     schema = requests.get(f"{url}/openapi.json", timeout=30).json()
-    values = {"experiment_id": "some-exp", "variation": "0", "run": "0",
-              "upload_id": "some-upload-id", "name": "dir/model.ckpt"}
+    values = {
+        "experiment_id": "some-exp",
+        "variation": "0",
+        "run": "0",
+        "upload_id": "some-upload-id",
+        "name": "dir/model.ckpt",
+    }
     out = []
     for template, item in schema["paths"].items():
         path = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
@@ -57,15 +62,16 @@ def test_every_route_needs_the_key(keyed_server: Any, auth: dict[str, str]) -> N
             body["data"] = b"x" * 1000
             path += "?offset=0"
         elif method == "POST":
-            body["json"] = {"name": "n", "config": {}, "reason": "abandoned",
-                            "sha256": "0" * 64}
-        resp = requests.request(method, keyed_server.url + path, headers=auth, timeout=30,
-                                **body)
+            body["json"] = {"name": "n", "config": {}, "reason": "abandoned", "sha256": "0" * 64}
+        resp = requests.request(method, keyed_server.url + path, headers=auth, timeout=30, **body)
         assert_error(resp, 401, "unauthorized")
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     # Unknown routes too: nothing is revealed without the key.
-    assert_error(requests.get(f"{keyed_server.url}/v1/nowhere", headers=auth, timeout=30), 401,
-                 "unauthorized")
+    assert_error(
+        requests.get(f"{keyed_server.url}/v1/nowhere", headers=auth, timeout=30),
+        401,
+        "unauthorized",
+    )
 
 
 def test_health_and_docs_are_public_and_nothing_was_persisted(keyed_server: Any) -> None:
@@ -86,7 +92,8 @@ def test_the_key_opens_everything(keyed_server: Any) -> None:
         assert api.get(f"{path}/assets/out/model.bin").content == b"weights"
         api.ok("POST", f"{path}/succeed", json={"lease": lease})
     # The scheme name is case-insensitive.
-    resp = requests.get(f"{keyed_server.url}/v1/runs", timeout=30,
-                        headers={"Authorization": f"bearer {KEY}"})
+    resp = requests.get(
+        f"{keyed_server.url}/v1/runs", timeout=30, headers={"Authorization": f"bearer {KEY}"}
+    )
     assert resp.status_code == 200
     assert "Traceback" not in keyed_server.output()

@@ -42,8 +42,10 @@ class World:
         # Experiments (with variation counts), every run (state, timestamps, lease holder,
         # asset count), the two runs' timelines (transitions and uploads), the open upload.
         return (
-            api.ok("GET", "/v1/experiments"), api.ok("GET", "/v1/runs"),
-            api.ok("GET", f"{self.run}/events"), api.ok("GET", f"{self.pending}/events"),
+            api.ok("GET", "/v1/experiments"),
+            api.ok("GET", "/v1/runs"),
+            api.ok("GET", f"{self.run}/events"),
+            api.ok("GET", f"{self.pending}/events"),
             api.ok("GET", f"/v1/uploads/{self.upload_id}"),
         )
 
@@ -52,7 +54,8 @@ class World:
 def limited_server(module_server_factory: Any, module_store_url: str) -> Iterator[Any]:
     process = module_server_factory(
         store_url=module_store_url,
-        extra_args=["--max-json-bytes", str(JSON_LIMIT), "--max-chunk-bytes", str(CHUNK_LIMIT)])
+        extra_args=["--max-json-bytes", str(JSON_LIMIT), "--max-chunk-bytes", str(CHUNK_LIMIT)],
+    )
     yield process
     process.stop()
 
@@ -63,27 +66,37 @@ def world(limited_server: Any) -> Iterator[World]:
     eid = api.experiment([{"lr": 0.1}])
     run, lease = api.started(eid)
     pending = api.run(eid)
-    upload_id = api.ok("POST", f"{run}/uploads", 201,
-                       json={"name": "open.bin", "size": 100, "lease": lease})["upload_id"]
+    upload_id = api.ok(
+        "POST", f"{run}/uploads", 201, json={"name": "open.bin", "size": 100, "lease": lease}
+    )["upload_id"]
     api.ok("PUT", f"/v1/uploads/{upload_id}", params={"offset": 0}, data=b"abc")
-    done = api.ok("POST", f"{run}/uploads", 201,
-                  json={"name": "done.bin", "lease": lease})["upload_id"]
+    done = api.ok("POST", f"{run}/uploads", 201, json={"name": "done.bin", "lease": lease})[
+        "upload_id"
+    ]
     api.ok("PUT", f"/v1/uploads/{done}", params={"offset": 0}, data=b"done")
-    api.ok("POST", f"/v1/uploads/{done}/complete",
-           json={"sha256": hashlib.sha256(b"done").hexdigest()})
+    api.ok(
+        "POST", f"/v1/uploads/{done}/complete", json={"sha256": hashlib.sha256(b"done").hexdigest()}
+    )
     yield World(api, limited_server.url, eid, run, lease, pending, upload_id, done)
     api.close()
 
 
-def raw(url: str, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None, chunks: list[bytes] | None = None) -> Any:
+def raw(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    chunks: list[bytes] | None = None,
+) -> Any:
     """A request sent exactly as given (requests would normalise ``..`` and encodings)."""
     address = urlsplit(url)
     conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
     try:
         if chunks is not None:
-            conn.request(method, path, body=iter(chunks), headers=headers or {},
-                         encode_chunked=True)
+            conn.request(
+                method, path, body=iter(chunks), headers=headers or {}, encode_chunked=True
+            )
         else:
             conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -126,8 +139,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/v1/runs/{E}/0/99/uploads", {"name": "x.bin"}, 404, "not_found"),
     ("GET", "/v1/uploads/no-such-upload-id", None, 404, "not_found"),
     ("PUT", "/v1/uploads/no-such-upload-id?offset=0", None, 404, "not_found"),
-    ("POST", "/v1/uploads/no-such-upload-id/complete", {"sha256": "0" * 64}, 404,
-     "not_found"),
+    ("POST", "/v1/uploads/no-such-upload-id/complete", {"sha256": "0" * 64}, 404, "not_found"),
     ("GET", "/v1/nowhere", None, 404, "not_found"),
     ("GET", "/v1/runs/{E}/0/0/nowhere", None, 404, "not_found"),
     ("GET", "/v1/experiments/", None, 404, "not_found"),
@@ -164,21 +176,34 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/v1/experiments", {"name": ""}, 400, "invalid_request"),
     ("POST", "/v1/experiments", {"name": "a\nb"}, 400, "invalid_request"),
     ("POST", "/v1/experiments", {"name": "x" * 300}, 400, "invalid_request"),
-    ("POST", "/v1/experiments", {"name": "ok", "variations": {"lr": 1}}, 400,
-     "invalid_request"),
+    ("POST", "/v1/experiments", {"name": "ok", "variations": {"lr": 1}}, 400, "invalid_request"),
     ("POST", "/v1/experiments", {"name": "ok", "variations": [1, 2]}, 400, "invalid_request"),
-    ("POST", "/v1/experiments", {"name": "ok", "variations": [{"x": 1}, None]}, 400,
-     "invalid_request"),
-    ("POST", "/v1/experiments", {"name": "ok", "experiment_id": "bad id!"}, 400,
-     "invalid_request"),
+    (
+        "POST",
+        "/v1/experiments",
+        {"name": "ok", "variations": [{"x": 1}, None]},
+        400,
+        "invalid_request",
+    ),
+    ("POST", "/v1/experiments", {"name": "ok", "experiment_id": "bad id!"}, 400, "invalid_request"),
     ("POST", "/v1/experiments", {"name": "ok", "experiment_id": 12}, 400, "invalid_request"),
     ("POST", "/v1/experiments/{E}/variations", {}, 400, "invalid_request"),
     ("POST", "/v1/experiments/{E}/variations", {"config": [1]}, 400, "invalid_request"),
     ("POST", "/v1/experiments/{E}/variations", {"config": "lr=1"}, 400, "invalid_request"),
-    ("POST", "/v1/experiments/{E}/variations", {"config": {}, "request_id": "short"}, 400,
-     "invalid_request"),
-    ("POST", "/v1/experiments/{E}/variations/0/runs", {"request_id": "bad id!!"}, 400,
-     "invalid_request"),
+    (
+        "POST",
+        "/v1/experiments/{E}/variations",
+        {"config": {}, "request_id": "short"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "/v1/experiments/{E}/variations/0/runs",
+        {"request_id": "bad id!!"},
+        400,
+        "invalid_request",
+    ),
     ("POST", "{PENDING}/start", {"resume": "yes"}, 400, "invalid_request"),
     ("POST", "{PENDING}/start", {"resume": 1}, 400, "invalid_request"),
     ("POST", "{PENDING}/start", {"lease": "short"}, 400, "invalid_request"),
@@ -188,23 +213,63 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "{RUN}/fail", None, 400, "invalid_request"),
     ("POST", "{RUN}/fail", {}, 400, "invalid_request"),
     ("POST", "{RUN}/fail", {"reason": "oops", "lease": "{LEASE}"}, 400, "invalid_request"),
-    ("POST", "{RUN}/fail", {"reason": "crash", "message": 5, "lease": "{LEASE}"}, 400,
-     "invalid_request"),
+    (
+        "POST",
+        "{RUN}/fail",
+        {"reason": "crash", "message": 5, "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
     ("POST", "{RUN}/uploads", {"lease": "{LEASE}"}, 400, "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "size": -1, "lease": "{LEASE}"}, 400,
-     "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "size": "10", "lease": "{LEASE}"}, 400,
-     "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "size": 1.5, "lease": "{LEASE}"}, 400,
-     "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "size": True, "lease": "{LEASE}"}, 400,
-     "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "size": 2**64, "lease": "{LEASE}"}, 400,
-     "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "upload_id": "bad id", "lease": "{LEASE}"},
-     400, "invalid_request"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "upload_id": "{U}", "lease": "{LEASE}"},
-     400, "invalid_request"),  # an upload id of another asset
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "size": -1, "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "size": "10", "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "size": 1.5, "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "size": True, "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "size": 2**64, "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "upload_id": "bad id", "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "upload_id": "{U}", "lease": "{LEASE}"},
+        400,
+        "invalid_request",
+    ),  # an upload id of another asset
     ("POST", "/v1/uploads/{U}/complete", {}, 400, "invalid_request"),
     ("POST", "/v1/uploads/{U}/complete", {"sha256": "ABC"}, 400, "invalid_request"),
     ("POST", "/v1/uploads/{U}/complete", {"sha256": "A" * 64}, 400, "invalid_request"),
@@ -229,38 +294,66 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "{RUN}/uploads", {"name": "x.bin"}, 409, "lease_conflict"),
     ("POST", "{RUN}/heartbeat", {"lease": "\u00e9t\u00e9-lease-123"}, 409, "lease_conflict"),
     ("POST", "{RUN}/succeed", {"lease": "\u00e9t\u00e9-lease-123"}, 409, "lease_conflict"),
-    ("POST", "{RUN}/fail", {"reason": "crash", "lease": "\u00e9t\u00e9-lease-1"}, 409,
-     "lease_conflict"),
-    ("POST", "{RUN}/uploads", {"name": "x.bin", "lease": "\u00e9t\u00e9-lease-123"}, 409,
-     "lease_conflict"),
+    (
+        "POST",
+        "{RUN}/fail",
+        {"reason": "crash", "lease": "\u00e9t\u00e9-lease-1"},
+        409,
+        "lease_conflict",
+    ),
+    (
+        "POST",
+        "{RUN}/uploads",
+        {"name": "x.bin", "lease": "\u00e9t\u00e9-lease-123"},
+        409,
+        "lease_conflict",
+    ),
     # NUL characters (PostgreSQL text cannot hold them) anywhere in a body
     ("POST", "{RUN}/heartbeat", {"lease": "a\u0000b"}, 400, "invalid_request"),
-    ("POST", "{RUN}/fail", {"reason": "crash", "lease": "{LEASE}", "message": "m\u0000"}, 400,
-     "invalid_request"),
+    (
+        "POST",
+        "{RUN}/fail",
+        {"reason": "crash", "lease": "{LEASE}", "message": "m\u0000"},
+        400,
+        "invalid_request",
+    ),
     ("POST", "{PENDING}/start", {"holder": "h\u0000"}, 400, "invalid_request"),
-    ("POST", "{PENDING}/fail", {"reason": "abandoned", "message": "\u0000"}, 400,
-     "invalid_request"),
+    (
+        "POST",
+        "{PENDING}/fail",
+        {"reason": "abandoned", "message": "\u0000"},
+        400,
+        "invalid_request",
+    ),
     ("POST", "{RUN}/uploads", {"name": "x.bin", "lease": "a\u0000b"}, 400, "invalid_request"),
-    ("POST", "/v1/experiments", {"name": "other", "experiment_id": "{E}"}, 409,
-     "already_exists"),
+    ("POST", "/v1/experiments", {"name": "other", "experiment_id": "{E}"}, 409, "already_exists"),
 ]
 
 
 def _fill(value: Any, world: World) -> Any:
     if isinstance(value, str):
-        return (value.replace("{RUN}", world.run).replace("{PENDING}", world.pending)
-                .replace("{E}", world.eid).replace("{U}", world.upload_id)
-                .replace("{LEASE}", world.lease))
+        return (
+            value.replace("{RUN}", world.run)
+            .replace("{PENDING}", world.pending)
+            .replace("{E}", world.eid)
+            .replace("{U}", world.upload_id)
+            .replace("{LEASE}", world.lease)
+        )
     if isinstance(value, dict):
         return {k: _fill(v, world) for k, v in value.items()}
     return value
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "code"), CASES,
-                         ids=[f"{m} {p} {json.dumps(b)[:40] if b is not None else ''}".strip()
-                              for m, p, b, _, _ in CASES])
-def test_bad_request(world: World, method: str, path: str, body: Any, status: int,
-                     code: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    CASES,
+    ids=[
+        f"{m} {p} {json.dumps(b)[:40] if b is not None else ''}".strip() for m, p, b, _, _ in CASES
+    ],
+)
+def test_bad_request(
+    world: World, method: str, path: str, body: Any, status: int, code: str
+) -> None:
     before = world.snapshot()
     data = json.dumps(_fill(body, world)).encode() if body is not None else None
     headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -269,25 +362,51 @@ def test_bad_request(world: World, method: str, path: str, body: Any, status: in
     assert world.snapshot() == before  # ... which also shows the server still serving
 
 
-BAD_ASSET_NAMES = ["../escape.bin", "a/../../escape.bin", "/etc/passwd", "a\\b.bin",
-                   "nul\x00byte", "a//b", "./a", "a/./b", "a/", "", "x" * 1025,
-                   "seg" + "y" * 256 + "/z", "ctrl\x07char", ".."]
+BAD_ASSET_NAMES = [
+    "../escape.bin",
+    "a/../../escape.bin",
+    "/etc/passwd",
+    "a\\b.bin",
+    "nul\x00byte",
+    "a//b",
+    "./a",
+    "a/./b",
+    "a/",
+    "",
+    "x" * 1025,
+    "seg" + "y" * 256 + "/z",
+    "ctrl\x07char",
+    "..",
+]
 
 
 @pytest.mark.parametrize("name", BAD_ASSET_NAMES, ids=repr)
 def test_bad_asset_names_refused_by_begin_upload(world: World, name: str) -> None:
     before = world.snapshot()
-    error = assert_error(world.api.post(f"{world.run}/uploads",
-                                        json={"name": name, "lease": world.lease}),
-                         400, "invalid_request")
+    error = assert_error(
+        world.api.post(f"{world.run}/uploads", json={"name": name, "lease": world.lease}),
+        400,
+        "invalid_request",
+    )
     assert error["field"] == "name"
     assert world.snapshot() == before
 
 
-@pytest.mark.parametrize("raw_name", [
-    "../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "..%2F..%2Fetc%2Fpasswd",
-    "%2Fetc%2Fpasswd", "/etc/passwd", "a%5Cb", "nul%00byte", "a/./b", "a//b", "%2e%2e",
-])
+@pytest.mark.parametrize(
+    "raw_name",
+    [
+        "../../../etc/passwd",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "/etc/passwd",
+        "a%5Cb",
+        "nul%00byte",
+        "a/./b",
+        "a//b",
+        "%2e%2e",
+    ],
+)
 def test_bad_asset_names_refused_by_download(world: World, raw_name: str) -> None:
     before = world.snapshot()
     check_raw(raw(world.url, "GET", f"{world.run}/assets/{raw_name}"), 400, "invalid_request")
@@ -316,10 +435,8 @@ MALFORMED_BODIES = {
     "number": b"12",
     "null": b"null",
     "true": b"true",
-    "deeply nested": b'{"name": "x", "variations": [' + b"[" * 30_000 + b"]" * 30_000
-                     + b"]}",
-    "nested config": b'{"name": "x", "variations": [' + b'{"a":' * 70 + b"1" + b"}" * 70
-                     + b"]}",
+    "deeply nested": b'{"name": "x", "variations": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}",
+    "nested config": b'{"name": "x", "variations": [' + b'{"a":' * 70 + b"1" + b"}" * 70 + b"]}",
     "huge integer": b'{"name": "x", "variations": [{"a": ' + b"9" * 5000 + b"}]}",
     "NaN": b'{"name": "x", "variations": [{"a": NaN}]}',
     "Infinity": b'{"name": "x", "resume": -Infinity}',
@@ -340,16 +457,20 @@ def test_deep_nesting_under_the_size_limit(world: World) -> None:
     before = world.snapshot()
     depth = JSON_LIMIT // 2 - 100
     body = b"[" * depth + b"]" * depth
-    error = check_raw(raw(world.url, "POST", "/v1/experiments", body,
-                          {"Content-Type": "application/json"}), 400, "invalid_request")
+    error = check_raw(
+        raw(world.url, "POST", "/v1/experiments", body, {"Content-Type": "application/json"}),
+        400,
+        "invalid_request",
+    )
     assert "nested" in error["message"] or "object" in error["message"]
     assert world.snapshot() == before
 
 
 def test_wrong_content_type(world: World) -> None:
     before = world.snapshot()
-    answer = raw(world.url, "POST", "/v1/experiments", b'{"name": "x"}',
-                 {"Content-Type": "text/plain"})
+    answer = raw(
+        world.url, "POST", "/v1/experiments", b'{"name": "x"}', {"Content-Type": "text/plain"}
+    )
     error = check_raw(answer, 400, "invalid_request")
     assert "application/json" in error["message"]
     assert world.snapshot() == before
@@ -359,37 +480,63 @@ def test_oversized_json_body(world: World) -> None:
     before = world.snapshot()
     big = json.dumps({"name": "big", "variations": [{"pad": "x" * JSON_LIMIT}]}).encode()
     # With a Content-Length: refused before reading.
-    check_raw(raw(world.url, "POST", "/v1/experiments", big,
-                  {"Content-Type": "application/json"}), 413, "payload_too_large")
+    check_raw(
+        raw(world.url, "POST", "/v1/experiments", big, {"Content-Type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
     # Chunked (no Content-Length): refused while reading.
-    pieces = [big[i:i + 8192] for i in range(0, len(big), 8192)]
-    check_raw(raw(world.url, "POST", "/v1/experiments", headers={
-        "Content-Type": "application/json"}, chunks=pieces), 413, "payload_too_large")
+    pieces = [big[i : i + 8192] for i in range(0, len(big), 8192)]
+    check_raw(
+        raw(
+            world.url,
+            "POST",
+            "/v1/experiments",
+            headers={"Content-Type": "application/json"},
+            chunks=pieces,
+        ),
+        413,
+        "payload_too_large",
+    )
     # Exactly at the limit is fine (and then refused for what it says, not for its size).
     at_limit = b'{"name": "' + b"n" * (JSON_LIMIT - 12) + b'"}'
     assert len(at_limit) == JSON_LIMIT
-    check_raw(raw(world.url, "POST", "/v1/experiments", at_limit,
-                  {"Content-Type": "application/json"}), 400, "invalid_request")
+    check_raw(
+        raw(world.url, "POST", "/v1/experiments", at_limit, {"Content-Type": "application/json"}),
+        400,
+        "invalid_request",
+    )
     assert world.snapshot() == before
 
 
 def test_oversized_chunk(world: World) -> None:
     api = world.api
-    uid = api.ok("POST", f"{world.run}/uploads", 201,
-                 json={"name": "big.bin", "lease": world.lease})["upload_id"]
+    uid = api.ok(
+        "POST", f"{world.run}/uploads", 201, json={"name": "big.bin", "lease": world.lease}
+    )["upload_id"]
     before = world.snapshot()
     too_big = b"z" * (CHUNK_LIMIT + 1)
     # Declared too large: refused before a byte is stored.
-    answer = raw(world.url, "PUT", f"/v1/uploads/{uid}?offset=0", too_big,
-                 {"Content-Type": "application/octet-stream"})
+    answer = raw(
+        world.url,
+        "PUT",
+        f"/v1/uploads/{uid}?offset=0",
+        too_big,
+        {"Content-Type": "application/octet-stream"},
+    )
     error = check_raw(answer, 413, "payload_too_large")
     assert error["limit"] == CHUNK_LIMIT
     assert api.ok("GET", f"/v1/uploads/{uid}")["offset"] == 0
     # Chunked: refused once the limit is passed; what came before is kept, as after a cut,
     # and the upload goes on from the offset the server reports.
-    pieces = [too_big[i:i + 65536] for i in range(0, len(too_big), 65536)]
-    answer = raw(world.url, "PUT", f"/v1/uploads/{uid}?offset=0",
-                 headers={"Content-Type": "application/octet-stream"}, chunks=pieces)
+    pieces = [too_big[i : i + 65536] for i in range(0, len(too_big), 65536)]
+    answer = raw(
+        world.url,
+        "PUT",
+        f"/v1/uploads/{uid}?offset=0",
+        headers={"Content-Type": "application/octet-stream"},
+        chunks=pieces,
+    )
     check_raw(answer, 413, "payload_too_large")
     offset = api.ok("GET", f"/v1/uploads/{uid}")["offset"]
     assert 0 <= offset <= CHUNK_LIMIT
@@ -403,9 +550,11 @@ def test_bad_content_length(world: World) -> None:
     # http.client would not send a length that does not match its body).
     address = urlsplit(world.url)
     with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/experiments HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 99999999999999\r\n"
-                     b"\r\n{}")
+        sock.sendall(
+            b"POST /v1/experiments HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 99999999999999\r\n"
+            b"\r\n{}"
+        )
         reply = http.client.HTTPResponse(sock)
         reply.begin()
         body = reply.read()
@@ -418,4 +567,4 @@ def test_no_server_error_was_logged(world: World, limited_server: Any) -> None:
     assert world.api.ok("GET", "/v1/health")["status"] == "ok"
     output = limited_server.output()
     assert "Traceback" not in output
-    assert '" 500' not in output and "HTTP/1.1\" 5" not in output
+    assert '" 500' not in output and 'HTTP/1.1" 5' not in output

@@ -13,8 +13,7 @@ from server_helpers import Api
 WORKERS = 8
 
 
-def _start_worker(url: str, path: str, body: dict[str, Any], barrier: Any,
-                  results: Any) -> None:
+def _start_worker(url: str, path: str, body: dict[str, Any], barrier: Any, results: Any) -> None:
     """One worker process: wait for the others, then start the run once."""
     with requests.Session() as session:
         session.get(f"{url}/v1/health", timeout=30)  # connect before the barrier
@@ -23,15 +22,17 @@ def _start_worker(url: str, path: str, body: dict[str, Any], barrier: Any,
         results.put((resp.status_code, resp.json()))
 
 
-def _create_runs_worker(url: str, experiment_id: str, count: int, barrier: Any,
-                        results: Any) -> None:
+def _create_runs_worker(
+    url: str, experiment_id: str, count: int, barrier: Any, results: Any
+) -> None:
     numbers = []
     with requests.Session() as session:
         session.get(f"{url}/v1/health", timeout=30)
         barrier.wait(timeout=60)
         for _ in range(count):
-            resp = session.post(f"{url}/v1/experiments/{experiment_id}/variations/0/runs",
-                                timeout=60)
+            resp = session.post(
+                f"{url}/v1/experiments/{experiment_id}/variations/0/runs", timeout=60
+            )
             numbers.append((resp.status_code, resp.json().get("run")))
     results.put(numbers)
 
@@ -40,8 +41,7 @@ def _race(target: Any, args_for: Any, n: int) -> list[Any]:
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(n)
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args_for(i), barrier, results))
-             for i in range(n)]
+    procs = [ctx.Process(target=target, args=(*args_for(i), barrier, results)) for i in range(n)]
     for proc in procs:
         proc.start()
     out = [results.get(timeout=120) for _ in procs]
@@ -69,16 +69,21 @@ def test_concurrent_start_gives_exactly_one_lease(api: Api, server: Any) -> None
 
 def test_concurrent_resume_leaves_exactly_one_valid_lease(api: Api, server: Any) -> None:
     path, first = api.started()
-    results = _race(_start_worker,
-                    lambda i: (server.url, path, {"resume": True, "holder": f"r{i}"}), WORKERS)
+    results = _race(
+        _start_worker, lambda i: (server.url, path, {"resume": True, "holder": f"r{i}"}), WORKERS
+    )
     assert all(status == 200 for status, _ in results), results  # each takes it over in turn
     leases = [body["lease"] for _, body in results] + [first]
     assert len(set(leases)) == len(leases)
-    valid = [lease for lease in leases
-             if api.post(f"{path}/heartbeat", json={"lease": lease}).status_code == 200]
+    valid = [
+        lease
+        for lease in leases
+        if api.post(f"{path}/heartbeat", json={"lease": lease}).status_code == 200
+    ]
     assert len(valid) == 1
     assert api.ok("GET", path)["lease_holder"] == next(
-        body["lease_holder"] for _, body in results if body["lease"] == valid[0])
+        body["lease_holder"] for _, body in results if body["lease"] == valid[0]
+    )
 
 
 def test_concurrent_create_run_gives_distinct_numbers(api: Api, server: Any) -> None:
@@ -99,8 +104,12 @@ def test_many_concurrent_heartbeats(api: Api, server: Any) -> None:
     def beat(item: tuple[str, str]) -> list[int]:
         path, lease = item
         with requests.Session() as session:
-            return [session.post(f"{server.url}{path}/heartbeat", json={"lease": lease},
-                                 timeout=60).status_code for _ in range(10)]
+            return [
+                session.post(
+                    f"{server.url}{path}/heartbeat", json={"lease": lease}, timeout=60
+                ).status_code
+                for _ in range(10)
+            ]
 
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
         statuses = [s for batch in pool.map(beat, runs) for s in batch]

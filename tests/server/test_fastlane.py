@@ -37,8 +37,9 @@ class _Served:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         app = create_app(store, sweep_interval=3600, **options)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -83,10 +84,13 @@ def _twin_runs(store: Store) -> dict[str, tuple[str, int, int, str | None]]:
 
 def _cases(runs: dict[str, tuple[str, int, int, str | None]]) -> list[tuple[str, bytes, dict]]:
     """(path, body, headers): well-formed heartbeats and everything the lane must decline."""
+
     def path(name: str, variation: Any = None, run: Any = None) -> str:
         e, v, r, _ = runs[name]
-        return f"/v1/runs/{e}/{v if variation is None else variation}/" \
-               f"{r if run is None else run}/heartbeat"
+        return (
+            f"/v1/runs/{e}/{v if variation is None else variation}/"
+            f"{r if run is None else run}/heartbeat"
+        )
 
     def body(value: Any) -> bytes:
         return json.dumps(value).encode()
@@ -98,10 +102,16 @@ def _cases(runs: dict[str, tuple[str, int, int, str | None]]) -> list[tuple[str,
         (path("live"), body({"lease": lease, "progress": {"step": 1, "epoch": 0}}), js),
         (path("live"), body({"lease": lease}), js),
         (path("live"), body({"lease": lease, "progress": None, "extra": 1}), js),
-        (path("live"), body({"lease": lease, "progress": {"step": 2}}),
-         {"Content-Type": "application/json; charset=utf-8"}),
-        (path("live"), body({"lease": lease, "progress": {"step": 3}}),
-         {"Content-Type": "text/plain"}),
+        (
+            path("live"),
+            body({"lease": lease, "progress": {"step": 2}}),
+            {"Content-Type": "application/json; charset=utf-8"},
+        ),
+        (
+            path("live"),
+            body({"lease": lease, "progress": {"step": 3}}),
+            {"Content-Type": "text/plain"},
+        ),
         (path("live"), body({"lease": lease, "progress": {"step": 4}}), {}),
         (path("live"), b"", {}),
         (path("live"), b"", js),
@@ -112,8 +122,11 @@ def _cases(runs: dict[str, tuple[str, int, int, str | None]]) -> list[tuple[str,
         (path("live"), body({"lease": lease, "progress": [1, 2]}), js),
         (path("live"), body({"lease": lease, "progress": {"step": [1]}}), js),
         (path("live"), body({"lease": lease, "progress": {f"k{i}": i for i in range(40)}}), js),
-        (path("live"), body({"lease": lease, "progress": {"step": 1e400}}).replace(
-            b"Infinity", b"1e400"), js),
+        (
+            path("live"),
+            body({"lease": lease, "progress": {"step": 1e400}}).replace(b"Infinity", b"1e400"),
+            js,
+        ),
         (path("live", variation="007"), body({"lease": lease}), js),
         (path("live", variation=2**31), body({"lease": lease}), js),
         (path("live", run=10**20), body({"lease": lease}), js),
@@ -142,14 +155,20 @@ def _normalised(resp: requests.Response, runs: dict[str, tuple]) -> tuple[int, A
         data["error"]["message"] = message
         data["error"].pop("experiment_id", None)
         return resp.status_code, data
-    for key in ("experiment_id", "created_at", "started_at", "last_heartbeat_at",
-                "progress_at", "ended_at", "lease_holder"):
+    for key in (
+        "experiment_id",
+        "created_at",
+        "started_at",
+        "last_heartbeat_at",
+        "progress_at",
+        "ended_at",
+        "lease_holder",
+    ):
         data.pop(key, None)
     return resp.status_code, data
 
 
-def test_lane_answers_exactly_as_the_route(store: Store,
-                                           servers: tuple[_Served, _Served]) -> None:
+def test_lane_answers_exactly_as_the_route(store: Store, servers: tuple[_Served, _Served]) -> None:
     lane, route = servers
     twins = [_twin_runs(store), _twin_runs(store)]
     for run in (twins[0]["lost"], twins[1]["lost"]):
@@ -173,14 +192,14 @@ def test_lane_answers_exactly_as_the_route(store: Store,
     # The lane did the happy path: the lost run is running again, through the exact path.
     lost = twins[0]["lost"]
     assert store.get_run(*lost[:3]).state is RunState.RUNNING
-    edges = [(e.from_state, e.to_state) for e in store.events(*lost[:3])
-             if e.kind == "transition"]
+    edges = [(e.from_state, e.to_state) for e in store.events(*lost[:3]) if e.kind == "transition"]
     assert edges[-2:] == [("running", "lost"), ("lost", "running")]
     assert is_valid_path(edges)
 
 
-def test_concurrent_heartbeats_each_get_their_own_record(store: Store,
-                                                        servers: tuple[_Served, _Served]) -> None:
+def test_concurrent_heartbeats_each_get_their_own_record(
+    store: Store, servers: tuple[_Served, _Served]
+) -> None:
     lane, _ = servers
     exp = store.create_experiment("many", [{}]).experiment_id
     runs = []
@@ -190,16 +209,27 @@ def test_concurrent_heartbeats_each_get_their_own_record(store: Store,
     asset_run, asset_lease = runs[0]
     import hashlib
     import io
-    store.put_asset(exp, 0, asset_run, "x.bin", io.BytesIO(b"x"),
-                    hashlib.sha256(b"x").hexdigest(), lease=asset_lease)
+
+    store.put_asset(
+        exp,
+        0,
+        asset_run,
+        "x.bin",
+        io.BytesIO(b"x"),
+        hashlib.sha256(b"x").hexdigest(),
+        lease=asset_lease,
+    )
 
     def beat(item: tuple[int, str]) -> list[tuple[int, int, int]]:
         number, lease = item
         out = []
         with requests.Session() as http:
             for step in range(25):
-                resp = http.post(f"{lane.url}/v1/runs/{exp}/0/{number}/heartbeat",
-                                 json={"lease": lease, "progress": {"step": step}}, timeout=60)
+                resp = http.post(
+                    f"{lane.url}/v1/runs/{exp}/0/{number}/heartbeat",
+                    json={"lease": lease, "progress": {"step": step}},
+                    timeout=60,
+                )
                 assert resp.status_code == 200, resp.text
                 data = resp.json()
                 out.append((data["run"], data["progress"]["step"], data["asset_count"]))
@@ -208,11 +238,13 @@ def test_concurrent_heartbeats_each_get_their_own_record(store: Store,
     with ThreadPoolExecutor(len(runs)) as pool:
         results = list(pool.map(beat, runs))
     for (number, _), answers in zip(runs, results, strict=True):
-        assert answers == [(number, step, 1 if number == asset_run else 0)
-                           for step in range(25)]
+        assert answers == [(number, step, 1 if number == asset_run else 0) for step in range(25)]
         info = store.get_run(exp, 0, number)
         assert info.state is RunState.RUNNING and info.progress == {"step": 24}
     # A stale lease in the middle of the crowd is refused alone.
-    resp = requests.post(f"{lane.url}/v1/runs/{exp}/0/{runs[1][0]}/heartbeat",
-                         json={"lease": "stale-lease-123"}, timeout=30)
+    resp = requests.post(
+        f"{lane.url}/v1/runs/{exp}/0/{runs[1][0]}/heartbeat",
+        json={"lease": "stale-lease-123"},
+        timeout=30,
+    )
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "lease_conflict"

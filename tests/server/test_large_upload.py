@@ -85,16 +85,20 @@ def test_2gib_upload_keeps_server_memory_flat(server_factory: Any, tmp_path: Pat
     path, lease = api.started()
     api.upload(path, "warmup.bin", b"w" * (3 * MiB), lease)  # imports, pools, threads
     baseline = psutil.Process(server.proc.pid).memory_info().rss
-    uid = api.ok("POST", f"{path}/uploads", 201,
-                 json={"name": "big.bin", "size": SIZE, "lease": lease})["upload_id"]
+    uid = api.ok(
+        "POST", f"{path}/uploads", 201, json={"name": "big.bin", "size": SIZE, "lease": lease}
+    )["upload_id"]
     server_process = psutil.Process(server.proc.pid)
     cpu_before = server_process.cpu_times()
     session = requests.Session()
     # The client reads the next chunk (into a reused buffer) while it sends the current one,
     # as a good client does, so that the figure measures the server rather than the client.
     buffers = [bytearray(CHUNK), bytearray(CHUNK)]
-    with PeakRss(server.proc.pid) as upload_rss, source.open("rb", buffering=0) as fh, \
-            concurrent.futures.ThreadPoolExecutor(1) as reader:
+    with (
+        PeakRss(server.proc.pid) as upload_rss,
+        source.open("rb", buffering=0) as fh,
+        concurrent.futures.ThreadPoolExecutor(1) as reader,
+    ):
         t0 = time.perf_counter()
         offset = 0
         pending = reader.submit(fh.readinto, buffers[0])
@@ -104,14 +108,16 @@ def test_2gib_upload_keeps_server_memory_flat(server_factory: Any, tmp_path: Pat
                 break
             current = buffers[index % 2]
             pending = reader.submit(fh.readinto, buffers[(index + 1) % 2])
-            resp = session.put(f"{server.url}/v1/uploads/{uid}", params={"offset": offset},
-                               data=current if size == CHUNK else bytes(current[:size]),
-                               timeout=600)
+            resp = session.put(
+                f"{server.url}/v1/uploads/{uid}",
+                params={"offset": offset},
+                data=current if size == CHUNK else bytes(current[:size]),
+                timeout=600,
+            )
             assert resp.status_code == 200, resp.text
             offset += size
             assert resp.json()["offset"] == offset
-        asset = api.ok("POST", f"/v1/uploads/{uid}/complete", json={"sha256": digest},
-                       timeout=600)
+        asset = api.ok("POST", f"/v1/uploads/{uid}/complete", json={"sha256": digest}, timeout=600)
         upload_seconds = time.perf_counter() - t0
     cpu_after = server_process.cpu_times()
     server_cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)

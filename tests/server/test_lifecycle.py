@@ -31,8 +31,11 @@ CLIENT_ACTIONS: dict[Action, tuple[str, Callable[[str | None], dict[str, Any]]]]
     Action.FAIL_ABANDONED: ("fail", lambda lease: {"reason": "abandoned"}),
 }
 #: The terminal state an action leads to, for idempotent repeats.
-REPEATS = {Action.SUCCEED: RunState.SUCCEEDED, Action.FAIL_CRASH: RunState.FAILED_CRASH,
-           Action.FAIL_ABANDONED: RunState.FAILED_ABANDONED}
+REPEATS = {
+    Action.SUCCEED: RunState.SUCCEEDED,
+    Action.FAIL_CRASH: RunState.FAILED_CRASH,
+    Action.FAIL_ABANDONED: RunState.FAILED_ABANDONED,
+}
 
 
 def expected(action: Action, state: RunState) -> RunState | None:
@@ -48,8 +51,9 @@ def events_of(api: Api, path: str) -> list[dict[str, Any]]:
 
 
 def assert_valid_log(api: Api, path: str) -> None:
-    edges = [(e["from_state"], e["to_state"]) for e in events_of(api, path)
-             if e["kind"] == "transition"]
+    edges = [
+        (e["from_state"], e["to_state"]) for e in events_of(api, path) if e["kind"] == "transition"
+    ]
     assert is_valid_path(edges), edges
 
 
@@ -63,8 +67,9 @@ def wait_for_state(api: Api, path: str, state: str, timeout: float = 30.0) -> di
         time.sleep(0.05)
 
 
-def apply_and_check(api: Api, path: str, lease: str | None, state: RunState,
-                    action: Action) -> None:
+def apply_and_check(
+    api: Api, path: str, lease: str | None, state: RunState, action: Action
+) -> None:
     route, body = CLIENT_ACTIONS[action]
     before = events_of(api, path)
     resp = api.post(f"{path}/{route}", json=body(lease))
@@ -106,8 +111,13 @@ def make_run_in(api: Api, state: RunState) -> tuple[str, str | None]:
     return path, lease
 
 
-DIRECT_STATES = [RunState.PENDING, RunState.RUNNING, RunState.SUCCEEDED,
-                 RunState.FAILED_CRASH, RunState.FAILED_ABANDONED]
+DIRECT_STATES = [
+    RunState.PENDING,
+    RunState.RUNNING,
+    RunState.SUCCEEDED,
+    RunState.FAILED_CRASH,
+    RunState.FAILED_ABANDONED,
+]
 
 
 @pytest.mark.parametrize("state", DIRECT_STATES, ids=str)
@@ -117,8 +127,9 @@ def test_transition_table(api: Api, state: RunState, action: Action) -> None:
     apply_and_check(api, path, lease, state, action)
 
 
-@pytest.mark.parametrize("action", [Action.SUCCEED, Action.FAIL_CRASH,
-                                    Action.FAIL_ABANDONED], ids=str)
+@pytest.mark.parametrize(
+    "action", [Action.SUCCEED, Action.FAIL_CRASH, Action.FAIL_ABANDONED], ids=str
+)
 def test_terminal_repeat_is_idempotent_and_others_refused(api: Api, action: Action) -> None:
     path, lease = make_run_in(api, RunState.RUNNING)
     route, body = CLIENT_ACTIONS[action]
@@ -127,8 +138,9 @@ def test_terminal_repeat_is_idempotent_and_others_refused(api: Api, action: Acti
         assert api.ok("POST", f"{path}/{route}", json=body(lease)) == first
     for other, (other_route, other_body) in CLIENT_ACTIONS.items():
         if other is not action and REPEATS.get(other) is not RunState(first["state"]):
-            assert_error(api.post(f"{path}/{other_route}", json=other_body(lease)), 409,
-                         "invalid_transition")
+            assert_error(
+                api.post(f"{path}/{other_route}", json=other_body(lease)), 409, "invalid_transition"
+            )
     assert api.ok("GET", path) == first
     assert len([e for e in events_of(api, path) if e["to_state"] == first["state"]]) == 1
 
@@ -136,8 +148,9 @@ def test_terminal_repeat_is_idempotent_and_others_refused(api: Api, action: Acti
 def test_heartbeat_to_terminal_run_tells_the_state(api: Api) -> None:
     path, lease = make_run_in(api, RunState.RUNNING)
     api.ok("POST", f"{path}/fail", json={"reason": "abandoned"})  # an operator cancels
-    error = assert_error(api.post(f"{path}/heartbeat", json={"lease": lease}), 409,
-                         "invalid_transition")
+    error = assert_error(
+        api.post(f"{path}/heartbeat", json={"lease": lease}), 409, "invalid_transition"
+    )
     assert error["state"] == "failed_abandoned"
     assert "cancelled" in error["message"]
 
@@ -145,8 +158,9 @@ def test_heartbeat_to_terminal_run_tells_the_state(api: Api) -> None:
 def test_fail_records_reason_and_bounded_message(api: Api) -> None:
     path, lease = make_run_in(api, RunState.RUNNING)
     message = "Traceback (most recent call last):\n" + "x" * 200_000 + "\nValueError: end"
-    info = api.ok("POST", f"{path}/fail",
-                  json={"reason": "crash", "message": message, "lease": lease})
+    info = api.ok(
+        "POST", f"{path}/fail", json={"reason": "crash", "message": message, "lease": lease}
+    )
     assert info["reason"] == "crash"
     assert info["message"].endswith("ValueError: end")
     assert len(info["message"].encode()) <= 64 * 1024
@@ -157,29 +171,38 @@ def test_leases(api: Api) -> None:
     path, lease_a = make_run_in(api, RunState.RUNNING)
     # A second worker cannot start it, nor act under another or no lease.
     assert_error(api.post(f"{path}/start", json={"holder": "b"}), 409, "invalid_transition")
-    for route, body in [("heartbeat", {"lease": "someone-elses-lease"}), ("heartbeat", {}),
-                        ("succeed", {"lease": "someone-elses-lease"}), ("succeed", None),
-                        ("fail", {"reason": "crash", "lease": "someone-elses-lease"}),
-                        ("fail", {"reason": "crash"})]:
+    for route, body in [
+        ("heartbeat", {"lease": "someone-elses-lease"}),
+        ("heartbeat", {}),
+        ("succeed", {"lease": "someone-elses-lease"}),
+        ("succeed", None),
+        ("fail", {"reason": "crash", "lease": "someone-elses-lease"}),
+        ("fail", {"reason": "crash"}),
+    ]:
         error = assert_error(api.post(f"{path}/{route}", json=body), 409, "lease_conflict")
         assert error["state"] == "running"
     assert_error(api.post(f"{path}/uploads", json={"name": "x.bin"}), 409, "lease_conflict")
-    assert_error(api.post(f"{path}/uploads", json={"name": "x.bin", "lease": "wrong-lease-1"}),
-                 409, "lease_conflict")
+    assert_error(
+        api.post(f"{path}/uploads", json={"name": "x.bin", "lease": "wrong-lease-1"}),
+        409,
+        "lease_conflict",
+    )
     assert api.state(path) == "running"
 
     # Takeover by resume: the new lease works, the stale one is refused.
     taken = api.ok("POST", f"{path}/start", json={"resume": True, "holder": "worker-b"})
     lease_b = taken["lease"]
     assert lease_b != lease_a and taken["lease_holder"] == "worker-b"
-    error = assert_error(api.post(f"{path}/heartbeat", json={"lease": lease_a}), 409,
-                         "lease_conflict")
+    error = assert_error(
+        api.post(f"{path}/heartbeat", json={"lease": lease_a}), 409, "lease_conflict"
+    )
     assert "worker-b" in error["message"]
     assert_error(api.post(f"{path}/succeed", json={"lease": lease_a}), 409, "lease_conflict")
     api.ok("POST", f"{path}/heartbeat", json={"lease": lease_b})
     # Anyone authorised may cancel: no lease needed.
-    assert api.ok("POST", f"{path}/fail", json={"reason": "abandoned"})["state"] == \
-        "failed_abandoned"
+    assert (
+        api.ok("POST", f"{path}/fail", json={"reason": "abandoned"})["state"] == "failed_abandoned"
+    )
     causes = [e["cause"] for e in events_of(api, path)]
     assert causes == ["create", "start", "resume", "fail_abandoned"]
 
@@ -195,8 +218,12 @@ def watchdog_server(module_server_factory: Any, module_store_factory: Any) -> It
     """A server with a 1 s heartbeat timeout, a 3 s recovery window and a 1 s stall timeout,
     on its own database
     (its watchdog must not touch the runs of the module's other server)."""
-    process = module_server_factory(store_url=module_store_factory(), heartbeat_timeout=1.0,
-                                    lost_grace=3.0, extra_args=["--stall-timeout", "1"])
+    process = module_server_factory(
+        store_url=module_store_factory(),
+        heartbeat_timeout=1.0,
+        lost_grace=3.0,
+        extra_args=["--stall-timeout", "1"],
+    )
     yield process
     process.stop()
 
@@ -212,14 +239,21 @@ def test_watchdog_lost_then_back_to_running(wapi: Api, watchdog_server: Any) -> 
     path, lease = wapi.started()
     lost = wait_for_state(wapi, path, "lost")
     assert lost["ended_at"] is None
-    assert [r["run"] for r in wapi.ok("GET", "/v1/runs", params={
-        "experiment_id": path.split("/")[3], "state": "lost"})["runs"]] == [0]
+    assert [
+        r["run"]
+        for r in wapi.ok(
+            "GET", "/v1/runs", params={"experiment_id": path.split("/")[3], "state": "lost"}
+        )["runs"]
+    ] == [0]
     back = wapi.ok("POST", f"{path}/heartbeat", json={"lease": lease})
     assert back["state"] == "running"
-    transitions = [(e["from_state"], e["to_state"], e["cause"])
-                   for e in events_of(wapi, path)]
-    assert transitions == [(None, "pending", "create"), ("pending", "running", "start"),
-                           ("running", "lost", "watchdog"), ("lost", "running", "heartbeat")]
+    transitions = [(e["from_state"], e["to_state"], e["cause"]) for e in events_of(wapi, path)]
+    assert transitions == [
+        (None, "pending", "create"),
+        ("pending", "running", "start"),
+        ("running", "lost", "watchdog"),
+        ("lost", "running", "heartbeat"),
+    ]
     assert_valid_log(wapi, path)
 
 
@@ -232,7 +266,8 @@ def test_transition_table_from_lost(wapi: Api) -> None:
 
 
 def test_watchdog_expires_lost_runs_and_terminal_states_never_change(
-        wapi: Api, watchdog_server: Any) -> None:
+    wapi: Api, watchdog_server: Any
+) -> None:
     expiring, lease = wapi.started()
     done, done_lease = wapi.started()
     wapi.ok("POST", f"{done}/succeed", json={"lease": done_lease})
@@ -250,8 +285,9 @@ def test_watchdog_expires_lost_runs_and_terminal_states_never_change(
     assert states == ["pending", "running", "lost", "failed_lost"]
     for action in CLIENT_ACTIONS:
         route, body = CLIENT_ACTIONS[action]
-        error = assert_error(wapi.post(f"{expiring}/{route}", json=body(lease)), 409,
-                             "invalid_transition")
+        error = assert_error(
+            wapi.post(f"{expiring}/{route}", json=body(lease)), 409, "invalid_transition"
+        )
         assert error["state"] == "failed_lost"
     assert wapi.ok("GET", expiring) == info
     assert wapi.state(done) == "succeeded" and wapi.state(cancelled) == "failed_abandoned"
@@ -261,8 +297,11 @@ def test_watchdog_expires_lost_runs_and_terminal_states_never_change(
 
 def test_heartbeat_progress_and_stalled_flag(wapi: Api) -> None:
     path, lease = wapi.started()
-    info = wapi.ok("POST", f"{path}/heartbeat",
-                   json={"lease": lease, "progress": {"step": 1, "phase": "train"}})
+    info = wapi.ok(
+        "POST",
+        f"{path}/heartbeat",
+        json={"lease": lease, "progress": {"step": 1, "phase": "train"}},
+    )
     assert info["progress"] == {"step": 1, "phase": "train"} and info["stalled"] is False
     assert wapi.ok("GET", path)["progress"] == {"step": 1, "phase": "train"}
     # Beating without advancing: alive (never lost) but, after the stall timeout, stalled.
@@ -270,18 +309,33 @@ def test_heartbeat_progress_and_stalled_flag(wapi: Api) -> None:
     while not info["stalled"]:
         assert time.monotonic() < deadline, info
         time.sleep(0.2)
-        info = wapi.ok("POST", f"{path}/heartbeat",
-                       json={"lease": lease, "progress": {"step": 1, "phase": "train"}})
+        info = wapi.ok(
+            "POST",
+            f"{path}/heartbeat",
+            json={"lease": lease, "progress": {"step": 1, "phase": "train"}},
+        )
         assert info["state"] == "running"
     assert wapi.ok("GET", path)["stalled"] is True
-    advanced = wapi.ok("POST", f"{path}/heartbeat",
-                       json={"lease": lease, "progress": {"step": 2, "phase": "train"}})
+    advanced = wapi.ok(
+        "POST",
+        f"{path}/heartbeat",
+        json={"lease": lease, "progress": {"step": 2, "phase": "train"}},
+    )
     assert advanced["stalled"] is False and advanced["progress"]["step"] == 2
-    for bad in ([1, 2], {"nested": {"a": 1}}, {f"k{i}": i for i in range(17)}, "step=3",
-                {"step": True}, {"x" * 65: 1}, {"s": "y" * 65}):
-        error = assert_error(wapi.post(f"{path}/heartbeat",
-                                       json={"lease": lease, "progress": bad}),
-                             400, "invalid_request")
+    for bad in (
+        [1, 2],
+        {"nested": {"a": 1}},
+        {f"k{i}": i for i in range(17)},
+        "step=3",
+        {"step": True},
+        {"x" * 65: 1},
+        {"s": "y" * 65},
+    ):
+        error = assert_error(
+            wapi.post(f"{path}/heartbeat", json={"lease": lease, "progress": bad}),
+            400,
+            "invalid_request",
+        )
         assert error["field"] == "progress"
     assert wapi.ok("GET", path)["progress"] == {"step": 2, "phase": "train"}
     wapi.ok("POST", f"{path}/succeed", json={"lease": lease})

@@ -19,18 +19,30 @@ from chronicle_integrations.server import serve
 from chronicle_integrations.server.runner import is_loopback
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
-    ("localhost", True), ("0.0.0.0", False), ("::", False), ("", False), ("10.1.2.3", False),
-    ("192.168.0.10", False), ("no-such-host.invalid", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("10.1.2.3", False),
+        ("192.168.0.10", False),
+        ("no-such-host.invalid", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
-def test_serve_refuses_public_host_without_key(host: str, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_refuses_public_host_without_key(
+    host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CHRONICLE_API_KEY", raising=False)
     with pytest.raises(ConfigurationError, match="API key"):
         serve(host=host, port=0, home=tmp_path / "home")
@@ -39,12 +51,17 @@ def test_serve_refuses_public_host_without_key(host: str, tmp_path: Path,
     assert not (tmp_path / "home").exists()  # refused before touching anything
 
 
-def _run_main(*args: str, env: dict[str, str] | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run_main(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "CHRONICLE_API_KEY"}
-    return subprocess.run([sys.executable, "-m", "chronicle_integrations.server", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**base, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "chronicle_integrations.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, **(env or {})},
+    )
 
 
 def test_main_exits_2_on_public_host_without_key(tmp_path: Path) -> None:
@@ -79,8 +96,12 @@ def test_defaults_from_home_and_env_key(tmp_path: Path) -> None:
     env = dict(os.environ)
     env.update(CHRONICLE_HOME=str(home), CHRONICLE_API_KEY="env-key-123456")
     log = (tmp_path / "log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "chronicle_integrations.server", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chronicle_integrations.server", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -89,12 +110,17 @@ def test_defaults_from_home_and_env_key(tmp_path: Path) -> None:
                 requests.get(f"{url}/v1/health", timeout=2)
                 break
             except requests.ConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "log").read_text()
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "log"
+                ).read_text()
                 time.sleep(0.05)
         assert requests.get(f"{url}/v1/experiments", timeout=10).status_code == 401
-        resp = requests.post(f"{url}/v1/experiments", json={"name": "x"}, timeout=10,
-                             headers={"Authorization": "Bearer env-key-123456"})
+        resp = requests.post(
+            f"{url}/v1/experiments",
+            json={"name": "x"},
+            timeout=10,
+            headers={"Authorization": "Bearer env-key-123456"},
+        )
         assert resp.status_code == 201
         assert (home / "chronicle.db").is_file() and (home / "assets").is_dir()
     finally:

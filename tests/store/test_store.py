@@ -55,8 +55,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(store_url: str, tmp_path, clock: Clock) -> Store:
-    s = Store.open(store_url, tmp_path / "assets", heartbeat_timeout=TIMEOUT, lost_grace=GRACE,
-                   clock=clock)
+    s = Store.open(
+        store_url, tmp_path / "assets", heartbeat_timeout=TIMEOUT, lost_grace=GRACE, clock=clock
+    )
     yield s
     s.close()
 
@@ -101,10 +102,12 @@ def apply(store: Store, action: Action, key, lease):
 CLIENT_ACTIONS = [a for a in Action if not a.value.startswith("watchdog")]
 
 
-@pytest.mark.parametrize(("state", "action"), list(itertools.product(RunState, CLIENT_ACTIONS)),
-                         ids=lambda x: x.value)
-def test_every_row_of_the_transition_table(store: Store, clock: Clock, state: RunState,
-                                           action: Action) -> None:
+@pytest.mark.parametrize(
+    ("state", "action"), list(itertools.product(RunState, CLIENT_ACTIONS)), ids=lambda x: x.value
+)
+def test_every_row_of_the_transition_table(
+    store: Store, clock: Clock, state: RunState, action: Action
+) -> None:
     key, lease = make_run(store, clock, state)
     before = store.events(*key)
     target = TRANSITIONS[action].get(state)
@@ -189,8 +192,14 @@ def test_watchdog_lost_recovered_and_expired(store: Store, clock: Clock) -> None
     info = store.get_run(*key)
     assert info.state is RunState.FAILED_LOST and info.reason == "lost"
     edges = [(e.from_state, e.to_state) for e in store.events(*key)]
-    assert edges == [(None, "pending"), ("pending", "running"), ("running", "lost"),
-                     ("lost", "running"), ("running", "lost"), ("lost", "failed_lost")]
+    assert edges == [
+        (None, "pending"),
+        ("pending", "running"),
+        ("running", "lost"),
+        ("lost", "running"),
+        ("running", "lost"),
+        ("lost", "failed_lost"),
+    ]
     with pytest.raises(InvalidTransition):
         store.heartbeat(*key, lease)
 
@@ -257,12 +266,12 @@ def test_upload_resume_digest_and_atomic_replace(store: Store, clock: Clock) -> 
     key, lease = make_run(store, clock, RunState.RUNNING)
     data = os.urandom(3 * 2**20 + 17)
     status = store.begin_upload(*key, "dir/model.ckpt", size=len(data), lease=lease)
-    assert store.write_chunk(status.upload_id, 0, [data[:2**20]]).offset == 2**20
+    assert store.write_chunk(status.upload_id, 0, [data[: 2**20]]).offset == 2**20
     with pytest.raises(OffsetMismatch) as err:
         store.write_chunk(status.upload_id, 5, [data[5:10]])
     assert err.value.details["offset"] == 2**20
     assert store.list_assets(*key) == []  # not visible before completion
-    store.write_chunk(status.upload_id, 2**20, [data[2**20:]])
+    store.write_chunk(status.upload_id, 2**20, [data[2**20 :]])
     with pytest.raises(DigestMismatch):
         store.complete_upload(status.upload_id, "0" * 64)
     assert store.list_assets(*key) == []
@@ -295,8 +304,9 @@ def test_uploads_need_the_lease_and_valid_names(store: Store, clock: Clock) -> N
         with pytest.raises(InvalidRequest):
             store.begin_upload(*key, bad, lease=lease)
     with pytest.raises(InvalidRequest):
-        store.write_chunk(store.begin_upload(*key, "small", size=3, lease=lease).upload_id, 0,
-                          [b"toolong"])
+        store.write_chunk(
+            store.begin_upload(*key, "small", size=3, lease=lease).upload_id, 0, [b"toolong"]
+        )
 
 
 # -------------------------------------------------------------------- schema
@@ -340,8 +350,9 @@ def test_racing_starts_from_processes_give_one_lease(store_url: str, tmp_path) -
     with ctx.Manager() as manager:
         barrier = manager.Barrier(procs)
         with ctx.Pool(procs) as pool:
-            leases = pool.starmap(_race_start, [(store_url, str(tmp_path / "assets"), key,
-                                                 barrier)] * procs)
+            leases = pool.starmap(
+                _race_start, [(store_url, str(tmp_path / "assets"), key, barrier)] * procs
+            )
     winners = [x for x in leases if x]
     assert len(winners) == 1
     events = [e for e in store.events(*key) if e.to_state == "running"]
@@ -357,8 +368,9 @@ def test_racing_create_run_gives_distinct_numbers(store_url: str, tmp_path) -> N
     with ctx.Manager() as manager:
         barrier = manager.Barrier(procs)
         with ctx.Pool(procs) as pool:
-            numbers = pool.starmap(_race_create, [(store_url, str(tmp_path / "assets"), exp,
-                                                   each, barrier)] * procs)
+            numbers = pool.starmap(
+                _race_create, [(store_url, str(tmp_path / "assets"), exp, each, barrier)] * procs
+            )
     flat = sorted(itertools.chain.from_iterable(numbers))
     assert flat == list(range(procs * each))
     assert sorted(r.run for r in store.list_runs(exp)) == flat
@@ -367,9 +379,16 @@ def test_racing_create_run_gives_distinct_numbers(store_url: str, tmp_path) -> N
 
 # -------------------------------------------------------------------- progress (liveness)
 def test_progress_is_kept_and_a_run_that_stops_advancing_is_flagged_stalled(
-        store_url: str, tmp_path, clock: Clock) -> None:
-    store = Store.open(store_url, tmp_path / "assets", heartbeat_timeout=TIMEOUT,
-                       lost_grace=GRACE, stall_timeout=50.0, clock=clock)
+    store_url: str, tmp_path, clock: Clock
+) -> None:
+    store = Store.open(
+        store_url,
+        tmp_path / "assets",
+        heartbeat_timeout=TIMEOUT,
+        lost_grace=GRACE,
+        stall_timeout=50.0,
+        clock=clock,
+    )
     key, lease = make_run(store, clock, RunState.RUNNING)
     assert store.get_run(*key).progress is None and not store.get_run(*key).stalled
     store.heartbeat(*key, lease, {"step": 1, "epoch": 0})
@@ -416,21 +435,32 @@ def _twin_beats(store: Store, clock: Clock) -> tuple[list[tuple], list[tuple]]:
     missing lease, bad input. Lost and expired runs are made first: making them moves the
     clock, which must not age the others."""
     twins: tuple[list[tuple], list[tuple]] = ([], [])
-    order = [RunState.FAILED_LOST, RunState.LOST,
-             *(s for s in RunState if s not in (RunState.FAILED_LOST, RunState.LOST))]
+    order = [
+        RunState.FAILED_LOST,
+        RunState.LOST,
+        *(s for s in RunState if s not in (RunState.FAILED_LOST, RunState.LOST)),
+    ]
     for state in order:
         for beats in twins:
             key, lease = make_run(store, clock, state)
             beats.append((*key, lease, {"step": 1}))
     for beats in twins:
         key, lease = make_run(store, clock, RunState.RUNNING)
-        beats += [(*key, lease, {"step": 2}), (*key, lease, {"step": 3}), (*key, lease, None),
-                  (*key, "another-lease-123", {"step": 4}), (*key, None, None),
-                  (*key, lease, {"step": [1, 2]}), (key[0], 99, 0, lease, None),
-                  ("bad id!", 0, 0, lease, None), (*key, 12345, None)]
+        beats += [
+            (*key, lease, {"step": 2}),
+            (*key, lease, {"step": 3}),
+            (*key, lease, None),
+            (*key, "another-lease-123", {"step": 4}),
+            (*key, None, None),
+            (*key, lease, {"step": [1, 2]}),
+            (key[0], 99, 0, lease, None),
+            ("bad id!", 0, 0, lease, None),
+            (*key, 12345, None),
+        ]
         other, other_lease = make_run(store, clock, RunState.RUNNING)
-        store.put_asset(*other, "a.bin", io.BytesIO(b"x"), hashlib.sha256(b"x").hexdigest(),
-                        lease=other_lease)
+        store.put_asset(
+            *other, "a.bin", io.BytesIO(b"x"), hashlib.sha256(b"x").hexdigest(), lease=other_lease
+        )
         beats += [(*other, other_lease, None), (*other, other_lease, {"epoch": 1})]
     return twins
 
@@ -439,8 +469,15 @@ def _outcome(result) -> tuple:
     """What a heartbeat answered, without the run's identity (the twins differ in it)."""
     if isinstance(result, Exception):
         return (type(result).__name__, result.code, result.details.get("state"))
-    return ("ok", result.state, result.progress, result.progress_at, result.last_heartbeat_at,
-            result.asset_count, result.stalled)
+    return (
+        "ok",
+        result.state,
+        result.progress,
+        result.progress_at,
+        result.last_heartbeat_at,
+        result.asset_count,
+        result.stalled,
+    )
 
 
 def _final(store: Store, beats: list[tuple]) -> list[tuple]:
@@ -453,11 +490,19 @@ def _final(store: Store, beats: list[tuple]) -> list[tuple]:
             out.append((type(exc).__name__,))
             continue
         # The twins were made at different times; the heartbeats ran at the same time.
-        for field in ("experiment_id", "run", "lease_holder", "created_at", "started_at",
-                      "ended_at"):
+        for field in (
+            "experiment_id",
+            "run",
+            "lease_holder",
+            "created_at",
+            "started_at",
+            "ended_at",
+        ):
             info.pop(field, None)
-        events = [(e.from_state, e.to_state, e.cause, e.at if e.cause == "heartbeat" else 0)
-                  for e in store.events(*item)]
+        events = [
+            (e.from_state, e.to_state, e.cause, e.at if e.cause == "heartbeat" else 0)
+            for e in store.events(*item)
+        ]
         out.append((info, events))
     return out
 
@@ -485,20 +530,27 @@ def test_heartbeat_many_equals_heartbeat_one_by_one(store: Store, clock: Clock) 
     assert got[-1][5] == 1 and got[-1][2] == {"epoch": 1}
 
 
-def test_heartbeat_many_keeps_runs_alive_and_moves_lost_ones_back(store: Store,
-                                                                   clock: Clock) -> None:
+def test_heartbeat_many_keeps_runs_alive_and_moves_lost_ones_back(
+    store: Store, clock: Clock
+) -> None:
     runs = [make_run(store, clock, RunState.RUNNING) for _ in range(20)]
     lost_key, lost_lease = make_run(store, clock, RunState.LOST)
     for step in range(3):
         clock.now += TIMEOUT / 2
-        out = store.heartbeat_many([(*key, lease, {"step": step}) for key, lease in runs]
-                                   + [(*lost_key, lost_lease, None)])
+        out = store.heartbeat_many(
+            [(*key, lease, {"step": step}) for key, lease in runs] + [(*lost_key, lost_lease, None)]
+        )
         assert all(info.state is RunState.RUNNING for info in out)
         assert [info.progress for info in out[:-1]] == [{"step": step}] * 20
     assert store.sweep() == {"lost": 0, "failed_lost": 0}
     events = store.events(*lost_key)
     assert [(e.from_state, e.to_state) for e in events if e.kind == "transition"][-1] == (
-        RunState.LOST, RunState.RUNNING)
-    edges = [(RunState(e.from_state) if e.from_state else None, RunState(e.to_state))
-             for e in events if e.kind == "transition"]
+        RunState.LOST,
+        RunState.RUNNING,
+    )
+    edges = [
+        (RunState(e.from_state) if e.from_state else None, RunState(e.to_state))
+        for e in events
+        if e.kind == "transition"
+    ]
     assert is_valid_path(edges), edges
