@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import requests
+import testkit
 
 POSTGRES_ENV = "CHRONICLE_TEST_POSTGRES_URL"
 REQUIRED_MARKERS_ENV = "CHRONICLE_REQUIRED_MARKERS"
@@ -207,8 +208,8 @@ class ServerProcess:
         env["CHRONICLE_HOME"] = str(self._log_dir / "home")
         env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.proc = testkit.spawn(
+                args, managed=True, stdout=log, stderr=subprocess.STDOUT, env=env
             )
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -251,15 +252,8 @@ class ServerProcess:
         return self.start(port=self.port)
 
     def _terminate(self, sig: int) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        if self.proc is not None:
+            testkit.reap(self.proc, sig, grace=15)
 
     # -- conveniences ------------------------------------------------------------------------
     @property
@@ -396,7 +390,24 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _tally.record(report)
 
 
+@pytest.fixture(autouse=True)
+def _reap_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The net under every test: a process it spawned (``testkit.spawn``) and left alive is
+    killed with its whole group when the test ends, and named in the summary."""
+    before = set(testkit._SPAWNED)
+    yield
+    for proc in set(testkit._SPAWNED) - before - set(testkit._MANAGED):
+        if proc.poll() is None:
+            _LEFT_ALIVE.append(f"{request.node.nodeid}: pid {proc.pid} {proc.args!r:.120}")
+            testkit.reap(proc, signal.SIGKILL, grace=0)
+
+
+_LEFT_ALIVE: list[str] = []
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Module- and session-scoped fixtures are finished by now: nothing of ours may remain.
+    testkit.reap_all()
     tally = _tally
     if tally is None or exitstatus == pytest.ExitCode.INTERRUPTED:
         return
@@ -413,6 +424,10 @@ _PROBLEMS_KEY = pytest.StashKey[list[str]]()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _LEFT_ALIVE:
+        terminalreporter.section("processes reaped after their test", sep="-", yellow=True)
+        for line in _LEFT_ALIVE:
+            terminalreporter.write_line(line)
     problems = config.stash.get(_PROBLEMS_KEY, None)
     if not problems:
         return

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 
 from chronicle_integrations import Chronicle, RunInfo
 from chronicle_integrations._models import AssetInfo, Event, ExperimentInfo
@@ -46,7 +47,7 @@ def cli(
     home: Path, *args: str, cwd: Path | None = None, stderr: Any = subprocess.PIPE, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m chronicle_integrations.cli ARGS`` with ``CHRONICLE_HOME=home``."""
-    return subprocess.run(
+    return testkit.run(
         [sys.executable, "-m", "chronicle_integrations.cli", *args],
         env=_env(home, **env),
         cwd=cwd or home.parent,
@@ -636,7 +637,7 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     home = tmp_path / "server-home"
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [
             sys.executable,
             "-m",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import testkit
 
 from chronicle_integrations import Chronicle, RunState
 
@@ -118,7 +119,6 @@ def test_two_handles_on_one_run_share_one_loop(chronicle: Chronicle, tmp_path) -
 def test_progress_is_visible_with_chronicle_show_json_during_a_run(chronicle: Chronicle) -> None:
     import json
     import os
-    import subprocess
     import sys
 
     exp = chronicle.create_experiment("liveness", [{}])
@@ -128,7 +128,7 @@ def test_progress_is_visible_with_chronicle_show_json_during_a_run(chronicle: Ch
     wait_for(lambda: (run.info().progress or {}).get("step") == 42)
     env = dict(os.environ, CHRONICLE_HOME=str(chronicle.home))
     env.pop("CHRONICLE_URL", None)
-    shown = subprocess.run(
+    shown = testkit.run(
         [sys.executable, "-m", "chronicle_integrations.cli", "show", run.key, "--json"],
         env=env,
         capture_output=True,

@@ -4,15 +4,22 @@ because ``tests/conftest.py`` lives there; test directories are not packages).
 * :func:`wait_until`: poll a condition with a deadline that names what was awaited;
 * :func:`sha256_file` / :func:`sha256_bytes`: digests to compare assets with;
 * :class:`HttpApi`: raw ``requests`` against one server (the suites add their shortcuts);
-* :func:`assert_error`: an error answer with the standard body and a stable code.
+* :func:`assert_error`: an error answer with the standard body and a stable code;
+* :func:`spawn` / :func:`reap` / :func:`run`: every process a test starts lives in a session of
+  its own and is killed with its whole tree (DDP ranks, Hydra's submitit children, servers a CLI
+  started); :func:`reap_all` is the suite's last net for what a test did not reap itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import requests
@@ -104,3 +111,96 @@ def assert_error(
     if code is not None:
         assert error["code"] == code, error
     return dict(error)
+
+
+# ------------------------------------------------------------------------------- processes
+#: Every process :func:`spawn` started that may still be alive (a weak set: reaped ones go).
+_SPAWNED: weakref.WeakSet[subprocess.Popen[Any]] = weakref.WeakSet()
+#: Those an owner outlives a test with (module-scoped servers): reaped by their owner.
+_MANAGED: weakref.WeakSet[subprocess.Popen[Any]] = weakref.WeakSet()
+
+
+def spawn(args: Sequence[str], managed: bool = False, **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` in a new session (so its process group is its whole tree, whatever
+    it forks) and registered for :func:`reap_all`. Stop it with :func:`reap`. ``managed``: an
+    owner object (a fixture's server) reaps it, possibly after the test that started it."""
+    kwargs["start_new_session"] = True
+    proc: subprocess.Popen[Any] = subprocess.Popen(list(args), **kwargs)
+    _SPAWNED.add(proc)
+    if managed:
+        _MANAGED.add(proc)
+    return proc
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def reap(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
+    """Stop ``proc`` and every process of its group: ``sig`` to the group, ``grace`` seconds,
+    then SIGKILL to the group. The group is signalled even when the leader already exited, since
+    its children (a hung DDP rank, say) may live on. Returns the leader's exit code."""
+    pgid = proc.pid  # spawn() made the leader a session (and group) leader
+    if proc.poll() is None or _signal_group(pgid, 0):
+        _signal_group(pgid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _signal_group(pgid, 0):
+            if proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(0.1)
+            else:
+                time.sleep(0.1)
+        _signal_group(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    _SPAWNED.discard(proc)
+    return proc.returncode
+
+
+def run(
+    args: Sequence[str],
+    *,
+    timeout: float = 300.0,
+    check: bool = False,
+    input: str | bytes | None = None,
+    capture_output: bool = False,
+    text: bool = False,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` whose child runs in its own session and whose whole tree is killed
+    when it times out or the test is interrupted (``subprocess.run`` kills only the child)."""
+    if capture_output:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    proc = spawn(args, text=text, **kwargs)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        reap(proc, signal.SIGKILL, grace=0)
+        raise
+    # The leader ended; anything it left in its group (a daemonised server, a stray rank) goes.
+    reap(proc, signal.SIGKILL, grace=0)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def reap_all() -> list[int]:
+    """Kill every spawned process group still alive; return the leaders' pids (leaks)."""
+    leaked = []
+    for proc in list(_SPAWNED):
+        if proc.poll() is None or _signal_group(proc.pid, 0):
+            leaked.append(proc.pid)
+        reap(proc, signal.SIGKILL, grace=0)
+    return leaked

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import requests
+import testkit
 from client_helpers import sha256_bytes, transitions, wait_until, write_random
 
 from chronicle_integrations import Chronicle, RunState, Unauthorized, UploadError, _http
@@ -219,7 +219,7 @@ def test_server_down_at_the_end_is_spooled_then_synced(http_server: Any, tmp_pat
         report = clients["python"].sync()
         assert len(report.sent) == 2 and not report.waiting and not report.refused, report
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
-        proc = subprocess.run(
+        proc = testkit.run(
             [
                 sys.executable,
                 "-m",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import testkit
 from client_helpers import transitions, wait_until
 
 import chronicle_integrations
@@ -150,7 +150,7 @@ def test_cancel_from_the_cli_is_seen(
     else:
         env["CHRONICLE_URL"] = backend.server.url
         env["CHRONICLE_HOME"] = str(tmp_path / "cli-home")
-    proc = subprocess.run(
+    proc = testkit.run(
         [sys.executable, "-m", "chronicle_integrations.cli", "cancel", run.key],
         env=env,
         capture_output=True,

@@ -9,6 +9,7 @@ heartbeats, the watchdog moves the run to ``lost`` while the process is still al
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import testkit
 
 from chronicle_integrations import Chronicle, RunState
 
@@ -94,7 +96,7 @@ def _start(script: str, args: list[str], home: Path) -> subprocess.Popen[bytes]:
     # A file, not ``-c``: DDP re-executes the script for rank 1.
     path = home.parent / "train_script.py"
     path.write_text(textwrap.dedent(script))
-    return subprocess.Popen(
+    return testkit.spawn(
         [sys.executable, str(path), *args],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -123,9 +125,8 @@ def _observe(home: Path, proc: subprocess.Popen[bytes], until, timeout: float = 
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(30)
+    """The whole tree: with DDP, the hung rank 1 is a child of the script, not the script."""
+    testkit.reap(proc, signal.SIGKILL, grace=0)
 
 
 @pytest.mark.parametrize("devices", [1, 2], ids=["single", "ddp-rank1-hangs"])

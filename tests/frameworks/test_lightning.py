@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 
 from chronicle_integrations import Chronicle, Run, RunState
 
@@ -444,7 +445,7 @@ def spawn(
         **(env_extra or {}),
     )
     log = (tmp_path / f"{name}.log").open("wb")
-    return subprocess.Popen(
+    return testkit.spawn(
         [sys.executable, str(APP), json.dumps(opts)],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -457,8 +458,7 @@ def finish(proc: subprocess.Popen[bytes], tmp_path: Path, name: str, timeout: fl
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        testkit.reap(proc, signal.SIGKILL, grace=0)
         raise AssertionError((tmp_path / f"{name}.log").read_text()[-4000:]) from None
 
 
@@ -581,7 +581,7 @@ def test_namespaces_do_not_import_each_other() -> None:
             f"assert {module!r} in sys.modules\n"
             f"assert {other!r} not in sys.modules, {other!r}\n"
         )
-        procs.append(subprocess.Popen([sys.executable, "-c", code]))
+        procs.append(testkit.spawn([sys.executable, "-c", code]))
     assert [p.wait(120) for p in procs] == [0, 0]
 
 
@@ -592,7 +592,7 @@ def test_missing_framework_gives_an_install_hint() -> None:
         "try:\n    import chronicle_integrations.lightning\nexcept ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run(
+    out = testkit.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
     assert "pip install 'chronicle-integrations[lightning]'" in out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -107,7 +108,7 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) ->
                 f"{proc.stdout.read().decode() if proc.stdout else ''}"
             )
         if time.monotonic() > deadline:
-            proc.kill()
+            testkit.reap(proc, signal.SIGKILL, grace=0)
             raise AssertionError("child never became ready")
         time.sleep(0.05)
     return dict(json.loads(path.read_text()))
@@ -116,7 +117,7 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) ->
 def signal_child(tmp_path: Path, sig: int, *extra: str) -> tuple[int, str, dict[str, Any]]:
     """Run ``_hf_app.py wait``, deliver ``sig`` while it pauses at step 3, let it go on."""
     out = tmp_path / "child"
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [sys.executable, str(APP), "wait", str(out), *extra],
         env=child_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -443,7 +444,7 @@ def test_missing_transformers_gives_an_install_hint() -> None:
         "try:\n    import chronicle_integrations.transformers\n"
         "except ImportError as exc:\n    print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = testkit.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'chronicle-integrations[transformers]'" in out.stdout, out.stderr
 
 
@@ -536,7 +537,7 @@ def torchrun(tmp_path: Path, *args: str) -> tuple[Path, str]:
     if not exe.exists():
         pytest.skip("torchrun is not installed")
     out = tmp_path / "ddp"
-    proc = subprocess.run(
+    proc = testkit.run(
         [
             str(exe),
             "--nproc_per_node=2",

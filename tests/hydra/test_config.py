@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+import testkit
 
 pytest.importorskip("hydra")
 
@@ -63,4 +63,4 @@ def test_plugin_import_is_light() -> None:
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    testkit.run([sys.executable, "-c", code], check=True)

@@ -39,7 +39,7 @@ def sweep(
     app: Path, args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300.0
 ) -> subprocess.CompletedProcess[str]:
     """``python app -m hydra/launcher=chronicle <args>``, waited for."""
-    return subprocess.run(
+    return testkit.run(
         [sys.executable, str(app), "-m", "hydra/launcher=chronicle", *args],
         cwd=cwd,
         env=_env(env),
@@ -190,7 +190,7 @@ def test_ctrl_c_abandons_the_sweep(
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     markers = tmp_path / "markers"
     reap.append(markers)
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [
             sys.executable,
             str(APP),
@@ -218,9 +218,7 @@ def test_ctrl_c_abandons_the_sweep(
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=WAIT)[0].decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        testkit.reap(proc, signal.SIGKILL, grace=0)  # the group: submitit's children too
     assert proc.returncode != 0, output
 
     with Chronicle(home=chronicle_home) as chronicle:
@@ -251,7 +249,7 @@ def test_job_of_a_cancelled_run_does_not_run(chronicle_home: Path, tmp_path: Pat
     Hydra reports that job as failed, the run stays failed_abandoned, the others succeed."""
     markers = tmp_path / "markers"
     release = tmp_path / "release"
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [
             sys.executable,
             str(APP),
@@ -278,9 +276,7 @@ def test_job_of_a_cancelled_run_does_not_run(chronicle_home: Path, tmp_path: Pat
         release.touch()
         output = proc.communicate(timeout=WAIT)[0].decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        testkit.reap(proc, signal.SIGKILL, grace=0)  # the group: submitit's children too
     assert proc.returncode != 0, output
     assert "RunNotRunnable" in output
     assert not (markers / "pid-2").exists()  # the task of job 2 never ran
@@ -339,7 +335,7 @@ def test_killed_job_goes_lost_under_submitit(
     markers = tmp_path / "markers"
     reap.append(markers)
     env = {"CHRONICLE_HEARTBEAT_TIMEOUT": "2"}
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [
             sys.executable,
             str(APP),
@@ -367,9 +363,7 @@ def test_killed_job_goes_lost_under_submitit(
         os.kill(int((markers / "started-1").read_text()), signal.SIGKILL)
         output = proc.communicate(timeout=WAIT)[0].decode(errors="replace")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        testkit.reap(proc, signal.SIGKILL, grace=0)  # the group: submitit's children too
     assert proc.returncode != 0, output  # submitit reports the killed job
 
     with Chronicle(home=chronicle_home, heartbeat_timeout=2) as chronicle:

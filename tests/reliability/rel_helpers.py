@@ -75,7 +75,7 @@ def spawn_worker(
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     with log.open("ab") as out:
-        return subprocess.Popen(
+        return testkit.spawn(
             [*(prefix or []), sys.executable, str(WORKER), json.dumps(config)],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 from rel_helpers import Api, assert_error, wait_until
 
 from chronicle_integrations import Chronicle
@@ -30,7 +30,7 @@ MiB = 2**20
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(
+    done = testkit.run(
         ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
@@ -41,7 +41,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+        testkit.run(["umount", "-l", str(mount)], capture_output=True, check=False)
 
 
 def _fill(mount: Path, leave: int) -> Path:

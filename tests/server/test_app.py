@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import testkit
 
 from chronicle_integrations.server import create_app
 from chronicle_integrations.store import Store
@@ -33,7 +33,7 @@ def test_only_the_server_package_imports_fastapi() -> None:
         "assert 'uvicorn' not in sys.modules  # only serve() needs it\n"
         "assert threading.active_count() == 1  # nothing started at import\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    testkit.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_watchdog_sweeps_survives_failures_and_stops(

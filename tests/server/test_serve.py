@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+import testkit
 
 from chronicle_integrations._errors import ConfigurationError
 from chronicle_integrations.server import serve
@@ -55,7 +56,7 @@ def _run_main(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "CHRONICLE_API_KEY"}
-    return subprocess.run(
+    return testkit.run(
         [sys.executable, "-m", "chronicle_integrations.server", *args],
         capture_output=True,
         text=True,
@@ -96,7 +97,7 @@ def test_defaults_from_home_and_env_key(tmp_path: Path) -> None:
     env = dict(os.environ)
     env.update(CHRONICLE_HOME=str(home), CHRONICLE_API_KEY="env-key-123456")
     log = (tmp_path / "log").open("wb")
-    proc = subprocess.Popen(
+    proc = testkit.spawn(
         [sys.executable, "-m", "chronicle_integrations.server", "--port", str(port)],
         env=env,
         stdout=log,
