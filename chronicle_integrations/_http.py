@@ -193,6 +193,19 @@ class HttpTransport:
     def _run_path(e: str, v: int, r: int) -> str:
         return f"/v1/runs/{quote(e, safe='')}/{int(v)}/{int(r)}"
 
+    def record_event(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        kind: str,
+        cause: str,
+        detail: dict[str, Any] | None,
+    ) -> Event:
+        body = {"lease": lease, "kind": kind, "cause": cause, "detail": detail}
+        return Event.from_dict(self._json("POST", self._run_path(e, v, r) + "/events", json=body))
+
     # ------------------------------------------------------------------ experiments
     def create_experiment(
         self, name: str, variations: list[dict[str, Any]], experiment_id: str | None

@@ -93,6 +93,16 @@ class Transport(Protocol):
         offset: int = 0,
         progress: Progress | None = None,
     ) -> AssetInfo: ...
+    def record_event(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        kind: str,
+        cause: str,
+        detail: dict[str, Any] | None,
+    ) -> Event: ...
     def close(self) -> None: ...
 
 
@@ -246,6 +256,18 @@ class EmbeddedTransport:
                 if progress is not None:
                     progress(done)
         return info
+
+    def record_event(
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        kind: str,
+        cause: str,
+        detail: dict[str, Any] | None,
+    ) -> Event:
+        return self.store.record_event(e, v, r, lease, kind, cause, detail)
 
     def close(self) -> None:
         self.store.close()

@@ -176,3 +176,37 @@ def progress(value: Any) -> dict[str, Any]:
                 field="progress",
             )
     return value
+
+
+#: Events a worker's supervisor may add to a run's timeline (``kind`` -> allowed causes).
+#: They never change the run's state: teardown is the executor's act, not a transition.
+WORKER_EVENTS: dict[str, tuple[str, ...]] = {
+    "teardown": ("teardown_requested", "teardown_done", "teardown_failed"),
+}
+MAX_EVENT_DETAIL_BYTES = 4096
+
+
+def worker_event(kind: Any, cause: Any, detail: Any) -> dict[str, Any]:
+    """Check a supervisor's event: a known ``kind`` and ``cause`` and a small JSON object."""
+    causes = WORKER_EVENTS.get(kind) if isinstance(kind, str) else None
+    if causes is None:
+        raise InvalidRequest(
+            f"invalid event kind {kind!r}: use one of {', '.join(WORKER_EVENTS)}", field="kind"
+        )
+    if cause not in causes:
+        raise InvalidRequest(
+            f"invalid cause {cause!r} for a {kind} event: use one of {', '.join(causes)}",
+            field="cause",
+        )
+    detail = {} if detail is None else detail
+    if not isinstance(detail, dict):
+        raise InvalidRequest("detail must be a JSON object", field="detail")
+    try:
+        encoded = json.dumps(detail, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"detail is not JSON-serialisable: {exc}", field="detail") from exc
+    if len(encoded) > MAX_EVENT_DETAIL_BYTES:
+        raise InvalidRequest(
+            f"detail is larger than {MAX_EVENT_DETAIL_BYTES} bytes", field="detail"
+        )
+    return detail

@@ -279,6 +279,38 @@ def _open(args: argparse.Namespace) -> Chronicle:
 
 
 # ---------------------------------------------------------------------- commands
+def cmd_exec(args: argparse.Namespace, out: TextIO) -> int:
+    """Supervise a command as the run's worker; exit with its code (128 + N for signal N)."""
+    from .supervisor import Supervisor
+
+    command = args.exec_command
+    if not command:
+        raise ConfigurationError(
+            "usage: chronicle exec E/V/R -- CMD [ARG ...] (the `--` is needed)"
+        )
+    if (args.run is None) == (args.experiment is None):
+        raise ConfigurationError("name the run as E/V/R, or give --experiment E [--variation V]")
+    with _open(args) as chronicle:
+        if args.run is not None:
+            run = chronicle.run(*args.run)
+        else:
+            run = chronicle.create_run(args.experiment, args.variation)
+        run.start(resume=args.resume)
+        print(f"chronicle exec: {run.key}", file=sys.stderr)
+        outcome = Supervisor(
+            chronicle,
+            run,
+            command,
+            grace=args.grace,
+            heartbeat_interval=args.heartbeat_interval,
+        ).execute()
+        for note in outcome.notes:
+            print(f"chronicle exec: {note}", file=sys.stderr)
+        if outcome.recorded:
+            print(f"chronicle exec: run {run.key} {outcome.recorded}", file=sys.stderr)
+    return outcome.exit_code
+
+
 def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
     try:
         from .server import serve
@@ -430,6 +462,9 @@ def _event_text(event: Any) -> str:
         size = detail.get("size")
         extra = ", ".join(x for x in (format_size(size) if size is not None else "", sha) if x)
         return f"asset {detail.get('name', '?')}" + (f" ({extra})" if extra else "")
+    if event.kind == "teardown":  # the worker's supervisor acted; the state did not change
+        detail = event.detail or {}
+        return f"teardown {detail.get('signal', '')} {detail.get('target', '')}".strip()
     src = event.from_state or ""
     return f"{src} -> {event.to_state}".strip()
 
@@ -694,6 +729,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="server log level (default info)",
     )
 
+    p = add(
+        "exec",
+        cmd_exec,
+        "run a command as a Chronicle-managed worker: chronicle exec E/V/R -- CMD ...",
+        json_flag=False,
+    )
+    p.add_argument(
+        "run", type=run_id, metavar="E/V/R", nargs="?", help=run_help + " (or --experiment)"
+    )
+    p.add_argument(
+        "--experiment", "-e", type=experiment_arg, metavar="E", help="create a run of E ..."
+    )
+    p.add_argument(
+        "--variation", type=variation_arg, metavar="V", default=0, help="... variation V"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="take over a running or lost run (a restart)"
+    )
+    p.add_argument(
+        "--grace",
+        type=_positive_float,
+        metavar="S",
+        default=30.0,
+        help="seconds between SIGTERM and SIGKILL when the worker is torn down (default 30)",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        metavar="S",
+        default=60.0,
+        help="longest interval between the supervisor's own heartbeats (default 60; "
+        "always within a third of the store's heartbeat timeout)",
+    )
+
     add("experiments", cmd_experiments, "list experiments")
 
     p = add("runs", cmd_runs, "list runs")
@@ -761,8 +830,15 @@ def _exit_code(exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "exec" in argv and "--" in argv[argv.index("exec") :]:
+        # `chronicle exec E/V/R -- CMD ...`: everything after `--` is the command, verbatim.
+        cut = argv.index("--", argv.index("exec"))
+        argv, command = argv[:cut], argv[cut + 1 :]
     try:
         args = parser.parse_args(argv)
+        args.exec_command = command
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     # The library never configures logging; the command line does, for its own process.

@@ -598,6 +598,12 @@ class Run:
         self.cancel_reason = why
         self.cancelled.set()
 
+    def record_event(self, kind: str, cause: str, detail: dict[str, Any] | None = None) -> Event:
+        """Add a supervisor's event to the run's timeline under this handle's lease, e.g.
+        ``run.record_event("teardown", "teardown_requested", {"signal": "SIGTERM"})``. It
+        never changes the run's state (used by ``chronicle exec``)."""
+        return self._t.record_event(*self.key_tuple, self.lease, kind, cause, detail)
+
     def upload_asset(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle:
         """Capture a file or directory now and upload it in the background.
 

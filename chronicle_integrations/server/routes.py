@@ -342,6 +342,32 @@ def build_router(
             {"events": [e.to_dict() for e in store.events(experiment_id, variation, run)]}
         )
 
+    @router.post(
+        run_path + "/events",
+        response_model=schemas.Event,
+        status_code=201,
+        tags=["runs"],
+        responses=_errors(404, 409, body=True),
+    )
+    def record_event(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        body: schemas.RecordEventRequest,
+    ) -> JSONResponse:
+        """Add a supervisor's event (a ``teardown`` of the worker) to the timeline. It never
+        changes the run's state; it needs the lease the run is held under."""
+        event = store.record_event(
+            experiment_id,
+            variation,
+            run,
+            lease=body.lease,
+            kind=body.kind,
+            cause=body.cause,
+            detail=body.detail,
+        )
+        return _json(event, status_code=201)
+
     # ------------------------------------------------------------------ assets
     @router.get(
         run_path + "/assets",

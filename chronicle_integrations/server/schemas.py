@@ -120,6 +120,17 @@ class FailRequest(_Request):
     lease: str | None = Field(default=None, description="The lease returned by start.")
 
 
+class RecordEventRequest(_Request):
+    kind: Literal["teardown"] = Field(description="The kind of event (`teardown`).")
+    cause: Literal["teardown_requested", "teardown_done", "teardown_failed"]
+    detail: dict[str, Any] | None = Field(
+        default=None,
+        description='A small JSON object (4 KiB max), e.g. `{"signal": "SIGTERM", '
+        '"target": "process group 1234", "why": "lost"}`.',
+    )
+    lease: str | None = Field(default=None, description="The lease the worker runs under.")
+
+
 class BeginUploadRequest(_Request):
     name: str = Field(
         description="Asset name: a relative POSIX path (no `..`, no leading `/`, "
@@ -205,13 +216,15 @@ class RunList(BaseModel):
 
 class Event(BaseModel):
     id: int
-    kind: Literal["transition", "asset"]
+    kind: Literal["transition", "asset", "teardown"]
     from_state: str | None
     to_state: str | None
     at: float
     cause: str = Field(
         description="What caused it: start, resume, heartbeat, succeed, "
-        "fail_crash, fail_abandoned, watchdog, create, upload."
+        "fail_crash, fail_abandoned, watchdog, create, upload; for a `teardown` event "
+        "(recorded by the supervisor of a Chronicle-managed worker, never a state change): "
+        "teardown_requested, teardown_done, teardown_failed."
     )
     detail: dict[str, Any] | None = None
 

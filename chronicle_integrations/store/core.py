@@ -1282,6 +1282,51 @@ class Store:
         )
         return self.complete_upload(status.upload_id, sha256)
 
+    # ------------------------------------------------------------------ worker events
+    def record_event(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        lease: str | None,
+        kind: str,
+        cause: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Event:
+        """Append a supervisor's event (e.g. ``teardown`` / ``teardown_requested``) to the
+        run's timeline without touching its state. Bound to the lease: only the worker that
+        holds the run (or held it when it ended) may speak for it, so a supervisor whose run
+        was taken over by ``start(resume=True)`` cannot write into the new worker's story."""
+        key = _key(experiment_id, variation, run)
+        detail = check.worker_event(kind, cause, detail)
+        now = self.clock()
+        with self._write() as conn:
+            row = self._lock_run(conn, *key)
+            if row.lease is not None and not (
+                isinstance(lease, str) and _same_lease(lease, row.lease)
+            ):
+                raise LeaseConflict(
+                    f"run {_fmt(key)} is held under another lease: its events are not yours",
+                    state=row.state,
+                )
+            self._event(conn, key, None, None, now, cause, detail, kind=kind)
+            event_id = conn.execute(
+                sa.select(sa.func.max(t.events.c.id)).where(
+                    t.events.c.experiment_id == key[0],
+                    t.events.c.variation == key[1],
+                    t.events.c.run == key[2],
+                )
+            ).scalar_one()
+        return Event(
+            id=int(event_id),
+            kind=kind,
+            from_state=None,
+            to_state=None,
+            at=now,
+            cause=cause,
+            detail=detail or None,
+        )
+
     # ------------------------------------------------------------------ idempotency
     def _request_done(self, conn: sa.Connection, request_id: str) -> dict[str, Any] | None:
         result = conn.execute(
