@@ -212,7 +212,7 @@ class Supervisor:
             code = proc.wait()
             # The leader is gone; so must be the rest of its group (a stray DataLoader worker).
             if _group_alive(proc.pid):
-                self._teardown(proc, "the command exited; its other processes remained")
+                self._teardown(proc, "the command exited; its other processes remained", False)
             return self._finish(code, tail.text(), torn_down)
         finally:
             restore()
@@ -275,15 +275,20 @@ class Supervisor:
                 trusted = reachable_since is not None and now - reachable_since >= timeout
                 state = info.state
                 if state is RunState.LOST and trusted:
-                    self._teardown(proc, f"run {self.run.key} is lost (no heartbeat)")
-                    return True
+                    done = self._teardown(proc, f"run {self.run.key} is lost (no heartbeat)")
+                    if done == "done":
+                        return True
+                    warned_takeover = done == "taken_over"  # then: never ours again
                 if state is RunState.FAILED_ABANDONED:
                     cancelled_at = cancelled_at or now
                     beating = False
-                    if now - cancelled_at >= self.grace:
-                        self._teardown(
+                    if (
+                        now - cancelled_at >= self.grace
+                        and self._teardown(
                             proc, f"run {self.run.key} was cancelled and the command went on"
                         )
+                        == "done"
+                    ):
                         return True
                 elif state.is_terminal:
                     beating = False  # ended by the command itself (or expired): just wait
@@ -292,12 +297,32 @@ class Supervisor:
         return False
 
     # ------------------------------------------------------------------ teardown
-    def _teardown(self, proc: subprocess.Popen[bytes], why: str) -> None:
-        """SIGTERM to the group, the grace, SIGKILL, confirm; each step an event."""
+    def _teardown(self, proc: subprocess.Popen[bytes], why: str, bound: bool = True) -> str:
+        """SIGTERM to the group, the grace, SIGKILL, confirm; each step an event.
+
+        ``bound``: the teardown serves the run, so it happens only if the store accepts its
+        ``teardown_requested`` event under our lease: a run taken over by another worker
+        (``"taken_over"``), or a store that cannot be reached (``"unconfirmed"``), gets no
+        teardown. Returns ``"done"`` when the group was signalled."""
         pgid = proc.pid
         target = {"target": f"process group {pgid}", "why": why}
+        request = {**target, "signal": "SIGTERM", "grace": self.grace}
+        if bound:
+            try:
+                self.run.record_event("teardown", "teardown_requested", request)
+            except LeaseConflict:
+                log.warning(
+                    "chronicle exec: run %s is held by another worker now; not tearing "
+                    "this command down",
+                    self.run.key,
+                )
+                return "taken_over"
+            except ChronicleError as exc:
+                log.warning("chronicle exec: no teardown: the store did not confirm (%s)", exc)
+                return "unconfirmed"
+        else:
+            self._event("teardown_requested", request)
         log.warning("chronicle exec: tearing down process group %d: %s", pgid, why)
-        self._event("teardown_requested", {**target, "signal": "SIGTERM", "grace": self.grace})
         self._signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline and _group_alive(pgid):
@@ -321,6 +346,7 @@ class Supervisor:
             self._event("teardown_failed", {**target, "signal": used, "left": _members(pgid)})
         else:
             self._event("teardown_done", {**target, "signal": used})
+        return "done"
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> None:

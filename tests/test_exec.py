@@ -238,6 +238,28 @@ def test_no_teardown_while_the_server_is_unreachable(tmp_path: Path, server_fact
     assert not [e for e in _events(home, exp, server.url) if e.kind == "teardown"]
 
 
+def test_a_run_taken_over_elsewhere_is_never_torn_down_by_the_old_supervisor(
+    tmp_path: Path,
+) -> None:
+    go = tmp_path / "go"
+    child = _script(
+        tmp_path, f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n"
+    )
+    proc, exp, home = _exec(tmp_path, sys.executable, child, extra=("--grace", "1"))
+    testkit.wait_until(lambda: _state(home, exp) is RunState.RUNNING, 30, what="running")
+    with Chronicle(home=home, heartbeat_timeout=TIMEOUT) as chronicle:
+        # Another worker resumes the run, then goes quiet: the run goes lost under *its* lease.
+        chronicle.run(exp, 0, 0).start(resume=True)
+        testkit.wait_until(lambda: chronicle.run(exp, 0, 0).state is RunState.LOST, 30, what="lost")
+        time.sleep(3 * TIMEOUT)  # several chances for the old supervisor to misfire
+        assert proc.poll() is None, "the old supervisor must not tear its command down"
+        go.touch()
+        assert _finish(proc, tmp_path) == 0
+        # ... nor end the new worker's run with its stale lease.
+        assert chronicle.run(exp, 0, 0).state is RunState.LOST
+        assert not [e for e in chronicle.run(exp, 0, 0).events() if e.kind == "teardown"]
+
+
 # ----------------------------------------------------------------------- our own signals
 def test_sigint_to_the_supervisor_is_an_abandon(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
