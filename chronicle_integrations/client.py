@@ -429,6 +429,9 @@ class Run:
         self.spooled = False
         #: Training progress, updated cheaply by the training loop, sent with heartbeats.
         self.progress = Progress()
+        #: The store's watchdog timeout, as its answers to start and heartbeat said (None
+        #: until then): keep_alive beats at most every third of it.
+        self.heartbeat_timeout: float | None = None
         self._keepalive: KeepAlive | None = None
         self._lock = threading.Lock()
 
@@ -520,8 +523,9 @@ class Run:
         """
         lease = self.lease or secrets.token_urlsafe(24)
         holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._t.start(*self.key_tuple, resume=resume, lease=lease, holder=holder)
+        info = self._t.start(*self.key_tuple, resume=resume, lease=lease, holder=holder)
         self.lease = lease
+        self.heartbeat_timeout = info.heartbeat_timeout or self.heartbeat_timeout
         self.cancelled.clear()
         return self
 
@@ -539,7 +543,9 @@ class Run:
     ) -> RunInfo:
         if progress is None:
             progress = self.progress.snapshot()
-        return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        info = self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        self.heartbeat_timeout = info.heartbeat_timeout or self.heartbeat_timeout
+        return info
 
     def keep_alive(
         self,
@@ -548,6 +554,10 @@ class Run:
         stall_timeout: float | None = None,
     ) -> KeepAlive:
         """Send heartbeats every ``interval`` seconds on a daemon thread (one per run).
+
+        The store's answers say its watchdog's ``heartbeat_timeout``: the loop beats at least
+        three times within it (every ``min(interval, heartbeat_timeout / 3)`` seconds), and
+        says so once at WARNING when ``interval`` was longer than that.
 
         Returns the running :class:`KeepAlive` (a context manager; ``.stop()`` ends it). When
         the server says the run was cancelled or taken over, ``run.cancelled`` is set and
@@ -573,7 +583,9 @@ class Run:
                 self.cancelled = shared.run.cancelled
                 shared.join(self, on_cancel, stall_timeout)
             else:
-                shared = KeepAlive(self, interval, on_cancel, stall_timeout).start()
+                shared = KeepAlive(self, interval, on_cancel, stall_timeout)
+                shared.watchdog(self.heartbeat_timeout)
+                shared.start()
                 _LOOPS[slot] = shared
                 self.chronicle._keepalives.add(shared)
             self._keepalive = shared
