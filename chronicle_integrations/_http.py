@@ -71,6 +71,11 @@ class RetryPolicy:
     #: bounds the call even against a server that accepts connections and never answers.
     #: Off for upload chunks, whose bodies legitimately take long to send.
     cap_to_budget: bool = True
+    #: The budget of every call until the server has answered this client once (None: the
+    #: full budget). A server that is down, or a black hole, when a training starts costs the
+    #: training thread this long, not ``budget``: the integrations then carry on untracked,
+    #: with a warning. Once the server has answered, outages get the full budget.
+    first_contact: float | None = 10.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter exponential backoff; a server's ``Retry-After`` takes precedence."""
@@ -276,6 +281,8 @@ class HttpTransport:
         self.base = url.rstrip("/")
         self.target = self.base
         self.policy = policy or RetryPolicy()
+        #: True once the server sent any answer (see ``RetryPolicy.first_contact``).
+        self.answered = False
         self._headers = {"User-Agent": f"chronicle-integrations/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -333,7 +340,10 @@ class HttpTransport:
         that is a transport failure to retry, not an answer.
         """
         policy = policy or self.policy
-        deadline = time.monotonic() + policy.budget
+        budget = policy.budget
+        if not self.answered and policy.cap_to_budget and policy.first_contact is not None:
+            budget = min(budget, policy.first_contact)
+        deadline = time.monotonic() + budget
         attempt = 0
         url = self.base + path
         previous: Exception | None = None
@@ -362,9 +372,10 @@ class HttpTransport:
             except requests.RequestException as exc:
                 failure: str = f"{type(exc).__name__}: {exc}"
                 if cutoff is not None and time.monotonic() >= cutoff:
-                    failure = f"no complete answer within {policy.budget:.0f}s ({failure})"
+                    failure = f"no complete answer within {budget:.0f}s ({failure})"
                 error: Exception = exc
             else:
+                self.answered = True
                 status = response.status_code
                 if 200 <= status < 300:
                     if not decode:
@@ -417,7 +428,8 @@ class HttpTransport:
                     raise error  # a definite verdict (storage_full), not an outage
                 message = (
                     f"{method} {url} failed after {attempt + 1} attempt(s) over "
-                    f"{policy.budget:.0f}s: {failure}"
+                    f"{budget:.0f}s: {failure}"
+                    + ("" if self.answered else " (the server has never answered this client)")
                 )
                 if isinstance(error, ProtocolError):
                     raise ProtocolError(message) from error

@@ -82,7 +82,11 @@ class Chronicle:
             Default ``$CHRONICLE_HOME``, else ``./chronicle`` (made absolute at construction).
         upload_workers: size of the shared background upload pool.
         close_timeout: how long ``close()`` waits for pending uploads before spooling them.
-        timeout: the retry budget, in seconds, of each request to the server.
+        timeout: the retry budget, in seconds, of each request to the server, answers
+            included (however slowly they trickle in).
+        first_contact_timeout: the budget of each request until the server has answered
+            this client once (default 10 s; None: ``timeout``): a server that is down or
+            silent when training starts costs a few seconds, not ``timeout``.
         heartbeat_timeout, lost_grace, stall_timeout: embedded store only: the watchdog's
             settings (default ``$CHRONICLE_HEARTBEAT_TIMEOUT`` / ``$CHRONICLE_LOST_GRACE`` /
             ``$CHRONICLE_STALL_TIMEOUT``, else 900 s, 48 h and 30 min). A server has its own.
@@ -100,6 +104,7 @@ class Chronicle:
         upload_workers: int = 4,
         close_timeout: float = 3600.0,
         timeout: float = 60.0,
+        first_contact_timeout: float | None = 10.0,
         heartbeat_timeout: float | None = None,
         lost_grace: float | None = None,
         stall_timeout: float | None = None,
@@ -119,7 +124,11 @@ class Chronicle:
                 )
             from ._http import HttpTransport, RetryPolicy
 
-            self.transport = HttpTransport(self.url, api_key, RetryPolicy(budget=timeout))
+            self.transport = HttpTransport(
+                self.url,
+                api_key,
+                RetryPolicy(budget=timeout, first_contact=first_contact_timeout),
+            )
         else:
             kwargs: dict[str, float] = {}
             for key, value, env in (

@@ -64,6 +64,7 @@ def test_a_short_enough_interval_is_kept_and_not_warned_about(
     run = client.create_run(exp, 0).start()
     caplog.set_level(logging.WARNING, logger="chronicle_integrations")
     keepalive = run.keep_alive(interval=0.5)
+    assert run.heartbeat_timeout == TIMEOUT  # known, and 0.5 s is well inside it
     assert keepalive.interval == 0.5
     run.succeed()
     assert "marks a run lost after" not in caplog.text
