@@ -5,6 +5,8 @@
     ChronicleError
      ├── ConfigurationError        bad settings or a missing optional dependency (client side)
      ├── TransportError            the server could not be reached within the retry budget
+     │    └── ProtocolError         an answer that is no Chronicle answer: malformed, too
+     │                              large, a redirect, a proxy's page (kept for ``sync``)
      ├── UploadError               an asset upload finally failed (the staged copy is kept)
      └── APIError                  the store refused a request; has a stable ``code``
           ├── InvalidRequest        invalid_request      400  bad names, JSON, numbers
@@ -40,11 +42,13 @@ __all__ = [
     "NotFound",
     "OffsetMismatch",
     "PayloadTooLarge",
+    "ProtocolError",
     "ServerError",
     "StorageFull",
     "TransportError",
     "Unauthorized",
     "UploadError",
+    "chronicle_error",
     "error_from_body",
 ]
 
@@ -59,6 +63,13 @@ class ConfigurationError(ChronicleError):
 
 class TransportError(ChronicleError):
     """The server could not be reached (or kept failing) within the retry budget."""
+
+
+class ProtocolError(TransportError):
+    """The server's answer could not be understood: not JSON, not the shape this client
+    expects, larger than any Chronicle answer, a redirect, or an error page without a
+    Chronicle error code (a proxy's, or another web server's). A :class:`TransportError`:
+    a terminal transition that met one is spooled for ``chronicle sync``, not lost."""
 
 
 class UploadError(ChronicleError):
@@ -201,6 +212,16 @@ _BY_CODE: dict[str, type[APIError]] = {
         ServerError,
     )
 }
+
+
+def chronicle_error(status: int, body: Any) -> APIError | None:
+    """The typed error of an answer that carries a Chronicle error code
+    (``{"error": {"code": "...", ...}}``), or None for any other body: a proxy's HTML page or
+    a foreign server's JSON is not the store's verdict and must never be taken as final."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict) or not isinstance(err.get("code"), str) or not err["code"]:
+        return None
+    return error_from_body(status, body)
 
 
 def error_from_body(status: int, body: Any) -> APIError:

@@ -1,7 +1,12 @@
 """Heartbeats on a daemon thread, with cancellation detection.
 
 Rules:
-* the first beat goes out as soon as the thread starts, then one every ``interval`` seconds;
+* the first beat goes out as soon as the thread starts, then one every ``interval`` seconds,
+  or every third of the store's ``heartbeat_timeout`` when that is shorter (the store says it
+  in its answers to start and heartbeat; a longer ``interval`` is named once at WARNING):
+  beating slower than the watchdog expects makes a healthy run flap ``running -> lost``;
+* only a refusal with a Chronicle error code stops the loop: a proxy's 404, 408 or 401 page
+  on one beat is a transient failure like a 5xx (the transport raises ``TransportError``);
 * transient failures (server down, 5xx) are logged once at WARNING, retried sooner (backoff
   from 1 s up to ``interval``), and their recovery is logged at INFO: no log spam;
 * a refusal that means the run is no longer ours - it was cancelled (``failed_abandoned``),
@@ -89,7 +94,10 @@ class KeepAlive:
         if stall_timeout is not None and stall_timeout <= 0:
             raise ValueError("stall_timeout must be > 0 (or None to disable)")
         self.run = run
+        #: The interval asked for; ``interval`` is the one in force (see :meth:`watchdog`).
+        self.requested_interval = float(interval)
         self.interval = float(interval)
+        self._told_slow = False
         self.on_cancel = on_cancel
         self.stall_timeout = stall_timeout
         #: Other handles on the same run that joined this loop: (run, on_cancel, stall).
@@ -128,6 +136,25 @@ class KeepAlive:
     def _recompute_stall(self) -> None:
         stalls = [s for s in (self._own_stall, *(m[2] for m in self._members)) if s]
         self.stall_timeout = min(stalls) if stalls else None
+
+    def watchdog(self, heartbeat_timeout: float | None) -> None:
+        """Fit the interval to the store's watchdog: at least three beats per
+        ``heartbeat_timeout`` (one lost or late beat must not make the run ``lost``)."""
+        if not heartbeat_timeout or heartbeat_timeout <= 0:
+            return
+        bound = heartbeat_timeout / 3
+        self.interval = min(self.requested_interval, bound)
+        if self.requested_interval > bound and not self._told_slow:
+            self._told_slow = True
+            log.warning(
+                "run %s: heartbeats were asked every %gs but the server marks a run lost after "
+                "%gs of silence; beating every %gs instead (pass a shorter interval, or raise "
+                "the server's --heartbeat-timeout)",
+                self.run.key,
+                self.requested_interval,
+                heartbeat_timeout,
+                self.interval,
+            )
 
     def start(self) -> KeepAlive:
         """Start beating (idempotent)."""
@@ -169,7 +196,7 @@ class KeepAlive:
                 delay = min(self.interval, 1.0)
                 continue
             try:
-                self.run._send_heartbeat()
+                info = self.run._send_heartbeat()
             except (InvalidTransition, LeaseConflict, NotFound) as exc:
                 self._cancelled(exc)
                 return
@@ -183,6 +210,7 @@ class KeepAlive:
                 failing, delay = self._failed(exc, failing, delay)
                 continue
             self.beats += 1
+            self.watchdog(info.heartbeat_timeout)
             if failing:
                 log.info("heartbeats for %s are getting through again", self.run.key)
                 failing = False

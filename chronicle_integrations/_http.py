@@ -14,28 +14,38 @@ Robustness rules (SPEC section 4):
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import email.utils
+import functools
 import hashlib
 import logging
+import math
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote
 
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
+import urllib3.response
 
 from ._errors import (
     APIError,
     OffsetMismatch,
+    ProtocolError,
     ServerError,
     SourceChanged,
     StorageFull,
     TransportError,
-    error_from_body,
+    chronicle_error,
 )
 from ._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
 from ._transport import READ_BLOCK, Progress
@@ -61,6 +71,11 @@ class RetryPolicy:
     #: bounds the call even against a server that accepts connections and never answers.
     #: Off for upload chunks, whose bodies legitimately take long to send.
     cap_to_budget: bool = True
+    #: The budget of every call until the server has answered this client once (None: the
+    #: full budget). A server that is down, or a black hole, when a training starts costs the
+    #: training thread this long, not ``budget``: the integrations then carry on untracked,
+    #: with a warning. Once the server has answered, outages get the full budget.
+    first_contact: float | None = 10.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full-jitter exponential backoff; a server's ``Retry-After`` takes precedence."""
@@ -73,15 +88,188 @@ class RetryPolicy:
 QUICK = RetryPolicy(budget=10.0, read_timeout=10.0)
 
 
+#: The largest answer a JSON call reads: far above any Chronicle answer, far below what would
+#: hurt a training process; beyond it the answer is a :class:`ProtocolError`.
+MAX_ANSWER_BYTES = 16 * 2**20
+
+
 def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+    """``Retry-After`` in seconds (delta-seconds or an HTTP-date), or None when absent or
+    unusable: garbage, ``nan``, infinite, negative or a date in the past fall back to backoff."""
+    value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return parsed.timestamp() - time.time() if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if parsed.tzinfo is None:  # RFC 9110 dates are GMT
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        seconds = parsed.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+#: What decoding an answer of the wrong shape raises (``{}``, a list, an unknown state).
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Close the decoding of an answer over the error tree: an answer of the wrong shape
+    becomes one :class:`ProtocolError`, never a bare ``TypeError`` from deep inside."""
+    try:
+        yield
+    except _SHAPE_ERRORS as exc:
+        raise ProtocolError(
+            f"the server's answer to {what} is not a Chronicle answer "
+            f"({type(exc).__name__}: {exc}); is the URL a Chronicle server of this version?"
+        ) from exc
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _answer(method: _Method) -> _Method:
+    """Decorate a transport method whose result is decoded from a JSON answer."""
+
+    @functools.wraps(method)
+    def decoded(*args: Any, **kwargs: Any) -> Any:
+        with _reading(method.__name__.lstrip("_")):
+            return method(*args, **kwargs)
+
+    return cast("_Method", decoded)
+
+
+class _Cutoffs:
+    """Ends calls that outlive their deadline, however slowly their answer trickles in.
+
+    ``requests`` applies its read timeout to each socket read: a peer sending one byte a
+    second keeps a call alive forever. Each call registers its deadline for its thread
+    (:meth:`bounded`); the connection registers its socket just before reading the answer
+    (:class:`_CutoffConnection`); one daemon thread shuts down the sockets whose deadline
+    passed, which ends the blocked read at once (as a connection error, retried or raised
+    within the budget like any other).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: dict[int, tuple[float, socket.socket]] = {}
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def bounded(self, cutoff: float | None) -> Iterator[None]:
+        """Within the block, this thread's connections are shut down at ``cutoff``
+        (``time.monotonic()``; None: no bound)."""
+        self._local.cutoff = cutoff
+        try:
+            yield
+        finally:
+            self._local.cutoff = None
+            if cutoff is not None:
+                with self._cond:
+                    self._watched.pop(threading.get_ident(), None)
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Called by the connection, in the calling thread, before it reads an answer."""
+        cutoff = getattr(self._local, "cutoff", None)
+        if cutoff is None or sock is None:
+            return
+        with self._cond:
+            self._watched[threading.get_ident()] = (cutoff, sock)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._reap, daemon=True, name="chronicle-http-deadlines"
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _reap(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for ident, (cutoff, sock) in list(self._watched.items()):
+                    if cutoff <= now:
+                        del self._watched[ident]
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                nearest = min((c for c, _ in self._watched.values()), default=None)
+                self._cond.wait(None if nearest is None else nearest - now)
+
+
+_CUTOFFS = _Cutoffs()
+
+
+class _CutoffConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        _CUTOFFS.watch(self.sock)
+        return super().getresponse()
+
+
+class _CutoffTLSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        _CUTOFFS.watch(self.sock)
+        return super().getresponse()
+
+
+class _CutoffPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _CutoffConnection
+
+
+class _CutoffTLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _CutoffTLSConnection
+
+
+_POOLS = {"http": _CutoffPool, "https": _CutoffTLSPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """``requests``' adapter with connections that :class:`_Cutoffs` can end."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _read_capped(response: requests.Response, method: str, url: str) -> None:
+    """Read a streamed answer's body into ``response`` (``.content`` and ``.json()`` then
+    work as usual), refusing one larger than :data:`MAX_ANSWER_BYTES`."""
+    declared = response.headers.get("Content-Length", "")
+    too_large = declared.isdigit() and int(declared) > MAX_ANSWER_BYTES
+    parts: list[bytes] = []
+    read = 0
+    if not too_large:
+        for block in response.iter_content(64 * 1024):
+            read += len(block)
+            if read > MAX_ANSWER_BYTES:
+                too_large = True
+                break
+            parts.append(block)
+    if too_large:
+        response.close()
+        raise ProtocolError(
+            f"{method} {url}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB, "
+            "which no Chronicle answer is; refused unread"
+        )
+    response._content = b"".join(parts)  # what requests itself does when it reads a body
+
+
+def _snippet(response: requests.Response) -> str:
+    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+    text = response.content[:80].decode("utf-8", "replace")
+    return f"{kind}: {text!r}"
 
 
 class HttpTransport:
@@ -93,6 +281,8 @@ class HttpTransport:
         self.base = url.rstrip("/")
         self.target = self.base
         self.policy = policy or RetryPolicy()
+        #: True once the server sent any answer (see ``RetryPolicy.first_contact``).
+        self.answered = False
         self._headers = {"User-Agent": f"chronicle-integrations/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -105,6 +295,8 @@ class HttpTransport:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            session.mount("http://", _Adapter())
+            session.mount("https://", _Adapter())
             session.headers.update(self._headers)
             self._local.session = session
             with self._lock:
@@ -126,62 +318,122 @@ class HttpTransport:
         params: dict[str, Any] | None = None,
         policy: RetryPolicy | None = None,
         decode: bool = False,
+        stream: bool = False,
         **kwargs: Any,
     ) -> requests.Response:
         """One API call with retries; returns a 2xx response or raises a typed error.
+
+        The budget bounds the whole call, answers included: each attempt's connection is shut
+        down when the time left runs out, however slowly the answer trickles in (``requests``
+        applies its read timeout to each socket read, not to the answer). The body is read
+        here (unless ``stream``), at most :data:`MAX_ANSWER_BYTES` of it.
+
+        Only an answer with a Chronicle error code (``{"error": {"code": ...}}``) is a final
+        refusal. Redirects are not followed (a redirected ``succeed`` would become a ``GET``
+        whose 200 looks like an acknowledgement): a 3xx is a :class:`ProtocolError`. A 4xx
+        without a Chronicle code (a proxy's page), 408, 429 and 5xx are retried; when they
+        outlast the budget the call raises :class:`TransportError`, so a terminal transition
+        is spooled, as when the server is down.
 
         With ``decode``, the JSON body is read inside the retry loop (``response.decoded``):
         a connection cut after the status line can look like a 2xx with an empty body, and
         that is a transport failure to retry, not an answer.
         """
         policy = policy or self.policy
-        deadline = time.monotonic() + policy.budget
+        budget = policy.budget
+        if not self.answered and policy.cap_to_budget and policy.first_contact is not None:
+            budget = min(budget, policy.first_contact)
+        deadline = time.monotonic() + budget
         attempt = 0
         url = self.base + path
+        previous: Exception | None = None
         while True:
             retry_after = None
             connect, read = policy.connect_timeout, policy.read_timeout
+            cutoff = None
             if policy.cap_to_budget:
                 left = max(0.5, deadline - time.monotonic())
                 connect, read = min(connect, left), min(read, left)
+                cutoff = time.monotonic() + left
             try:
-                response = self._session().request(
-                    method, url, json=json, params=params, timeout=(connect, read), **kwargs
-                )
+                with _CUTOFFS.bounded(cutoff):
+                    response = self._session().request(
+                        method,
+                        url,
+                        json=json,
+                        params=params,
+                        timeout=(connect, read),
+                        allow_redirects=False,
+                        stream=True,
+                        **kwargs,
+                    )
+                    if not stream:
+                        _read_capped(response, method, url)
             except requests.RequestException as exc:
                 failure: str = f"{type(exc).__name__}: {exc}"
+                if cutoff is not None and time.monotonic() >= cutoff:
+                    failure = f"no complete answer within {budget:.0f}s ({failure})"
                 error: Exception = exc
             else:
-                if response.status_code < 400:
+                self.answered = True
+                status = response.status_code
+                if 200 <= status < 300:
                     if not decode:
                         return response
                     try:
                         response.decoded = response.json()  # type: ignore[attr-defined]
                         return response
                     except (ValueError, requests.RequestException) as exc:
-                        failure = f"HTTP {response.status_code} with an unreadable body: {exc}"
+                        failure = f"HTTP {status} with an unreadable body: {exc}"
                         error = exc
+                elif status < 400:
+                    response.close()
+                    where = response.headers.get("Location")
+                    raise ProtocolError(
+                        f"{method} {url} answered HTTP {status}"
+                        + (f" (to {where})" if where else "")
+                        + ": API calls are not redirected; point the client at the server's "
+                        "own address"
+                    )
                 else:
                     body = _json_or_none(response)
-                    api_error = error_from_body(response.status_code, body)
-                    truncated = body is None and _looks_cut(response)
-                    if truncated:  # an error answer cut in transit: its code is unknown
-                        failure = f"HTTP {response.status_code} with a truncated body"
-                        error = TransportError(failure)
-                    elif response.status_code != 429 and response.status_code < 500:
-                        raise api_error
-                    else:
-                        failure = f"HTTP {response.status_code}: {api_error}"
+                    api_error = chronicle_error(status, body)
+                    if api_error is None:
+                        if body is None and _looks_cut(response):
+                            # an error answer cut in transit: its code is unknown
+                            failure = f"HTTP {status} with a truncated body"
+                            error = TransportError(failure)
+                        else:  # a proxy's or a foreign server's page: not the store's verdict
+                            failure = (
+                                f"HTTP {status} without a Chronicle error code "
+                                f"({_snippet(response)}): a proxy, or not a Chronicle server?"
+                            )
+                            error = ProtocolError(failure)
+                            if not isinstance(previous, ProtocolError):
+                                log.info("%s %s: %s; retrying", method, path, failure)
+                    elif status in (408, 429) or status >= 500:
+                        failure = f"HTTP {status}: {api_error}"
                         error = api_error
+                    else:
+                        raise api_error
                     retry_after = _retry_after(response)
+            previous = error
             wait = policy.delay(attempt, retry_after)
             if time.monotonic() + wait > deadline:
-                if isinstance(error, APIError):  # a 5xx/429 that outlasted the budget
-                    raise error
-                raise TransportError(
+                if (
+                    isinstance(error, APIError)
+                    and error.status >= 500
+                    and not isinstance(error, ServerError)
+                ):
+                    raise error  # a definite verdict (storage_full), not an outage
+                message = (
                     f"{method} {url} failed after {attempt + 1} attempt(s) over "
-                    f"{policy.budget:.0f}s: {failure}"
-                ) from error
+                    f"{budget:.0f}s: {failure}"
+                    + ("" if self.answered else " (the server has never answered this client)")
+                )
+                if isinstance(error, ProtocolError):
+                    raise ProtocolError(message) from error
+                raise TransportError(message) from error
             log.debug("%s %s: %s; retrying in %.2fs", method, path, failure, wait)
             time.sleep(wait)
             attempt += 1
@@ -207,21 +459,25 @@ class HttpTransport:
         return Event.from_dict(self._json("POST", self._run_path(e, v, r) + "/events", json=body))
 
     # ------------------------------------------------------------------ experiments
+    @_answer
     def create_experiment(
         self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
     ) -> ExperimentInfo:
         body = {"name": name, "variations": variations, "experiment_id": experiment_id}
         return ExperimentInfo.from_dict(self._json("POST", "/v1/experiments", json=body))
 
+    @_answer
     def list_experiments(self) -> list[ExperimentInfo]:
         data = self._json("GET", "/v1/experiments")
         return [ExperimentInfo.from_dict(x) for x in data["experiments"]]
 
+    @_answer
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         return ExperimentInfo.from_dict(
             self._json("GET", f"/v1/experiments/{quote(experiment_id, safe='')}")
         )
 
+    @_answer
     def add_variation(self, experiment_id: str, config: dict[str, Any], request_id: str) -> int:
         data = self._json(
             "POST",
@@ -230,6 +486,7 @@ class HttpTransport:
         )
         return int(data["variation"])
 
+    @_answer
     def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]:
         data = self._json(
             "GET", f"/v1/experiments/{quote(experiment_id, safe='')}/variations/{int(variation)}"
@@ -238,24 +495,29 @@ class HttpTransport:
         return config
 
     # ------------------------------------------------------------------ runs
+    @_answer
     def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo:
         path = f"/v1/experiments/{quote(experiment_id, safe='')}/variations/{int(variation)}/runs"
         return RunInfo.from_dict(self._json("POST", path, json={"request_id": request_id}))
 
+    @_answer
     def get_run(self, e: str, v: int, r: int) -> RunInfo:
         return RunInfo.from_dict(self._json("GET", self._run_path(e, v, r)))
 
+    @_answer
     def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]:
         params = {k: v for k, v in (("experiment_id", experiment_id), ("state", state)) if v}
         data = self._json("GET", "/v1/runs", params=params)
         return [RunInfo.from_dict(x) for x in data["runs"]]
 
+    @_answer
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
     ) -> RunInfo:
         body = {"resume": resume, "lease": lease, "holder": holder}
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/start", json=body))
 
+    @_answer
     def heartbeat(
         self,
         e: str,
@@ -278,22 +540,26 @@ class HttpTransport:
             )
         )
 
+    @_answer
     def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
         return RunInfo.from_dict(
             self._json("POST", self._run_path(e, v, r) + "/succeed", json={"lease": lease})
         )
 
+    @_answer
     def fail(
         self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
     ) -> RunInfo:
         body = {"reason": reason, "message": message, "lease": lease}
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
+    @_answer
     def events(self, e: str, v: int, r: int) -> list[Event]:
         data = self._json("GET", self._run_path(e, v, r) + "/events")
         return [Event.from_dict(x) for x in data["events"]]
 
     # ------------------------------------------------------------------ assets
+    @_answer
     def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
         data = self._json("GET", self._run_path(e, v, r) + "/assets")
         return [AssetInfo.from_dict(x) for x in data["assets"]]
@@ -321,13 +587,13 @@ class HttpTransport:
         """
         size = os.path.getsize(path) if size is None else size
         patience = max(self.policy.budget, 300.0)
-        status = UploadStatus.from_dict(
-            self._json(
-                "POST",
-                self._run_path(e, v, r) + "/uploads",
-                json={"name": name, "size": size, "upload_id": upload_id, "lease": lease},
-            )
+        begun = self._json(
+            "POST",
+            self._run_path(e, v, r) + "/uploads",
+            json={"name": name, "size": size, "upload_id": upload_id, "lease": lease},
         )
+        with _reading("begin upload"):
+            status = UploadStatus.from_dict(begun)
         hasher = hashlib.sha256()
         hashed = 0  # bytes [0, hashed) are in the hasher
         offset = status.offset
@@ -354,7 +620,8 @@ class HttpTransport:
                             budget=0.0, read_timeout=self.policy.read_timeout, cap_to_budget=False
                         ),
                     )
-                    offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
+                    with _reading("upload chunk"):
+                        offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
                     hashed = state["hashed"]
                     attempt = 0
                     deadline = time.monotonic() + patience
@@ -389,7 +656,8 @@ class HttpTransport:
         data = self._json(
             "POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": hasher.hexdigest()}
         )
-        return AssetInfo.from_dict(data)
+        with _reading("complete upload"):
+            return AssetInfo.from_dict(data)
 
     def abort_upload(self, upload_id: str) -> None:
         """Drop an unfinished upload's bytes on the server (best effort)."""
@@ -398,6 +666,7 @@ class HttpTransport:
         except (APIError, TransportError) as exc:
             log.debug("could not discard upload %s: %s", upload_id, exc)
 
+    @_answer
     def _offset(self, upload_id: str) -> int:
         data = self._json("GET", f"/v1/uploads/{upload_id}")
         return int(data["offset"])

@@ -68,6 +68,9 @@ class RunInfo(_Record):
     stalled: bool = False
     #: Only set in the answer to ``start``: the token later calls must carry.
     lease: str | None = field(default=None, repr=False)
+    #: Only set in the answers to ``start`` and ``heartbeat``: the store's watchdog timeout,
+    #: in seconds (a run silent for longer goes ``lost``). Clients beat well inside it.
+    heartbeat_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, RunState):

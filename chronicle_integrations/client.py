@@ -82,7 +82,11 @@ class Chronicle:
             Default ``$CHRONICLE_HOME``, else ``./chronicle`` (made absolute at construction).
         upload_workers: size of the shared background upload pool.
         close_timeout: how long ``close()`` waits for pending uploads before spooling them.
-        timeout: the retry budget, in seconds, of each request to the server.
+        timeout: the retry budget, in seconds, of each request to the server, answers
+            included (however slowly they trickle in).
+        first_contact_timeout: the budget of each request until the server has answered
+            this client once (default 10 s; None: ``timeout``): a server that is down or
+            silent when training starts costs a few seconds, not ``timeout``.
         heartbeat_timeout, lost_grace, stall_timeout: embedded store only: the watchdog's
             settings (default ``$CHRONICLE_HEARTBEAT_TIMEOUT`` / ``$CHRONICLE_LOST_GRACE`` /
             ``$CHRONICLE_STALL_TIMEOUT``, else 900 s, 48 h and 30 min). A server has its own.
@@ -100,6 +104,7 @@ class Chronicle:
         upload_workers: int = 4,
         close_timeout: float = 3600.0,
         timeout: float = 60.0,
+        first_contact_timeout: float | None = 10.0,
         heartbeat_timeout: float | None = None,
         lost_grace: float | None = None,
         stall_timeout: float | None = None,
@@ -119,7 +124,11 @@ class Chronicle:
                 )
             from ._http import HttpTransport, RetryPolicy
 
-            self.transport = HttpTransport(self.url, api_key, RetryPolicy(budget=timeout))
+            self.transport = HttpTransport(
+                self.url,
+                api_key,
+                RetryPolicy(budget=timeout, first_contact=first_contact_timeout),
+            )
         else:
             kwargs: dict[str, float] = {}
             for key, value, env in (
@@ -429,6 +438,9 @@ class Run:
         self.spooled = False
         #: Training progress, updated cheaply by the training loop, sent with heartbeats.
         self.progress = Progress()
+        #: The store's watchdog timeout, as its answers to start and heartbeat said (None
+        #: until then): keep_alive beats at most every third of it.
+        self.heartbeat_timeout: float | None = None
         self._keepalive: KeepAlive | None = None
         self._lock = threading.Lock()
 
@@ -520,8 +532,9 @@ class Run:
         """
         lease = self.lease or secrets.token_urlsafe(24)
         holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._t.start(*self.key_tuple, resume=resume, lease=lease, holder=holder)
+        info = self._t.start(*self.key_tuple, resume=resume, lease=lease, holder=holder)
         self.lease = lease
+        self.heartbeat_timeout = info.heartbeat_timeout or self.heartbeat_timeout
         self.cancelled.clear()
         return self
 
@@ -539,7 +552,9 @@ class Run:
     ) -> RunInfo:
         if progress is None:
             progress = self.progress.snapshot()
-        return self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        info = self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        self.heartbeat_timeout = info.heartbeat_timeout or self.heartbeat_timeout
+        return info
 
     def keep_alive(
         self,
@@ -548,6 +563,10 @@ class Run:
         stall_timeout: float | None = None,
     ) -> KeepAlive:
         """Send heartbeats every ``interval`` seconds on a daemon thread (one per run).
+
+        The store's answers say its watchdog's ``heartbeat_timeout``: the loop beats at least
+        three times within it (every ``min(interval, heartbeat_timeout / 3)`` seconds), and
+        says so once at WARNING when ``interval`` was longer than that.
 
         Returns the running :class:`KeepAlive` (a context manager; ``.stop()`` ends it). When
         the server says the run was cancelled or taken over, ``run.cancelled`` is set and
@@ -573,7 +592,9 @@ class Run:
                 self.cancelled = shared.run.cancelled
                 shared.join(self, on_cancel, stall_timeout)
             else:
-                shared = KeepAlive(self, interval, on_cancel, stall_timeout).start()
+                shared = KeepAlive(self, interval, on_cancel, stall_timeout)
+                shared.watchdog(self.heartbeat_timeout)
+                shared.start()
                 _LOOPS[slot] = shared
                 self.chronicle._keepalives.add(shared)
             self._keepalive = shared

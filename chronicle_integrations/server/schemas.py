@@ -208,6 +208,11 @@ class Run(BaseModel):
         description="Only in the answer to start: the lease token "
         "later calls must carry. Null otherwise.",
     )
+    heartbeat_timeout: float | None = Field(
+        default=None,
+        description="Only in the answers to start and heartbeat: the server's watchdog "
+        "timeout in seconds (a run silent for longer goes lost); clients beat well inside it.",
+    )
 
 
 class RunList(BaseModel):

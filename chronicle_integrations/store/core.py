@@ -533,7 +533,9 @@ class Store:
             rows = conn.execute(query).all()
         return [self._info(row, now) for row in rows]
 
-    def _info(self, row: Any, now: float, lease: str | None = None) -> RunInfo:
+    def _info(self, row: Any, now: float, lease: str | None = None, beat: bool = False) -> RunInfo:
+        """The record of ``row`` at ``now``. ``beat``: an answer to ``start`` or
+        ``heartbeat``, which tells the worker the watchdog's ``heartbeat_timeout``."""
         state = self.effective_state(row.state, row.alive_at, now)
         ended_at, reason = row.ended_at, row.reason
         if state is RunState.FAILED_LOST and row.state != state.value:
@@ -553,6 +555,7 @@ class Store:
             lease_holder=row.lease_holder,
             asset_count=int(getattr(row, "asset_count", 0) or 0),
             lease=lease,
+            heartbeat_timeout=self.heartbeat_timeout if beat else None,
             progress=json.loads(row.progress) if row.progress else None,
             progress_at=row.progress_at,
             stalled=(
@@ -589,7 +592,7 @@ class Store:
             row = self._lock_run(conn, *key)
             state = self._materialise(conn, row, now)
             if state is RunState.RUNNING and row.lease == lease:
-                return self._info(self._reload(conn, key), now, lease=lease)  # repeat
+                return self._info(self._reload(conn, key), now, lease=lease, beat=True)  # repeat
             target = next_state(action, state)
             if target is None:
                 raise _refused(action, state, key)
@@ -610,7 +613,7 @@ class Store:
             self._event(
                 conn, key, state, target, now, str(action), {"holder": holder} if holder else None
             )
-            return self._info(self._reload(conn, key), now, lease=lease)
+            return self._info(self._reload(conn, key), now, lease=lease, beat=True)
 
     def heartbeat(
         self,
@@ -636,7 +639,7 @@ class Store:
                     conn, [(0, self._fast_params(key, lease, encoded, now))]
                 )[0][1]
                 if fast is not None:
-                    return self._info(fast, now)
+                    return self._info(fast, now, beat=True)
             c = t.runs.c
             values: dict[str, Any] = {"last_heartbeat_at": now, "alive_at": now}
             if encoded is not None:
@@ -655,7 +658,7 @@ class Store:
             conn.execute(t.runs.update().where(_run_pk(*key)).values(state=target.value, **values))
             if state is not target:
                 self._event(conn, key, state, target, now, "heartbeat")
-            return self._info(self._reload(conn, key), now)
+            return self._info(self._reload(conn, key), now, beat=True)
 
     def heartbeat_many(
         self,
@@ -704,7 +707,7 @@ class Store:
             else:
                 for i, row in rows:
                     if row is not None:
-                        results[i] = self._info(row, now)
+                        results[i] = self._info(row, now, beat=True)
         for i, item in enumerate(items):
             if results[i] is None:
                 try:
