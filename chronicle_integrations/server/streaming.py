@@ -200,7 +200,8 @@ _MAX_DIGITS = 19
 
 def _position(digits: str) -> int:
     """A range position; one too long to matter counts as :data:`_HUGE` (past any end)."""
-    return _HUGE if len(digits) > _MAX_DIGITS else int(digits)
+    significant = digits.lstrip("0")
+    return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
 
 
 _HUGE = 10**_MAX_DIGITS
