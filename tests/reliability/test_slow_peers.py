@@ -114,6 +114,33 @@ def in_thread(fn: Any, timeout: float, what: str) -> Any:
     return box.get("value")
 
 
+def resume_with_fresh_client(
+    server: Any,
+    key: tuple[str, int, int],
+    lease: str,
+    upload_id: str,
+    name: str,
+    data: bytes,
+    tmp_path: Path,
+) -> None:
+    """A new client process's resume path (``chronicle sync``): re-open the upload by id,
+    read its offset, send the rest, complete; the asset must hash to ``data``'s SHA-256."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    fresh = Chronicle(url=server.url, home=tmp_path / f"fresh-{name}", timeout=20)
+    try:
+        info = in_thread(
+            lambda: fresh.transport.upload_file(
+                *key, name, str(path), lease=lease, upload_id=upload_id
+            ),
+            30,
+            f"resuming upload {name}",
+        )
+    finally:
+        fresh.close(timeout=5)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+
+
 @pytest.fixture
 def started(server_factory: Any, tmp_path: Path) -> Any:
     """A server factory whose servers each come with a started run (``world(...)``)."""
@@ -157,22 +184,9 @@ def test_frozen_uploaders_stop_no_one_and_a_stalled_upload_resumes(
             assert api.download_sha(key, "healthy.bin") == info.sha256
 
             # The stalled upload, resumed by a fresh client on a new connection.
-            path = tmp_path / "victim.bin"
-            path.write_bytes(data)
-            fresh = Chronicle(url=server.url, home=tmp_path / "fresh", timeout=20)
-            try:
-                resumed = in_thread(
-                    lambda: fresh.transport.upload_file(
-                        *key, "victim.bin", str(path), lease=lease, upload_id=victim
-                    ),
-                    30,
-                    "resuming the stalled upload",
-                )
-            finally:
-                fresh.close(timeout=5)
+            resume_with_fresh_client(server, key, lease, victim, "victim.bin", data, tmp_path)
         finally:
             chronicle.close(timeout=5)
-        assert resumed.sha256 == hashlib.sha256(data).hexdigest()
 
         # The frozen request wakes up and sends the rest of its body: refused, nothing kept.
         victim_sock = socks[0]
@@ -247,21 +261,8 @@ def test_a_stalled_chunk_body_is_abandoned_and_its_bytes_kept(
     assert body["error"]["offset"] == kept
     assert 0 < kept <= sent  # the bytes received were kept for the resume
     # The client resumes at the acknowledged offset and the asset is intact.
-    path = tmp_path / "slow.bin"
-    path.write_bytes(data)
-    chronicle = Chronicle(url=server.url, home=tmp_path / "client", timeout=20)
-    try:
-        info = in_thread(
-            lambda: chronicle.transport.upload_file(
-                *key, "slow.bin", str(path), lease=lease, upload_id=upload
-            ),
-            30,
-            "resuming the abandoned upload",
-        )
-    finally:
-        chronicle.close(timeout=5)
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
-    assert api.download_sha(key, "slow.bin") == info.sha256
+    resume_with_fresh_client(server, key, lease, upload, "slow.bin", data, tmp_path)
+    assert api.download_sha(key, "slow.bin") == hashlib.sha256(data).hexdigest()
     figures["uploads verified"] += 1
 
 
