@@ -17,7 +17,10 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from rel_helpers import Api, assert_error, run_path, wait_until
 
 from chronicle_integrations import Chronicle
@@ -360,3 +364,62 @@ def test_an_upload_without_a_declared_size_is_bounded(started: Any) -> None:
         run_path(key) + "/uploads", json={"name": "big.bin", "size": MiB + 1, "lease": lease}
     )
     assert_error(resp, 413, "payload_too_large")
+
+
+def test_the_chronicle_cli_passes_the_upload_limits_on(tmp_path: Path) -> None:
+    """``chronicle server`` has its own copy of the server's options: they must reach it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    log = tmp_path / "cli-server.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("CHRONICLE_API_KEY", "CHRONICLE_URL")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chronicle_integrations.cli",
+                "server",
+                "--port",
+                str(port),
+                "--home",
+                str(tmp_path / "home"),
+                "--max-asset-bytes",
+                "100",
+                "--upload-expiry",
+                "3600",
+                "--upload-idle-timeout",
+                "5",
+                "--upload-min-rate",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        api = Api(f"http://127.0.0.1:{port}")
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(requests.RequestException):
+                return api.get("/v1/health", timeout=2).status_code == 200
+            return False
+
+        wait_until(healthy, timeout=60, what="chronicle server")
+        key = api.run(api.experiment())
+        lease = str(api.ok("POST", run_path(key) + "/start")["lease"])
+        resp = api.post(
+            run_path(key) + "/uploads", json={"name": "big.bin", "size": 101, "lease": lease}
+        )
+        assert_error(resp, 413, "payload_too_large")
+        api.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
