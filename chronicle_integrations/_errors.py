@@ -16,6 +16,7 @@
           ├── LeaseConflict         lease_conflict       409  another worker holds the run
           ├── AlreadyExists         already_exists       409  experiment id taken
           ├── OffsetMismatch        offset_mismatch      409  upload chunk at the wrong offset
+          ├── RequestTimeout        request_timeout      408  upload chunk body stalled
           ├── PayloadTooLarge       payload_too_large    413  body over the server's limit
           ├── DigestMismatch        digest_mismatch      422  upload content != declared SHA-256
           ├── StorageFull           storage_full         507  the asset store ran out of space
@@ -43,6 +44,7 @@ __all__ = [
     "OffsetMismatch",
     "PayloadTooLarge",
     "ProtocolError",
+    "RequestTimeout",
     "ServerError",
     "StorageFull",
     "TransportError",
@@ -168,6 +170,14 @@ class OffsetMismatch(APIError):
     status = 409
 
 
+class RequestTimeout(APIError):
+    """An upload chunk's body went silent (or too slow) and was abandoned; the bytes received
+    were kept: resume at ``details["offset"]``."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class PayloadTooLarge(APIError):
     """The request body exceeds the server's limit."""
 
@@ -206,6 +216,7 @@ _BY_CODE: dict[str, type[APIError]] = {
         LeaseConflict,
         AlreadyExists,
         OffsetMismatch,
+        RequestTimeout,
         PayloadTooLarge,
         DigestMismatch,
         StorageFull,

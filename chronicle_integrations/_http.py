@@ -41,6 +41,7 @@ from ._errors import (
     APIError,
     OffsetMismatch,
     ProtocolError,
+    RequestTimeout,
     ServerError,
     SourceChanged,
     StorageFull,
@@ -628,7 +629,9 @@ class HttpTransport:
                 except OffsetMismatch as exc:
                     hashed = state["hashed"]
                     offset = int(exc.details.get("offset", self._offset(upload_id)))
-                except (TransportError, ServerError, StorageFull) as exc:
+                except (TransportError, ServerError, StorageFull, RequestTimeout) as exc:
+                    # (RequestTimeout: the server abandoned a chunk that stalled; it kept the
+                    # bytes it received, so this resumes like a dropped connection.)
                     hashed = state["hashed"]
                     if time.monotonic() > deadline:
                         raise TransportError(f"upload of {name!r} gave up: {exc}") from exc

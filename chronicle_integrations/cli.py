@@ -148,6 +148,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,20}", text):
+        raise argparse.ArgumentTypeError(f"expected a whole number of bytes >= 0, got {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text) or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0-65535")
@@ -327,6 +343,10 @@ def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
         ("heartbeat_timeout", args.heartbeat_timeout),
         ("lost_grace", args.lost_grace),
         ("stall_timeout", args.stall_timeout),
+        ("upload_idle_timeout", args.upload_idle_timeout),
+        ("upload_min_rate", args.upload_min_rate),
+        ("upload_expiry", args.upload_expiry),
+        ("max_asset_bytes", args.max_asset_bytes),
         ("home", args.server_home or args.home),
         ("log_level", args.log_level or ("debug" if args.verbose else None)),
     ):
@@ -715,6 +735,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="flag a running run stalled when its heartbeats' progress has not "
         "advanced for S seconds (default 1800)",
+    )
+    p.add_argument(
+        "--upload-idle-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="abandon an upload chunk whose body sends nothing for S seconds (408; the "
+        "bytes received are kept for the resume) (default 30)",
+    )
+    p.add_argument(
+        "--upload-min-rate",
+        type=_non_negative_float,
+        metavar="B",
+        help="abandon an upload chunk whose body sends fewer than B bytes per second over "
+        "a window of the idle timeout (default 1024; 0 disables)",
+    )
+    p.add_argument(
+        "--upload-expiry",
+        type=_positive_float,
+        metavar="S",
+        help="drop an unfinished upload, and its bytes, after S seconds without a chunk "
+        "(default 86400)",
+    )
+    p.add_argument(
+        "--max-asset-bytes",
+        type=_non_negative_int,
+        metavar="N",
+        help="largest asset accepted, declared or not (413 beyond; default 1 TiB)",
     )
     p.add_argument(
         "--home",

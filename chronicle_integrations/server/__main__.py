@@ -10,7 +10,13 @@ import argparse
 import sys
 
 from .._errors import ChronicleError, ConfigurationError
-from .app import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_JSON_BYTES
+from ..store.core import DEFAULT_MAX_ASSET_BYTES, DEFAULT_UPLOAD_EXPIRY
+from .app import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    DEFAULT_UPLOAD_MIN_RATE,
+)
 
 
 def build_parser(prog: str = "python -m chronicle_integrations.server") -> argparse.ArgumentParser:
@@ -85,6 +91,37 @@ def build_parser(prog: str = "python -m chronicle_integrations.server") -> argpa
         metavar="N",
         help="largest upload chunk accepted (default 256 MiB)",
     )
+    parser.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=DEFAULT_UPLOAD_IDLE_TIMEOUT,
+        metavar="S",
+        help="abandon an upload chunk whose body sends nothing for S seconds (408; the "
+        "bytes received are kept for the resume) (default 30)",
+    )
+    parser.add_argument(
+        "--upload-min-rate",
+        type=float,
+        default=DEFAULT_UPLOAD_MIN_RATE,
+        metavar="B",
+        help="abandon an upload chunk whose body sends fewer than B bytes per second over "
+        "a window of the idle timeout (default 1024; 0 disables)",
+    )
+    parser.add_argument(
+        "--upload-expiry",
+        type=float,
+        default=DEFAULT_UPLOAD_EXPIRY,
+        metavar="S",
+        help="drop an unfinished upload, and its bytes, after S seconds without a chunk "
+        "(default 86400)",
+    )
+    parser.add_argument(
+        "--max-asset-bytes",
+        type=int,
+        default=DEFAULT_MAX_ASSET_BYTES,
+        metavar="N",
+        help="largest asset accepted, declared or not (413 beyond; default 1 TiB)",
+    )
     return parser
 
 
@@ -107,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             max_json_bytes=args.max_json_bytes,
             max_chunk_bytes=args.max_chunk_bytes,
             stall_timeout=args.stall_timeout,
+            upload_idle_timeout=args.upload_idle_timeout,
+            upload_min_rate=args.upload_min_rate,
+            upload_expiry=args.upload_expiry,
+            max_asset_bytes=args.max_asset_bytes,
         )
     except ConfigurationError as exc:
         print(f"chronicle server: error: {exc}", file=sys.stderr)

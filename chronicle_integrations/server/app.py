@@ -33,14 +33,22 @@ from ..store import Store
 from .fastlane import HeartbeatLane
 from .middleware import Guard, error_response
 from .routes import build_router
+from .streaming import DEFAULT_UPLOAD_IDLE_TIMEOUT, DEFAULT_UPLOAD_MIN_RATE
 
-__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_JSON_BYTES", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "DEFAULT_MAX_JSON_BYTES",
+    "DEFAULT_UPLOAD_IDLE_TIMEOUT",
+    "DEFAULT_UPLOAD_MIN_RATE",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_JSON_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
-#: Upload chunks written at once (each holds a worker thread for the length of its body).
+#: Upload batches written at once (a chunk holds a worker thread only while a batch of bytes
+#: it has already received is written, never while it waits for the network).
 UPLOAD_WORKERS = 16
 
 _DESCRIPTION = """\
@@ -58,6 +66,8 @@ def create_app(
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     sweep_interval: float | None = None,
     heartbeat_lane: bool = True,
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -67,6 +77,12 @@ def create_app(
     ``min(30, heartbeat_timeout / 4)``).
     ``heartbeat_lane``: serve well-formed heartbeats from the fast lane (``fastlane.py``);
     False sends every heartbeat through its FastAPI route, which the lane must agree with.
+    ``upload_idle_timeout`` / ``upload_min_rate``: an upload chunk body silent for that many
+    seconds, or slower than that many bytes per second (over windows of the idle timeout), is
+    abandoned with 408 ``request_timeout``; the bytes received are kept for the resume.
+    Unfinished uploads expire, and uploads are bounded, by the store's ``upload_expiry`` and
+    ``max_asset_bytes`` (the embedded store applies them too); the watchdog drops expired
+    uploads.
     """
     interval = (
         float(sweep_interval)
@@ -77,6 +93,8 @@ def create_app(
         raise ValueError("sweep_interval must be > 0")
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
         raise ValueError("max_json_bytes and max_chunk_bytes must be > 0")
+    if not upload_idle_timeout > 0 or not upload_min_rate >= 0:
+        raise ValueError("upload_idle_timeout must be > 0 and upload_min_rate >= 0")
     uploads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
     lane = HeartbeatLane(store) if heartbeat_lane else None
 
@@ -111,7 +129,11 @@ def create_app(
     app.state.sweep_interval = interval
     app.include_router(
         build_router(
-            store, max_chunk_bytes=max_chunk_bytes, upload_executor=lambda: uploads.get("executor")
+            store,
+            max_chunk_bytes=max_chunk_bytes,
+            upload_executor=lambda: uploads.get("executor"),
+            upload_idle_timeout=upload_idle_timeout,
+            upload_min_rate=upload_min_rate,
         )
     )
     app.add_middleware(
@@ -130,11 +152,13 @@ def create_app(
 
 # ---------------------------------------------------------------------------- watchdog
 def _watchdog(store: Store, interval: float, stop: threading.Event) -> None:
-    """Sweep every ``interval`` seconds until ``stop``; failures are logged, never fatal."""
+    """Sweep every ``interval`` seconds until ``stop`` (and drop expired uploads, at the
+    store's :attr:`~Store.expiry_check_interval`); failures are logged, never fatal."""
     failing = False
     while not stop.wait(interval):
         try:
             store.sweep()
+            store.expire_uploads(every=store.expiry_check_interval)
         except Exception:
             # Log the first failure of a streak with its traceback, later ones briefly.
             if failing:

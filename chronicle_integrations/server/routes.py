@@ -30,6 +30,7 @@ from .._errors import (
     NotFound,
     OffsetMismatch,
     PayloadTooLarge,
+    RequestTimeout,
     ServerError,
     StorageFull,
     Unauthorized,
@@ -39,7 +40,13 @@ from ..lifecycle import RunState
 from ..store import Store
 from . import schemas
 from .middleware import error_response
-from .streaming import RangeNotSatisfiable, blob_response, stream_chunk
+from .streaming import (
+    DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    DEFAULT_UPLOAD_MIN_RATE,
+    RangeNotSatisfiable,
+    blob_response,
+    stream_chunk,
+)
 
 __all__ = ["build_router"]
 
@@ -91,7 +98,12 @@ _ERRORS: dict[int, tuple[str, str]] = {
         f"{OffsetMismatch.code}",
         "Refused: see `code` and the details (`state`, `offset`).",
     ),
-    413: (PayloadTooLarge.code, "The body exceeds the server's limit."),
+    408: (
+        RequestTimeout.code,
+        "The chunk body stalled (silent, or below the minimum rate); the bytes received were "
+        "kept: resume at `offset`.",
+    ),
+    413: (PayloadTooLarge.code, "The body (or the asset) exceeds the server's limit."),
     416: (RangeNotSatisfiable.code, "The byte range is outside the asset."),
     422: (
         DigestMismatch.code,
@@ -127,9 +139,12 @@ def build_router(
     *,
     max_chunk_bytes: int,
     upload_executor: Callable[[], concurrent.futures.Executor | None],
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
 ) -> APIRouter:
     """The ``/v1`` API over ``store``. ``upload_executor`` gives the thread pool that writes
-    upload chunks (a separate pool, so long uploads never starve heartbeats)."""
+    upload chunks (a separate pool, so long uploads never starve heartbeats);
+    ``upload_idle_timeout`` / ``upload_min_rate``: when a chunk body counts as stalled."""
     router = APIRouter(prefix="/v1")
 
     # ------------------------------------------------------------------ health
@@ -467,7 +482,7 @@ def build_router(
         "/uploads/{upload_id}",
         response_model=schemas.UploadStatus,
         tags=["uploads"],
-        responses=_errors(404, 409, 507, body=True),
+        responses=_errors(404, 408, 409, 507, body=True),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -480,23 +495,24 @@ def build_router(
     async def put_chunk(upload_id: UploadId, offset: Offset, request: Request) -> JSONResponse:
         """Append the raw body at ``offset``, which must be the upload's current offset (else
         409 ``offset_mismatch`` with the right ``offset``). The body is streamed to disk; if
-        the connection drops, the bytes received are kept: read the offset back and resume."""
-        status = await run_in_threadpool(store.upload_status, upload_id)
-        if status.completed:
-            raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
-        if status.offset != offset:  # answer at once instead of after reading the body
-            raise OffsetMismatch(
-                f"upload {upload_id} holds {status.offset} bytes; send the "
-                f"next chunk at offset {status.offset}",
-                offset=status.offset,
+        the connection drops, the bytes received are kept: read the offset back and resume.
+        A new ``PUT`` takes the upload over from an older one still open (a stalled client
+        resuming on a new connection): the older one's later bytes are refused. A body that
+        stalls is abandoned with 408 ``request_timeout`` (the bytes received are kept)."""
+        # Checked and claimed before reading the body, so a wrong offset is answered at once.
+        writer = await run_in_threadpool(store.open_chunk, upload_id, offset)
+        try:
+            written = await stream_chunk(
+                request,
+                writer,
+                limit=max_chunk_bytes,
+                executor=upload_executor(),
+                label=f"upload {upload_id}",
+                idle_timeout=upload_idle_timeout,
+                min_rate=upload_min_rate,
             )
-        written = await stream_chunk(
-            request,
-            functools.partial(store.write_chunk, upload_id, offset),
-            limit=max_chunk_bytes,
-            executor=upload_executor(),
-            label=f"upload {upload_id}",
-        )
+        except RequestTimeout as exc:  # the rest of the body is never read: close
+            return error_response(exc, headers={"Connection": "close"})
         if written is None:  # the client is gone; this answer is never sent
             return JSONResponse({}, status_code=400)
         return _json(written)

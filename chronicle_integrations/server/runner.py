@@ -14,7 +14,14 @@ from typing import Any
 
 from .._errors import ConfigurationError
 from .._version import __version__
-from .app import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_JSON_BYTES, create_app
+from ..store.core import DEFAULT_MAX_ASSET_BYTES, DEFAULT_UPLOAD_EXPIRY
+from .app import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    DEFAULT_UPLOAD_MIN_RATE,
+    create_app,
+)
 
 __all__ = ["is_loopback", "serve"]
 
@@ -62,14 +69,22 @@ def serve(
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     stall_timeout: float | None = None,
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
+    max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
     Defaults: ``home`` = ``$CHRONICLE_HOME`` or ``./chronicle``; ``store_url`` = SQLite at
     ``<home>/chronicle.db``; ``assets`` = ``<home>/assets``; ``api_key`` =
     ``$CHRONICLE_API_KEY``; ``stall_timeout`` = the store's (a running run beating without new
-    progress for that long is flagged ``stalled``). Listening beyond loopback without an API
-    key is refused with :class:`ConfigurationError`, as are invalid settings.
+    progress for that long is flagged ``stalled``). ``upload_idle_timeout`` /
+    ``upload_min_rate``: when an upload chunk body counts as stalled (see :func:`create_app`);
+    ``upload_expiry``: seconds an unfinished upload may go without a chunk before it is
+    dropped; ``max_asset_bytes``: the largest asset (bounds uploads that declare no size).
+    Listening beyond loopback without an API key is refused with
+    :class:`ConfigurationError`, as are invalid settings.
     """
     if api_key is None:
         api_key = os.environ.get("CHRONICLE_API_KEY")
@@ -89,6 +104,8 @@ def serve(
         )
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
         raise ConfigurationError("max_json_bytes and max_chunk_bytes must be > 0")
+    if not upload_idle_timeout > 0 or not upload_min_rate >= 0:
+        raise ConfigurationError("upload_idle_timeout must be > 0 and upload_min_rate >= 0")
 
     root = Path(home or os.environ.get("CHRONICLE_HOME") or "chronicle").expanduser().resolve()
     if store_url is None:
@@ -111,7 +128,12 @@ def serve(
         "timeout_graceful_shutdown": 10,
         "server_header": False,
     }
-    timeouts: dict[str, float] = {"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace}
+    timeouts: dict[str, float] = {
+        "heartbeat_timeout": heartbeat_timeout,
+        "lost_grace": lost_grace,
+        "upload_expiry": upload_expiry,
+        "max_asset_bytes": max_asset_bytes,
+    }
     if stall_timeout is not None:
         if stall_timeout <= 0:
             raise ConfigurationError("stall_timeout must be > 0")
@@ -119,7 +141,12 @@ def serve(
     store = Store.open(store_url, assets_dir, **timeouts)
     try:
         app = create_app(
-            store, api_key=api_key, max_json_bytes=max_json_bytes, max_chunk_bytes=max_chunk_bytes
+            store,
+            api_key=api_key,
+            max_json_bytes=max_json_bytes,
+            max_chunk_bytes=max_chunk_bytes,
+            upload_idle_timeout=upload_idle_timeout,
+            upload_min_rate=upload_min_rate,
         )
         server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))
         # Everything built so far (modules, routes, the store) lives as long as the process:

@@ -1,15 +1,25 @@
 """Streaming asset bytes in and out without ever holding a whole chunk or file in memory.
 
 Uploads: the request body arrives on the event loop as pieces of up to ~256 KiB;
-:func:`stream_chunk` hands them over in batches of ~1 MiB (one thread hand-off per batch, and
-no copy: the pieces are passed as they are), at most :data:`PIPE_DEPTH` batches in flight, to
-:meth:`Store.write_chunk` running on a worker thread, which writes and hashes them (both
-release the GIL) while the loop keeps reading the socket. Memory per upload is bounded by about
-``(PIPE_DEPTH + 1) * BATCH``, whatever the chunk size.
+:func:`stream_chunk` gathers them into batches of ~1 MiB and hands each batch (no copy: the
+pieces are passed as they are) to the chunk's writer (:meth:`ChunkWriter.write`), which
+writes and hashes it on a worker thread (both release the GIL) while the loop keeps reading
+the socket. While one write runs, the batches that arrive meanwhile wait (at most
+:data:`PIPE_DEPTH` of them) and go to the next write together. Memory per upload is bounded
+by about ``(2 * PIPE_DEPTH + 1) * BATCH``, whatever the chunk size.
 
-If the client goes away mid-body, the batches already received are still written (they are in
-order, and the store keeps the running digest valid), so the client resumes from the offset
-``GET /v1/uploads/{id}`` reports.
+A worker thread (and the partial file's lock) is taken only for a batch that has fully
+arrived, never to wait for the network: a peer that sends headers and then nothing, or
+trickles, holds no thread and no lock, only its connection. And it does not hold that for
+ever: a body that stays silent for ``idle_timeout`` seconds, or that delivers less than
+``min_rate`` bytes per second over such a window, is abandoned with 408 ``request_timeout``
+(and ``Connection: close``).
+
+Whenever a chunk stops before its end (the client disconnected or was too slow, a limit was
+hit), the bytes received are still written (they are in order, and the store keeps the
+running digest valid), so the client resumes from the offset ``GET /v1/uploads/{id}``
+reports. A newer ``PUT`` of the same upload takes it over (see :meth:`Store.open_chunk`):
+whatever the older one still receives is dropped.
 
 Downloads: :func:`blob_response` serves a complete object from its file, 1 MiB per read on a
 worker thread, with single-range support (``Range: bytes=a-b``, ``bytes=a-``, ``bytes=-n``).
@@ -19,165 +29,152 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
-import queue
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import BinaryIO, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
 
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
-from .._errors import APIError, InvalidRequest, PayloadTooLarge
-from .._models import AssetInfo
+from .._errors import APIError, InvalidRequest, PayloadTooLarge, RequestTimeout
+from .._models import AssetInfo, UploadStatus
+from ..store import ChunkWriter
 
-__all__ = ["BATCH", "PIPE_DEPTH", "RangeNotSatisfiable", "blob_response", "stream_chunk"]
+__all__ = [
+    "BATCH",
+    "DEFAULT_UPLOAD_IDLE_TIMEOUT",
+    "DEFAULT_UPLOAD_MIN_RATE",
+    "PIPE_DEPTH",
+    "RangeNotSatisfiable",
+    "blob_response",
+    "stream_chunk",
+]
 
 log = logging.getLogger(__name__)
 
 #: Bytes handed to the writer thread at a time.
 BATCH = 1024 * 1024
-#: Batches in flight between the event loop and the writer thread.
+#: Batches that may wait while a write runs (then the loop stops reading: back-pressure).
 PIPE_DEPTH = 4
 #: Bytes per read when serving a file.
 READ_BLOCK = 1024 * 1024
-
-T = TypeVar("T")
-
-_END = object()
-_ABORT = object()
-
-
-class _Aborted(Exception):
-    """Raised inside the writer when the request stops before its end (disconnect, limit)."""
+#: Seconds a chunk body may stay silent before it is abandoned.
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 30.0
+#: Bytes per second a chunk body must deliver, measured over windows of the idle timeout.
+DEFAULT_UPLOAD_MIN_RATE = 1024.0
 
 
-class _ChunkPipe:
-    """A bounded hand-off of byte batches from the event loop to one writer thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = PIPE_DEPTH) -> None:
-        self._loop = loop
-        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._slots = asyncio.Semaphore(depth)
-        #: Set by the writer when it stops consuming (finished or failed).
-        self.closed = False
-
-    # -- event loop side -------------------------------------------------------------------
-    async def put(self, batch: list[bytes]) -> bool:
-        """Queue a batch of pieces; False when the writer has stopped (its result says why).
-
-        The pieces are handed over as received, not joined: joining would copy every byte
-        once more on the event loop, which is the bottleneck of an upload.
-        """
-        if self.closed:
-            return False
-        await self._slots.acquire()
-        if self.closed:
-            return False
-        self._items.put(batch)
-        return True
-
-    def finish(self) -> None:
-        """No more data: the writer returns normally once the queue is drained."""
-        self._items.put(_END)
-
-    def abort(self) -> None:
-        """Stop: the writer writes what is queued, then fails with :class:`_Aborted`."""
-        self._items.put(_ABORT)
-
-    # -- writer thread side ----------------------------------------------------------------
-    def _release(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown)
-            self._loop.call_soon_threadsafe(self._slots.release)
-
-    def chunks(self) -> Iterator[bytes]:
-        while True:
-            item = self._items.get()
-            if item is _END:
-                return
-            if item is _ABORT:
-                raise _Aborted()
-            assert isinstance(item, list)
-            try:
-                yield from item
-            finally:
-                self._release()
-
-    def run(self, write: Callable[[Iterator[bytes]], T]) -> T:
-        """Run ``write(chunks)`` (on the writer thread) and mark the pipe closed after it."""
-        try:
-            return write(self.chunks())
-        finally:
-            self.closed = True
-            self._release()  # wakes a producer blocked in put()
+class _Stalled(Exception):
+    """The body went silent, or slower than the minimum rate."""
 
 
 async def stream_chunk(
     request: Request,
-    write: Callable[[Iterator[bytes]], T],
+    writer: ChunkWriter,
     *,
     limit: int,
     executor: concurrent.futures.Executor | None,
     label: str,
-) -> T | None:
-    """Stream the request body into ``write`` (run on ``executor``), at most ``limit`` bytes.
+    idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
+    min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
+) -> UploadStatus | None:
+    """Stream the request body into ``writer`` (on ``executor``), at most ``limit`` bytes.
 
-    Returns ``write``'s result, or None when the client disconnected (the bytes received
-    before that are written). Raises what ``write`` raised, or PayloadTooLarge.
+    Returns the upload's status, or None when the client disconnected (the bytes received
+    before that are written). Raises what the writer raised, PayloadTooLarge, or
+    RequestTimeout for a body that stalled (see the module docstring).
     """
     loop = asyncio.get_running_loop()
-    pipe = _ChunkPipe(loop)
-    writer = loop.run_in_executor(executor, pipe.run, write)
+    inflight: asyncio.Future[int] | None = None
     parts: list[bytes] = []
     pending = received = 0
+    window_start, window_bytes = loop.time(), 0
+
+    async def flush() -> None:
+        """Wait for the write in flight (raising its error), then start one for ``parts``."""
+        nonlocal inflight, parts, pending
+        if inflight is not None:
+            current, inflight = inflight, None
+            await current
+        if parts:
+            inflight = loop.run_in_executor(executor, writer.write, parts)
+            parts, pending = [], 0
+
     try:
         try:
-            async for piece in request.stream():
-                if received + len(piece) > limit:
-                    raise PayloadTooLarge(
-                        f"an upload chunk may not exceed {limit} bytes; the bytes before the "
-                        "limit were stored: resume from the offset GET /v1/uploads/{id} reports",
-                        limit=limit,
-                    )
-                received += len(piece)
-                parts.append(piece)
-                pending += len(piece)
-                if pending >= BATCH:
-                    if not await pipe.put(parts):
-                        break  # the writer stopped early: its error is the answer below
-                    parts, pending = [], 0
-        except (ClientDisconnect, PayloadTooLarge):
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    # Armed only while waiting for the socket, never while a write runs.
+                    deadline.reschedule(loop.time() + idle_timeout)
+                    message = await request.receive()
+                    deadline.reschedule(None)
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    piece: bytes = message.get("body", b"")
+                    if piece:
+                        if received + len(piece) > limit:
+                            raise PayloadTooLarge(
+                                f"an upload chunk may not exceed {limit} bytes; the bytes "
+                                "before the limit were stored: resume from the offset "
+                                "GET /v1/uploads/{id} reports",
+                                limit=limit,
+                            )
+                        received += len(piece)
+                        parts.append(piece)
+                        pending += len(piece)
+                        window_bytes += len(piece)
+                        if pending >= BATCH and (
+                            inflight is None or inflight.done() or pending >= PIPE_DEPTH * BATCH
+                        ):
+                            await flush()
+                    now = loop.time()
+                    if now - window_start >= idle_timeout:
+                        if window_bytes < min_rate * (now - window_start):
+                            raise _Stalled(
+                                f"{window_bytes} bytes in {now - window_start:.0f} s, below "
+                                f"the minimum of {min_rate:g} bytes/s"
+                            )
+                        window_start, window_bytes = now, 0
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await flush()
+            await flush()
+            raise _Stalled(f"no byte for {idle_timeout:g} s") from None
+        except (ClientDisconnect, PayloadTooLarge, _Stalled):
             # Keep what arrived (it is in order): the client resumes from the stored offset.
-            if parts:
-                await pipe.put(parts)
+            await flush()
+            await flush()
             raise
     except ClientDisconnect:
-        pipe.abort()
-        await _settle(writer)
         log.info(
             "%s: the client disconnected after sending %d bytes of the chunk (kept)",
             label,
             received,
         )
         return None
-    except BaseException:
-        pipe.abort()
-        await _settle(writer)
-        raise
-    if parts:
-        await pipe.put(parts)  # (a no-op when the writer stopped early)
-    pipe.finish()
-    return await writer
+    except _Stalled as exc:
+        status = writer.status()
+        log.warning("%s: abandoned a stalled chunk body (%s)", label, exc)
+        raise RequestTimeout(
+            f"the chunk body stalled ({exc}); the {received} bytes received were kept: "
+            f"resume at offset {status.offset}",
+            offset=status.offset,
+        ) from None
+    finally:
+        if inflight is not None:  # an error left a write running: let it finish quietly
+            await _settle(inflight)
+    await flush()
+    await flush()
+    return writer.status()
 
 
-async def _settle(writer: asyncio.Future[T]) -> None:
-    """Wait for an aborted writer, swallowing its (expected) failure."""
+async def _settle(write: asyncio.Future[int]) -> None:
+    """Wait for an abandoned write, logging (not raising) its failure."""
     try:
-        await asyncio.shield(writer)
-    except _Aborted:
-        pass
+        await asyncio.shield(write)
     except APIError as exc:
         log.info("upload write stopped: %s", exc)
     except Exception:
@@ -192,13 +189,34 @@ class RangeNotSatisfiable(APIError):
     status = 416
 
 
-_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+#: ``bytes=first-last`` (either side may be empty). Units are case-insensitive and digits are
+#: ASCII only (RFC 9110, 14.1); the numbers' length is not bounded here, see _position.
+_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.IGNORECASE)
+#: More digits than this is more than any asset can hold (sizes are below 2**53): such a
+#: position is treated as "past the end" without converting it (Python refuses to convert
+#: numbers of more than 4300 digits, and a huge conversion would cost CPU anyway).
+_MAX_DIGITS = 19
+
+
+def _position(digits: str) -> int:
+    """A range position; one too long to matter counts as :data:`_HUGE` (past any end)."""
+    significant = digits.lstrip("0")
+    return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
+
+
+_HUGE = 10**_MAX_DIGITS
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (end exclusive) for a single-range ``Range`` header, None for the whole
-    file (no header, another unit, or several ranges: a server may ignore Range and send all).
-    Raises :class:`RangeNotSatisfiable` for a byte range it cannot satisfy."""
+    file (no header, another unit or several ranges: RFC 9110 lets a server ignore Range and
+    send everything). Raises :class:`RangeNotSatisfiable` (416) for a byte range outside the
+    asset or one that does not parse (``bytes=abc``).
+
+    Positions of any length are accepted, as RFC 9110 says: a first position beyond the end
+    is unsatisfiable (416), a last position beyond it means "to the end", and a suffix longer
+    than the asset means all of it. Units are case-insensitive (``BYTES=0-1`` is a range).
+    """
     if header is None:
         return None
     unit = header.split("=", 1)[0].strip().lower()
@@ -207,15 +225,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = _RANGE.fullmatch(header)
     first, last = (match.group(1), match.group(2)) if match else ("", "")
     if match and first:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-        if start < size and (not last or int(last) >= start):
+        start = _position(first)
+        end = min(_position(last) + 1, size) if last else size
+        if start < size and (not last or _position(last) >= start):
             return start, end
-    elif match and last and int(last) > 0 and size > 0:
-        return max(size - int(last), 0), size
+    elif match and last and _position(last) > 0 and size > 0:
+        return max(size - _position(last), 0), size
     raise RangeNotSatisfiable(
-        f"range {header.strip()!r} cannot be satisfied: the asset has {size} bytes", size=size
+        f"range {_shown(header)} cannot be satisfied: the asset has {size} bytes", size=size
     )
+
+
+def _shown(header: str) -> str:
+    """The header for an error message, shortened when it is absurdly long."""
+    text = header.strip()
+    return repr(text) if len(text) <= 100 else f"{text[:60]!r}... ({len(text)} characters)"
 
 
 def blob_response(

@@ -4,12 +4,23 @@ extra: SQLAlchemy). Import it only when the store is really used: the core clien
 from __future__ import annotations
 
 from .blobs import BlobStore, LocalBlobStore, open_blob_store
-from .core import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_LOST_GRACE, Store, make_engine
+from .core import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_LOST_GRACE,
+    DEFAULT_MAX_ASSET_BYTES,
+    DEFAULT_UPLOAD_EXPIRY,
+    ChunkWriter,
+    Store,
+    make_engine,
+)
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_LOST_GRACE",
+    "DEFAULT_MAX_ASSET_BYTES",
+    "DEFAULT_UPLOAD_EXPIRY",
     "BlobStore",
+    "ChunkWriter",
     "LocalBlobStore",
     "Store",
     "make_engine",

@@ -8,6 +8,7 @@ never visible half-written. Memory stays flat: chunks stream through a fixed-siz
 The local implementation keeps:
 
     <root>/partial/<upload_id>          bytes received so far (its size is the offset)
+    <root>/writers/<upload_id>          the generation of the upload's current writer
     <root>/objects/<sha[:2]>/<sha>      complete objects, immutable, shared by equal content
 """
 
@@ -38,8 +39,17 @@ class BlobStore(Protocol):
     def offset(self, upload_id: str) -> int:
         """How many bytes of the upload are safely stored (0 for an unknown upload)."""
 
-    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> int:
-        """Append ``chunks`` at ``offset`` (the stored size); return the new size."""
+    def claim(self, upload_id: str, offset: int) -> int:
+        """Make a new writer, starting at ``offset`` (the stored size, else OffsetMismatch),
+        the upload's only one; return its generation, for :meth:`append`."""
+
+    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes], owner: int) -> int:
+        """Append ``chunks`` at ``offset`` (the stored size); return the new size. ``owner``
+        is the writer's generation (from :meth:`claim`): refused (OffsetMismatch) once a newer
+        writer claimed the upload, or it was completed or discarded."""
+
+    def last_write(self, upload_id: str) -> float | None:
+        """When the upload's bytes last changed (wall-clock), None if it has none."""
 
     def commit(self, upload_id: str, sha256: str) -> int:
         """Verify the digest and publish the object; return its size. Raises DigestMismatch."""
@@ -61,7 +71,12 @@ class LocalBlobStore:
     """A :class:`BlobStore` in a local directory, safe for several processes at once.
 
     Appends to one upload are serialised with ``flock`` on the partial file, so two servers (or
-    two embedded clients) writing the same upload cannot interleave. While chunks arrive in
+    two embedded clients) writing the same upload cannot interleave within an append. Each
+    ``PUT`` claims the upload first (:meth:`claim`: a generation number kept in
+    ``writers/<id>``, read and bumped under that lock), and every append of an older
+    generation is refused: a stalled request that wakes up after a newer one took over cannot
+    add its bytes between the newer one's. The lock is only held while an append writes bytes
+    it already has (never while waiting for the network). While chunks arrive in
     order, a running SHA-256 is kept in memory so that completing a multi-GB upload does not
     re-read it; after a restart (or a takeover by another process) the digest is recomputed
     from the partial file instead.
@@ -71,7 +86,9 @@ class LocalBlobStore:
         self.root = Path(root)
         self._partial = self.root / "partial"
         self._objects = self.root / "objects"
+        self._writers = self.root / "writers"
         self._partial.mkdir(parents=True, exist_ok=True)
+        self._writers.mkdir(parents=True, exist_ok=True)
         self._objects.mkdir(parents=True, exist_ok=True)
         self._hashers: dict[str, tuple[int, hashlib._Hash]] = {}
         self._lock = threading.Lock()
@@ -91,17 +108,51 @@ class LocalBlobStore:
         except FileNotFoundError:
             return 0
 
-    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> int:
+    def last_write(self, upload_id: str) -> float | None:
+        try:
+            return self._partial_path(upload_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def claim(self, upload_id: str, offset: int) -> int:
+        try:
+            fd = os.open(self._partial_path(upload_id), os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        with os.fdopen(fd, "rb", buffering=0), _flocked(fd):
+            _check_offset(upload_id, offset, os.fstat(fd).st_size)
+            generation = self._generation(upload_id) + 1
+            try:
+                (self._writers / upload_id).write_text(str(generation))
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+            return generation
+
+    def _generation(self, upload_id: str) -> int:
+        """The current writer's generation (0: none yet); read under the partial's lock."""
+        try:
+            return int((self._writers / upload_id).read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes], owner: int) -> int:
         path = self._partial_path(upload_id)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            # Created only by a first chunk: a late append to a completed (published) or
+            # discarded upload must not leave an empty partial behind.
+            fd = os.open(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0), 0o644)
+        except FileNotFoundError:
+            _check_offset(upload_id, offset, 0)
+            raise
         except OSError as exc:
             raise _storage_error(exc) from exc
         with os.fdopen(fd, "wb", buffering=0) as fh, _flocked(fd):
             size = os.fstat(fd).st_size
-            if offset != size:
+            _check_offset(upload_id, offset, size)
+            if self._generation(upload_id) != owner:
                 raise OffsetMismatch(
-                    f"upload {upload_id} holds {size} bytes; send the next chunk at offset {size}",
+                    f"upload {upload_id} was taken over by a newer request; it holds {size} "
+                    f"bytes: send the next chunk at offset {size}",
                     offset=size,
                 )
             with self._lock:
@@ -170,6 +221,8 @@ class LocalBlobStore:
                     size=size,
                 )
             target = self.object_path(digest)
+            with contextlib.suppress(FileNotFoundError):
+                (self._writers / upload_id).unlink()
             try:
                 os.fsync(fd)
                 target.parent.mkdir(exist_ok=True)
@@ -183,8 +236,9 @@ class LocalBlobStore:
     def discard(self, upload_id: str) -> None:
         with self._lock:
             self._hashers.pop(upload_id, None)
-        with contextlib.suppress(FileNotFoundError):
-            self._partial_path(upload_id).unlink()
+        for path in (self._partial_path(upload_id), self._writers / upload_id):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     # -- objects ---------------------------------------------------------------------------
     def open(self, sha256: str) -> BinaryIO:
@@ -212,6 +266,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     if length > 0 and hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _check_offset(upload_id: str, offset: int, size: int) -> None:
+    """OffsetMismatch unless ``offset`` is the stored size (where the next chunk starts)."""
+    if offset != size:
+        raise OffsetMismatch(
+            f"upload {upload_id} holds {size} bytes; send the next chunk at offset {size}",
+            offset=size,
+        )
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -51,6 +52,7 @@ from .._errors import (
     InvalidTransition,
     LeaseConflict,
     NotFound,
+    PayloadTooLarge,
     ServerError,
 )
 from .._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
@@ -71,6 +73,10 @@ DEFAULT_LOST_GRACE = 172800.0
 #: A running run whose heartbeats carry progress that has not advanced for this long is
 #: flagged ``stalled`` (a flag, not a state).
 DEFAULT_STALL_TIMEOUT = 1800.0
+#: An unfinished upload that received no chunk for this long is dropped with its bytes.
+DEFAULT_UPLOAD_EXPIRY = 86400.0
+#: The largest asset: the bound of an upload that declared no size (and of declared sizes).
+DEFAULT_MAX_ASSET_BYTES = 2**40
 
 _RUNNING, _LOST = RunState.RUNNING.value, RunState.LOST.value
 
@@ -157,19 +163,28 @@ class Store:
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         lost_grace: float = DEFAULT_LOST_GRACE,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
+        max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
         clock: Callable[[], float] = _now_clock,
     ) -> None:
         if heartbeat_timeout <= 0 or lost_grace < 0:
             raise ConfigurationError("heartbeat_timeout must be > 0 and lost_grace >= 0")
+        if not upload_expiry > 0 or isinstance(max_asset_bytes, bool) or max_asset_bytes < 0:
+            raise ConfigurationError("upload_expiry must be > 0 and max_asset_bytes >= 0")
         self.engine = engine
         self.blobs = blobs
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.lost_grace = float(lost_grace)
         self.stall_timeout = float(stall_timeout)
+        #: Seconds an unfinished upload may go without a chunk before it expires.
+        self.upload_expiry = float(upload_expiry)
+        #: Most bytes one asset may have (413 ``payload_too_large`` beyond).
+        self.max_asset_bytes = int(max_asset_bytes)
         self.clock = clock
         self._sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock() if self._sqlite else None
         self._last_sweep = 0.0
+        self._last_expiry = -math.inf  # (time.monotonic() of the last expire_uploads)
         self._sweep_lock = threading.Lock()
         with self._write() as conn:
             if not self._sqlite:
@@ -1032,8 +1047,55 @@ class Store:
             return
         try:
             self.sweep()
+            self.expire_uploads(every=self.expiry_check_interval)
         finally:
             self._sweep_lock.release()
+
+    @property
+    def expiry_check_interval(self) -> float:
+        """How often periodic callers look for expired uploads (a quarter of the expiry, at
+        most every five minutes: the check reads every unfinished upload's row)."""
+        return min(self.upload_expiry / 4, 300.0)
+
+    def expire_uploads(self, *, every: float = 0.0) -> int:
+        """Drop every unfinished upload that received no chunk for ``upload_expiry`` seconds,
+        with its partial bytes; return how many. A later request to one gets 404
+        ``not_found`` (its client starts a new upload).
+
+        "No chunk" is judged by both clocks that saw the upload: the store's clock for its
+        creation, the file system's (wall-clock) for its last written byte. With ``every``
+        > 0, does nothing when the last check from this process is more recent than that.
+        """
+        started = time.monotonic()
+        if every > 0 and started - self._last_expiry < every:
+            return 0
+        self._last_expiry = started
+        created_cut = self.clock() - self.upload_expiry
+        written_cut = time.time() - self.upload_expiry
+        u = t.uploads.c
+        with self._read() as conn:
+            candidates = conn.execute(
+                sa.select(u.upload_id).where(u.completed_at.is_(None), u.created_at < created_cut)
+            ).all()
+        expired = 0
+        for (upload_id,) in candidates:
+            last = self.blobs.last_write(upload_id)
+            if last is not None and last >= written_cut:
+                continue
+            with self._write() as conn:
+                gone = conn.execute(
+                    t.uploads.delete().where(u.upload_id == upload_id, u.completed_at.is_(None))
+                ).rowcount
+            if gone:
+                self.blobs.discard(upload_id)
+                expired += 1
+        if expired:
+            log.info(
+                "dropped %d unfinished upload(s) idle for more than %g s",
+                expired,
+                self.upload_expiry,
+            )
+        return expired
 
     # ------------------------------------------------------------------ assets
     def list_assets(self, experiment_id: str, variation: int, run: int) -> list[AssetInfo]:
@@ -1098,6 +1160,8 @@ class Store:
             isinstance(size, bool) or not isinstance(size, int) or size < 0 or size > 2**53
         ):
             raise InvalidRequest("size must be an integer >= 0", field="size")
+        if size is not None and size > self.max_asset_bytes:
+            raise self._too_large()
         upload_id = (
             check.token(upload_id, "upload_id")
             if upload_id is not None
@@ -1142,7 +1206,11 @@ class Store:
                 sa.select(t.uploads).where(t.uploads.c.upload_id == upload_id)
             ).first()
         if row is None:
-            raise NotFound(f"upload {upload_id} does not exist", upload_id=upload_id)
+            raise NotFound(
+                f"upload {upload_id} does not exist (an unfinished upload expires after "
+                f"{self.upload_expiry:g} s without a chunk): begin a new upload",
+                upload_id=upload_id,
+            )
         return row
 
     def _upload_status(self, row: Any) -> UploadStatus:
@@ -1163,20 +1231,33 @@ class Store:
 
     def write_chunk(self, upload_id: str, offset: int, chunks: Iterable[bytes]) -> UploadStatus:
         """Append a chunk at ``offset`` (the stored size, else OffsetMismatch)."""
+        writer = self.open_chunk(upload_id, offset)
+        writer.write(chunks)
+        return writer.status()
+
+    def open_chunk(self, upload_id: str, offset: int) -> ChunkWriter:
+        """Start a chunk at ``offset`` (the stored size, else OffsetMismatch): the returned
+        writer appends it in as many :meth:`ChunkWriter.write` calls as convenient.
+
+        The writer takes the upload over: from now on, writes of any older writer (a request
+        that stalled, then woke up) are refused with OffsetMismatch, so two requests never
+        interleave their bytes. Nothing is locked between writes.
+        """
         row = self._upload_row(upload_id)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidRequest("offset must be an integer >= 0", field="offset")
         if row.completed_at is not None:
             raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
-        if row.size is not None and offset > row.size:
-            raise InvalidRequest(
-                f"offset {offset} is past the declared size {row.size}", field="offset"
-            )
-        limit = row.size
-        written = self.blobs.append(
-            upload_id, offset, _bounded(chunks, None if limit is None else limit - offset)
+        # (The claim refuses any offset but the stored size, which never passes the declared
+        # size: an offset past it gets the OffsetMismatch that names the right one.)
+        owner = self.blobs.claim(upload_id, offset)
+        return ChunkWriter(self, row, offset, owner)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"an asset may not exceed {self.max_asset_bytes} bytes (the server's limit)",
+            limit=self.max_asset_bytes,
         )
-        return UploadStatus(upload_id=upload_id, name=row.name, offset=written, size=row.size)
 
     def complete_upload(self, upload_id: str, sha256: str) -> AssetInfo:
         """Verify the SHA-256 and publish the asset atomically (replacing one of that name).
@@ -1406,13 +1487,53 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
-def _bounded(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
-    """Pass chunks through, refusing to go past the declared size."""
+class ChunkWriter:
+    """One chunk of an upload being written (from :meth:`Store.open_chunk`): the upload's
+    row is checked once, then every :meth:`write` appends at the offset reached so far,
+    bounded by the declared size (or, without one, by the store's ``max_asset_bytes``)."""
+
+    def __init__(self, store: Store, row: Any, offset: int, owner: int) -> None:
+        self._store = store
+        self._row = row
+        self._owner = owner
+        #: Bytes of the upload stored after the writes so far.
+        self.offset = offset
+
+    def write(self, chunks: Iterable[bytes]) -> int:
+        """Append ``chunks`` (blocking file I/O: call it off the event loop); return the new
+        offset. The bytes before an error stay written (in order): the client resumes."""
+        declared = self._row.size
+        limit = declared if declared is not None else self._store.max_asset_bytes
+        try:
+            self.offset = self._store.blobs.append(
+                self._row.upload_id,
+                self.offset,
+                _bounded(chunks, limit - self.offset, declared is not None, self._store),
+                self._owner,
+            )
+        except BaseException:
+            self.offset = self._store.blobs.offset(self._row.upload_id)
+            raise
+        return self.offset
+
+    def status(self) -> UploadStatus:
+        """Where the upload stands after this writer's writes (no I/O)."""
+        row = self._row
+        return UploadStatus(
+            upload_id=row.upload_id, name=row.name, offset=self.offset, size=row.size
+        )
+
+
+def _bounded(chunks: Iterable[bytes], room: int, declared: bool, store: Store) -> Iterator[bytes]:
+    """Pass chunks through, refusing to go past the declared size (400) or, for an upload
+    that declared none, past the largest asset the store takes (413)."""
     sent = 0
     for chunk in chunks:
         sent += len(chunk)
-        if limit is not None and sent > limit:
-            raise InvalidRequest("the upload is larger than its declared size", field="size")
+        if sent > room:
+            if declared:
+                raise InvalidRequest("the upload is larger than its declared size", field="size")
+            raise store._too_large()
         yield chunk
 
 
