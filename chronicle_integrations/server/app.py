@@ -17,7 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio.to_thread
@@ -58,6 +58,8 @@ def create_app(
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     sweep_interval: float | None = None,
     heartbeat_lane: bool = True,
+    hosts: Iterable[str] = (),
+    api_docs: bool = False,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -67,6 +69,11 @@ def create_app(
     ``min(30, heartbeat_timeout / 4)``).
     ``heartbeat_lane``: serve well-formed heartbeats from the fast lane (``fastlane.py``);
     False sends every heartbeat through its FastAPI route, which the lane must agree with.
+    ``hosts``: without an API key, the ``Host`` names answered besides the loopback ones
+    (``serve`` passes its ``--host``); other names and cross-site ``Origin`` s get 403.
+    ``api_docs``: also serve the interactive docs (``/docs``, ``/redoc``); off by default,
+    as those pages load their scripts from a third-party CDN. ``/openapi.json`` is always
+    served.
     """
     interval = (
         float(sweep_interval)
@@ -106,6 +113,8 @@ def create_app(
         description=_DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url="/docs" if api_docs else None,
+        redoc_url="/redoc" if api_docs else None,
     )
     app.state.store = store
     app.state.sweep_interval = interval
@@ -120,6 +129,7 @@ def create_app(
         max_json_bytes=max_json_bytes,
         max_chunk_bytes=max_chunk_bytes,
         fast_lane=lane,
+        hosts=hosts,
     )
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
