@@ -8,6 +8,13 @@ is one asyncio process with pre-encoded requests; its CPU use and the server's a
 (2 cores: whatever the generator uses, the server cannot).
 
     .venv/bin/python benchmarks/bench_server.py [--quick] [--backends sqlite,postgres,mlflow]
+
+``--attack``: figure 4 under attack instead. One server per backend; 64 clients heartbeat
+while benchmarks/attackers.py (its own process) holds 500 slowloris connections and streams
+3 endless headers against the same server, next to the same 64 clients without the attack,
+interleaved (baseline/attack, then attack/baseline, ...) ``--repeats`` times.
+
+    .venv/bin/python benchmarks/bench_server.py --attack [--quick] [--backends sqlite,postgres]
 """
 
 from __future__ import annotations
@@ -118,6 +125,104 @@ def bench(backend: str, levels: list[int], duration: float, warmup: float, scrat
     return result
 
 
+def attack_bench(
+    backend: str, clients: int, duration: float, repeats: int, scratch: Path, attack: list[str]
+) -> dict:
+    """Baseline and under-attack phases against one server, interleaved."""
+    import signal
+    import subprocess
+    import time
+
+    databases = contextlib.ExitStack()
+    phases: dict = {"baseline": [], "attack": []}
+    try:
+        store = (
+            databases.enter_context(c.scratch_postgres("attack"))
+            if backend == "postgres"
+            else f"sqlite:///{scratch}/{backend}.db"
+        )
+        server = c.chronicle_server(store, scratch / "assets", scratch / "server.log")
+        with server:
+            makers = chronicle_targets(server, clients)
+            for rep in range(repeats):
+                order = ("baseline", "attack") if rep % 2 == 0 else ("attack", "baseline")
+                for phase in order:
+                    attackers = None
+                    if phase == "attack":
+                        attackers = subprocess.Popen(
+                            [
+                                sys.executable,
+                                str(Path(__file__).with_name("attackers.py")),
+                                "--port",
+                                str(server.port),
+                                *attack,
+                            ],
+                            stdout=subprocess.PIPE,
+                            text=True,
+                            start_new_session=True,
+                        )
+                        time.sleep(2.0)  # let the slowloris connections open
+                    try:
+                        r = loadgen.run(
+                            "127.0.0.1", server.port, makers, duration, 1.0, server.pids()
+                        )
+                    finally:
+                        if attackers is not None:
+                            attackers.send_signal(signal.SIGTERM)
+                            out, _ = attackers.communicate(timeout=30)
+                    if attackers is not None:
+                        r["attackers"] = json.loads(out.strip().splitlines()[-1])
+                    r["load1_after"] = c.load1()
+                    phases[phase].append(r)
+                    print(
+                        f"  {backend} {phase:8s} {clients} clients: {r['rps']:8.0f} req/s  "
+                        f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors "
+                        f"{r['errors']}  server cpu {r['server_cpu_cores']:.2f}  "
+                        f"{r.get('attackers', '')}",
+                        flush=True,
+                    )
+    finally:
+        databases.close()
+    return phases
+
+
+def main_attack(a: argparse.Namespace) -> None:
+    duration = a.duration or (2.0 if a.quick else 4.0)
+    repeats = a.repeats or (2 if a.quick else 6)
+    clients = max(int(x) for x in a.levels.split(","))
+    attack = ["--slowloris", str(a.slowloris), "--endless", str(a.endless)]
+    c.WORK.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="attack-", dir=c.WORK))
+    out: dict = {
+        "duration_s": duration,
+        "repeats": repeats,
+        "clients": clients,
+        "attack": attack,
+        "backends": {},
+        "versions": c.versions("uvicorn", "httptools", "fastapi", "sqlalchemy", "psycopg"),
+    }
+    try:
+        for b in [b for b in a.backends.split(",") if b in ("sqlite", "postgres")]:
+            out["backends"][b] = attack_bench(b, clients, duration, repeats, scratch / b, attack)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary: dict = {}
+    for b, phases in out["backends"].items():
+        summary[b] = {
+            phase: {k: c.stats([r[k] for r in rs]) for k in ("rps", "p50_ms", "p99_ms", "errors")}
+            for phase, rs in phases.items()
+        }
+        for phase, s in summary[b].items():
+            print(
+                f"{b:8s} {phase:8s} {clients} clients: {s['rps']['median']:8.0f} req/s "
+                f"[{s['rps']['min']:.0f}-{s['rps']['max']:.0f}]  p99 "
+                f"{s['p99_ms']['median']:.2f} ms [{s['p99_ms']['min']:.2f}-"
+                f"{s['p99_ms']['max']:.2f}]  errors {s['errors']['max']:.0f}"
+            )
+    out["summary"] = summary
+    c.save("fig4_attack" + ("_quick" if a.quick else ""), out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -127,7 +232,15 @@ def main() -> None:
     p.add_argument("--duration", type=float)
     p.add_argument("--repeats", type=int)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--attack", action="store_true", help="figure 4 under attack (see above)")
+    p.add_argument("--slowloris", type=int, default=500)
+    p.add_argument("--endless", type=int, default=3)
     a = p.parse_args()
+    if a.attack:
+        if a.backends == p.get_default("backends"):
+            a.backends = "sqlite"
+        main_attack(a)
+        return
     duration = a.duration or (2.0 if a.quick else 4.0)
     repeats = a.repeats or (1 if a.quick else 2)
     levels = [int(x) for x in a.levels.split(",")]

@@ -11,6 +11,8 @@
      └── APIError                  the store refused a request; has a stable ``code``
           ├── InvalidRequest        invalid_request      400  bad names, JSON, numbers
           ├── Unauthorized          unauthorized         401  missing or wrong API key
+          ├── Forbidden             forbidden            403  a keyless server refused a
+          │                                                   foreign Host or a web page's Origin
           ├── NotFound              not_found            404  unknown experiment/variation/run
           ├── InvalidTransition     invalid_transition   409  not allowed from the run's state
           ├── LeaseConflict         lease_conflict       409  another worker holds the run
@@ -37,6 +39,7 @@ __all__ = [
     "ChronicleError",
     "ConfigurationError",
     "DigestMismatch",
+    "Forbidden",
     "InvalidRequest",
     "InvalidTransition",
     "LeaseConflict",
@@ -129,6 +132,15 @@ class Unauthorized(APIError):
     status = 401
 
 
+class Forbidden(APIError):
+    """A server without an API key refused a request that did not come from this machine's
+    own clients: a ``Host`` that is not its loopback name (DNS rebinding) or a cross-site
+    ``Origin`` (a web page)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(APIError):
     """The experiment, variation, run, asset or upload does not exist."""
 
@@ -211,6 +223,7 @@ _BY_CODE: dict[str, type[APIError]] = {
     for cls in (
         InvalidRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
         InvalidTransition,
         LeaseConflict,

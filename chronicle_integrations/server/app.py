@@ -17,7 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio.to_thread
@@ -68,6 +68,8 @@ def create_app(
     heartbeat_lane: bool = True,
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
+    hosts: Iterable[str] = (),
+    api_docs: bool = False,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -83,6 +85,11 @@ def create_app(
     Unfinished uploads expire, and uploads are bounded, by the store's ``upload_expiry`` and
     ``max_asset_bytes`` (the embedded store applies them too); the watchdog drops expired
     uploads.
+    ``hosts``: without an API key, the ``Host`` names answered besides the loopback ones
+    (``serve`` passes its ``--host``); other names and cross-site ``Origin`` s get 403.
+    ``api_docs``: also serve the interactive docs (``/docs``, ``/redoc``); off by default,
+    as those pages load their scripts from a third-party CDN. ``/openapi.json`` is always
+    served.
     """
     interval = (
         float(sweep_interval)
@@ -124,6 +131,8 @@ def create_app(
         description=_DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url="/docs" if api_docs else None,
+        redoc_url="/redoc" if api_docs else None,
     )
     app.state.store = store
     app.state.sweep_interval = interval
@@ -142,6 +151,7 @@ def create_app(
         max_json_bytes=max_json_bytes,
         max_chunk_bytes=max_chunk_bytes,
         fast_lane=lane,
+        hosts=hosts,
     )
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

@@ -3,9 +3,15 @@
 It is plain ASGI middleware so that it runs before routing and before FastAPI reads a body:
 
 * an unauthenticated client gets 401 before the server reads a single byte of its body;
+* a server without an API key (loopback only) answers only requests addressed to it: a
+  ``Host`` that is not a loopback name (DNS rebinding: a web page's own name resolving to
+  127.0.0.1) or a cross-site ``Origin`` (a page's ``fetch`` or ``<form>`` POST) gets 403
+  ``forbidden``, so a browser tab cannot drive the server;
 * a JSON body is read here, bounded by ``max_json_bytes`` whether or not it declares a
   ``Content-Length`` (chunked bodies do not), checked (UTF-8, well-formed, an object, nesting
   depth), then replayed to FastAPI; so no bad body can reach a route and become a 5xx;
+* heartbeat bodies are bounded by :data:`~.fastlane.MAX_HEARTBEAT_BYTES` (413 beyond), and
+  the guard's decoded JSON is what the lane validates (one parse);
 * well-formed heartbeats are answered by the fast lane (``fastlane.py``) without FastAPI's
   routing; everything else, and any heartbeat the lane declines, goes on to the routes;
 * upload chunks (``PUT /v1/uploads/{id}``) are *not* read here: the route streams them to disk
@@ -20,17 +26,26 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._errors import APIError, InvalidRequest, PayloadTooLarge, ServerError, Unauthorized
-from .fastlane import HeartbeatLane
+from .._errors import (
+    APIError,
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServerError,
+    Unauthorized,
+)
+from .fastlane import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES, HeartbeatLane
 
-__all__ = ["MAX_JSON_DEPTH", "Guard", "error_response"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_JSON_DEPTH", "Guard", "error_response"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +57,9 @@ MAX_JSON_DEPTH = 64
 PUBLIC_PATHS = frozenset(
     {"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
+
+#: The names a keyless (loopback) server answers to, besides the ``--host`` it listens on.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 #: JSON bodies larger than this are checked on a worker thread, not on the event loop.
 _INLINE_CHECK_BYTES = 64 * 1024
@@ -67,10 +85,15 @@ class Guard:
         max_json_bytes: int,
         max_chunk_bytes: int,
         fast_lane: HeartbeatLane | None = None,
+        hosts: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.fast_lane = fast_lane
         self.api_key = api_key.encode("utf-8") if api_key else None
+        #: Without a key: the ``Host`` names (lowercase, no port) requests must carry.
+        self.hosts = (
+            LOOPBACK_HOSTS | {_host_name(h) for h in hosts} if self.api_key is None else None
+        )
         self.max_json_bytes = max_json_bytes
         self.max_chunk_bytes = max_chunk_bytes
 
@@ -102,6 +125,10 @@ class Guard:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = _headers(scope)
+        refusal = self._foreign(headers)
+        if refusal is not None:
+            await error_response(Forbidden(refusal))(scope, receive, send)
+            return
         if (
             self.api_key is not None
             and path not in PUBLIC_PATHS
@@ -114,7 +141,14 @@ class Guard:
             return
 
         is_chunk = method == "PUT" and _CHUNK_PATH.fullmatch(path) is not None
-        limit = self.max_chunk_bytes if is_chunk else self.max_json_bytes
+        is_heartbeat = method == "POST" and HEARTBEAT_PATH.fullmatch(path) is not None
+        limit = (
+            self.max_chunk_bytes
+            if is_chunk
+            else min(MAX_HEARTBEAT_BYTES, self.max_json_bytes)
+            if is_heartbeat
+            else self.max_json_bytes
+        )
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -127,21 +161,45 @@ class Guard:
                 )(scope, receive, send)
                 return
             if length > limit:
-                await error_response(_too_large(limit, is_chunk))(scope, receive, send)
+                await error_response(_too_large(limit, path))(scope, receive, send)
                 return
         if is_chunk:
             await self.app(scope, receive, send)  # the route streams and counts the body
             return
 
-        body, error = await _read_json_body(receive, limit)
+        body, value, error = await _read_json_body(receive, limit, path)
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
-        if self.fast_lane is not None and await self.fast_lane.handle(
-            scope, receive, send, headers, body
+        if (
+            is_heartbeat
+            and self.fast_lane is not None
+            and await self.fast_lane.handle(scope, receive, send, headers, body, value)
         ):
             return
         await self.app(scope, _replay(body, receive), send)
+
+    def _foreign(self, headers: dict[bytes, bytes]) -> str | None:
+        """Why a keyless server refuses this request (a foreign Host or Origin), or None."""
+        if self.hosts is None:
+            return None
+        host = headers.get(b"host")
+        if host is not None and _host_name(host.decode("latin-1")) not in self.hosts:
+            return (
+                f"this server answers only to {', '.join(sorted(self.hosts))}, not to the Host "
+                f"{host.decode('latin-1')[:100]!r} (without an API key it serves only this "
+                "machine; start it with --api-key to serve other names)"
+            )
+        origin = headers.get(b"origin")
+        if origin is not None:
+            parts = urlsplit(origin.decode("latin-1"))
+            if parts.scheme not in ("http", "https") or _host_name(parts.netloc) not in self.hosts:
+                return (
+                    f"cross-site request refused (Origin {origin.decode('latin-1')[:100]!r}): "
+                    "without an API key this server accepts no requests from web pages of "
+                    "other sites"
+                )
+        return None
 
     def _authorised(self, header: bytes | None) -> bool:
         assert self.api_key is not None
@@ -155,14 +213,33 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope.get("headers", ())}
 
 
-def _too_large(limit: int, chunk: bool) -> PayloadTooLarge:
-    what = "an upload chunk" if chunk else "a JSON body"
-    hint = "; send smaller chunks" if chunk else ""
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header or URL netloc, lowercase: ``[::1]:80`` -> ``[::1]``,
+    ``LocalHost:8765`` -> ``localhost``; a bare IPv6 address gets its brackets."""
+    host = host.strip().lower().rpartition("@")[2]
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    if host.count(":") > 1:  # a bare IPv6 address (a configured --host such as ::1)
+        return f"[{host}]"
+    return host.partition(":")[0]
+
+
+def _too_large(limit: int, path: str) -> PayloadTooLarge:
+    if _CHUNK_PATH.fullmatch(path):
+        what, hint = "an upload chunk", "; send smaller chunks"
+    elif HEARTBEAT_PATH.fullmatch(path):
+        what, hint = "a heartbeat body", " (a lease and a small progress object)"
+    else:
+        what, hint = "a JSON body", ""
     return PayloadTooLarge(f"{what} may not exceed {limit} bytes{hint}", limit=limit)
 
 
-async def _read_json_body(receive: Receive, limit: int) -> tuple[bytes, APIError | None]:
-    """Read a whole (small) body, bounded by ``limit``; check it is a JSON object if present."""
+async def _read_json_body(
+    receive: Receive, limit: int, path: str
+) -> tuple[bytes, Any, APIError | None]:
+    """Read a whole (small) body, bounded by ``limit``; check it is a JSON object if present.
+
+    Returns the body, its decoded value (None for an empty body) and the error, if any."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -172,47 +249,50 @@ async def _read_json_body(receive: Receive, limit: int) -> tuple[bytes, APIError
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return b"", _too_large(limit, False)
+            return b"", None, _too_large(limit, path)
         parts.append(chunk)
         if not message.get("more_body", False):
             break
     body = b"".join(parts)
     if not body.strip():
-        return body, None
+        return body, None, None
     if len(body) > _INLINE_CHECK_BYTES:  # keep the event loop free for other requests
-        return body, await run_in_threadpool(_check_json, body)
-    return body, _check_json(body)
+        value, error = await run_in_threadpool(_check_json, body)
+    else:
+        value, error = _check_json(body)
+    return body, value, error
 
 
-def _check_json(body: bytes) -> APIError | None:
+def _check_json(body: bytes) -> tuple[Any, APIError | None]:
+    """``(decoded value, None)`` for a body that is a sane JSON object, else ``(None, error)``."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return InvalidRequest(
+        return None, InvalidRequest(
             f"the request body is not valid UTF-8 (byte {exc.start})", field="body"
         )
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        return InvalidRequest(
+        return None, InvalidRequest(
             f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", field="body"
         )
     except RecursionError:
-        return _too_deep()
+        return None, _too_deep()
     except ValueError as exc:  # e.g. an integer literal with more digits than Python allows
-        return InvalidRequest(f"malformed JSON: {exc}", field="body")
+        return None, InvalidRequest(f"malformed JSON: {exc}", field="body")
     if _SUSPICIOUS_ESCAPE.search(text):
         bad = _bad_string(value)
         if bad:
             problem, field = bad
-            return InvalidRequest(f"invalid {field}: it contains {problem}", field=field)
+            return None, InvalidRequest(f"invalid {field}: it contains {problem}", field=field)
     if not isinstance(value, dict):
-        return InvalidRequest(
+        return None, InvalidRequest(
             f"the request body must be a JSON object, not {_json_type(value)}", field="body"
         )
     if _depth(value) > MAX_JSON_DEPTH:
-        return _too_deep()
-    return None
+        return None, _too_deep()
+    return value, None
 
 
 def _bad_string(value: Any) -> tuple[str, str] | None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
-import importlib.util
 import ipaddress
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
 from .._version import __version__
@@ -22,6 +22,9 @@ from .app import (
     DEFAULT_UPLOAD_MIN_RATE,
     create_app,
 )
+
+if TYPE_CHECKING:
+    from .connections import ConnectionLimits
 
 __all__ = ["is_loopback", "serve"]
 
@@ -73,8 +76,14 @@ def serve(
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
+
+    Connections are bounded by ``limits`` (see :mod:`.connections`: a deadline and a size for
+    each request head, a connection cap within the open-file limit, which is raised to its
+    hard limit first); repeated log lines (a failed ``accept()`` per connection under a
+    flood) are collapsed to one per 10 s.
 
     Defaults: ``home`` = ``$CHRONICLE_HOME`` or ``./chronicle``; ``store_url`` = SQLite at
     ``<home>/chronicle.db``; ``assets`` = ``<home>/assets``; ``api_key`` =
@@ -116,15 +125,26 @@ def serve(
     import uvicorn  # the server's own dependency, imported only when serving
 
     from ..store import Store
+    from .connections import (
+        ConnectionLimits,
+        Throttle,
+        connection_cap,
+        guarded_protocol,
+        raise_fd_limit,
+    )
 
     # Configure logging first (uvicorn applies its config when Config is built), so that the
     # store's own messages (migrations) are shown.
+    wanted = limits or ConnectionLimits()
+    limits = dataclasses.replace(
+        wanted, max_connections=connection_cap(raise_fd_limit(), wanted.max_connections)
+    )
     config_kwargs: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_level": level,
         "log_config": _log_config(level),
-        "http": "httptools" if importlib.util.find_spec("httptools") else "auto",
+        "http": guarded_protocol(limits),
         "timeout_graceful_shutdown": 10,
         "server_header": False,
     }
@@ -147,8 +167,12 @@ def serve(
             max_chunk_bytes=max_chunk_bytes,
             upload_idle_timeout=upload_idle_timeout,
             upload_min_rate=upload_min_rate,
+            hosts=[host],
         )
-        server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))
+        server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))  # configures logging
+        throttle = Throttle()
+        for name in ("asyncio", "uvicorn.error", "chronicle_integrations.server.connections"):
+            logging.getLogger(name).addFilter(throttle)
         # Everything built so far (modules, routes, the store) lives as long as the process:
         # move it out of the collector's reach, so that full collections under load walk
         # only request garbage (they otherwise pause every thread for tens of ms: tail
@@ -165,6 +189,7 @@ def serve(
             os.fspath(assets_dir),
             "required" if api_key else "not required",
         )
+        log.debug("connection limits: %s", limits)
         try:
             server.run()
         except SystemExit as exc:  # uvicorn exits when it cannot bind

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -182,10 +183,22 @@ class Store:
         self.max_asset_bytes = int(max_asset_bytes)
         self.clock = clock
         self._sqlite = engine.dialect.name == "sqlite"
+        #: A SQLite file this process may not write (see :func:`make_engine`): reads only.
+        self.read_only = self._sqlite and engine.url.query.get("mode") == "ro"
         self._write_lock = threading.Lock() if self._sqlite else None
         self._last_sweep = 0.0
         self._last_expiry = -math.inf  # (time.monotonic() of the last expire_uploads)
         self._sweep_lock = threading.Lock()
+        with self._read() as conn:
+            version = t.current_version(conn)
+        if version == t.SCHEMA_VERSION:
+            return  # nothing to create or migrate: no write lock taken
+        if self.read_only:
+            raise ConfigurationError(
+                f"the store {engine.url.database} is read-only here, and its schema (version "
+                f"{version}) is not this chronicle's ({t.SCHEMA_VERSION}): open it once with "
+                "write access (or with the matching chronicle-integrations version)"
+            )
         with self._write() as conn:
             if not self._sqlite:
                 # Serialise concurrent first opens: only one process creates the schema.
@@ -219,6 +232,11 @@ class Store:
     def _write(self) -> Iterator[sa.Connection]:
         # SQLite admits one writer at a time anyway: queue this process's writers on a lock
         # instead of letting them sleep and poll in SQLite's busy handler (p99 latency).
+        if self.read_only:
+            raise ConfigurationError(
+                f"the store {self.engine.url.database} is read-only here (no write permission "
+                "on the database file or its directory): it can be listed, not changed"
+            )
         with self._write_lock or contextlib.nullcontext(), self.engine.connect() as raw:
             conn = raw.execution_options(chronicle_write=True)
             with _translate_db_errors(), conn.begin():
@@ -1042,7 +1060,10 @@ class Store:
         return len(inserted.all())  # (psycopg reports no rowcount for INSERT ... SELECT)
 
     def maybe_sweep(self, every: float = 30.0) -> None:
-        """Sweep if the last sweep from this process is older than ``every`` seconds."""
+        """Sweep if the last sweep from this process is older than ``every`` seconds (never
+        on a read-only store: reads compute the effective state without it)."""
+        if self.read_only:
+            return
         if self.clock() - self._last_sweep < every or not self._sweep_lock.acquire(False):
             return
         try:
@@ -1554,10 +1575,18 @@ def make_engine(url: str) -> sa.Engine:
     except sa.exc.ArgumentError as exc:
         raise ConfigurationError(f"invalid store URL {url!r}: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        read_only = False
+        if parsed.database and parsed.database != ":memory:" and "uri" not in parsed.query:
+            path = Path(parsed.database)
+            read_only = path.exists() and not (
+                os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+            )
+            if read_only:
+                parsed = _read_only_url(parsed, path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, connect_args={"timeout": 60, "check_same_thread": False})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only=read_only)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -1572,13 +1601,27 @@ def make_engine(url: str) -> sa.Engine:
         raise ConfigurationError(f"unsupported store URL {url!r}: {exc}") from exc
 
 
-def _configure_sqlite(engine: sa.Engine) -> None:
+def _read_only_url(url: sa.URL, path: Path) -> sa.URL:
+    """A SQLite URI opening ``path`` read-only (the file or its directory is not writable).
+
+    A WAL database is read through its ``-shm`` index, which a reader must be able to create
+    when it is missing (after a clean shutdown it is): where it cannot, the file is opened
+    ``immutable`` (no one can be writing it without that index)."""
+    query = {"mode": "ro", "uri": "true"}
+    shm = path.with_name(path.name + "-shm")
+    if not shm.exists() and not os.access(path.parent, os.W_OK):
+        query["immutable"] = "1"
+    return url.set(database="file:" + quote(str(path.resolve())), query=query)
+
+
+def _configure_sqlite(engine: sa.Engine, *, read_only: bool = False) -> None:
     @sa_event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout = 60000")
-        cur.execute("PRAGMA journal_mode = WAL")
+        if not read_only:  # the journal mode is the file's: only a writer sets it
+            cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()

@@ -163,6 +163,13 @@ MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def current_version(conn: sa.Connection) -> int:
+    """The database's schema version, read without writing (0: no schema yet)."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return 0
+    return int(conn.execute(sa.select(schema_version.c.version)).scalar() or 0)
+
+
 def migrate(conn: sa.Connection) -> int:
     """Bring the schema to :data:`SCHEMA_VERSION` inside the caller's write transaction.
 

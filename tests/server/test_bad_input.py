@@ -551,7 +551,7 @@ def test_bad_content_length(world: World) -> None:
     address = urlsplit(world.url)
     with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/experiments HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/experiments HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 99999999999999\r\n"
             b"\r\n{}"
         )
