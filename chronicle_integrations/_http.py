@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -37,11 +37,13 @@ from ._errors import (
     TransportError,
     error_from_body,
 )
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
+from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, _Record
 from ._transport import READ_BLOCK, Progress
 from ._version import __version__
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=_Record)
 
 #: Bytes sent per upload request: big enough to amortise a request, small enough that a
 #: dropped connection costs little and proxies with body limits can be configured for it.
@@ -200,9 +202,10 @@ class HttpTransport:
         body = {"name": name, "variations": variations, "experiment_id": experiment_id}
         return ExperimentInfo.from_dict(self._json("POST", "/v1/experiments", json=body))
 
-    def list_experiments(self) -> list[ExperimentInfo]:
-        data = self._json("GET", "/v1/experiments")
-        return [ExperimentInfo.from_dict(x) for x in data["experiments"]]
+    def list_experiments(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[ExperimentInfo]:
+        return self._page("/v1/experiments", "experiments", ExperimentInfo, limit, cursor)
 
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         return ExperimentInfo.from_dict(
@@ -232,10 +235,16 @@ class HttpTransport:
     def get_run(self, e: str, v: int, r: int) -> RunInfo:
         return RunInfo.from_dict(self._json("GET", self._run_path(e, v, r)))
 
-    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]:
-        params = {k: v for k, v in (("experiment_id", experiment_id), ("state", state)) if v}
-        data = self._json("GET", "/v1/runs", params=params)
-        return [RunInfo.from_dict(x) for x in data["runs"]]
+    def list_runs(
+        self,
+        experiment_id: str | None,
+        state: str | None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
+        filters = {"experiment_id": experiment_id, "state": state}
+        return self._page("/v1/runs", "runs", RunInfo, limit, cursor, filters)
 
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
@@ -276,14 +285,35 @@ class HttpTransport:
         body = {"reason": reason, "message": message, "lease": lease}
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
-    def events(self, e: str, v: int, r: int) -> list[Event]:
-        data = self._json("GET", self._run_path(e, v, r) + "/events")
-        return [Event.from_dict(x) for x in data["events"]]
+    def events(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Event]:
+        return self._page(self._run_path(e, v, r) + "/events", "events", Event, limit, cursor)
+
+    def _page(
+        self,
+        path: str,
+        field: str,
+        record: type[_R],
+        limit: int | None,
+        cursor: str | None,
+        filters: dict[str, Any] | None = None,
+    ) -> Page[_R]:
+        """One page of a listing. A server that predates pages sends no ``next_cursor``:
+        its answer is the whole listing, i.e. the last page."""
+        params = {
+            k: v
+            for k, v in {**(filters or {}), "limit": limit, "cursor": cursor}.items()
+            if v is not None
+        }
+        data = self._json("GET", path, params=params)
+        return Page([record.from_dict(x) for x in data[field]], data.get("next_cursor"))
 
     # ------------------------------------------------------------------ assets
-    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
-        data = self._json("GET", self._run_path(e, v, r) + "/assets")
-        return [AssetInfo.from_dict(x) for x in data["assets"]]
+    def list_assets(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AssetInfo]:
+        return self._page(self._run_path(e, v, r) + "/assets", "assets", AssetInfo, limit, cursor)
 
     def upload_file(
         self,

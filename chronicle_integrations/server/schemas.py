@@ -157,6 +157,10 @@ class Experiment(BaseModel):
 
 class ExperimentList(BaseModel):
     experiments: list[Experiment]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; null on the last page.",
+    )
 
 
 class VariationCreated(BaseModel):
@@ -201,6 +205,10 @@ class Run(BaseModel):
 
 class RunList(BaseModel):
     runs: list[Run]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; null on the last page.",
+    )
 
 
 class Event(BaseModel):
@@ -218,6 +226,10 @@ class Event(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; null on the last page.",
+    )
 
 
 class Asset(BaseModel):
@@ -229,6 +241,10 @@ class Asset(BaseModel):
 
 class AssetList(BaseModel):
     assets: list[Asset]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; null on the last page.",
+    )
 
 
 class UploadStatus(BaseModel):
