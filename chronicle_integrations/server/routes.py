@@ -142,10 +142,13 @@ def _json(record: Any, status_code: int = 200) -> JSONResponse:
 
 
 def _page_json(field: str, page: Page[Any]) -> JSONResponse:
-    """A page of a listing: ``{field: [...], "next_cursor": ...}`` (``null`` at the end)."""
-    return JSONResponse(
-        {field: [item.to_dict() for item in page.items], "next_cursor": page.next_cursor}
-    )
+    """A page of a listing: ``{field: [...], "next_cursor": C}``. The last page has no
+    ``next_cursor`` (read as null), so it is exactly the answer of a server that predates
+    pages, and a short listing keeps its old shape."""
+    body: dict[str, Any] = {field: [item.to_dict() for item in page.items]}
+    if page.next_cursor is not None:
+        body["next_cursor"] = page.next_cursor
+    return JSONResponse(body)
 
 
 def build_router(

@@ -148,6 +148,15 @@ class Health(BaseModel):
     version: str
 
 
+class _Page(BaseModel):
+    """What every listing's page carries besides its items."""
+
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; absent (null) on the last page.",
+    )
+
+
 class Experiment(BaseModel):
     experiment_id: str
     name: str
@@ -155,12 +164,8 @@ class Experiment(BaseModel):
     variations: int = Field(description="Number of variations (they are numbered from 0).")
 
 
-class ExperimentList(BaseModel):
+class ExperimentList(_Page):
     experiments: list[Experiment]
-    next_cursor: str | None = Field(
-        default=None,
-        description="Pass it as `cursor` to get the next page; null on the last page.",
-    )
 
 
 class VariationCreated(BaseModel):
@@ -203,12 +208,8 @@ class Run(BaseModel):
     )
 
 
-class RunList(BaseModel):
+class RunList(_Page):
     runs: list[Run]
-    next_cursor: str | None = Field(
-        default=None,
-        description="Pass it as `cursor` to get the next page; null on the last page.",
-    )
 
 
 class Event(BaseModel):
@@ -224,12 +225,8 @@ class Event(BaseModel):
     detail: dict[str, Any] | None = None
 
 
-class EventList(BaseModel):
+class EventList(_Page):
     events: list[Event]
-    next_cursor: str | None = Field(
-        default=None,
-        description="Pass it as `cursor` to get the next page; null on the last page.",
-    )
 
 
 class Asset(BaseModel):
@@ -239,12 +236,8 @@ class Asset(BaseModel):
     created_at: float
 
 
-class AssetList(BaseModel):
+class AssetList(_Page):
     assets: list[Asset]
-    next_cursor: str | None = Field(
-        default=None,
-        description="Pass it as `cursor` to get the next page; null on the last page.",
-    )
 
 
 class UploadStatus(BaseModel):
