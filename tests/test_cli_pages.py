@@ -97,10 +97,10 @@ def test_runs_page_and_cursor_walk_for_agents(home: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--limit", "0"), "--limit"),
-        (("--limit", "many"), "--limit"),
-        (("--cursor", "garbage!", "--json"), "cursor"),
-        (("--page", "--limit", "5000", "--json"), "limit"),
+        (("--limit", "0"), "expected a positive integer"),
+        (("--limit", "many"), "expected a positive integer"),
+        (("--cursor", "garbage!", "--json"), "invalid cursor"),
+        (("--page", "--limit", "5000", "--json"), "invalid limit 5000"),
     ],
 )
 def test_bad_limit_or_cursor_is_a_usage_error(
