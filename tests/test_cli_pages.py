@@ -5,36 +5,16 @@ JSON array), and ``--page`` / ``--cursor`` for agents that keep their place."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import cli, ok
 from testkit import seed_runs
 
 from chronicle_integrations._validation import DEFAULT_PAGE_SIZE
 from chronicle_integrations.store import Store
 
 TOTAL = 2 * DEFAULT_PAGE_SIZE + 100
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
-    env["CHRONICLE_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "chronicle_integrations.cli", *args],
-        env=env,
-        cwd=home.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import test_store as store_suite
 from testkit import seed_runs
 
 from chronicle_integrations import InvalidRequest
@@ -25,25 +26,10 @@ from chronicle_integrations.lifecycle import RunState
 from chronicle_integrations.store import Store
 from chronicle_integrations.store import schema as t
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(store_url: str, tmp_path: Any, clock: Clock) -> Any:
-    s = Store.open(store_url, tmp_path / "assets", clock=clock)
-    yield s
-    s.close()
+# The store suite's settable clock and store fixtures (on ``store_url``: both backends).
+Clock = store_suite.Clock
+clock = store_suite.clock
+store = store_suite.store
 
 
 def walk(fetch: Callable[[str | None], Page[Any]], between: Callable[[int], None] | None = None):
