@@ -48,11 +48,13 @@ from ._errors import (
     TransportError,
     chronicle_error,
 )
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
+from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, _Record
 from ._transport import READ_BLOCK, Progress
 from ._version import __version__
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=_Record)
 
 #: Bytes sent per upload request: big enough to amortise a request, small enough that a
 #: dropped connection costs little and proxies with body limits can be configured for it.
@@ -446,6 +448,7 @@ class HttpTransport:
     def _run_path(e: str, v: int, r: int) -> str:
         return f"/v1/runs/{quote(e, safe='')}/{int(v)}/{int(r)}"
 
+    @_answer
     def record_event(
         self,
         e: str,
@@ -467,10 +470,10 @@ class HttpTransport:
         body = {"name": name, "variations": variations, "experiment_id": experiment_id}
         return ExperimentInfo.from_dict(self._json("POST", "/v1/experiments", json=body))
 
-    @_answer
-    def list_experiments(self) -> list[ExperimentInfo]:
-        data = self._json("GET", "/v1/experiments")
-        return [ExperimentInfo.from_dict(x) for x in data["experiments"]]
+    def list_experiments(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[ExperimentInfo]:
+        return self._page("/v1/experiments", "experiments", ExperimentInfo, limit, cursor)
 
     @_answer
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
@@ -505,11 +508,16 @@ class HttpTransport:
     def get_run(self, e: str, v: int, r: int) -> RunInfo:
         return RunInfo.from_dict(self._json("GET", self._run_path(e, v, r)))
 
-    @_answer
-    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]:
-        params = {k: v for k, v in (("experiment_id", experiment_id), ("state", state)) if v}
-        data = self._json("GET", "/v1/runs", params=params)
-        return [RunInfo.from_dict(x) for x in data["runs"]]
+    def list_runs(
+        self,
+        experiment_id: str | None,
+        state: str | None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
+        filters = {"experiment_id": experiment_id, "state": state}
+        return self._page("/v1/runs", "runs", RunInfo, limit, cursor, filters)
 
     @_answer
     def start(
@@ -554,16 +562,36 @@ class HttpTransport:
         body = {"reason": reason, "message": message, "lease": lease}
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
+    def events(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Event]:
+        return self._page(self._run_path(e, v, r) + "/events", "events", Event, limit, cursor)
+
     @_answer
-    def events(self, e: str, v: int, r: int) -> list[Event]:
-        data = self._json("GET", self._run_path(e, v, r) + "/events")
-        return [Event.from_dict(x) for x in data["events"]]
+    def _page(
+        self,
+        path: str,
+        field: str,
+        record: type[_R],
+        limit: int | None,
+        cursor: str | None,
+        filters: dict[str, Any] | None = None,
+    ) -> Page[_R]:
+        """One page of a listing. A server that predates pages sends no ``next_cursor``:
+        its answer is the whole listing, i.e. the last page."""
+        params = {
+            k: v
+            for k, v in {**(filters or {}), "limit": limit, "cursor": cursor}.items()
+            if v is not None
+        }
+        data = self._json("GET", path, params=params)
+        return Page([record.from_dict(x) for x in data[field]], data.get("next_cursor"))
 
     # ------------------------------------------------------------------ assets
-    @_answer
-    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
-        data = self._json("GET", self._run_path(e, v, r) + "/assets")
-        return [AssetInfo.from_dict(x) for x in data["assets"]]
+    def list_assets(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AssetInfo]:
+        return self._page(self._run_path(e, v, r) + "/assets", "assets", AssetInfo, limit, cursor)
 
     def upload_file(
         self,

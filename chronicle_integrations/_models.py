@@ -7,14 +7,16 @@ the HTTP API as JSON and come back identical on the client.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .lifecycle import RunState
 
-__all__ = ["AssetInfo", "Event", "ExperimentInfo", "RunInfo", "UploadStatus"]
+__all__ = ["AssetInfo", "Event", "ExperimentInfo", "Page", "RunInfo", "UploadStatus", "walk_pages"]
 
 T = TypeVar("T", bound="_Record")
+R = TypeVar("R")
 
 
 class _Record:
@@ -116,3 +118,25 @@ class UploadStatus(_Record):
     size: int | None = None
     completed: bool = False
     sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Page(Generic[R]):
+    """One page of a listing, in the listing's order, and the opaque cursor of the next page
+    (``None`` at the end). Pages are cut on keys, not offsets: an item that exists for the
+    whole walk is returned exactly once whatever is inserted meanwhile."""
+
+    items: list[R]
+    next_cursor: str | None = None
+
+
+def walk_pages(fetch: Callable[[str | None], Page[R]]) -> Iterator[R]:
+    """Every item of a listing, lazily: ``fetch(cursor)`` gives one page (``None`` for the
+    first); the next page is fetched only when the previous one is used up."""
+    cursor: str | None = None
+    while True:
+        page = fetch(cursor)
+        yield from page.items
+        if page.next_cursor is None or not page.items:
+            return
+        cursor = page.next_cursor

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from ._errors import ConfigurationError, SourceChanged
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo
 
 if TYPE_CHECKING:
     from .store import Store
@@ -34,13 +34,26 @@ class Transport(Protocol):
     def create_experiment(
         self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
     ) -> ExperimentInfo: ...
-    def list_experiments(self) -> list[ExperimentInfo]: ...
+    def list_experiments(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[ExperimentInfo]:
+        """One page of experiments after ``cursor`` (``None``: the first page)."""
+
     def get_experiment(self, experiment_id: str) -> ExperimentInfo: ...
     def add_variation(self, experiment_id: str, config: dict[str, Any], request_id: str) -> int: ...
     def get_variation_config(self, experiment_id: str, variation: int) -> dict[str, Any]: ...
     def create_run(self, experiment_id: str, variation: int, request_id: str) -> RunInfo: ...
     def get_run(self, e: str, v: int, r: int) -> RunInfo: ...
-    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]: ...
+    def list_runs(
+        self,
+        experiment_id: str | None,
+        state: str | None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
+        """One page of runs after ``cursor`` (``None``: the first page)."""
+
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
     ) -> RunInfo: ...
@@ -58,8 +71,16 @@ class Transport(Protocol):
     def fail(
         self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
     ) -> RunInfo: ...
-    def events(self, e: str, v: int, r: int) -> list[Event]: ...
-    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]: ...
+    def events(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Event]:
+        """One page of the run's timeline after ``cursor``."""
+
+    def list_assets(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AssetInfo]:
+        """One page of the run's assets after ``cursor``."""
+
     def upload_file(
         self,
         e: str,
@@ -143,8 +164,10 @@ class EmbeddedTransport:
     ) -> ExperimentInfo:
         return self.store.create_experiment(name, variations, experiment_id)
 
-    def list_experiments(self) -> list[ExperimentInfo]:
-        return self.store.list_experiments()
+    def list_experiments(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[ExperimentInfo]:
+        return self.store.page_experiments(limit=limit, cursor=cursor)
 
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         return self.store.get_experiment(experiment_id)
@@ -161,10 +184,17 @@ class EmbeddedTransport:
     def get_run(self, e: str, v: int, r: int) -> RunInfo:
         return self.store.get_run(e, v, r)
 
-    def list_runs(self, experiment_id: str | None, state: str | None) -> list[RunInfo]:
+    def list_runs(
+        self,
+        experiment_id: str | None,
+        state: str | None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
         # Nobody else runs the watchdog's sweep for an embedded store: do it on listings.
         self.store.maybe_sweep()
-        return self.store.list_runs(experiment_id, state)
+        return self.store.page_runs(experiment_id, state, limit=limit, cursor=cursor)
 
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
@@ -191,11 +221,15 @@ class EmbeddedTransport:
     ) -> RunInfo:
         return self.store.fail(e, v, r, reason, message, lease)
 
-    def events(self, e: str, v: int, r: int) -> list[Event]:
-        return self.store.events(e, v, r)
+    def events(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[Event]:
+        return self.store.page_events(e, v, r, limit=limit, cursor=cursor)
 
-    def list_assets(self, e: str, v: int, r: int) -> list[AssetInfo]:
-        return self.store.list_assets(e, v, r)
+    def list_assets(
+        self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[AssetInfo]:
+        return self.store.page_assets(e, v, r, limit=limit, cursor=cursor)
 
     def upload_file(
         self,

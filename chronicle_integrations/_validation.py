@@ -12,6 +12,7 @@ import secrets
 from typing import Any
 
 from ._errors import InvalidRequest
+from .lifecycle import RunState
 
 EXPERIMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Variation and run numbers are stored as 32-bit signed integers (portable across databases).
@@ -24,6 +25,13 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_NAME = 256
 FAIL_REASONS = ("crash", "abandoned")
+#: Listings come in pages: this many items when the caller names no ``limit``, at most
+#: ``MAX_PAGE_SIZE`` however many it asks for (a page also stops at ``MAX_PAGE_BYTES``).
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+#: About this many bytes of JSON per page at most: a page of runs with 64 KiB failure
+#: messages holds fewer runs (always at least one).
+MAX_PAGE_BYTES = 4 * 2**20
 
 
 def experiment_id(value: Any) -> str:
@@ -105,6 +113,28 @@ def config(value: Any) -> dict[str, Any]:
     if len(encoded) > MAX_CONFIG_BYTES:
         raise InvalidRequest(
             f"variation config is larger than {MAX_CONFIG_BYTES} bytes", field="config"
+        )
+    return value
+
+
+def run_state(value: Any) -> RunState:
+    """Check a state filter: one of the seven run states (a :class:`RunState` or its value)."""
+    try:
+        return RunState(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"invalid state {value!r}: one of " + ", ".join(s.value for s in RunState),
+            field="state",
+        ) from None
+
+
+def page_limit(value: Any) -> int:
+    """Check a listing's page size: ``None`` means the default, else 1 to ``MAX_PAGE_SIZE``."""
+    if value is None:
+        return DEFAULT_PAGE_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidRequest(
+            f"invalid limit {value!r}: must be an integer from 1 to {MAX_PAGE_SIZE}", field="limit"
         )
     return value
 

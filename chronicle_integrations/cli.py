@@ -6,7 +6,8 @@ Usage::
 
     chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets URL] ...
     chronicle experiments                         # every experiment
-    chronicle runs [--experiment E] [--state S]   # runs, filtered
+    chronicle runs [--experiment E] [--state S]   # runs, filtered [--limit N]
+    chronicle runs --page [--cursor C] --json     # one page and its next_cursor
     chronicle show E/V/R                          # one run, every field
     chronicle events E/V/R                        # its timeline
     chronicle cancel E/V/R [--message M]          # fail(reason="abandoned")
@@ -41,14 +42,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import logging
 import os
 import re
 import sys
+import textwrap
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -61,7 +64,7 @@ from ._errors import (
     NotFound,
     Unauthorized,
 )
-from ._validation import EXPERIMENT_ID_RE, MAX_NUMBER
+from ._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from .lifecycle import RunState
 
 if TYPE_CHECKING:
@@ -164,6 +167,12 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,18}", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text) or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0-65535")
@@ -221,12 +230,26 @@ def _one_line(text: str | None, limit: int = 60) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces; the last column is not padded."""
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    widths: list[int] | None = None,
+    header: bool = True,
+) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded.
+
+    A table printed in parts (a listing streamed page by page) passes the same ``widths``
+    list to every part: columns are at least as wide as before and the list is widened in
+    place; the parts after the first leave out the ``header``.
+    """
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = widths if widths is not None else []
+    widths[:] = [
+        max([len(row[i]) for row in cells] + widths[i : i + 1]) for i in range(len(headers))
+    ]
     lines = []
-    for row in cells:
+    for row in cells if header else cells[1:]:
         padded = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
@@ -384,46 +407,76 @@ def _reason(info: Any) -> str:
     return f"{info.reason} ({detail})" if detail else str(info.reason)
 
 
+RUN_HEADERS = ["RUN", "STATE", "STARTED", "LAST HEARTBEAT", "PROGRESS", "ENDED", "ASSETS", "REASON"]
+
+
+def _run_row(r: Any, now: float) -> list[Any]:
+    return [
+        r.key,
+        r.state.value + (" (stalled)" if r.stalled else ""),
+        format_time(r.started_at),
+        format_ago(r.last_heartbeat_at, now),
+        _progress(r.progress),
+        format_time(r.ended_at),
+        r.asset_count,
+        _reason(r),
+    ]
+
+
 def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
+    """List runs. The whole listing (at most ``--limit`` runs) is fetched and printed a page
+    at a time, so memory stays bounded and the first rows appear at once; ``--json`` is
+    still one JSON array. ``--page`` / ``--cursor`` print a single page with its
+    ``next_cursor``, for agents that keep their place between calls."""
     with _open(args) as chronicle:
         if args.experiment:  # an unknown experiment is "not found", not an empty listing
             chronicle.experiment(args.experiment)
-        runs = chronicle.runs(experiment_id=args.experiment, state=args.state)
-    if args.json:
-        _print_json([_public(r) for r in runs], out)
-    elif not runs:
-        print("no runs", file=sys.stderr)
-    else:
-        now = time.time()
-        out.write(
-            table(
-                [
-                    "RUN",
-                    "STATE",
-                    "STARTED",
-                    "LAST HEARTBEAT",
-                    "PROGRESS",
-                    "ENDED",
-                    "ASSETS",
-                    "REASON",
-                ],
-                [
-                    [
-                        r.key,
-                        r.state.value + (" (stalled)" if r.stalled else ""),
-                        format_time(r.started_at),
-                        format_ago(r.last_heartbeat_at, now),
-                        _progress(r.progress),
-                        format_time(r.ended_at),
-                        r.asset_count,
-                        _reason(r),
-                    ]
-                    for r in runs
-                ],
+        if args.page or args.cursor is not None:
+            page = chronicle.runs_page(
+                args.experiment, args.state, limit=args.limit, cursor=args.cursor
             )
-            + "\n"
+            if args.json:
+                body = {"runs": [_public(r) for r in page.items], "next_cursor": page.next_cursor}
+                _print_json(body, out)
+                return EXIT_OK
+            _write_runs(iter([page.items]), out)
+            if page.next_cursor is not None:
+                print(f"more: pass --cursor {page.next_cursor}", file=sys.stderr)
+            return EXIT_OK
+        size = min(args.limit, MAX_PAGE_SIZE) if args.limit else None
+        runs = itertools.islice(
+            chronicle.iter_runs(args.experiment, args.state, page_size=size), args.limit
         )
+        chunks = iter(lambda: list(itertools.islice(runs, size or DEFAULT_PAGE_SIZE)), [])
+        if args.json:
+            _stream_json_list(([_public(r) for r in chunk] for chunk in chunks), out)
+        else:
+            _write_runs(chunks, out)
     return EXIT_OK
+
+
+def _write_runs(chunks: Iterator[list[Any]], out: TextIO) -> None:
+    """The runs table, one part per chunk as it arrives (columns widen as needed)."""
+    widths: list[int] = []
+    for chunk in chunks:
+        if chunk:
+            rows = [_run_row(r, time.time()) for r in chunk]
+            out.write(table(RUN_HEADERS, rows, widths=widths, header=not widths) + "\n")
+            out.flush()
+    if not widths:
+        print("no runs", file=sys.stderr)
+
+
+def _stream_json_list(chunks: Iterator[list[Any]], out: TextIO) -> None:
+    """One JSON array (as :func:`_print_json` writes it), written a chunk at a time."""
+    first = True
+    for chunk in chunks:
+        for item in chunk:
+            text = textwrap.indent(json.dumps(item, indent=2), "  ")
+            out.write(("[\n" if first else ",\n") + text)
+            first = False
+        out.flush()
+    out.write("[]\n" if first else "\n]\n")
 
 
 def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
@@ -812,7 +865,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("experiments", cmd_experiments, "list experiments")
 
-    p = add("runs", cmd_runs, "list runs")
+    p = add(
+        "runs",
+        cmd_runs,
+        "list runs (fetched and printed a page at a time; --page/--cursor for one page)",
+    )
+    p.add_argument(
+        "--limit",
+        "-n",
+        type=_positive_int,
+        metavar="N",
+        help="at most N runs; with --page/--cursor, the page size "
+        f"(default {DEFAULT_PAGE_SIZE}, at most {MAX_PAGE_SIZE})",
+    )
+    p.add_argument(
+        "--page",
+        action="store_true",
+        help='print one page; with --json an object {"runs": [...], "next_cursor": C} '
+        "(null on the last page)",
+    )
+    p.add_argument(
+        "--cursor",
+        metavar="C",
+        help="print the page after C, the next_cursor of the previous page (implies --page)",
+    )
     p.add_argument(
         "--experiment", "-e", type=experiment_arg, metavar="E", help="only this experiment's runs"
     )

@@ -29,7 +29,7 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +38,6 @@ from . import _validation as check
 from ._errors import (
     ChronicleError,
     ConfigurationError,
-    InvalidRequest,
     ServerError,
     SourceChanged,
     StorageFull,
@@ -46,7 +45,7 @@ from ._errors import (
     UploadError,
 )
 from ._heartbeat import KeepAlive, Progress
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, walk_pages
 from ._spool import Spool, SyncReport
 from ._transport import EmbeddedTransport, Transport
 from ._uploads import (
@@ -224,8 +223,15 @@ class Chronicle:
         return self.transport.add_variation(experiment_id, check.config(config), _request_id())
 
     def experiments(self) -> list[ExperimentInfo]:
-        """Every experiment."""
-        return self.transport.list_experiments()
+        """Every experiment, oldest first (fetched a page at a time)."""
+        return list(self.iter_experiments())
+
+    def iter_experiments(self, *, page_size: int | None = None) -> Iterator[ExperimentInfo]:
+        """Every experiment, oldest first, lazily: one page (``page_size``, default the
+        server's) is fetched when the previous one is used up, so memory stays bounded."""
+        return walk_pages(
+            lambda cursor: self.transport.list_experiments(limit=page_size, cursor=cursor)
+        )
 
     def experiment(self, experiment_id: str) -> ExperimentInfo:
         """One experiment."""
@@ -250,16 +256,45 @@ class Chronicle:
     def runs(
         self, experiment_id: str | None = None, state: str | RunState | None = None
     ) -> list[RunInfo]:
-        """Runs, optionally of one experiment and/or in one state (the effective state)."""
+        """Runs, optionally of one experiment and/or in one state (the effective state), in
+        ``experiment_id, variation, run`` order (fetched a page at a time)."""
+        return list(self.iter_runs(experiment_id, state))
+
+    def iter_runs(
+        self,
+        experiment_id: str | None = None,
+        state: str | RunState | None = None,
+        *,
+        page_size: int | None = None,
+    ) -> Iterator[RunInfo]:
+        """Like :meth:`runs`, lazily: pages of ``page_size`` runs (default the server's) are
+        fetched as the iteration reaches them. Every run that exists for the whole walk comes
+        exactly once, in ``experiment_id, variation, run`` order.
+
+        Example::
+
+            for info in chronicle.iter_runs(state="lost"):
+                chronicle.run(info.experiment_id, info.variation, info.run).fail("abandoned")
+        """
         if state is not None:
-            try:
-                state = RunState(state)
-            except ValueError:
-                raise InvalidRequest(
-                    f"invalid state {state!r}: one of " + ", ".join(s.value for s in RunState),
-                    field="state",
-                ) from None
-        return self.transport.list_runs(experiment_id, state.value if state else None)
+            check.run_state(state)  # an error now, not at the first next()
+        return walk_pages(
+            lambda cursor: self.runs_page(experiment_id, state, limit=page_size, cursor=cursor)
+        )
+
+    def runs_page(
+        self,
+        experiment_id: str | None = None,
+        state: str | RunState | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
+        """One page of :meth:`runs`: ``page.items`` (at most ``limit``) and
+        ``page.next_cursor``, to pass as ``cursor`` for the next page (``None`` at the end).
+        For callers that keep their place between calls (an agent, a paged UI)."""
+        wanted = check.run_state(state).value if state is not None else None
+        return self.transport.list_runs(experiment_id, wanted, limit=limit, cursor=cursor)
 
     def sync(self) -> SyncReport:
         """Send what the spool holds for this target (uploads first, then transitions)."""
@@ -475,12 +510,13 @@ class Run:
         return self.info().state
 
     def events(self) -> list[Event]:
-        """The run's timeline: every transition and every completed upload."""
-        return self._t.events(*self.key_tuple)
+        """The run's timeline: every transition and every completed upload (fetched a page
+        at a time)."""
+        return list(walk_pages(lambda cursor: self._t.events(*self.key_tuple, cursor=cursor)))
 
     def assets(self) -> list[AssetInfo]:
-        """The run's complete assets."""
-        return self._t.list_assets(*self.key_tuple)
+        """The run's complete assets, by name (fetched a page at a time)."""
+        return list(walk_pages(lambda cursor: self._t.list_assets(*self.key_tuple, cursor=cursor)))
 
     def download_asset(
         self,

@@ -204,3 +204,38 @@ def reap_all() -> list[int]:
             leaked.append(proc.pid)
         reap(proc, signal.SIGKILL, grace=0)
     return leaked
+
+
+def seed_runs(
+    store: Any, experiments: int, variations: int, runs: int, prefix: str = "seed"
+) -> list[tuple[str, int, int]]:
+    """``experiments * variations * runs`` pending runs, created in bulk for the listing
+    tests: experiments through the store, runs with one multi-row ``INSERT`` through its own
+    engine and schema (creating thousands one by one would dominate the tests' time). The
+    variations' run counters are set, so ``create_run`` continues after them. Returns the
+    keys in listing order (ids ``prefix-000``, ``prefix-001``... sort the same everywhere)."""
+    from chronicle_integrations.store import schema as t
+
+    ids = [f"{prefix}-{i:03d}" for i in range(experiments)]
+    for eid in ids:
+        store.create_experiment(eid, [{"v": v} for v in range(variations)], eid)
+    keys = [(e, v, r) for e in ids for v in range(variations) for r in range(runs)]
+    now = store.clock()
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.runs.insert(),
+            [
+                {
+                    "experiment_id": e,
+                    "variation": v,
+                    "run": r,
+                    "state": "pending",
+                    "created_at": now,
+                }
+                for e, v, r in keys
+            ],
+        )
+        conn.execute(
+            t.variations.update().where(t.variations.c.experiment_id.in_(ids)).values(next_run=runs)
+        )
+    return keys

@@ -35,6 +35,7 @@ from .._errors import (
     StorageFull,
     Unauthorized,
 )
+from .._models import Page
 from .._version import __version__
 from ..lifecycle import RunState
 from ..store import Store
@@ -89,6 +90,24 @@ Offset = Annotated[
     BeforeValidator(_digits(MAX_OFFSET)),
 ]
 
+Limit = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=check.MAX_PAGE_SIZE,
+        description=f"Page size (default {check.DEFAULT_PAGE_SIZE}, at most "
+        f"{check.MAX_PAGE_SIZE}); a page also stops at about "
+        f"{check.MAX_PAGE_BYTES // 2**20} MiB.",
+    ),
+    BeforeValidator(_digits(check.MAX_PAGE_SIZE)),
+]
+Cursor = Annotated[
+    str | None,
+    Query(
+        description="The `next_cursor` of the previous page (opaque); absent for the first page."
+    ),
+]
+
 _ERRORS: dict[int, tuple[str, str]] = {
     400: (InvalidRequest.code, "Malformed request: bad name, number, JSON or field."),
     401: (Unauthorized.code, "Missing or wrong API key (when the server has one)."),
@@ -132,6 +151,16 @@ def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[int |
 
 def _json(record: Any, status_code: int = 200) -> JSONResponse:
     return JSONResponse(record.to_dict(), status_code=status_code)
+
+
+def _page_json(field: str, page: Page[Any]) -> JSONResponse:
+    """A page of a listing: ``{field: [...], "next_cursor": C}``. The last page has no
+    ``next_cursor`` (read as null), so it is exactly the answer of a server that predates
+    pages, and a short listing keeps its old shape."""
+    body: dict[str, Any] = {field: [item.to_dict() for item in page.items]}
+    if page.next_cursor is not None:
+        body["next_cursor"] = page.next_cursor
+    return JSONResponse(body)
 
 
 def build_router(
@@ -180,9 +209,9 @@ def build_router(
         tags=["experiments"],
         responses=_errors(),
     )
-    def list_experiments() -> JSONResponse:
-        """Every experiment, oldest first."""
-        return JSONResponse({"experiments": [e.to_dict() for e in store.list_experiments()]})
+    def list_experiments(limit: Limit = None, cursor: Cursor = None) -> JSONResponse:
+        """Experiments, oldest first, a page at a time: follow ``next_cursor`` until null."""
+        return _page_json("experiments", store.page_experiments(limit=limit, cursor=cursor))
 
     @router.get(
         "/experiments/{experiment_id}",
@@ -249,10 +278,14 @@ def build_router(
                 + ", ".join(s.value for s in RunState)
             ),
         ] = None,
+        limit: Limit = None,
+        cursor: Cursor = None,
     ) -> JSONResponse:
-        """Runs, optionally filtered by experiment and effective state."""
-        runs = store.list_runs(experiment_id=experiment_id, state=state)
-        return JSONResponse({"runs": [r.to_dict() for r in runs]})
+        """Runs by ``experiment_id, variation, run``, optionally filtered by experiment and
+        effective state, a page at a time: follow ``next_cursor`` until null. Every run that
+        exists for the whole walk comes exactly once, whatever is created meanwhile."""
+        page = store.page_runs(experiment_id, state, limit=limit, cursor=cursor)
+        return _page_json("runs", page)
 
     run_path = "/runs/{experiment_id}/{variation}/{run}"
 
@@ -351,11 +384,17 @@ def build_router(
         tags=["runs"],
         responses=_errors(404),
     )
-    def events(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
-        """The run's timeline, oldest first: transitions (with the watchdog's) and uploads."""
-        return JSONResponse(
-            {"events": [e.to_dict() for e in store.events(experiment_id, variation, run)]}
-        )
+    def events(
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        limit: Limit = None,
+        cursor: Cursor = None,
+    ) -> JSONResponse:
+        """The run's timeline, oldest first: transitions (with the watchdog's) and uploads,
+        a page at a time (follow ``next_cursor`` until null)."""
+        page = store.page_events(experiment_id, variation, run, limit=limit, cursor=cursor)
+        return _page_json("events", page)
 
     @router.post(
         run_path + "/events",
@@ -391,12 +430,15 @@ def build_router(
         responses=_errors(404),
     )
     def list_assets(
-        experiment_id: ExperimentId, variation: VariationNo, run: RunNo
+        experiment_id: ExperimentId,
+        variation: VariationNo,
+        run: RunNo,
+        limit: Limit = None,
+        cursor: Cursor = None,
     ) -> JSONResponse:
-        """The run's complete assets, by name."""
-        return JSONResponse(
-            {"assets": [a.to_dict() for a in store.list_assets(experiment_id, variation, run)]}
-        )
+        """The run's complete assets, by name, a page at a time (follow ``next_cursor``)."""
+        page = store.page_assets(experiment_id, variation, run, limit=limit, cursor=cursor)
+        return _page_json("assets", page)
 
     @router.get(
         run_path + "/assets/{name:path}",

@@ -159,6 +159,15 @@ class Health(BaseModel):
     version: str
 
 
+class _Page(BaseModel):
+    """What every listing's page carries besides its items."""
+
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass it as `cursor` to get the next page; absent (null) on the last page.",
+    )
+
+
 class Experiment(BaseModel):
     experiment_id: str
     name: str
@@ -166,7 +175,7 @@ class Experiment(BaseModel):
     variations: int = Field(description="Number of variations (they are numbered from 0).")
 
 
-class ExperimentList(BaseModel):
+class ExperimentList(_Page):
     experiments: list[Experiment]
 
 
@@ -215,7 +224,7 @@ class Run(BaseModel):
     )
 
 
-class RunList(BaseModel):
+class RunList(_Page):
     runs: list[Run]
 
 
@@ -234,7 +243,7 @@ class Event(BaseModel):
     detail: dict[str, Any] | None = None
 
 
-class EventList(BaseModel):
+class EventList(_Page):
     events: list[Event]
 
 
@@ -245,7 +254,7 @@ class Asset(BaseModel):
     created_at: float
 
 
-class AssetList(BaseModel):
+class AssetList(_Page):
     assets: list[Asset]
 
 

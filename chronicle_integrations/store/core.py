@@ -26,6 +26,7 @@ so the event log is always a valid walk through the transition table.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -37,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -56,7 +57,7 @@ from .._errors import (
     PayloadTooLarge,
     ServerError,
 )
-from .._models import AssetInfo, Event, ExperimentInfo, RunInfo, UploadStatus
+from .._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, walk_pages
 from ..lifecycle import (
     LEASED_ACTIONS,
     TERMINAL_TARGET,
@@ -390,16 +391,28 @@ class Store:
         return ExperimentInfo(row.experiment_id, row.name, row.created_at, row.next_variation)
 
     def list_experiments(self) -> list[ExperimentInfo]:
-        """Every experiment, oldest first."""
+        """Every experiment, oldest first (walks :meth:`page_experiments`)."""
+        return list(walk_pages(lambda cursor: self.page_experiments(cursor=cursor)))
+
+    def page_experiments(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page[ExperimentInfo]:
+        """One page of experiments, oldest first, after ``cursor`` (a ``next_cursor``).
+
+        Keyset on ``(created_at, experiment_id)`` over ``ix_experiments_created``.
+        """
+        size = check.page_limit(limit)
+        c = t.experiments.c
+        query = sa.select(t.experiments).order_by(c.created_at, c.experiment_id).limit(size + 1)
+        if cursor is not None:
+            at, after = _cursor_key(cursor, "experiments", _finite, check.experiment_id)
+            query = query.where(sa.tuple_(c.created_at, c.experiment_id) > sa.tuple_(at, after))
         with self._read() as conn:
-            rows = conn.execute(
-                sa.select(t.experiments).order_by(
-                    t.experiments.c.created_at, t.experiments.c.experiment_id
-                )
-            ).all()
-        return [
+            rows = conn.execute(query).all()
+        infos = [
             ExperimentInfo(r.experiment_id, r.name, r.created_at, r.next_variation) for r in rows
         ]
+        return _page(infos, size, "experiments", lambda e: (e.created_at, e.experiment_id))
 
     def add_variation(
         self, experiment_id: str, config: dict[str, Any], request_id: str | None = None
@@ -525,25 +538,59 @@ class Store:
     def list_runs(
         self, experiment_id: str | None = None, state: str | RunState | None = None
     ) -> list[RunInfo]:
-        """Runs, optionally of one experiment and/or in one (effective) state."""
+        """Runs, optionally of one experiment and/or in one (effective) state (walks
+        :meth:`page_runs`; prefer that, or the client's ``iter_runs``, on a large store)."""
+        return list(walk_pages(lambda cursor: self.page_runs(experiment_id, state, cursor=cursor)))
+
+    def page_runs(
+        self,
+        experiment_id: str | None = None,
+        state: str | RunState | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[RunInfo]:
+        """One page of runs, by ``experiment_id, variation, run``, after ``cursor``.
+
+        Keyset pagination on the primary key (never ``OFFSET``): a page costs an index range
+        scan however deep the walk is, and every run that exists for the whole walk comes
+        exactly once, in order, whatever is created meanwhile. A page holds at most
+        ``limit`` runs and about :data:`~chronicle_integrations._validation.MAX_PAGE_BYTES`
+        (runs with long failure messages come fewer to a page).
+        """
+        size = check.page_limit(limit)
         conditions: list[sa.ColumnElement[bool]] = []
         now = self.clock()
+        c = t.runs.c
         if experiment_id is not None:
             check.experiment_id(experiment_id)
-            conditions.append(t.runs.c.experiment_id == experiment_id)
+            conditions.append(c.experiment_id == experiment_id)
+        if cursor is not None:
+            e, v, r = _cursor_key(
+                cursor,
+                "runs",
+                check.experiment_id,
+                lambda x: check.number(x, "variation"),
+                lambda x: check.number(x, "run"),
+            )
+            if experiment_id is None:
+                pk = sa.tuple_(c.experiment_id, c.variation, c.run)
+                conditions.append(pk > sa.tuple_(e, v, r))
+            elif e == experiment_id:
+                # (variation, run) within the experiment: an index range, not a scan of
+                # the experiment's runs from its first one.
+                conditions.append(sa.tuple_(c.variation, c.run) > sa.tuple_(v, r))
+            elif e > experiment_id:
+                conditions.append(sa.false())
         if state is not None:
-            try:
-                wanted = RunState(state)
-            except ValueError:
-                raise InvalidRequest(
-                    f"invalid state {state!r}: one of " + ", ".join(s.value for s in RunState),
-                    field="state",
-                ) from None
-            conditions.append(self._effective_sql(now) == wanted.value)
-        return self._select_runs(sa.and_(sa.true(), *conditions), now=now)
+            conditions.append(self._effective_sql(now) == check.run_state(state).value)
+        infos = self._select_runs(sa.and_(sa.true(), *conditions), now=now, limit=size + 1)
+        return _page(
+            infos, size, "runs", lambda i: (i.experiment_id, i.variation, i.run), _run_bytes
+        )
 
     def _select_runs(
-        self, where: sa.ColumnElement[bool], now: float | None = None
+        self, where: sa.ColumnElement[bool], now: float | None = None, limit: int | None = None
     ) -> list[RunInfo]:
         now = self.clock() if now is None else now
         c = t.runs.c
@@ -561,6 +608,7 @@ class Store:
             sa.select(t.runs, asset_count.label("asset_count"))
             .where(where)
             .order_by(c.experiment_id, c.variation, c.run)
+            .limit(limit)
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
@@ -926,8 +974,28 @@ class Store:
         )
 
     def events(self, experiment_id: str, variation: int, run: int) -> list[Event]:
-        """The run's timeline, oldest first, including watchdog transitions it is owed."""
+        """The run's timeline, oldest first, including watchdog transitions it is owed
+        (walks :meth:`page_events`)."""
+        return list(
+            walk_pages(
+                lambda cursor: self.page_events(experiment_id, variation, run, cursor=cursor)
+            )
+        )
+
+    def page_events(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[Event]:
+        """One page of the run's timeline, oldest first, after ``cursor``: keyset on the
+        event id over ``ix_events_run``."""
         key = _key(experiment_id, variation, run)
+        size = check.page_limit(limit)
+        after = _cursor_key(cursor, "events", _event_id)[0] if cursor is not None else None
         now = self.clock()
         with self._read() as conn:
             row = conn.execute(sa.select(t.runs).where(_run_pk(*key))).first()
@@ -943,10 +1011,12 @@ class Store:
                     t.events.c.experiment_id == key[0],
                     t.events.c.variation == key[1],
                     t.events.c.run == key[2],
+                    sa.true() if after is None else t.events.c.id > after,
                 )
                 .order_by(t.events.c.id)
+                .limit(size + 1)
             ).all()
-        return [
+        events = [
             Event(
                 id=r.id,
                 kind=r.kind,
@@ -958,6 +1028,7 @@ class Store:
             )
             for r in rows
         ]
+        return _page(events, size, "events", lambda e: (e.id,))
 
     # ------------------------------------------------------------------ watchdog
     def sweep(self) -> dict[str, int]:
@@ -1120,8 +1191,27 @@ class Store:
 
     # ------------------------------------------------------------------ assets
     def list_assets(self, experiment_id: str, variation: int, run: int) -> list[AssetInfo]:
-        """The run's complete assets, by name."""
+        """The run's complete assets, by name (walks :meth:`page_assets`)."""
+        return list(
+            walk_pages(
+                lambda cursor: self.page_assets(experiment_id, variation, run, cursor=cursor)
+            )
+        )
+
+    def page_assets(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[AssetInfo]:
+        """One page of the run's complete assets, by name, after ``cursor``: keyset on the
+        name within the primary key ``(experiment_id, variation, run, name)``."""
         key = _key(experiment_id, variation, run)
+        size = check.page_limit(limit)
+        after = _cursor_key(cursor, "assets", check.asset_name)[0] if cursor is not None else None
         self.get_run(*key)
         with self._read() as conn:
             rows = conn.execute(
@@ -1130,10 +1220,13 @@ class Store:
                     t.assets.c.experiment_id == key[0],
                     t.assets.c.variation == key[1],
                     t.assets.c.run == key[2],
+                    sa.true() if after is None else t.assets.c.name > after,
                 )
                 .order_by(t.assets.c.name)
+                .limit(size + 1)
             ).all()
-        return [AssetInfo(r.name, r.size, r.sha256, r.created_at) for r in rows]
+        assets = [AssetInfo(r.name, r.size, r.sha256, r.created_at) for r in rows]
+        return _page(assets, size, "assets", lambda a: (a.name,))
 
     def get_asset(self, experiment_id: str, variation: int, run: int, name: str) -> AssetInfo:
         """One asset's metadata, or NotFound."""
@@ -1543,6 +1636,88 @@ class ChunkWriter:
         return UploadStatus(
             upload_id=row.upload_id, name=row.name, offset=self.offset, size=row.size
         )
+
+
+# ---------------------------------------------------------------------- pages
+#: A cursor is short (the longest key is an asset name of 1024 characters).
+MAX_CURSOR = 4096
+
+_R = TypeVar("_R")
+
+
+def _encode_cursor(kind: str, key: tuple[Any, ...]) -> str:
+    """The opaque cursor after ``key``: URL-safe base64 of ``[kind, *key]`` as JSON. The
+    kind makes a cursor of one listing an error on another instead of a silent misread."""
+    return _b64(json.dumps([kind, *key], separators=(",", ":"), allow_nan=False).encode())
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _cursor_key(cursor: Any, kind: str, *checks: Callable[[Any], Any]) -> list[Any]:
+    """The key a cursor of listing ``kind`` holds, each part checked by its ``checks``
+    entry (so a forged cursor is a 400 ``invalid_request``, never a SQL error)."""
+    refused = InvalidRequest(
+        f"invalid cursor {str(cursor)[:64]!r}: pass the next_cursor of the previous page "
+        f"of this listing unchanged",
+        field="cursor",
+    )
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR:
+        raise refused
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        if _b64(raw) != cursor:  # one spelling per key: no padding, no junk
+            raise ValueError(cursor)
+        value = json.loads(raw, parse_constant=_no_constant)
+        if not isinstance(value, list) or len(value) != len(checks) + 1 or value[0] != kind:
+            raise ValueError(cursor)
+        return [check_part(part) for check_part, part in zip(checks, value[1:], strict=True)]
+    except (ValueError, TypeError, InvalidRequest):  # binascii.Error is a ValueError
+        raise refused from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(value)
+    return float(value)
+
+
+def _event_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(value)
+    return value
+
+
+def _run_bytes(info: RunInfo) -> int:
+    """About how many bytes of JSON a run takes: its free text, plus the fixed fields."""
+    return 512 + (len(json.dumps(info.message)) if info.message else 0)
+
+
+def _page(
+    items: list[_R],
+    limit: int,
+    kind: str,
+    key: Callable[[_R], tuple[Any, ...]],
+    size: Callable[[_R], int] | None = None,
+) -> Page[_R]:
+    """Cut the ``limit + 1`` items a query fetched into a page: at most ``limit`` items (and,
+    with ``size``, at most about ``MAX_PAGE_BYTES``, never fewer than one); the extra item
+    only tells that a next page exists, and the cursor holds the last key kept."""
+    kept = items[:limit]
+    if size is not None:
+        total = 0
+        for index, item in enumerate(kept):
+            total += size(item)
+            if total > check.MAX_PAGE_BYTES and index > 0:
+                kept = kept[:index]
+                break
+    more = len(kept) < len(items)
+    return Page(kept, _encode_cursor(kind, key(kept[-1])) if more else None)
 
 
 def _bounded(chunks: Iterable[bytes], room: int, declared: bool, store: Store) -> Iterator[bytes]:

@@ -31,6 +31,8 @@ experiments = sa.Table(
     sa.Column("name", sa.String(256), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("next_variation", sa.Integer, nullable=False, server_default="0"),
+    # v3: the order of the experiments listing, so that each page is an index range scan.
+    sa.Index("ix_experiments_created", "created_at", "experiment_id"),
 )
 
 variations = sa.Table(
@@ -158,8 +160,14 @@ def _v2(conn: sa.Connection) -> None:
     _add_missing_columns(conn, runs, ["progress", "progress_at"])
 
 
+def _v3(conn: sa.Connection) -> None:
+    """The index behind the keyset pages of the experiments listing."""
+    for index in experiments.indexes:
+        index.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the index of the last one applied, plus one.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -58,6 +58,9 @@ trainer.fit(Model(), DataLoader(data, batch_size=8), ckpt_path=RESUME)
 """.replace("TIMEOUT_S", str(TIMEOUT))
 
 
+EXEC = [sys.executable, "-m", "chronicle_integrations.cli", "exec"]
+
+
 def _exec(tmp_path: Path, home: Path, head: list[str], *argv: str, name: str) -> Any:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
@@ -65,8 +68,7 @@ def _exec(tmp_path: Path, home: Path, head: list[str], *argv: str, name: str) ->
     env.update(CHRONICLE_HOME=str(home), CHRONICLE_HEARTBEAT_TIMEOUT=str(TIMEOUT))
     env.update(CHRONICLE_STALL_TIMEOUT=str(TIMEOUT), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return testkit.spawn(
-        [sys.executable, "-m", "chronicle_integrations.cli", "exec", *head, "--"]
-        + [sys.executable, str(script), *argv],
+        [*EXEC, *head, "--", sys.executable, str(script), *argv],
         env=env,
         stdout=(tmp_path / f"{name}.out").open("wb"),
         stderr=(tmp_path / f"{name}.err").open("wb"),
