@@ -510,11 +510,14 @@ class Run:
         expected = known[name]
         # A fresh name, created exclusively (mkstemp: O_EXCL, never follows a planted symbolic
         # link) in the destination's directory, so the final os.replace is atomic.
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        # Visible (not a dot file), so a download killed midway leaves an obvious leftover.
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{target.name[:200]}.", suffix=".part", dir=target.parent
+        )
         partial = Path(tmp)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # what open() would have created
             with os.fdopen(fd, "w+b") as fh:
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())  # what open() would have created
                 self._t.download_asset(
                     *self.key_tuple,
                     name,
