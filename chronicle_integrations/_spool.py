@@ -123,6 +123,10 @@ class Spool:
                 log.error("unreadable spool entry %s; leaving it in place", path)
         return sorted(found, key=lambda item: (item[1].get("kind") != "upload", item[0].name))
 
+    def data_paths(self) -> set[Path]:
+        """The files the spool's upload entries still need."""
+        return {self.root / e["data"] for _, e in self.entries() if e.get("data")}
+
     def sync(self, transport: Any) -> SyncReport:
         """Replay every entry addressed to ``transport.target``."""
         report = SyncReport()

@@ -223,6 +223,26 @@ def format_size(size: int | float) -> str:
     return f"{value:.1f} {unit}"
 
 
+def printable(text: object) -> str:
+    """``text`` safe to show on a terminal: every character Python does not call printable
+    (C0 and C1 controls, ESC, DEL, bidi overrides, zero-width and other format characters,
+    line separators, unusual spaces) is shown as its escape (``\\x1b``, ``\\u202e``), so a
+    failure message cannot drive the operator's terminal and invisible characters cannot make
+    two different asset names look alike. Every human output path goes through here;
+    ``--json`` does not (JSON escapes them itself)."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in value)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _one_line(text: str | None, limit: int = 60) -> str:
     if not text:
         return ""
@@ -243,7 +263,7 @@ def table(
     list to every part: columns are at least as wide as before and the list is widened in
     place; the parts after the first leave out the ``header``.
     """
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[printable(c) for c in headers]] + [[printable(c) for c in row] for row in rows]
     widths = widths if widths is not None else []
     widths[:] = [
         max([len(row[i]) for row in cells] + widths[i : i + 1]) for i in range(len(headers))
@@ -509,11 +529,11 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     ]
     width = max(len(k) for k, _ in fields) + 2
     for key, value in fields:
-        out.write(f"{key + ':':<{width}}{value}\n")
+        out.write(f"{key + ':':<{width}}{printable(value)}\n")
     if info.message:
         out.write("message:\n")
         for line in info.message.splitlines():
-            out.write(f"  {line}\n")
+            out.write(f"  {printable(line)}\n")
     else:
         out.write(f"{'message:':<{width}}-\n")
     return EXIT_OK
@@ -627,7 +647,7 @@ def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
         if bar is None:
             if total <= PROGRESS_MIN_BYTES or not sys.stderr.isatty():
                 return
-            bar = ProgressBar(args.name, sys.stderr)
+            bar = ProgressBar(printable(args.name), sys.stderr)
         bar(done, total)
 
     with _open(args) as chronicle:
@@ -636,7 +656,7 @@ def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    out.write(f"{Path(path).resolve()}\n")
+    out.write(f"{printable(Path(path).resolve())}\n")
     return EXIT_OK
 
 
@@ -661,7 +681,7 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
             ("refused", report.refused),
         ):
             for item in items:
-                out.write(f"  {word}: {item}\n")
+                out.write(f"  {word}: {printable(item)}\n")
     return EXIT_ERROR if report.waiting or report.refused else EXIT_OK
 
 
@@ -990,13 +1010,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         message = " ".join((str(exc) or type(exc).__name__).split("\n"))  # one line
-        print(f"chronicle: error: {message}", file=sys.stderr)
+        print(f"chronicle: error: {printable(message)}", file=sys.stderr)
         return _exit_code(exc)
     except Exception as exc:  # a bug: still one line unless -v
         if args.verbose:
             traceback.print_exc()
         print(
-            f"chronicle: error: unexpected {type(exc).__name__}: {exc} "
+            f"chronicle: error: unexpected {type(exc).__name__}: {printable(exc)} "
             "(run with -v for the traceback)",
             file=sys.stderr,
         )

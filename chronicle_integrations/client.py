@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -55,6 +56,7 @@ from ._uploads import (
     UploadTask,
     copy_stable,
     describe,
+    reap_orphans,
 )
 from .lifecycle import Action, RunState
 
@@ -297,19 +299,35 @@ class Chronicle:
         return self.transport.list_runs(experiment_id, wanted, limit=limit, cursor=cursor)
 
     def sync(self) -> SyncReport:
-        """Send what the spool holds for this target (uploads first, then transitions)."""
+        """Send what the spool holds for this target (uploads first, then transitions), and
+        remove the staged files of dead clients."""
+        self._reap_staging()
         return self.spool.sync(self.transport)
 
     # ------------------------------------------------------------------ uploads (internal)
-    def _stage(self, path: str | os.PathLike[str], name: str | None) -> Any:
+    def _reap_staging(self) -> None:
+        """Remove what clients killed mid-upload left in staging (never a spooled file)."""
+        try:
+            reap_orphans(self.home / "staging", keep=self.spool.data_paths())
+        except OSError as exc:
+            log.warning("could not clean %s: %s", self.home / "staging", exc)
+
+    def _stage(
+        self, path: str | os.PathLike[str], name: str | None, follow_symlinks: bool = True
+    ) -> Any:
         if self._stager is None:
+            self._reap_staging()  # a client's start: clean up after dead predecessors once
             self._stager = Stager(self.home / "staging")
-        return self._stager.stage(path, name)
+        return self._stager.stage(path, name, follow_symlinks)
 
     def _submit_upload(
-        self, run: Run, path: str | os.PathLike[str], name: str | None
+        self,
+        run: Run,
+        path: str | os.PathLike[str],
+        name: str | None,
+        follow_symlinks: bool = True,
     ) -> UploadHandle:
-        staged = self._stage(path, name)
+        staged = self._stage(path, name, follow_symlinks)
         base = name if name is not None else Path(path).name
         futures = []
         for item in staged:
@@ -375,6 +393,8 @@ class Chronicle:
             )
             self._spool_task(task, str(exc))
         else:
+            if self._stager is not None:
+                self._stager.keep(task.staged)  # outlives this process, unlike staging
             log.error(
                 "upload of %s as %r to run %s failed: %s; staged copy kept at %s",
                 task.staged.source,
@@ -536,26 +556,35 @@ class Run:
 
             raise NotFound(f"run {self.key} has no asset {name!r}", name=name)
         expected = known[name]
-        partial = target.with_name(target.name + ".part")
+        # A fresh name, created exclusively (mkstemp: O_EXCL, never follows a planted symbolic
+        # link) in the destination's directory, so the final os.replace is atomic.
+        # Visible (not a dot file), so a download killed midway leaves an obvious leftover.
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{target.name[:200]}.", suffix=".part", dir=target.parent
+        )
+        partial = Path(tmp)
         try:
-            with open(partial, "wb") as fh:
+            with os.fdopen(fd, "w+b") as fh:
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())  # what open() would have created
                 self._t.download_asset(
                     *self.key_tuple,
                     name,
                     fh,
                     progress=(lambda n: progress(n, expected.size)) if progress else None,
                 )
+                fh.flush()
+                fh.seek(0)
+                hasher = hashlib.sha256()
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    hasher.update(block)
+            if hasher.hexdigest() != expected.sha256:
+                raise UploadError(
+                    f"downloaded {name!r} does not match its SHA-256; removed", name=name
+                )
+            os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        hasher = hashlib.sha256()
-        with open(partial, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                hasher.update(block)
-        if hasher.hexdigest() != expected.sha256:
-            partial.unlink(missing_ok=True)
-            raise UploadError(f"downloaded {name!r} does not match its SHA-256; removed", name=name)
-        os.replace(partial, target)
         return target
 
     # ------------------------------------------------------------------ transitions
@@ -661,14 +690,23 @@ class Run:
         never changes the run's state (used by ``chronicle exec``)."""
         return self._t.record_event(*self.key_tuple, self.lease, kind, cause, detail)
 
-    def upload_asset(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle:
+    def upload_asset(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        follow_symlinks: bool = True,
+    ) -> UploadHandle:
         """Capture a file or directory now and upload it in the background.
 
         Returns at once with a future-like :class:`UploadHandle`. The content is the one at
         call time (hard-link staging, see ``_uploads``); a directory keeps its layout under
-        ``name`` (default: the path's base name).
+        ``name`` (default: the path's base name) and only its regular files are uploaded
+        (symbolic links, FIFOs, sockets and devices are skipped with a warning). A file path
+        must be a regular file, or a symbolic link to one unless ``follow_symlinks=False``
+        (for callers uploading what they found in a directory others write to).
         """
-        return self.chronicle._submit_upload(self, path, name)
+        return self.chronicle._submit_upload(self, path, name, follow_symlinks)
 
     def wait_uploads(self, timeout: float | None = None) -> bool:
         """Wait for this run's pending uploads; True when none is left."""
@@ -764,6 +802,16 @@ def format_exception(exc: BaseException, limit_bytes: int = 16 * 1024) -> str:
 
 def _request_id() -> str:
     return uuid.uuid4().hex
+
+
+def _umask() -> int:
+    """The process's umask. Python has no getter: read it from ``/proc`` (Linux), else by
+    setting and restoring it (a window of two syscalls)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as fh:
+        return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _new_future() -> concurrent.futures.Future[AssetInfo]:

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from chronicle_integrations._integration import (
     identity_from_env,
     jsonable,
 )
+from chronicle_integrations._uploads import NotRegularFile, file_kind, open_regular
 from chronicle_integrations.client import Chronicle, Run, format_exception
 from chronicle_integrations.lifecycle import RunState
 
@@ -309,13 +311,16 @@ def upload_directory(run: Run, directory: Path) -> int:
     sizes = {size for size, _ in known}
     queued = 0
     for path in sorted(directory.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
         try:
-            size = path.stat().st_size
-            if size in sizes and (size, _sha256(path)) in known:
+            st = path.lstat()  # never is_file(): it follows links; FIFOs would block open()
+            if stat.S_ISDIR(st.st_mode):
                 continue
-            run.upload_asset(path, path.relative_to(directory).as_posix())
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(f"it is a {file_kind(st.st_mode)}")
+            if st.st_size in sizes and (st.st_size, _sha256(path)) in known:
+                continue
+            name = path.relative_to(directory).as_posix()
+            run.upload_asset(path, name, follow_symlinks=False)
             queued += 1
         except (OSError, ChronicleError) as exc:
             log.warning("chronicle: not uploading %s: %s", path, exc)
@@ -324,7 +329,7 @@ def upload_directory(run: Run, directory: Path) -> int:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
