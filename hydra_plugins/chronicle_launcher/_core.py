@@ -559,11 +559,8 @@ def _executor_module(launcher: ChronicleLauncher) -> str:
 
 
 def _recorded_variations(client: Chronicle, experiment_id: str) -> list[_Variation]:
-    count = client.experiment(experiment_id).variations
     out = []
-    for number in range(count):
-        # (run 0 only names the variation: reading its config needs no run)
-        config = client.run(experiment_id, number, 0).get_variation_config()
+    for number, config in enumerate(client.variations(experiment_id)):
         overrides = config.get("overrides") if isinstance(config, dict) else None
         if isinstance(overrides, list):
             out.append(_Variation(number, [str(o) for o in overrides]))
