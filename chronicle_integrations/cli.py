@@ -529,14 +529,19 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _answer(args: argparse.Namespace, record: Callable[[], Any], line: str, out: TextIO) -> None:
+    """What a command made: with ``--json`` the JSON of ``record()`` (read only then), else
+    ``line`` (an id or number, for shell scripts)."""
+    if args.json:
+        _print_json(record(), out)
+    else:
+        out.write(f"{line}\n")
+
+
 def cmd_rerun(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as chronicle:
         run = chronicle.create_run(args.experiment, args.variation)
-        info = run.info() if args.json else None
-    if info is not None:
-        _print_json(_public(info), out)
-    else:
-        out.write(f"{run.key}\n")
+        _answer(args, lambda: _public(run.info()), run.key, out)
     return EXIT_OK
 
 
@@ -667,23 +672,15 @@ def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
         experiment_id = chronicle.create_experiment(
             args.name, args.variations or [], experiment_id=args.experiment_id
         )
-        info = chronicle.experiment(experiment_id) if args.json else None
-    if info is not None:
-        _print_json(_public(info), out)
-    else:
-        out.write(f"{experiment_id}\n")
+        _answer(args, lambda: _public(chronicle.experiment(experiment_id)), experiment_id, out)
     return EXIT_OK
 
 
 def cmd_add_variation(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as chronicle:
         number = chronicle.add_variation(args.experiment, args.config)
-    if args.json:
-        _print_json(
-            {"experiment_id": args.experiment, "variation": number, "config": args.config}, out
-        )
-    else:
-        out.write(f"{number}\n")
+    record = {"experiment_id": args.experiment, "variation": number, "config": args.config}
+    _answer(args, lambda: record, str(number), out)
     return EXIT_OK
 
 
@@ -739,10 +736,7 @@ def cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
                 timed_out = True
                 break
             time.sleep(args.interval if deadline is None else min(args.interval, deadline - now))
-    if args.json:
-        _print_json(_public(info), out)
-    else:
-        out.write(f"{info.key}: {info.state.value}\n")
+    _answer(args, lambda: _public(info), f"{info.key}: {info.state.value}", out)
     return wait_exit_code(info.state, args.state, timed_out)
 
 
