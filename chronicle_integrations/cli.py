@@ -5,6 +5,9 @@ Usage::
     chronicle [--url URL] [--api-key KEY] [--home DIR] [--timeout S] [-v] COMMAND ...
 
     chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets URL] ...
+    chronicle create NAME [--variation JSON]... [--variations-file F]   # prints its id
+    chronicle add-variation E JSON                # prints the new variation's number
+    chronicle variations E                        # every variation with its config
     chronicle experiments                         # every experiment
     chronicle runs [--experiment E] [--state S]   # runs, filtered [--limit N]
     chronicle runs --page [--cursor C] --json     # one page and its next_cursor
@@ -13,11 +16,15 @@ Usage::
     chronicle cancel E/V/R [--message M]          # fail(reason="abandoned")
     chronicle rerun E V                           # the next run of a variation
     chronicle assets E/V/R                        # its assets
-    chronicle download E/V/R NAME [DEST]          # one asset, SHA-256 verified
+    chronicle wait E/V/R [--timeout S] [--state S]   # until terminal (exit code: which)
+    chronicle download E/V/R NAME [DEST]          # an asset or a directory, SHA-256 verified
     chronicle sync                                # replay what the spool holds
 
 Every listing and ``show`` take ``--json`` (the models' ``to_dict()``, lists as JSON arrays;
-the lease token is never printed) for agents; people get aligned tables.
+the lease token is never printed) for agents; people get aligned tables. With ``--json``, an
+error is one JSON object on stderr, ``{"error": {"code": ..., "message": ...}}`` (the API's
+stable code, see :data:`ERROR_CODES` for the others), with the same exit code. A JSON argument
+(a variation config) may be given as ``@FILE`` (``@-``: stdin).
 
 The client is chosen like :class:`~chronicle_integrations.Chronicle` chooses it: ``--url`` /
 ``$CHRONICLE_URL`` selects a server, otherwise the embedded store in ``--home`` /
@@ -35,13 +42,19 @@ Exit codes:
     4  invalid transition or lease conflict (e.g. cancelling a run that already succeeded)
     5  unauthorized (missing or wrong API key)
 
+``chronicle wait`` has its own exit codes (:data:`WAIT_CODES_HELP`): 0 when the run reached
+the awaited state (default ``succeeded``), 10-12 for ``failed_crash`` / ``failed_abandoned`` /
+``failed_lost``, 13 when it succeeded but another state was awaited, 14 on timeout.
+
 Errors print one line, ``chronicle: error: <message>``, on stderr; ``-v`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import itertools
 import json
 import logging
@@ -56,13 +69,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._errors import (
+    APIError,
     ChronicleError,
     ConfigurationError,
     InvalidRequest,
     InvalidTransition,
     LeaseConflict,
     NotFound,
+    TransportError,
     Unauthorized,
+    UploadError,
 )
 from ._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from .lifecycle import RunState
@@ -78,6 +94,39 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_UNAUTHORIZED = 5
+
+#: ``chronicle wait``: the run ended in a state other than the awaited one.
+EXIT_FAILED_CRASH = 10
+EXIT_FAILED_ABANDONED = 11
+EXIT_FAILED_LOST = 12
+EXIT_ENDED_OTHERWISE = 13
+EXIT_WAIT_TIMEOUT = 14
+
+WAIT_EXIT_CODES = {
+    RunState.FAILED_CRASH: EXIT_FAILED_CRASH,
+    RunState.FAILED_ABANDONED: EXIT_FAILED_ABANDONED,
+    RunState.FAILED_LOST: EXIT_FAILED_LOST,
+    RunState.SUCCEEDED: EXIT_ENDED_OTHERWISE,
+}
+
+WAIT_CODES_HELP = """\
+wait exit codes:
+  0   the run is in the awaited state (default: succeeded)
+  10  it ended failed_crash
+  11  it ended failed_abandoned (cancelled)
+  12  it ended failed_lost
+  13  it succeeded, but --state awaited another state
+  14  timeout: --timeout S passed first (the run goes on)
+  1-5 as for every command (e.g. 3: no such run)
+"""
+
+#: ``--json`` error codes of errors that are not the API's (those carry their own ``code``).
+ERROR_CODES: dict[type[BaseException], str] = {
+    ConfigurationError: "configuration_error",
+    TransportError: "unreachable",
+    UploadError: "upload_failed",
+    OSError: "os_error",
+}
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -323,12 +372,16 @@ class ProgressBar:
 
 
 # ---------------------------------------------------------------------- the client
-def _open(args: argparse.Namespace) -> Chronicle:
-    """The :class:`Chronicle` the global options select."""
+def _open(args: argparse.Namespace, create: bool = False) -> Chronicle:
+    """The :class:`Chronicle` the global options select (``create``: a missing embedded
+    store is made, for ``chronicle create``)."""
     from .client import Chronicle
 
     if not args.url:
         home = Path(args.home or "chronicle").resolve()
+        if create and not home.exists():
+            home.mkdir(parents=True)
+            log.warning("created a new embedded Chronicle store in %s", home)
         if not home.is_dir():
             raise ConfigurationError(
                 f"no Chronicle store at {home}: pass --home DIR or set CHRONICLE_HOME "
@@ -503,9 +556,9 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as chronicle:
         run = chronicle.run(*args.run)
         info = run.info()
-        config = None if args.json else run.get_variation_config()
+        config = run.get_variation_config()
     if args.json:
-        _print_json(_public(info), out)
+        _print_json({**_public(info), "config": config}, out)
         return EXIT_OK
     now = time.time()
     state = info.state.value + (" (terminal)" if info.state.is_terminal else "")
@@ -604,14 +657,19 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _answer(args: argparse.Namespace, record: Callable[[], Any], line: str, out: TextIO) -> None:
+    """What a command made: with ``--json`` the JSON of ``record()`` (read only then), else
+    ``line`` (an id or number, for shell scripts)."""
+    if args.json:
+        _print_json(record(), out)
+    else:
+        out.write(f"{line}\n")
+
+
 def cmd_rerun(args: argparse.Namespace, out: TextIO) -> int:
     with _open(args) as chronicle:
         run = chronicle.create_run(args.experiment, args.variation)
-        info = run.info() if args.json else None
-    if info is not None:
-        _print_json(_public(info), out)
-    else:
-        out.write(f"{run.key}\n")
+        _answer(args, lambda: _public(run.info()), run.key, out)
     return EXIT_OK
 
 
@@ -637,6 +695,7 @@ def cmd_assets(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
+    """One asset, or every asset under ``NAME/`` (a directory) when NAME is not an asset."""
     dest = Path(args.dest)
     if args.dest.endswith(("/", os.sep)) and not dest.exists():
         dest.mkdir(parents=True)
@@ -651,13 +710,162 @@ def cmd_download(args: argparse.Namespace, out: TextIO) -> int:
         bar(done, total)
 
     with _open(args) as chronicle:
+        run = chronicle.run(*args.run)
+        assets = {a.name: a for a in run.assets()}
         try:
-            path = chronicle.run(*args.run).download_asset(args.name, dest, progress=progress)
+            if args.name in assets:
+                written = {args.name: run.download_asset(args.name, dest, progress=progress)}
+            else:
+                written = run.download_directory(args.name, dest, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
-    out.write(f"{printable(Path(path).resolve())}\n")
+    _print_written(written, assets, args.json, out)
     return EXIT_OK
+
+
+def _print_written(
+    written: dict[str, Path], assets: dict[str, Any], as_json: bool, out: TextIO
+) -> None:
+    """What a download wrote: one path a line, or (``--json``) ``[{"name", "path", "size",
+    "sha256"}, ...]`` (the SHA-256 each file was verified against)."""
+    files = [
+        {
+            "name": name,
+            "path": str(Path(path).resolve()),
+            "size": assets[name].size,
+            "sha256": assets[name].sha256,
+        }
+        for name, path in written.items()
+    ]
+    if as_json:
+        _print_json(files, out)
+    else:
+        out.write("".join(f"{printable(f['path'])}\n" for f in files))
+
+
+def _json_config(text: str) -> Any:
+    """A JSON argument, or ``@FILE`` (``@-``: stdin) holding it (argparse ``type=``)."""
+    source = "argument"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON in {source}: {exc}") from None
+
+
+def _config_arg(text: str) -> dict[str, Any]:
+    """A variation config: a JSON object (``_json_config``)."""
+    value = _json_config(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"a variation config must be a JSON object, got {type(value).__name__}"
+        )
+    return value
+
+
+def _configs_file(text: str) -> list[dict[str, Any]]:
+    """A file (``-``: stdin) holding a JSON array of variation configs."""
+    value = _json_config("@" + text)
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise argparse.ArgumentTypeError(
+            f"{text} must hold a JSON array of objects (one config per variation)"
+        )
+    return value
+
+
+class _ExtendInOrder(argparse.Action):
+    """``--variation`` and ``--variations-file`` fill one list in command-line order (the
+    order numbers the variations)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(values if isinstance(values, list) else [values])
+        setattr(namespace, self.dest, items)
+
+
+def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args, create=True) as chronicle:
+        experiment_id = chronicle.create_experiment(
+            args.name, args.variations or [], experiment_id=args.experiment_id
+        )
+        _answer(args, lambda: _public(chronicle.experiment(experiment_id)), experiment_id, out)
+    return EXIT_OK
+
+
+def cmd_add_variation(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        number = chronicle.add_variation(args.experiment, args.config)
+    record = {"experiment_id": args.experiment, "variation": number, "config": args.config}
+    _answer(args, lambda: record, str(number), out)
+    return EXIT_OK
+
+
+def cmd_variations(args: argparse.Namespace, out: TextIO) -> int:
+    with _open(args) as chronicle:
+        configs = chronicle.variations(args.experiment)
+    if args.json:
+        _print_json([{"variation": n, "config": c} for n, c in enumerate(configs)], out)
+    elif not configs:
+        print("no variations", file=sys.stderr)
+    else:
+        out.write(
+            table(
+                ["VARIATION", "CONFIG"],
+                [[n, json.dumps(c, sort_keys=True)] for n, c in enumerate(configs)],
+            )
+            + "\n"
+        )
+    return EXIT_OK
+
+
+def wait_exit_code(state: RunState, awaited: RunState | None, timed_out: bool) -> int:
+    """The exit code of ``chronicle wait`` (see :data:`WAIT_CODES_HELP`)."""
+    if state is (awaited or RunState.SUCCEEDED):
+        return EXIT_OK
+    if timed_out or not state.is_terminal:
+        return EXIT_WAIT_TIMEOUT
+    return WAIT_EXIT_CODES[state]
+
+
+def cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
+    """Poll the run until it is terminal or in ``--state``; state changes go to stderr."""
+    deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+    last: tuple[RunState, str] | None = None
+    timed_out = False
+    with _open(args) as chronicle:
+        run = chronicle.run(*args.run)
+        while True:
+            info = run.info()
+            shown = (info.state, _progress(info.progress))
+            if shown != last and not args.json:
+                detail = f" ({shown[1]})" if info.progress else ""
+                print(
+                    f"{format_time(time.time())}  {info.key}: {info.state.value}{detail}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            last = shown
+            if info.state is args.state or info.state.is_terminal:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out = True
+                break
+            time.sleep(args.interval if deadline is None else min(args.interval, deadline - now))
+    _answer(args, lambda: _public(info), f"{info.key}: {info.state.value}", out)
+    return wait_exit_code(info.state, args.state, timed_out)
 
 
 def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
@@ -730,9 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The client options are also accepted after the command (`chronicle runs --url U`), as
     # agents tend to write them; SUPPRESS keeps the values given before it otherwise.
-    client_options = argparse.ArgumentParser(add_help=False)
-    group = client_options.add_argument_group("client options (also accepted before COMMAND)")
-    for flags, kwargs in (
+    client_flags: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--url",), {"help": "server URL"}),
         (("--api-key",), {"help": "API key"}),
         (("--home",), {"help": "client home"}),
@@ -745,22 +951,33 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (("-v", "--verbose"), {"action": "count", "help": "more logging; tracebacks"}),
-    ):
-        group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+    ]
+
+    def client_options(without: str = "") -> argparse.ArgumentParser:
+        options = argparse.ArgumentParser(add_help=False)
+        group = options.add_argument_group("client options (also accepted before COMMAND)")
+        for flags, kwargs in client_flags:
+            if without not in flags:
+                group.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+        return options
 
     def add(
         name: str,
         func: Callable[[argparse.Namespace, TextIO], int],
         help: str,
         json_flag: bool = True,
+        epilog: str = "",
     ) -> argparse.ArgumentParser:
+        # `wait --timeout S` is how long to wait: there the retry budget goes before COMMAND.
         p = sub.add_parser(
             name,
             help=help,
             description=help,
-            epilog=EXIT_CODES_HELP,
+            epilog=epilog + EXIT_CODES_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            parents=[] if name == "server" else [client_options],
+            parents=[]
+            if name == "server"
+            else [client_options("--timeout" if name == "wait" else "")],
         )
         p.set_defaults(func=func)
         if json_flag:
@@ -883,6 +1100,42 @@ def build_parser() -> argparse.ArgumentParser:
         "always within a third of the store's heartbeat timeout)",
     )
 
+    p = add("create", cmd_create, "create an experiment with variations; prints its id")
+    p.add_argument("name", metavar="NAME", help="the experiment's name")
+    p.add_argument(
+        "--experiment-id",
+        type=experiment_arg,
+        metavar="E",
+        help="its id (default: derived from NAME with a random suffix); repeating the same "
+        "create with the same id is a no-op",
+    )
+    p.add_argument(
+        "--variation",
+        dest="variations",
+        action=_ExtendInOrder,
+        type=_config_arg,
+        metavar="JSON",
+        help="a variation's config, a JSON object or @FILE (repeatable; numbered 0, 1, ... in "
+        "command-line order)",
+    )
+    p.add_argument(
+        "--variations-file",
+        dest="variations",
+        action=_ExtendInOrder,
+        type=_configs_file,
+        metavar="FILE",
+        help="a JSON array of variation configs (- for stdin)",
+    )
+
+    p = add("add-variation", cmd_add_variation, "add a variation; prints its number")
+    p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
+    p.add_argument(
+        "config", type=_config_arg, metavar="JSON", help="its config: a JSON object or @FILE"
+    )
+
+    p = add("variations", cmd_variations, "list an experiment's variations with their configs")
+    p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
+
     add("experiments", cmd_experiments, "list experiments")
 
     p = add(
@@ -934,23 +1187,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
     p.add_argument("variation", type=variation_arg, metavar="V", help="variation number")
 
+    p = add(
+        "wait",
+        cmd_wait,
+        "wait until a run is terminal (or in --state S); the exit code says how it ended",
+        epilog=WAIT_CODES_HELP,
+    )
+    p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
+    p.add_argument(
+        "--timeout",
+        dest="wait_timeout",
+        type=_positive_float,
+        metavar="S",
+        help="give up after S seconds (exit 14; default: wait for ever); the client's retry "
+        "budget goes before the command: chronicle --timeout S wait ...",
+    )
+    p.add_argument(
+        "--state",
+        "-s",
+        type=state_arg,
+        metavar="S",
+        help="wait for this state instead (e.g. running); a terminal state ends the wait too",
+    )
+    p.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="seconds between polls (default 1)",
+    )
+
     p = add("assets", cmd_assets, "list a run's assets")
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
 
     p = add(
         "download",
         cmd_download,
-        "download an asset (SHA-256 verified); prints its path",
-        json_flag=False,
+        "download an asset, or a directory of assets (SHA-256 verified); prints the paths",
     )
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)
-    p.add_argument("name", metavar="NAME", help="the asset's name (see `chronicle assets`)")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="the asset's name (see `chronicle assets`), or a directory: every asset under "
+        "NAME/ (e.g. checkpoint-500), layout kept",
+    )
     p.add_argument(
         "dest",
         metavar="DEST",
         nargs="?",
         default=".",
-        help="a file path or an existing directory (default .)",
+        help="a file path (a directory's path) or an existing directory to put it in (default .)",
     )
 
     add("sync", cmd_sync, "send what the spool holds (exit 1 if anything is left)")
@@ -980,7 +1267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = argv.index("--", argv.index("exec"))
         argv, command = argv[:cut], argv[cut + 1 :]
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         args.exec_command = command
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -998,7 +1285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except KeyboardInterrupt:
-        print("chronicle: interrupted", file=sys.stderr)
+        _report(args, "interrupted", "interrupted")
         return 130
     except BrokenPipeError:
         # `chronicle runs | head`: the reader left; stop quietly (and let Python's final
@@ -1010,17 +1297,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         message = " ".join((str(exc) or type(exc).__name__).split("\n"))  # one line
-        print(f"chronicle: error: {printable(message)}", file=sys.stderr)
+        _report(args, message, _error_code(exc), exc)
         return _exit_code(exc)
     except Exception as exc:  # a bug: still one line unless -v
         if args.verbose:
             traceback.print_exc()
-        print(
-            f"chronicle: error: unexpected {type(exc).__name__}: {printable(exc)} "
-            "(run with -v for the traceback)",
-            file=sys.stderr,
+        _report(
+            args,
+            f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)",
+            "unexpected",
         )
         return EXIT_ERROR
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``; with ``--json`` among the arguments, a usage error is reported
+    as a JSON error (code ``usage``) instead of argparse's usage text."""
+    if "--json" not in argv:
+        return parser.parse_args(argv)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        text = captured.getvalue()
+        if exc.code in (0, None):
+            sys.stderr.write(text)
+        else:
+            last = text.strip().splitlines()[-1] if text.strip() else "invalid arguments"
+            message = last.split(": error: ", 1)[-1]
+            _print_json_error({"error": {"code": "usage", "message": message}})
+        raise
+
+
+def _error_code(exc: BaseException) -> str:
+    """The ``code`` of an error under ``--json``: the API's, else one of :data:`ERROR_CODES`."""
+    if isinstance(exc, APIError):
+        return exc.code
+    for cls, code in ERROR_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return "error"
+
+
+def _report(
+    args: argparse.Namespace, message: str, code: str, exc: BaseException | None = None
+) -> None:
+    """An error on stderr: ``chronicle: error: MESSAGE``, or with ``--json`` one JSON object
+    ``{"error": {"code", "message", ...details}}`` (the body the server sends)."""
+    if not getattr(args, "json", False):
+        print(f"chronicle: error: {printable(message)}", file=sys.stderr)
+        return
+    body = {"code": code, "message": message}
+    if isinstance(exc, APIError):
+        body.update(exc.details)
+    _print_json_error({"error": body})
+
+
+def _print_json_error(body: dict[str, Any]) -> None:
+    sys.stderr.write(json.dumps(body, default=str) + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

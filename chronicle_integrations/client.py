@@ -239,6 +239,12 @@ class Chronicle:
         """One experiment."""
         return self.transport.get_experiment(experiment_id)
 
+    def variations(self, experiment_id: str) -> list[dict[str, Any]]:
+        """The configs of an experiment's variations, in order: ``variations(e)[n]`` is the
+        config of variation ``n``."""
+        count = self.experiment(experiment_id).variations
+        return [self.transport.get_variation_config(experiment_id, n) for n in range(count)]
+
     # ------------------------------------------------------------------ runs
     def create_run(self, experiment_id: str, variation: int) -> Run:
         """Create the next run of a variation (``pending``); returns its handle."""
@@ -586,6 +592,45 @@ class Run:
             partial.unlink(missing_ok=True)
             raise
         return target
+
+    def download_directory(
+        self,
+        name: str,
+        dest: str | os.PathLike[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Path]:
+        """Download every asset under ``name/`` (a directory uploaded with ``upload_asset``,
+        e.g. an HF ``checkpoint-500``), keeping its layout, each file SHA-256 verified.
+
+        ``dest`` is the directory to fill, or an existing directory to create ``name``'s base
+        name in (like ``cp -r``). ``progress(done, total)`` counts bytes over all the files.
+        Returns ``{asset name: path}``; :class:`NotFound` when no asset is under ``name/``.
+        """
+        prefix = check.asset_name(name.rstrip("/")) + "/"
+        members = [a for a in self.assets() if a.name.startswith(prefix)]
+        if not members:
+            from ._errors import NotFound
+
+            raise NotFound(f"run {self.key} has no asset under {prefix!r}", name=name)
+        root = Path(dest)
+        if root.is_dir():
+            root = root / Path(prefix).name
+        total = sum(a.size for a in members)
+        done = 0
+        written: dict[str, Path] = {}
+
+        def member_progress(n: int, _size: int) -> None:
+            if progress is not None:
+                progress(done + n, total)
+
+        for asset in members:
+            target = root.joinpath(*asset.name[len(prefix) :].split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written[asset.name] = self.download_asset(
+                asset.name, target, progress=member_progress if progress else None
+            )
+            done += asset.size
+        return written
 
     # ------------------------------------------------------------------ transitions
     def start(self, resume: bool = False) -> Run:

@@ -253,7 +253,9 @@ def test_runs_filters(seed: Seed) -> None:
     )
     assert [(d["variation"], d["run"]) for d in data] == [(0, 1)]
     result = cli(seed.home, "runs", "--experiment", "other-exp", "--json")
-    assert result.returncode == 3 and "other-exp" in error_line(result)
+    error = json.loads(result.stderr)["error"]  # --json: the error is JSON too
+    assert result.returncode == 3 and error["code"] == "not_found"
+    assert "other-exp" in error["message"]
 
 
 def test_client_options_are_accepted_after_the_command(seed: Seed, tmp_path: Path) -> None:
@@ -284,7 +286,8 @@ def test_show(seed: Seed) -> None:
     assert "ago)" in out  # times carry their relative age
 
     data = json.loads(ok(cli(seed.home, "show", seed.running, "--json")))
-    assert set(data) == RUN_FIELDS
+    assert set(data) == RUN_FIELDS | {"config"}  # the RunInfo and its variation's config
+    assert data["config"] == {"lr": 0.01}
     assert data["state"] == "running" and data["lease_holder"]
     assert (data["experiment_id"], data["variation"], data["run"]) == (seed.exp, 1, 1)
 

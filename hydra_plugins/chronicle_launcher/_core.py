@@ -74,6 +74,7 @@ from chronicle_integrations._integration import (
     identity_from_env,
     jsonable,
 )
+from chronicle_integrations._models import RunInfo
 from chronicle_integrations._uploads import NotRegularFile, file_kind, open_regular
 from chronicle_integrations.client import Chronicle, Run, format_exception
 from chronicle_integrations.lifecycle import RunState
@@ -387,6 +388,9 @@ class SweepState:
     #: Variations recorded before this sweep started, which a job with the same overrides
     #: reuses (new run of the same variation).
     recorded: list[_Variation] = field(default_factory=list)
+    #: ``rerun_failed_of``: variation -> the pending run someone already requested for it
+    #: (``chronicle rerun E V``): the job executes that run instead of creating another.
+    requested: dict[int, int] = field(default_factory=dict)
 
 
 def launch(
@@ -414,7 +418,12 @@ def launch(
             break  # the store is unreachable: the batch runs untracked (logged)
         try:
             variation = _variation_for(launcher, state, overrides, num)
-            run = state.client.create_run(state.experiment_id, variation)
+            if variation in state.requested:
+                run = state.client.run(
+                    state.experiment_id, variation, state.requested.pop(variation)
+                )
+            else:
+                run = state.client.create_run(state.experiment_id, variation)
         except UNREACHABLE as exc:
             if launcher.strict:
                 raise
@@ -555,11 +564,8 @@ def _executor_module(launcher: ChronicleLauncher) -> str:
 
 
 def _recorded_variations(client: Chronicle, experiment_id: str) -> list[_Variation]:
-    count = client.experiment(experiment_id).variations
     out = []
-    for number in range(count):
-        # (run 0 only names the variation: reading its config needs no run)
-        config = client.run(experiment_id, number, 0).get_variation_config()
+    for number, config in enumerate(client.variations(experiment_id)):
         overrides = config.get("overrides") if isinstance(config, dict) else None
         if isinstance(overrides, list):
             out.append(_Variation(number, [str(o) for o in overrides]))
@@ -615,19 +621,31 @@ def _task_config(launcher: ChronicleLauncher, overrides: list[str], num: int) ->
 
 
 def _select_failed(state: SweepState, jobs: list[list[str]]) -> list[list[str]]:
-    """``rerun_failed_of``: the jobs whose variation's latest run failed.
+    """``rerun_failed_of``: the jobs whose variation failed and is not done since.
+
+    A variation qualifies when its latest started run failed and nothing succeeded or runs
+    after it: either that failed run is its latest run (the job gets a new run), or a rerun
+    was requested meanwhile (``chronicle rerun E V``: its latest run is ``pending``), which
+    is the run the job executes (recorded in ``state.requested``) instead of leaving it
+    pending forever next to a new one.
 
     Jobs of the sweep are matched to recorded variations by their overrides; a sweep of one
     job without overrides (``-m`` alone) means every failed variation, with its recorded
     overrides."""
     assert state.experiment_id is not None
-    latest: dict[int, tuple[int, RunState]] = {}
+    by_variation: dict[int, list[RunInfo]] = {}
     for info in state.client.runs(experiment_id=state.experiment_id):
-        if info.variation not in latest or info.run > latest[info.variation][0]:
-            latest[info.variation] = (info.run, info.state)
-    failed = [
-        v for v in state.recorded if v.number in latest and latest[v.number][1] in FAILED_STATES
-    ]
+        by_variation.setdefault(info.variation, []).append(info)
+    failed: list[_Variation] = []
+    for recorded in state.recorded:
+        runs = sorted(by_variation.get(recorded.number, []), key=lambda i: i.run)
+        requested = runs.pop() if runs and runs[-1].state is RunState.PENDING else None
+        ended = [i for i in runs if i.state is not RunState.PENDING]
+        if not ended or ended[-1].state not in FAILED_STATES:
+            continue
+        if requested is not None:
+            state.requested[recorded.number] = requested.run
+        failed.append(recorded)
     if jobs == [[]]:
         selected = [list(v.overrides) for v in failed]
     else:
@@ -642,7 +660,12 @@ def _select_failed(state: SweepState, jobs: list[list[str]]) -> list[list[str]]:
                 skipped,
             )
     log.info(
-        "chronicle: rerunning %d failed variation(s) of %s", len(selected), state.experiment_id
+        "chronicle: rerunning %d failed variation(s) of %s%s",
+        len(selected),
+        state.experiment_id,
+        f" ({len(state.requested)} as the pending run already requested)"
+        if state.requested
+        else "",
     )
     return selected
 
