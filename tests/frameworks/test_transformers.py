@@ -174,6 +174,46 @@ def test_normal_training_succeeds_with_every_checkpoint(
     assert "hf_SECRET" not in json.dumps(config)
 
 
+class NestedCheckpointTrainer(app.Trainer):  # type: ignore[misc]
+    """Writes sub-folders into each ``checkpoint-N`` (as FSDP's ``pytorch_model_fsdp_0/`` or
+    PEFT adapters do), with a file name repeated at several depths and different contents."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        for rel in ("part.bin", "shards/part.bin", "shards/deeper/part.bin"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(f"{rel} at {self.state.global_step}".encode())
+
+
+def test_checkpoint_sub_folders_keep_their_relative_paths(
+    embedded: Chronicle, tmp_path: Path
+) -> None:
+    """Every file under ``checkpoint-N`` keeps its path relative to it (nested folders too)
+    under the asset name ``checkpoint-N``: nothing merged, nothing flattened."""
+    callback = callback_for(embedded)
+    recorder = app.RecordSaves()
+    trainer = NestedCheckpointTrainer(
+        model=app.make_model(),
+        train_dataset=app.Tokens(),
+        args=app.make_args(tmp_path / "out", max_steps=4, save_total_limit=None),
+        callbacks=[callback, recorder],
+    )
+    trainer.train()
+    run = only_run(embedded)
+    assets = {a.name: a.sha256 for a in run.assets()}
+    assert assets == recorder.files
+    for step in (2, 4):
+        assert {
+            f"checkpoint-{step}/part.bin",
+            f"checkpoint-{step}/shards/part.bin",
+            f"checkpoint-{step}/shards/deeper/part.bin",
+        } <= set(assets)
+    for rel in ("part.bin", "shards/part.bin", "shards/deeper/part.bin"):
+        got = run.download_asset(f"checkpoint-4/{rel}", tmp_path / rel.replace("/", "_"))
+        assert got.read_bytes() == f"{rel} at 4".encode()
+
+
 def test_early_stopping_is_success(embedded: Chronicle, tmp_path: Path) -> None:
     callback = callback_for(embedded)
     trainer = app.make_trainer(tmp_path / "out", [callback, app.StopAt(3)], max_steps=20)
