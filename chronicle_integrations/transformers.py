@@ -90,8 +90,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "Hint: pip install 'chronicle-integrations[transformers]'"
     ) from exc
 
-from ._errors import NotFound
-from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env, jsonable
+from ._integration import (
+    DEFAULT_STALL_TIMEOUT,
+    UNKNOWN_RUN,
+    TrackedRun,
+    identity_from_env,
+    jsonable,
+)
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -517,35 +522,25 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                 tracker.variation = client.add_variation(self._auto_experiment, config)
         why_not = None
         if resume is not None and self.run_number is None:
-            why_not = self._not_resumable(tracker, resume)
+            why_not = tracker.not_resumable(resume)
             if why_not is not None:
-                # E.g. the run already ended (training continued after success), or the
-                # checkpoint came from another Chronicle: a new run of the same variation.
+                # The run already ended (training continued after success): a new run of
+                # its variation. A checkpoint from another Chronicle: a new experiment.
                 stale, resume = resume, None
-                tracker.experiment_id, tracker.variation = stale[0], stale[1]
+                if why_not != UNKNOWN_RUN:
+                    tracker.experiment_id, tracker.variation = stale[0], stale[1]
         run = tracker.begin(config, resume_identity=resume)
         if why_not is not None:
             log.warning(
                 "chronicle: the checkpoint's run %s/%s/%s %s, so it cannot be resumed; "
-                "this training is tracked as new run %s of the same variation",
+                "this training is tracked as new run %s%s",
                 *stale,
                 why_not,
                 run.key if run is not None else "(none: starting it failed too)",
+                "" if why_not == UNKNOWN_RUN else " of the same variation",
             )
         if run is not None and not explicit and env is None and self._auto_experiment is None:
             self._auto_experiment = run.experiment_id
-
-    @staticmethod
-    def _not_resumable(tracker: TrackedRun, key: tuple[str, int, int]) -> str | None:
-        """Why the run ``key`` cannot be resumed (it ended, or this Chronicle does not know
-        it), or None when it can (or when asking failed: then resuming reports the error)."""
-        try:
-            state = tracker._client().run(*key).state
-        except NotFound:
-            return "is unknown to this Chronicle"
-        except Exception:
-            return None
-        return f"already {state}" if state.is_terminal else None
 
     def _saved_identity(self, state: TrainerState) -> tuple[str, int, int] | None:
         """The run identity stored in the checkpoint's ``trainer_state.json``, if any."""

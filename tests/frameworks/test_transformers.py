@@ -491,29 +491,39 @@ def test_continuing_a_succeeded_run_makes_a_new_run_of_its_variation(
     assert first.run.state is RunState.SUCCEEDED  # terminal states never change
 
 
-def test_resuming_an_ended_run_logs_one_clear_warning(
-    embedded: Chronicle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("origin", ["ended", "another_chronicle"])
+def test_resuming_an_unresumable_run_logs_one_clear_warning(
+    embedded: Chronicle, tmp_path: Path, caplog: pytest.LogCaptureFixture, origin: str
 ) -> None:
-    """Was: "starting the run failed ...; training continues without it" followed by
-    "tracking a new run instead" - two lines contradicting each other."""
+    """The checkpoint's run already ended, or this store never had it. Was: "starting the
+    run failed ...; training continues without it" then "tracking a new run instead" (two
+    lines contradicting each other; for another Chronicle's run, no tracking at all)."""
     out = tmp_path / "out"
-    first = callback_for(embedded)
+    writer = embedded if origin == "ended" else Chronicle(home=tmp_path / "elsewhere")
+    first = callback_for(writer)
     app.make_trainer(out, [first], max_steps=2).train()
     assert first.run is not None
+    old_key = first.run.key
+    if writer is not embedded:
+        writer.close()
     caplog.clear()
     second = callback_for(embedded)
     app.make_trainer(out, [second], max_steps=4).train(
         resume_from_checkpoint=str(out / "checkpoint-2")
     )
     assert second.run is not None and second.run.state is RunState.SUCCEEDED
-    warnings = [
+    why, where = (
+        ("already succeeded", " of the same variation")
+        if origin == "ended"
+        else ("is unknown to this Chronicle", "")
+    )
+    assert [
         r.getMessage()
         for r in caplog.records
         if r.name.startswith("chronicle_integrations") and r.levelno >= logging.WARNING
-    ]
-    assert warnings == [
-        f"chronicle: the checkpoint's run {first.run.key} already succeeded, so it cannot be "
-        f"resumed; this training is tracked as new run {second.run.key} of the same variation"
+    ] == [
+        f"chronicle: the checkpoint's run {old_key} {why}, so it cannot be resumed; this "
+        f"training is tracked as new run {second.run.key}{where}"
     ]
 
 
