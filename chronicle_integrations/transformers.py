@@ -54,10 +54,24 @@ Event mapping (SPEC section 7):
     as pre-emption (schedulers requeue that way), never as a crash. ``handle_sigterm=False``
     leaves SIGTERM alone.
 
-  For unusual setups (a callback added after construction, a Trainer built in a way the frame
-  walk cannot see) attach explicitly: ``callback.attach(trainer)``, or ``with
-  track(trainer): trainer.train()``. Without either, ``on_train_end`` records success and
-  crashes are only caught by the server's heartbeat timeout (a WARNING says so).
+  - ``optuna.TrialPruned`` (``hyperparameter_search`` pruning the trial, raised after
+    ``on_train_end``) -> ``fail("abandoned", "pruned by optuna at step N")``: the search
+    cancelled the trial, it did not crash. Recognised by class name and module, optuna is
+    never imported. (Ray Tune stops a trial by stopping its actor: no exception to see.)
+
+  **A callback added after construction** (``trainer.add_callback(callback)``, as HF's docs
+  show) cannot wrap the ``train()`` call already running when ``on_train_begin`` sees it.
+  Then ``on_train_begin`` finds the Trainer by the same frame walk and wraps ``train`` for
+  the *next* calls, chains a SIGTERM handler, and arms a process-wide net: chained
+  ``sys.excepthook`` / ``threading.excepthook`` record an uncaught exception exactly like the
+  wrapper (type, message, traceback), and an ``atexit`` handler records a run still active
+  at exit. An exception the program catches is not seen: that run is recorded
+  ``failed_crash`` ("trainer.train() did not finish ...") when the next ``train()`` starts or
+  at exit, whichever comes first (in a notebook: the next ``train()``; until then heartbeats
+  go on, and the stall timeout eventually lets the watchdog see the run ``lost``). Normal
+  ends go through ``on_train_end`` (success; optuna's pruning is told apart there by its
+  caller). ``callback.attach(trainer)`` or ``with track(trainer): trainer.train()`` before
+  the first ``train()`` avoids the gap.
 * The server cancelling the run (``chronicle cancel``, another client's
   ``fail("abandoned")``) sets ``control.should_training_stop`` at the next step end. With
   several processes rank zero's flag is all-reduced at logging / saving / evaluation steps
