@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._errors import NotFound
 from .client import Chronicle, Run, format_exception
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ ENV_LEASE = "CHRONICLE_LEASE"
 #: a single step, validation or save longer than this is rare; pass a larger value if yours
 #: are, or None to disable.
 DEFAULT_STALL_TIMEOUT = 1800.0
+
+#: ``TrackedRun.not_resumable``'s answer for a run the store does not have.
+UNKNOWN_RUN = "is unknown to this Chronicle"
 
 #: How long a pre-empted job flushes uploads before the rest is spooled for `chronicle sync`.
 PREEMPT_FLUSH_SECONDS = 20.0
@@ -198,6 +202,19 @@ class TrackedRun:
                 self.chronicle = Chronicle()
             self._own_client = True
         return self.chronicle
+
+    def not_resumable(self, key: tuple[str, int, int]) -> str | None:
+        """Why the run ``key`` (e.g. named by a checkpoint) cannot be resumed: ``"already
+        <state>"`` when it ended, ``"is unknown to this Chronicle"`` when the store does not
+        have it (a checkpoint from another Chronicle). None when it can be, or when asking
+        failed (then resuming it reports the error)."""
+        try:
+            state = self._client().run(*key).state
+        except NotFound:
+            return UNKNOWN_RUN
+        except Exception:
+            return None
+        return f"already {state}" if state.is_terminal else None
 
     # -- lifecycle -----------------------------------------------------------------------
     def begin(

@@ -54,10 +54,24 @@ Event mapping (SPEC section 7):
     as pre-emption (schedulers requeue that way), never as a crash. ``handle_sigterm=False``
     leaves SIGTERM alone.
 
-  For unusual setups (a callback added after construction, a Trainer built in a way the frame
-  walk cannot see) attach explicitly: ``callback.attach(trainer)``, or ``with
-  track(trainer): trainer.train()``. Without either, ``on_train_end`` records success and
-  crashes are only caught by the server's heartbeat timeout (a WARNING says so).
+  - ``optuna.TrialPruned`` (``hyperparameter_search`` pruning the trial, raised after
+    ``on_train_end``) -> ``fail("abandoned", "pruned by optuna at step N")``: the search
+    cancelled the trial, it did not crash. Recognised by class name and module, optuna is
+    never imported. (Ray Tune stops a trial by stopping its actor: no exception to see.)
+
+  **A callback added after construction** (``trainer.add_callback(callback)``, as HF's docs
+  show) cannot wrap the ``train()`` call already running when ``on_train_begin`` sees it.
+  Then ``on_train_begin`` finds the Trainer by the same frame walk and wraps ``train`` for
+  the *next* calls, chains a SIGTERM handler, and arms a process-wide net: chained
+  ``sys.excepthook`` / ``threading.excepthook`` record an uncaught exception exactly like the
+  wrapper (type, message, traceback), and an ``atexit`` handler records a run still active
+  at exit. An exception the program catches is not seen: that run is recorded
+  ``failed_crash`` ("trainer.train() did not finish ...") when the next ``train()`` starts or
+  at exit, whichever comes first (in a notebook: the next ``train()``; until then heartbeats
+  go on, and the stall timeout eventually lets the watchdog see the run ``lost``). Normal
+  ends go through ``on_train_end`` (success; optuna's pruning is told apart there by its
+  caller). ``callback.attach(trainer)`` or ``with track(trainer): trainer.train()`` before
+  the first ``train()`` avoids the gap.
 * The server cancelling the run (``chronicle cancel``, another client's
   ``fail("abandoned")``) sets ``control.should_training_stop`` at the next step end. With
   several processes rank zero's flag is all-reduced at logging / saving / evaluation steps
@@ -67,6 +81,7 @@ Event mapping (SPEC section 7):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -89,7 +104,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "Hint: pip install 'chronicle-integrations[transformers]'"
     ) from exc
 
-from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env, jsonable
+from ._integration import (
+    DEFAULT_STALL_TIMEOUT,
+    UNKNOWN_RUN,
+    TrackedRun,
+    identity_from_env,
+    jsonable,
+)
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -193,11 +214,13 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self._train_started = 0.0
         self._stop_logged = False
         self._warned_unwrapped = False
+        self._restore_sigterm: Callable[[], None] = _noop  # for an unwrapped train() call
 
     # ------------------------------------------------------------------ pickling / export
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_trainer_ref"] = None
+        state["_restore_sigterm"] = _noop
         return state
 
     def state(self) -> dict[str, Any]:
@@ -241,13 +264,15 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         trainer.train = train  # type: ignore[method-assign]
         return trainer
 
-    def _find_trainer(self) -> Trainer | None:
-        """The Trainer whose ``__init__`` is calling ``on_init_end`` on us."""
+    def _find_trainer(self, in_function: str | None = "__init__") -> Trainer | None:
+        """The Trainer calling us: the ``self`` of the nearest ``in_function`` frame (any
+        frame when None) that is a Trainer holding this callback. ``on_init_end`` looks for
+        ``Trainer.__init__``; ``on_train_begin`` for the ``train()`` loop calling it."""
         frame = sys._getframe(1)
         for _ in range(64):
             if frame is None:
                 return None
-            if frame.f_code.co_name == "__init__":
+            if in_function is None or frame.f_code.co_name == in_function:
                 candidate = frame.f_locals.get("self")
                 handler = getattr(candidate, "callback_handler", None)
                 if isinstance(candidate, Trainer) and self in getattr(handler, "callbacks", ()):
@@ -267,24 +292,15 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self._depth += 1
         restore: Callable[[], None] = _noop
         if outermost:
+            self._end_left_over()
             _TRAINING.append(self)
             self._sigterm = False
             self._train_started = time.time()
             restore = self._install_sigterm_handler()
         try:
             yield
-        except KeyboardInterrupt:
-            self._end("abandon", failing=True)
-            raise
         except BaseException as exc:
-            if self._sigterm or isinstance(exc, SystemExit):
-                log.warning(
-                    "chronicle: training stopped by %s",
-                    "SIGTERM" if self._sigterm else f"SystemExit({getattr(exc, 'code', None)!r})",
-                )
-                self._end("preempted", failing=True)
-            else:
-                self._end("crash", exc, failing=True)
+            self._end_by(exc)
             raise
         else:
             self._end("preempted" if self._sigterm else "succeed")
@@ -328,6 +344,24 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
 
         return restore
 
+    def _end_by(self, exc: BaseException) -> None:
+        """Record the outcome of an exception that leaves ``train()``: Ctrl+C -> abandoned;
+        a hyperparameter search pruning the trial -> abandoned ("pruned by optuna at step
+        N"); SIGTERM or ``SystemExit`` -> pre-empted (left resumable); anything else ->
+        crash. Never raises (the exception is on its way out)."""
+        if isinstance(exc, KeyboardInterrupt):
+            self._end("abandon", failing=True)
+        elif _pruned_by(exc) is not None:
+            self._end("pruned", exc, failing=True)
+        elif self._sigterm or isinstance(exc, SystemExit):
+            log.warning(
+                "chronicle: training stopped by %s",
+                "SIGTERM" if self._sigterm else f"SystemExit({getattr(exc, 'code', None)!r})",
+            )
+            self._end("preempted", failing=True)
+        else:
+            self._end("crash", exc, failing=True)
+
     def _end(self, how: str, exc: BaseException | None = None, failing: bool = False) -> None:
         """Record the outcome. While an exception propagates (``failing``) nothing raised
         here may replace it, not even with ``strict=True``."""
@@ -337,6 +371,46 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             if self.strict and not failing:
                 raise
             log.exception("chronicle: recording the outcome (%s) failed", how)
+        finally:
+            self._disarm()
+
+    # ------------------------------------------------------------------ unwrapped train()
+    def _watch_unwrapped(self) -> None:
+        """``on_train_begin`` of a ``train()`` call that is not wrapped (the callback was
+        added with ``trainer.add_callback`` after the Trainer was built, as HF's docs do).
+        This call cannot be wrapped any more (it is running), so: wrap the Trainer's
+        ``train`` for the next calls, chain a SIGTERM handler, and arm the process-wide net
+        (:class:`_UnwrappedNet`) that records how this call ends when no hook sees it."""
+        trainer = self._find_trainer(None)
+        if trainer is not None:
+            self.attach(trainer)  # the next train() calls are wrapped
+        if self.tracker is not None and self.tracker.active:
+            self._restore_sigterm = self._install_sigterm_handler()
+            _NET.arm(self)
+
+    def _disarm(self) -> None:
+        _NET.disarm(self)
+        restore, self._restore_sigterm = self._restore_sigterm, _noop
+        restore()
+
+    def _end_left_over(self, when: str = "before this train() call started") -> None:
+        """A run of an unwrapped ``train()`` call still active although that call is over:
+        an exception left it and the program caught it (the exception itself was never
+        seen). Record a crash saying so instead of leaving the run ``running``."""
+        if not _NET.armed(self) or self.tracker is None or not self.tracker.active:
+            return
+        self._end(
+            "preempted" if self._sigterm else "crash",
+            RuntimeError(
+                f"trainer.train() did not finish: it ended without on_train_end {when} "
+                "(an exception left it and the program caught it, or the process exited "
+                "inside it). The exception was not seen: the callback was added with "
+                "trainer.add_callback() after the Trainer was built, so that first train() "
+                "call was not wrapped (later calls are). Hint: pass the callback in "
+                "Trainer(callbacks=[...]) or call callback.attach(trainer) before train()"
+            ),
+            failing=True,
+        )
 
     def _record(self, how: str, exc: BaseException | None) -> None:
         tracker = self.tracker
@@ -351,6 +425,11 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         elif how == "crash":
             assert exc is not None
             tracker.crash(exc)
+        elif how == "pruned":
+            # exc is None when on_train_end saw optuna's pruning before TrialPruned is raised
+            trainer = self._trainer()
+            step = f" at step {trainer.state.global_step}" if trainer is not None else ""
+            tracker.abandon(f"pruned by {_pruned_by(exc) or 'optuna'}{step}")
         else:
             tracker.abandon()  # quick: Ctrl+C must not wait for uploads
             return
@@ -391,19 +470,29 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             saved.setdefault(type(self).__name__, self.state())
         if not state.is_world_process_zero:
             return
+        if (
+            self._depth == 0
+            and _NET.armed(self)
+            and self._find_trainer(None) is not self._trainer()
+        ):
+            self._end_left_over()  # an unwrapped train() of another Trainer, left earlier
         if self.tracker is not None and self.tracker.active:
             return  # auto_find_batch_size fires on_train_begin again
         if self._depth == 0 and not self._warned_unwrapped:
             self._warned_unwrapped = True
             log.warning(
-                "chronicle: trainer.train() is not wrapped, so a crash cannot be "
-                "recorded (only the server's heartbeat timeout will notice). Hint: "
-                "pass the callback in Trainer(callbacks=[...]) or call "
+                "chronicle: this trainer.train() call is not wrapped (the callback was "
+                "added after the Trainer was built): a crash is recorded when its "
+                "exception reaches the top level; one the program catches is recorded at "
+                "the next train() or at exit, without its message. Later train() calls are "
+                "wrapped. Hint: pass the callback in Trainer(callbacks=[...]) or call "
                 "callback.attach(trainer) before train()"
             )
         self._uploaded = {}
         self._stop_logged = False
         self._begin(args, state, kwargs.get("model"))
+        if self._depth == 0:
+            self._watch_unwrapped()
 
     def _begin(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
         env = identity_from_env()
@@ -445,17 +534,25 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                 client = tracker._client()
                 tracker.experiment_id = self._auto_experiment
                 tracker.variation = client.add_variation(self._auto_experiment, config)
+        why_not = None
+        if resume is not None and self.run_number is None:
+            why_not = tracker.not_resumable(resume)
+            if why_not is not None:
+                # The run already ended (training continued after success): a new run of
+                # its variation. A checkpoint from another Chronicle: a new experiment.
+                stale, resume = resume, None
+                if why_not != UNKNOWN_RUN:
+                    tracker.experiment_id, tracker.variation = stale[0], stale[1]
         run = tracker.begin(config, resume_identity=resume)
-        if run is None and resume is not None and self.run_number is None:
-            # E.g. the run already ended (training continued after success), or the
-            # checkpoint came from another Chronicle: a new run of the same variation.
+        if why_not is not None:
             log.warning(
-                "chronicle: could not resume run %s/%s/%s; tracking a new run of its "
-                "variation instead",
-                *resume,
+                "chronicle: the checkpoint's run %s/%s/%s %s, so it cannot be resumed; "
+                "this training is tracked as new run %s%s",
+                *stale,
+                why_not,
+                run.key if run is not None else "(none: starting it failed too)",
+                "" if why_not == UNKNOWN_RUN else " of the same variation",
             )
-            tracker.experiment_id, tracker.variation = resume[0], resume[1]
-            run = tracker.begin(config)
         if run is not None and not explicit and env is None and self._auto_experiment is None:
             self._auto_experiment = run.experiment_id
 
@@ -569,7 +666,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self._depth == 0:  # not wrapped: the best we can do
-            self._end("succeed")
+            # optuna's pruning calls on_train_end, then raises TrialPruned
+            self._end("pruned" if _in_frame("_report_to_hp_search") else "succeed")
 
 
 @contextlib.contextmanager
@@ -602,6 +700,85 @@ def track(
 
 def _noop() -> None:
     return None
+
+
+def _pruned_by(exc: BaseException | None) -> str | None:
+    """``"optuna"`` when ``exc`` is optuna's ``TrialPruned`` (the search cancelling the
+    trial: not a crash), else None. Recognised by class name and module, without importing
+    optuna. (Ray Tune stops a trial by stopping its actor: no exception reaches train().)"""
+    for cls in type(exc).__mro__ if exc is not None else ():
+        if cls.__name__ == "TrialPruned" and cls.__module__.split(".")[0] == "optuna":
+            return "optuna"
+    return None
+
+
+def _in_frame(function: str) -> bool:
+    """True when a function named ``function`` is calling us (a few frames up)."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+class _UnwrappedNet:
+    """How an unwrapped ``train()`` call ended, when no Trainer event says it (there is no
+    exception event): chained ``sys.excepthook`` and ``threading.excepthook`` record an
+    uncaught exception (its type, message and traceback, like the wrapper), and an
+    ``atexit`` handler records a run still active at exit (an exception the program caught;
+    a caught one is also recorded by the next ``train()`` call). Installed once, on first
+    use; the previous hooks are always called after ours. One per process: ``_NET``."""
+
+    def __init__(self) -> None:
+        self._armed: dict[ChronicleTrainerCallback, int] = {}  # -> ident of training thread
+        self._lock = threading.Lock()
+        self._installed = False
+        self._sys_hook: Callable[..., Any] = sys.excepthook
+        self._thread_hook: Callable[..., Any] = threading.excepthook
+
+    def arm(self, callback: ChronicleTrainerCallback) -> None:
+        with self._lock:
+            self._armed[callback] = threading.get_ident()
+            if not self._installed:
+                self._installed = True
+                self._sys_hook, sys.excepthook = sys.excepthook, self._excepthook
+                self._thread_hook, threading.excepthook = threading.excepthook, self._thread
+                atexit.register(self._at_exit)  # after client.py's: runs before it closes
+
+    def disarm(self, callback: ChronicleTrainerCallback) -> None:
+        with self._lock:
+            self._armed.pop(callback, None)
+
+    def armed(self, callback: ChronicleTrainerCallback) -> bool:
+        return callback in self._armed
+
+    def _uncaught(self, exc: BaseException | None, thread: int | None) -> None:
+        with contextlib.suppress(Exception):
+            with self._lock:
+                hit = [cb for cb, ident in self._armed.items() if ident == thread]
+            for callback in hit:
+                if exc is not None:
+                    callback._end_by(exc)
+
+    def _excepthook(self, *args: Any) -> None:
+        self._uncaught(args[1] if len(args) > 1 else None, threading.get_ident())
+        self._sys_hook(*args)
+
+    def _thread(self, args: Any) -> None:
+        self._uncaught(args.exc_value, getattr(args.thread, "ident", None))
+        self._thread_hook(args)
+
+    def _at_exit(self) -> None:
+        with self._lock:
+            left = list(self._armed)
+        for callback in left:
+            callback._end_left_over(when="before the process exited")
+
+
+_NET = _UnwrappedNet()
 
 
 def _newest_mtime_ns(folder: Path) -> int:

@@ -184,6 +184,10 @@ def migrate(conn: sa.Connection) -> int:
     The caller holds the database's write lock (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL
     advisory lock), so concurrent openers serialise here and only one migrates.
     """
+    # A fresh (empty) database is created, not upgraded: that is routine for every new home
+    # or Hydra job, so it is logged at DEBUG; upgrading an existing store is news (INFO).
+    fresh = not sa.inspect(conn).has_table(runs.name)
+    level = logging.DEBUG if fresh else logging.INFO
     schema_version.create(conn, checkfirst=True)
     current = conn.execute(sa.select(schema_version.c.version)).scalar()
     if current is None:
@@ -195,7 +199,7 @@ def migrate(conn: sa.Connection) -> int:
             f"understands ({SCHEMA_VERSION}); upgrade chronicle-integrations"
         )
     for version in range(current, SCHEMA_VERSION):
-        log.info("migrating the chronicle schema to version %d", version + 1)
+        log.log(level, "migrating the chronicle schema to version %d", version + 1)
         MIGRATIONS[version](conn)
     if current != SCHEMA_VERSION:
         conn.execute(schema_version.update().values(version=SCHEMA_VERSION))

@@ -6,6 +6,7 @@ process of its own (Ctrl+C, SIGTERM, torchrun)::
     python _hf_app.py wait OUT_DIR [--jit]   # writes OUT_DIR/ready at step 3, then waits
     python _hf_app.py ddp OUT_DIR [--cancel] # under torchrun: a short DDP run (gloo, CPU)
     python _hf_app.py train OUT_DIR STEPS [--resume]
+    python _hf_app.py added OUT_DIR crash|thread|catch NAME  # trainer.add_callback(...)
 
 Identity and store come from the environment (``$CHRONICLE_EXPERIMENT`` ...,
 ``$CHRONICLE_HOME`` or ``$CHRONICLE_URL``), like a Chronicle-managed worker.
@@ -283,7 +284,37 @@ def main(argv: list[str]) -> int:
         trainer.train(resume_from_checkpoint="--resume" in argv or None)
         _write_result(out, callback, trainer, "returned")
         return 0
+    if mode == "added":
+        return added(out, argv[2], argv[3])
     raise SystemExit(f"unknown mode {mode!r}")
+
+
+def added(out: Path, how: str, name: str) -> int:
+    """The callback added the way HF's docs show, ``trainer.add_callback(...)`` after the
+    Trainer was built; the dataset raises at step 3. ``how``: ``crash`` (uncaught, main
+    thread), ``thread`` (uncaught in a worker thread), ``catch`` (the program catches the
+    exception and goes on to exit normally)."""
+    import threading
+
+    from chronicle_integrations.transformers import ChronicleTrainerCallback
+
+    callback = ChronicleTrainerCallback(heartbeat_interval=0.5, experiment_name=name)
+    trainer = make_trainer(out / "output", [], dataset=Tokens(fail_after=9), max_steps=8)
+    trainer.add_callback(callback)
+    if how == "crash":
+        trainer.train()
+    elif how == "thread":
+        worker = threading.Thread(target=trainer.train)
+        worker.start()
+        worker.join()
+    elif how == "catch":
+        try:
+            trainer.train()
+        except RuntimeError as exc:
+            (out / "caught.json").write_text(
+                json.dumps({"error": str(exc), "state": str(callback.run.state)})  # type: ignore[union-attr]
+            )
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ against the store - the embedded one, and for the main outcomes a real server su
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -174,6 +175,46 @@ def test_normal_training_succeeds_with_every_checkpoint(
     assert "hf_SECRET" not in json.dumps(config)
 
 
+class NestedCheckpointTrainer(app.Trainer):  # type: ignore[misc]
+    """Writes sub-folders into each ``checkpoint-N`` (as FSDP's ``pytorch_model_fsdp_0/`` or
+    PEFT adapters do), with a file name repeated at several depths and different contents."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        for rel in ("part.bin", "shards/part.bin", "shards/deeper/part.bin"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(f"{rel} at {self.state.global_step}".encode())
+
+
+def test_checkpoint_sub_folders_keep_their_relative_paths(
+    embedded: Chronicle, tmp_path: Path
+) -> None:
+    """Every file under ``checkpoint-N`` keeps its path relative to it (nested folders too)
+    under the asset name ``checkpoint-N``: nothing merged, nothing flattened."""
+    callback = callback_for(embedded)
+    recorder = app.RecordSaves()
+    trainer = NestedCheckpointTrainer(
+        model=app.make_model(),
+        train_dataset=app.Tokens(),
+        args=app.make_args(tmp_path / "out", max_steps=4, save_total_limit=None),
+        callbacks=[callback, recorder],
+    )
+    trainer.train()
+    run = only_run(embedded)
+    assets = {a.name: a.sha256 for a in run.assets()}
+    assert assets == recorder.files
+    for step in (2, 4):
+        assert {
+            f"checkpoint-{step}/part.bin",
+            f"checkpoint-{step}/shards/part.bin",
+            f"checkpoint-{step}/shards/deeper/part.bin",
+        } <= set(assets)
+    for rel in ("part.bin", "shards/part.bin", "shards/deeper/part.bin"):
+        got = run.download_asset(f"checkpoint-4/{rel}", tmp_path / rel.replace("/", "_"))
+        assert got.read_bytes() == f"{rel} at 4".encode()
+
+
 def test_early_stopping_is_success(embedded: Chronicle, tmp_path: Path) -> None:
     callback = callback_for(embedded)
     trainer = app.make_trainer(tmp_path / "out", [callback, app.StopAt(3)], max_steps=20)
@@ -263,6 +304,111 @@ def test_swallowed_exception_is_still_failed_crash(chronicle: Chronicle, tmp_pat
     assert "dataset exploded" in (info.message or "")
 
 
+def run_named(client: Chronicle, name: str) -> Any:
+    """The one run of the experiment called ``name``."""
+    (exp,) = [e.experiment_id for e in client.experiments() if e.name == name]
+    runs = client.runs(experiment_id=exp)
+    assert len(runs) == 1, runs
+    return client.run(exp, runs[0].variation, runs[0].run)
+
+
+@pytest.fixture(params=["embedded", "server"])
+def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Where a child process tracks: the embedded store in ``tmp_path/home`` or a real
+    server subprocess (as ``$CHRONICLE_URL``)."""
+    if request.param == "server":
+        yield {"CHRONICLE_URL": request.getfixturevalue("server_url")}
+    else:
+        yield {}
+
+
+def client_for(env: dict[str, str], tmp_path: Path) -> Chronicle:
+    """A client reading what a child with ``child_env(tmp_path, **env)`` tracked."""
+    if "CHRONICLE_URL" in env:
+        return Chronicle(url=env["CHRONICLE_URL"], home=tmp_path / "reader")
+    return Chronicle(home=tmp_path / "home")
+
+
+@pytest.mark.parametrize("how", ["crash", "thread"])
+def test_added_callback_records_an_uncaught_crash(
+    store_env: dict[str, str], tmp_path: Path, how: str
+) -> None:
+    """``trainer.add_callback(ChronicleTrainerCallback())`` (HF's documented way) and an
+    uncaught exception mid-train: failed_crash with the exception's message and traceback,
+    not a run left ``running`` for the watchdog."""
+    name = f"added-{how}-{tmp_path.name}"
+    env = child_env(tmp_path, **store_env)
+    out = tmp_path / "child"
+    proc = subprocess.run(
+        [sys.executable, str(APP), "added", str(out), how, name],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+        start_new_session=True,
+    )
+    assert "dataset exploded" in proc.stderr, proc.stderr
+    if how == "crash":
+        assert proc.returncode == 1, proc.stderr
+    with client_for(store_env, tmp_path) as client:
+        info = run_named(client, name).info()
+        assert info.state is RunState.FAILED_CRASH, proc.stderr
+        assert info.reason == "crash"
+        assert (info.message or "").startswith("RuntimeError: dataset exploded"), info.message
+        assert "Traceback" in (info.message or "")
+
+
+def test_added_callback_exception_caught_by_the_program_is_failed_crash_at_exit(
+    tmp_path: Path,
+) -> None:
+    """The program catches the exception and exits normally: the exception was never seen
+    (train() was not wrapped yet), but at exit the run is recorded failed_crash saying
+    so, not left ``running``."""
+    out = tmp_path / "child"
+    proc = subprocess.run(
+        [sys.executable, str(APP), "added", str(out), "catch", "caught"],
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    caught = json.loads((out / "caught.json").read_text())
+    assert "dataset exploded" in caught["error"]
+    with Chronicle(home=tmp_path / "home") as client:
+        info = run_named(client, "caught").info()
+        assert info.state is RunState.FAILED_CRASH, proc.stderr
+        assert "did not finish" in (info.message or "")
+        assert "before the process exited" in (info.message or "")
+
+
+def test_added_callback_caught_exception_then_train_again(
+    embedded: Chronicle, tmp_path: Path
+) -> None:
+    """Caught, then ``train()`` again (a notebook): the first run is recorded failed_crash
+    when the second call starts, and the second call (now wrapped) is a run of its own."""
+    callback = callback_for(embedded)
+    dataset = app.Tokens(fail_after=9)
+    trainer = app.make_trainer(tmp_path / "out", [], dataset=dataset, max_steps=8)
+    trainer.add_callback(callback)
+    with pytest.raises(RuntimeError, match="dataset exploded"):
+        trainer.train()
+    first = callback.run
+    assert first is not None
+    dataset.fail_after = None
+    trainer.train()
+    second = callback.run
+    assert second is not None and second.key != first.key
+    info = first.info()
+    assert info.state is RunState.FAILED_CRASH
+    assert "before this train() call started" in (info.message or "")
+    assert second.state is RunState.SUCCEEDED
+    assert getattr(trainer.train, "_chronicle_callback", None) is callback  # wrapped now
+
+
 def test_keyboard_interrupt_is_failed_abandoned(tmp_path: Path) -> None:
     code, output, ready = signal_child(tmp_path, signal.SIGINT)
     assert code != 0, output
@@ -344,6 +490,42 @@ def test_continuing_a_succeeded_run_makes_a_new_run_of_its_variation(
     assert second.run.key_tuple == (first.run.experiment_id, first.run.variation, 1)
     assert second.run.state is RunState.SUCCEEDED
     assert first.run.state is RunState.SUCCEEDED  # terminal states never change
+
+
+@pytest.mark.parametrize("origin", ["ended", "another_chronicle"])
+def test_resuming_an_unresumable_run_logs_one_clear_warning(
+    embedded: Chronicle, tmp_path: Path, caplog: pytest.LogCaptureFixture, origin: str
+) -> None:
+    """The checkpoint's run already ended, or this store never had it. Was: "starting the
+    run failed ...; training continues without it" then "tracking a new run instead" (two
+    lines contradicting each other; for another Chronicle's run, no tracking at all)."""
+    out = tmp_path / "out"
+    writer = embedded if origin == "ended" else Chronicle(home=tmp_path / "elsewhere")
+    first = callback_for(writer)
+    app.make_trainer(out, [first], max_steps=2).train()
+    assert first.run is not None
+    old_key = first.run.key
+    if writer is not embedded:
+        writer.close()
+    caplog.clear()
+    second = callback_for(embedded)
+    app.make_trainer(out, [second], max_steps=4).train(
+        resume_from_checkpoint=str(out / "checkpoint-2")
+    )
+    assert second.run is not None and second.run.state is RunState.SUCCEEDED
+    why, where = (
+        ("already succeeded", " of the same variation")
+        if origin == "ended"
+        else ("is unknown to this Chronicle", "")
+    )
+    assert [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("chronicle_integrations") and r.levelno >= logging.WARNING
+    ] == [
+        f"chronicle: the checkpoint's run {old_key} {why}, so it cannot be resumed; this "
+        f"training is tracked as new run {second.run.key}{where}"
+    ]
 
 
 def test_resume_from_a_checkpoint_written_without_the_callback(
@@ -473,6 +655,51 @@ def test_second_train_call_is_a_new_run_of_the_same_experiment(
     assert first.experiment_id == second.experiment_id
     assert (first.variation, second.variation) == (0, 1)
     assert first.state is RunState.SUCCEEDED and second.state is RunState.SUCCEEDED
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_optuna_pruned_trials_are_failed_abandoned(
+    embedded: Chronicle, tmp_path: Path, attached: bool
+) -> None:
+    """A real ``Trainer.hyperparameter_search(backend="optuna")`` whose pruner prunes trials
+    0 and 2 at their first evaluation: pruning is the search cancelling a trial, not a
+    crash. Added late (``attached=False``), trial 0 runs unwrapped: its pruning is seen in
+    ``on_train_end``, which optuna's pruning calls before raising ``TrialPruned``."""
+    optuna = pytest.importorskip("optuna")
+
+    class PruneEven(optuna.pruners.BasePruner):  # type: ignore[misc]
+        def prune(self, study: Any, trial: Any) -> bool:
+            return bool(trial.number % 2 == 0)
+
+    callback = callback_for(embedded)
+    trainer = app.Trainer(
+        model_init=lambda *_: app.make_model(),
+        args=app.make_args(
+            tmp_path / "out", max_steps=4, eval_strategy="steps", eval_steps=2, save_steps=2
+        ),
+        train_dataset=app.Tokens(),
+        eval_dataset=app.Tokens(8),
+        callbacks=[callback] if attached else [],
+    )
+    if not attached:
+        trainer.add_callback(callback)
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2)},
+        backend="optuna",
+        n_trials=4,
+        direction="minimize",
+        pruner=PruneEven(),
+    )
+    runs = sorted(embedded.runs(), key=lambda r: r.variation)
+    assert len({r.experiment_id for r in runs}) == 1  # one experiment, a variation per trial
+    assert [(r.variation, r.state) for r in runs] == [
+        (0, RunState.FAILED_ABANDONED),
+        (1, RunState.SUCCEEDED),
+        (2, RunState.FAILED_ABANDONED),
+        (3, RunState.SUCCEEDED),
+    ]
+    for info in (runs[0], runs[2]):
+        assert (info.reason, info.message) == ("abandoned", "pruned by optuna at step 2")
 
 
 class TrialDirTrainer(app.Trainer):  # type: ignore[misc]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import logging
 import multiprocessing
 import os
 
@@ -427,6 +428,36 @@ def test_migration_from_schema_v1_adds_progress(store_url: str, tmp_path) -> Non
     lease = store.start(exp, 0, 0).lease
     assert store.heartbeat(exp, 0, 0, lease, {"step": 3}).progress == {"step": 3}
     store.close()
+
+
+def test_migration_logs_info_only_when_an_existing_store_is_upgraded(
+    store_url: str, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Creating a fresh store (every new home, every Hydra job) is routine: DEBUG only.
+    Upgrading an existing store's schema is worth an INFO line."""
+    caplog.set_level(logging.DEBUG, logger="chronicle_integrations.store.schema")
+
+    def migrations(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "chronicle_integrations.store.schema" and r.levelno == level
+        ]
+
+    store = Store.open(store_url, tmp_path / "a")
+    exp = store.create_experiment("old", [{}]).experiment_id
+    store.create_run(exp, 0)
+    assert migrations(logging.INFO) == []
+    assert "migrating the chronicle schema to version 2" in migrations(logging.DEBUG)
+    with store.engine.begin() as conn:  # turn the database back into a version-1 one
+        for column in ("progress", "progress_at"):
+            conn.execute(sa.text(f"ALTER TABLE runs DROP COLUMN {column}"))
+        conn.execute(t.schema_version.update().values(version=1))
+    store.close()
+    caplog.clear()
+    store = Store.open(store_url, tmp_path / "a")
+    store.close()
+    assert migrations(logging.INFO) == ["migrating the chronicle schema to version 2"]
 
 
 # -------------------------------------------------------------------- batched heartbeats
