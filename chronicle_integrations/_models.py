@@ -9,11 +9,33 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .lifecycle import RunState
 
-__all__ = ["AssetInfo", "Event", "ExperimentInfo", "Page", "RunInfo", "UploadStatus", "walk_pages"]
+__all__ = [
+    "AssetInfo",
+    "Event",
+    "ExperimentInfo",
+    "Page",
+    "RunInfo",
+    "RunKey",
+    "UploadStatus",
+    "walk_pages",
+]
+
+
+class RunKey(NamedTuple):
+    """A run's identity, ``(experiment_id, variation, run)``; a tuple, so it unpacks and
+    compares like one. ``str(key)`` is the ``E/V/R`` form the CLI and logs use."""
+
+    experiment_id: str
+    variation: int
+    run: int
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}/{self.variation}/{self.run}"
+
 
 T = TypeVar("T", bound="_Record")
 R = TypeVar("R")

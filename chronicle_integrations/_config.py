@@ -1,0 +1,130 @@
+"""Every setting's name and default, and how a client finds its target: one place.
+
+Environment variables (all optional):
+
+============================== =========================================================
+``CHRONICLE_URL``              the server; unset: the embedded store in the home
+``CHRONICLE_API_KEY``          bearer key for the server (and the key ``chronicle server``
+                               requires; prefer it to ``--api-key``, which ``ps`` shows)
+``CHRONICLE_HOME``             the client's home (embedded store, staging, spool);
+                               default ``./chronicle``
+``CHRONICLE_EXPERIMENT``,      the run a worker serves, set by Chronicle-managed workers
+``CHRONICLE_VARIATION``,       (``chronicle exec``, the Hydra launcher) for the
+``CHRONICLE_RUN``,             integrations inside; with ``CHRONICLE_LEASE`` the run is
+``CHRONICLE_LEASE``            already started and its owner ends it
+``CHRONICLE_HEARTBEAT_TIMEOUT``, embedded store only: the watchdog's settings (a server
+``CHRONICLE_LOST_GRACE``,      has its own command-line options)
+``CHRONICLE_STALL_TIMEOUT``
+============================== =========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import ConfigurationError
+
+ENV_URL = "CHRONICLE_URL"
+ENV_API_KEY = "CHRONICLE_API_KEY"
+ENV_HOME = "CHRONICLE_HOME"
+ENV_EXPERIMENT = "CHRONICLE_EXPERIMENT"
+ENV_VARIATION = "CHRONICLE_VARIATION"
+ENV_RUN = "CHRONICLE_RUN"
+ENV_LEASE = "CHRONICLE_LEASE"
+ENV_HEARTBEAT_TIMEOUT = "CHRONICLE_HEARTBEAT_TIMEOUT"
+ENV_LOST_GRACE = "CHRONICLE_LOST_GRACE"
+ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
+
+#: The home when neither an argument nor ``$CHRONICLE_HOME`` names one (relative to the
+#: working directory, made absolute when resolved).
+DEFAULT_HOME = "chronicle"
+
+#: The watchdog: no heartbeat for this long -> ``lost`` (store clock, seconds).
+DEFAULT_HEARTBEAT_TIMEOUT = 900.0
+#: ``lost`` for this long -> ``failed_lost`` (48 h).
+DEFAULT_LOST_GRACE = 172800.0
+#: Training progress unchanged for this long: the store flags the run ``stalled`` and the
+#: integrations pause their heartbeats (a hung collective or data loader), so the watchdog
+#: sees the run go ``lost``. Generous on purpose: a step, validation or save longer than this
+#: is rare.
+DEFAULT_STALL_TIMEOUT = 1800.0
+#: The longest interval between a client's heartbeats (always within a third of the store's
+#: ``heartbeat_timeout``, which the server tells its clients).
+DEFAULT_HEARTBEAT_INTERVAL = 60.0
+
+#: How long an in-process integration flushes uploads on pre-emption (SIGTERM) before the rest
+#: is spooled for ``chronicle sync``: schedulers send SIGKILL about 30 s after SIGTERM.
+PREEMPT_FLUSH_SECONDS = 20.0
+#: The same for a Hydra job: submitit signals its jobs ``signal_delay_s`` (90-120 s) before
+#: the end, so a job has longer.
+JOB_PREEMPT_FLUSH_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client talks to: a server (``url``) or the embedded store in ``home``. The
+    home also holds the staging area and the spool in both cases."""
+
+    url: str | None
+    home: Path
+
+
+def default_home() -> Path:
+    """``$CHRONICLE_HOME``, else ``./chronicle``, absolute."""
+    return Path(os.path.abspath(os.environ.get(ENV_HOME) or DEFAULT_HOME))
+
+
+def resolve_target(url: str | None = None, home: str | os.PathLike[str] | None = None) -> Target:
+    """The one rule: ``url`` or ``$CHRONICLE_URL`` selects a server; the home is ``home`` or
+    ``$CHRONICLE_HOME`` or ``./chronicle``, made absolute."""
+    chosen = url or os.environ.get(ENV_URL) or None
+    if chosen is not None and not chosen.startswith(("http://", "https://")):
+        raise ConfigurationError(f"invalid Chronicle URL {chosen!r}: expected http://host:port")
+    return Target(chosen, Path(home).resolve() if home is not None else default_home())
+
+
+def api_key(given: str | None = None) -> str | None:
+    """``given``, else ``$CHRONICLE_API_KEY``, else None."""
+    return given or os.environ.get(ENV_API_KEY) or None
+
+
+def env_seconds(name: str) -> float | None:
+    """A number of seconds from the environment variable ``name`` (None when unset)."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ConfigurationError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_HOME",
+    "DEFAULT_LOST_GRACE",
+    "DEFAULT_STALL_TIMEOUT",
+    "ENV_API_KEY",
+    "ENV_EXPERIMENT",
+    "ENV_HEARTBEAT_TIMEOUT",
+    "ENV_HOME",
+    "ENV_LEASE",
+    "ENV_LOST_GRACE",
+    "ENV_RUN",
+    "ENV_STALL_TIMEOUT",
+    "ENV_URL",
+    "ENV_VARIATION",
+    "JOB_PREEMPT_FLUSH_SECONDS",
+    "PREEMPT_FLUSH_SECONDS",
+    "Target",
+    "api_key",
+    "default_home",
+    "env_seconds",
+    "resolve_target",
+]
