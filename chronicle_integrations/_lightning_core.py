@@ -59,10 +59,12 @@ deletion directly, but is private API that changes between releases; the public 
 few ``stat`` calls per step. Known gap: the checkpoint ``ModelCheckpoint(save_on_exception=
 True)`` writes in its ``on_exception`` runs after ours and is not uploaded.
 
-Asset names: ``<checkpoint dir name>/<file name>`` (e.g. ``checkpoints/last.ckpt``), the path
-relative to the checkpoint directory's parent, so two checkpoint callbacks in different
-directories do not collide and the name stays stable across resumes; a file outside its
-callback's directory keeps just its file name. Re-uploading ``last.ckpt`` replaces the asset
+Asset names: ``<checkpoint dir name>/<path under it>`` (e.g. ``checkpoints/last.ckpt``, or
+``ckpts/epoch=0-val/loss=1.69.ckpt`` for ``filename="{epoch}-{val/loss:.2f}"``, which
+writes into sub-folders), the path relative to the checkpoint directory's parent, so two
+checkpoint callbacks in different directories do not collide, two files never share an asset,
+and the name stays stable across resumes; a file outside its callback's directory keeps just
+its file name. Re-uploading ``last.ckpt`` replaces the asset
 (the event log keeps every version's digest).
 
 ``upload="best_and_last"`` uploads only the best and the last checkpoint of each callback,
@@ -542,16 +544,17 @@ class LightningCore:
 
 
 def _asset_name(path: str, dirpath: Any) -> str:
-    """``<checkpoint dir name>/<file name>`` when the file is in its callback's directory,
-    else the file name."""
+    """``<checkpoint dir name>/<path relative to it>`` for a file anywhere under its
+    callback's directory (a ``filename`` with a ``/``, e.g. ``"{epoch}-{val/loss:.2f}"``,
+    writes into sub-folders: each file keeps its own name), else the file name."""
     file = Path(path)
     if dirpath:
         try:
             directory = Path(os.path.abspath(str(dirpath)))
         except (TypeError, ValueError):
             return file.name
-        if file.parent == directory and directory.name:
-            return f"{directory.name}/{file.name}"
+        if directory.name and file.is_relative_to(directory):
+            return f"{directory.name}/{file.relative_to(directory).as_posix()}"
     return file.name
 
 

@@ -176,6 +176,38 @@ def test_newest_last_ckpt_wins_when_an_older_upload_finishes_last(
     assert_every_checkpoint_uploaded(cb.run, saved_files(cks))
 
 
+def test_checkpoints_in_sub_folders_keep_their_relative_paths(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
+    """``filename="{epoch}-{val/loss:.2f}"`` writes ``ckpts/epoch=0-val/loss=1.00.ckpt``: one
+    sub-folder per epoch. Epochs 0 and 1 log the same loss (same file name, different
+    folders), epoch 2 another one: every file is its own asset, with its own bytes."""
+    root = tmp_path / "root"
+    ck = app.RecordingCheckpoint(
+        dirpath=root / "ckpts",
+        monitor="val/loss",
+        filename="{epoch}-{val/loss:.2f}",
+        save_top_k=-1,
+    )
+    _, cb, _, error = fit(
+        app,
+        root,
+        connect(),
+        epochs=3,
+        model_kwargs={"val_losses": [1.0, 1.0, 2.0]},
+        checkpoints=[ck],
+    )
+    assert error is None
+    assert cb.run.state is RunState.SUCCEEDED
+    expected = {s["name"]: s["sha256"] for s in ck.saved}
+    assert sorted(expected) == [
+        "ckpts/epoch=0-val/loss=1.00.ckpt",
+        "ckpts/epoch=1-val/loss=1.00.ckpt",
+        "ckpts/epoch=2-val/loss=2.00.ckpt",
+    ]
+    assert {a.name: a.sha256 for a in cb.run.assets()} == expected
+
+
 def test_pytorch_lightning_namespace(tmp_path: Path, embedded: Chronicle) -> None:
     pytest.importorskip("pytorch_lightning")
     pl_app = app_module.build("pytorch_lightning")
