@@ -15,6 +15,10 @@ a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in o
   order and any number of times (framework hooks fire in surprising orders); the first terminal
   outcome wins.
 * **Picklable**: nothing is created before ``begin`` (``ddp_spawn`` pickles callbacks).
+* **Where it ended**: the hooks keep ``run.progress`` (step, epoch) current, and the terminal
+  transition (``succeed`` / ``crash`` / ``abandon``) carries its last snapshot
+  (``Run.succeed`` / ``Run.fail`` send ``run.progress`` by default), so a finished run shows
+  the step it ended at, not the one of its last heartbeat.
 """
 
 from __future__ import annotations

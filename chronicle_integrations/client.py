@@ -611,33 +611,61 @@ class Run:
         """Wait for this run's pending uploads; True when none is left."""
         return self.chronicle._wait_uploads(self.key_tuple, timeout, f"run {self.key}")
 
-    def succeed(self, timeout: float | None = None) -> Run:
+    def succeed(self, timeout: float | None = None, progress: dict[str, Any] | None = None) -> Run:
         """Wait for this run's uploads (progress logged on long waits), then record success.
 
+        ``progress`` is the final training progress, kept with the run so that a finished run
+        shows where it ended; default: the latest ``run.progress``, if any (as heartbeats).
         If the server cannot be reached within the retry budget, the transition is spooled
         (``run.spooled`` becomes True, an ERROR says so) for ``chronicle sync``.
         """
         self.wait_uploads(timeout)
-        self._end(Action.SUCCEED, None, None)
+        self._end(Action.SUCCEED, None, None, progress)
         return self
 
-    def fail(self, reason: str = "crash", message: str | None = None) -> Run:
+    def fail(
+        self,
+        reason: str = "crash",
+        message: str | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> Run:
         """Record a failure: ``"crash"`` (needs the lease once started) or ``"abandoned"``
-        (a cancellation: anyone may). ``message`` is kept, bounded to 64 KiB."""
+        (a cancellation: anyone may). ``message`` is kept, bounded to 64 KiB. ``progress``:
+        where training stopped, as for :meth:`succeed`."""
         check.fail_reason(reason)
         action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
-        self._end(action, reason, check.message(message))
+        self._end(action, reason, check.message(message), progress)
         return self
 
-    def _end(self, action: Action, reason: str | None, message: str | None) -> None:
+    def _final_progress(self, progress: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The progress sent with the terminal transition. Invalid progress is dropped (with
+        a WARNING) rather than sent: it must never get the transition itself refused."""
+        if progress is None:
+            progress = self.progress.snapshot()
+        if progress is None:
+            return None
+        try:
+            return check.progress(progress)
+        except InvalidRequest as exc:
+            log.warning("run %s: not sending the final progress: %s", self.key, exc)
+            return None
+
+    def _end(
+        self,
+        action: Action,
+        reason: str | None,
+        message: str | None,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
         # Stop beating first: a heartbeat in flight after the terminal transition would be
         # refused and mistaken for a cancellation of a run this worker ended itself.
         self.stop_keep_alive()
+        progress = self._final_progress(progress)
         try:
             if action is Action.SUCCEED:
-                self._t.succeed(*self.key_tuple, self.lease)
+                self._t.succeed(*self.key_tuple, self.lease, progress)
             else:
-                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease)
+                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease, progress)
         except TransportError as exc:
             if self.lease is None:
                 # Not this worker's run (e.g. an operator cancelling): nothing to defer.
@@ -649,6 +677,7 @@ class Run:
                 lease=self.lease,
                 reason=reason,
                 message=message,
+                progress=progress,
             )
             self.spooled = True
             log.error(

@@ -84,7 +84,8 @@ def fit(
     **cb_kwargs: Any,
 ) -> tuple[Any, Any, list[Any], BaseException | None]:
     """Fit once; returns (trainer, chronicle callback, checkpoint callbacks, exception)."""
-    cb = app.ChronicleCallback(chronicle=chronicle, heartbeat_interval=0.2, **cb_kwargs)
+    cb_kwargs.setdefault("heartbeat_interval", 0.2)
+    cb = app.ChronicleCallback(chronicle=chronicle, **cb_kwargs)
     cks = app.checkpoints(root) if checkpoints is None else checkpoints
     trainer = app.trainer(root, [cb, *cks, *(extra or [])], epochs=epochs)
     error = None
@@ -206,6 +207,30 @@ def test_checkpoints_in_sub_folders_keep_their_relative_paths(
         "ckpts/epoch=2-val/loss=2.00.ckpt",
     ]
     assert {a.name: a.sha256 for a in cb.run.assets()} == expected
+
+
+@pytest.mark.parametrize("fail", [None, "train@5"])
+def test_the_run_ends_showing_its_final_progress(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle], fail: str | None
+) -> None:
+    """The final (step, epoch) goes with ``succeed`` / ``fail``: a finished run shows where it
+    ended. Heartbeats are an hour apart, so only the terminal transition can carry it."""
+    _, cb, _, error = fit(
+        app,
+        tmp_path / "root",
+        connect(),
+        epochs=3,
+        model_kwargs={"fail": fail},
+        checkpoints=[],
+        heartbeat_interval=3600,
+    )
+    info = cb.run.info()
+    if fail is None:
+        assert error is None and info.state is RunState.SUCCEEDED
+        assert info.progress == {"step": 3 * STEPS, "epoch": 2}
+    else:
+        assert error is not None and info.state is RunState.FAILED_CRASH
+        assert info.progress == {"step": 5, "epoch": 1}
 
 
 def test_pytorch_lightning_namespace(tmp_path: Path, embedded: Chronicle) -> None:
@@ -409,6 +434,8 @@ def test_server_lost_mid_fit_spools_what_sync_sends(
         assert report.refused == [] and report.waiting == []
         synced = again.run(*run.key_tuple)
         assert synced.state is RunState.SUCCEEDED
+        # The spooled succeed carried the final progress (the server died at epoch 1).
+        assert (synced.info().progress or {}).get("step") == 3 * STEPS
         assets = {a.name: a.sha256 for a in synced.assets()}
         assert assets == {s["name"]: s["sha256"] for s in saved_files(cks)}
 
