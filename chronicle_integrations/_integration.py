@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._uploads import UploadHandle
 from .client import Chronicle, Run, format_exception
 
 log = logging.getLogger(__name__)
@@ -244,12 +245,25 @@ class TrackedRun:
             log.info("chronicle: tracking run %s (%s)", run.key, client.target)
         return self.run
 
-    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        """Queue an upload (returns at once)."""
-        if self.run is None:
-            return
+    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle | None:
+        """Upload a file or directory to the tracked run; returns its handle, or None when
+        there is no run or it could not be queued (logged, unless strict).
+
+        While the run is live this returns at once (the bytes go up in the background).
+        After the run ended it still works (the store accepts assets of a finished run from
+        the worker that held it): when the client this object created was closed at the
+        end, a short-lived one on the same store, under the same lease, uploads it and this
+        call returns when it is done (or spooled)."""
+        run = self.run
+        if run is None:
+            return None
         with self.guard(f"uploading {path}"):
-            self.run.upload_asset(path, name)
+            if not run.chronicle._closed:
+                return run.upload_asset(path, name)
+            client = run.chronicle
+            with Chronicle(url=client.url, home=client.home) as fresh:
+                return fresh.run(*run.key_tuple, lease=run.lease).upload_asset(path, name)
+        return None
 
     def succeed(self) -> None:
         """Normal end: wait for uploads, record success (unless cancelled or not ours)."""

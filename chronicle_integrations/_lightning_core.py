@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env
+from ._uploads import UploadHandle
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,13 @@ Args:
 
 Resuming with ``trainer.fit(..., ckpt_path=...)`` continues the run recorded in the
 checkpoint (pass the callback again).
+
+A model saved or exported after ``fit`` joins the run the callback tracked with
+``callback.upload_asset(path)`` (also after the run succeeded: the store accepts assets of a
+finished run from the worker that held it; then the call returns when the upload is done,
+and ``.result()`` on the returned handle gives its :class:`AssetInfo`). ``callback.run``
+stays readable after the fit, but its client may be closed (the one the callback created
+is closed when the fit ends): use ``callback.upload_asset``, not ``run.upload_asset``.
 """
 
 
@@ -229,6 +237,15 @@ class LightningCore:
     def run(self) -> Run | None:
         """The tracked :class:`~chronicle_integrations.Run` (rank zero, during/after a fit)."""
         return self._tracked.run
+
+    def upload_asset(
+        self, path: str | os.PathLike[str], name: str | None = None
+    ) -> UploadHandle | None:
+        """Attach a file or directory to the tracked run, e.g. ``trainer.save_checkpoint(p)``
+        or an export after ``fit``: see the class docstring. Returns the upload's handle,
+        or None when no run is tracked here (another rank, tracking off) or the upload
+        could not be queued (logged; raised with ``strict=True``)."""
+        return self._tracked.upload(path, name)
 
     @property
     def chronicle(self) -> Chronicle | None:

@@ -50,6 +50,7 @@ from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
 from ._spool import Spool, SyncReport
 from ._transport import EmbeddedTransport, Transport
 from ._uploads import (
+    StagedFile,
     Stager,
     UploadHandle,
     UploadPool,
@@ -268,7 +269,7 @@ class Chronicle:
         staged = self._stage(path, name)
         base = name if name is not None else Path(path).name
         futures = []
-        for item in staged:
+        for i, item in enumerate(staged):
             task = UploadTask(
                 staged=item,
                 run_key=run.key_tuple,
@@ -276,7 +277,13 @@ class Chronicle:
                 future=_new_future(),
                 upload_id=_request_id(),
             )
-            self._pool.submit(task)
+            try:
+                self._pool.submit(task)
+            except BaseException:
+                # Refused (e.g. the client is closed): what was not queued leaves no copy.
+                for left in staged[i:]:
+                    left.path.unlink(missing_ok=True)
+                raise
             futures.append(task.future)
         return UploadHandle(base, futures, directory=Path(path).is_dir())
 
@@ -330,6 +337,18 @@ class Chronicle:
                 exc,
             )
             self._spool_task(task, str(exc))
+        elif _source_holds(task.staged):
+            # Refused for good (a 4xx: no such run, another worker's lease, a bad name...):
+            # the source still holds these very bytes, so the staged copy protects nothing.
+            task.staged.path.unlink(missing_ok=True)
+            message = (
+                f"upload of {task.staged.source} as {task.staged.name!r} to run "
+                f"{'/'.join(map(str, task.run_key))} was refused: {exc}; no copy kept (the "
+                "file itself is unchanged)"
+            )
+            log.error("%s", message)
+            if not task.future.done():
+                task.future.set_exception(UploadError(message, name=task.staged.name))
         else:
             log.error(
                 "upload of %s as %r to run %s failed: %s; staged copy kept at %s",
@@ -726,6 +745,21 @@ def format_exception(exc: BaseException, limit_bytes: int = 16 * 1024) -> str:
     if len(tail) > limit_bytes:
         tail = "...\n" + tail[-limit_bytes:]
     return f"{head}\n\n{tail}"
+
+
+def _source_holds(staged: StagedFile) -> bool:
+    """True when the source path is still the very inode staged, unchanged (a hard-linked
+    capture whose file was neither deleted, replaced nor rewritten): dropping the staged
+    link loses nothing."""
+    try:
+        src, own = os.stat(staged.source), os.stat(staged.path)
+    except OSError:
+        return False
+    return (
+        staged.linked
+        and (src.st_dev, src.st_ino) == (own.st_dev, own.st_ino)
+        and staged.unchanged()
+    )
 
 
 def _request_id() -> str:

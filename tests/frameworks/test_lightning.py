@@ -462,6 +462,42 @@ def test_default_client_and_a_second_fit_with_the_same_callback(
         assert keys[0] != keys[1]
 
 
+@pytest.mark.parametrize("backend", ["embedded", "http"])
+def test_a_model_saved_after_fit_joins_the_succeeded_run(
+    app: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``trainer.save_checkpoint(path)`` after ``fit``: ``callback.upload_asset(path)`` attaches it
+    to the run the callback tracked, although the run succeeded and the callback's own
+    client was closed when the fit ended; nothing stays behind in staging."""
+    for var in ("CHRONICLE_EXPERIMENT", "CHRONICLE_VARIATION", "CHRONICLE_RUN"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CHRONICLE_HOME", str(home))
+    if backend == "http":
+        monkeypatch.setenv("CHRONICLE_URL", request.getfixturevalue("shared_server").url)
+    else:
+        monkeypatch.delenv("CHRONICLE_URL", raising=False)
+    cb = app.ChronicleCallback(heartbeat_interval=0.2)
+    trainer = app.trainer(tmp_path / "root", [cb], epochs=1)
+    trainer.fit(app.Model(), datamodule=app.Data())
+    assert cb.chronicle is not None and cb.chronicle._closed
+    export = tmp_path / "export" / "model.ckpt"
+    trainer.save_checkpoint(export)
+    handle = cb.upload_asset(export, "export/model.ckpt")
+    assert handle is not None and handle.done()  # the run ended: the call waited
+    info = handle.result(0)
+    assert info.sha256 == app_module.sha256(export)
+    with Chronicle() as chronicle:
+        run = chronicle.run(*cb.run.key_tuple)
+        assert run.state is RunState.SUCCEEDED
+        assert {a.name: a.sha256 for a in run.assets()}["export/model.ckpt"] == info.sha256
+    assert list((home / "staging").iterdir()) == []
+
+
 def test_callback_pickles_without_live_objects(
     app: Any, tmp_path: Path, embedded: Chronicle
 ) -> None:
