@@ -5,7 +5,9 @@ a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in o
 
 * **Identity**: explicit arguments, else ``$CHRONICLE_EXPERIMENT`` / ``$CHRONICLE_VARIATION`` /
   ``$CHRONICLE_RUN`` (+ ``$CHRONICLE_LEASE``, set by a launcher that already started the run),
-  else a new experiment whose single variation records the hyperparameters.
+  else a new run whose variation records the hyperparameters: fits with the same
+  ``experiment_name`` in one process share that experiment (one variation per distinct
+  config, one run per fit); an unnamed fit gets an experiment of its own.
 * **Ownership**: a run adopted from a launcher (a lease in the environment) belongs to the
   launcher: the integration beats and uploads but leaves the terminal transition to its owner,
   so a job never sees two conflicting transitions.
@@ -24,8 +26,10 @@ a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in o
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +51,11 @@ DEFAULT_STALL_TIMEOUT = 1800.0
 
 #: How long a pre-empted job flushes uploads before the rest is spooled for `chronicle sync`.
 PREEMPT_FLUSH_SECONDS = 20.0
+
+#: Experiments this process created by name: ``(store target, experiment name) ->
+#: (experiment id, {canonical config JSON: variation})`` (see ``TrackedRun._new_run``).
+_NAMED: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+_NAMED_LOCK = threading.Lock()
 
 
 def identity_from_env() -> tuple[str, int, int, str | None] | None:
@@ -126,7 +135,8 @@ class TrackedRun:
             environment (``$CHRONICLE_URL`` or the embedded store), closed by ``close()``.
         experiment_id, variation, run: explicit identity (all three, or experiment_id and
             variation to create a new run of that variation).
-        experiment_name: name of the experiment created when no identity is given.
+        experiment_name: name of the experiment when no identity is given; fits with the
+            same name in one process share it (see ``_new_run``).
         heartbeat_interval: seconds between heartbeats.
         stall_timeout: pause heartbeats while ``run.progress`` has not advanced for this long
             (None: never); the framework hooks report progress at every step.
@@ -232,9 +242,7 @@ class TrackedRun:
                 key, lease = env[:3], env[3]
                 self.owns_run = lease is None
             else:
-                name = self.experiment_name or "training"
-                exp = client.create_experiment(name, variations=[jsonable(config or {})])
-                key = client.create_run(exp, 0).key_tuple
+                key = self._new_run(client, jsonable(config or {}))
             run = client.run(*key, lease=lease)
             run.start(resume=resume)
             run.progress.touch()  # the stall window opens at the start
@@ -244,6 +252,26 @@ class TrackedRun:
             self.run = run
             log.info("chronicle: tracking run %s (%s)", run.key, client.target)
         return self.run
+
+    def _new_run(self, client: Chronicle, config: dict[str, Any]) -> tuple[str, int, int]:
+        """A new run when no identity is given. Fits with the same ``experiment_name`` in
+        one process (on one store) share its experiment: each distinct config is one
+        variation, each fit one run of it. Unnamed fits each get an experiment of their own
+        (named ``"training"``)."""
+        if self.experiment_name is None:
+            exp = client.create_experiment("training", variations=[config])
+            return client.create_run(exp, 0).key_tuple
+        canonical = json.dumps(config, sort_keys=True)
+        with _NAMED_LOCK:
+            slot = _NAMED.get((client.target, self.experiment_name))
+            if slot is None:
+                exp = client.create_experiment(self.experiment_name, variations=[config])
+                slot = _NAMED[(client.target, self.experiment_name)] = (exp, {canonical: 0})
+            exp, variations = slot
+            variation = variations.get(canonical)
+            if variation is None:
+                variation = variations[canonical] = client.add_variation(exp, config)
+        return client.create_run(exp, variation).key_tuple
 
     def upload(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle | None:
         """Upload a file or directory to the tracked run; returns its handle, or None when

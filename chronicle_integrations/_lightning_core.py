@@ -11,8 +11,9 @@ Hook -> lifecycle (rank zero only; ``validate``/``test``/``predict`` never touch
 
 ==========================  ==============================================================
 ``on_fit_start``            start the run (identity: checkpoint state on ``ckpt_path=``
-                            resume, else arguments, ``$CHRONICLE_*``, or a new experiment
-                            whose variation config is the merged ``hparams_initial``)
+                            resume, else arguments, ``$CHRONICLE_*``, or a new run
+                            whose variation config is the merged ``hparams_initial``,
+                            else LightningCLI's resolved config)
 checkpoint written          ``upload_asset`` (see "How checkpoints are caught" below)
 ``on_fit_end``              final scan, then ``succeed`` (waits for the uploads)
 ``on_exception``            ``KeyboardInterrupt`` -> ``fail("abandoned")`` (quick);
@@ -154,9 +155,12 @@ Args:
         environment (``$CHRONICLE_URL``, else the embedded store in ``$CHRONICLE_HOME`` or
         ``./chronicle``) on global rank zero when the fit starts.
     experiment_id, variation, run: the run to track (else ``$CHRONICLE_EXPERIMENT`` /
-        ``$CHRONICLE_VARIATION`` / ``$CHRONICLE_RUN``, else a new experiment whose
-        variation config is the model's and datamodule's ``hparams_initial``).
-    experiment_name: the name of that new experiment (default ``"training"``).
+        ``$CHRONICLE_VARIATION`` / ``$CHRONICLE_RUN``, else a new run whose variation
+        config is the model's and datamodule's ``hparams_initial``, or, when they saved
+        none, the config LightningCLI resolved).
+    experiment_name: the name of that experiment. Fits with the same name in one
+        process (on one store) share it: one variation per distinct config, one run per
+        fit. Default: each fit makes an experiment of its own, named ``"training"``.
     upload: ``"all"`` checkpoints as they are written (default), ``"best_and_last"``
         when the fit ends, or ``"none"``.
     heartbeat_interval: seconds between heartbeats.
@@ -576,7 +580,8 @@ def _asset_name(path: str, dirpath: Any) -> str:
 
 
 def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
-    """``pl_module.hparams_initial`` merged with the datamodule's (the variation config)."""
+    """The variation config: ``pl_module.hparams_initial`` merged with the datamodule's;
+    when neither saved any (no ``save_hyperparameters()``), LightningCLI's resolved config."""
     config: dict[str, Any] = {}
     for obj in (pl_module, getattr(trainer, "datamodule", None)):
         hparams = getattr(obj, "hparams_initial", None) if obj is not None else None
@@ -585,7 +590,26 @@ def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
                 config.update(dict(hparams))
             except (TypeError, ValueError):
                 log.debug("ignoring hyperparameters of %r: not a mapping", obj)
-    return config
+    return config or _cli_config(trainer)
+
+
+def _cli_config(trainer: Any) -> dict[str, Any]:
+    """The config LightningCLI resolved for this fit (what it writes to ``config.yaml``),
+    read from its ``SaveConfigCallback`` (duck-typed: a ``parser`` and a jsonargparse
+    ``config`` namespace), without ``config`` (the paths of the files it was read from).
+    Empty without LightningCLI, or with ``save_config_callback=None``."""
+    for cb in getattr(trainer, "callbacks", ()):
+        as_dict = getattr(getattr(cb, "config", None), "as_dict", None)
+        if not hasattr(cb, "parser") or not callable(as_dict):
+            continue
+        try:
+            config = dict(as_dict())
+        except Exception as exc:  # a foreign callback that merely looks like it
+            log.debug("could not read the LightningCLI config from %r: %s", cb, exc)
+            continue
+        config.pop("config", None)
+        return config
+    return {}
 
 
 def missing_framework(package: str, extra: str) -> ImportError:

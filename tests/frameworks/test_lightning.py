@@ -66,6 +66,23 @@ def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
         client.close(timeout=10)
 
 
+@pytest.fixture(params=["embedded", "http"])
+def env_store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The environment names the store (the embedded home, or a real server) and no run:
+    the callback makes its own client, as for a user who passes nothing. Returns the home."""
+    for var in ("CHRONICLE_EXPERIMENT", "CHRONICLE_VARIATION", "CHRONICLE_RUN"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CHRONICLE_HOME", str(home))
+    if request.param == "http":
+        monkeypatch.setenv("CHRONICLE_URL", request.getfixturevalue("shared_server").url)
+    else:
+        monkeypatch.delenv("CHRONICLE_URL", raising=False)
+    return home
+
+
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Chronicle]:
     client = Chronicle(home=tmp_path / "home")
@@ -462,25 +479,13 @@ def test_default_client_and_a_second_fit_with_the_same_callback(
         assert keys[0] != keys[1]
 
 
-@pytest.mark.parametrize("backend", ["embedded", "http"])
 def test_a_model_saved_after_fit_joins_the_succeeded_run(
-    app: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    backend: str,
-    request: pytest.FixtureRequest,
+    app: Any, tmp_path: Path, env_store: Path
 ) -> None:
-    """``trainer.save_checkpoint(path)`` after ``fit``: ``callback.upload_asset(path)`` attaches it
-    to the run the callback tracked, although the run succeeded and the callback's own
-    client was closed when the fit ended; nothing stays behind in staging."""
-    for var in ("CHRONICLE_EXPERIMENT", "CHRONICLE_VARIATION", "CHRONICLE_RUN"):
-        monkeypatch.delenv(var, raising=False)
-    home = tmp_path / "home"
-    monkeypatch.setenv("CHRONICLE_HOME", str(home))
-    if backend == "http":
-        monkeypatch.setenv("CHRONICLE_URL", request.getfixturevalue("shared_server").url)
-    else:
-        monkeypatch.delenv("CHRONICLE_URL", raising=False)
+    """``trainer.save_checkpoint(path)`` after ``fit``: ``callback.upload_asset(path)``
+    attaches it to the run the callback tracked, although the run succeeded and the
+    callback's own client was closed when the fit ended; nothing stays behind in staging."""
+    home = env_store
     cb = app.ChronicleCallback(heartbeat_interval=0.2)
     trainer = app.trainer(tmp_path / "root", [cb], epochs=1)
     trainer.fit(app.Model(), datamodule=app.Data())
@@ -496,6 +501,74 @@ def test_a_model_saved_after_fit_joins_the_succeeded_run(
         assert run.state is RunState.SUCCEEDED
         assert {a.name: a.sha256 for a in run.assets()}["export/model.ckpt"] == info.sha256
     assert list((home / "staging").iterdir()) == []
+
+
+def test_lightning_cli_config_is_the_variation_config(tmp_path: Path, env_store: Path) -> None:
+    """``BoringModel`` saves no hyperparameters: the variation config is what LightningCLI
+    resolved (trainer, seed, callbacks...), the content of the ``config.yaml`` it writes.
+    The callback is given on the command line (jsonargparse checks its class)."""
+    pytest.importorskip("jsonargparse")
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    from chronicle_integrations.lightning import ChronicleCallback
+
+    root = tmp_path / "root"
+    cli = LightningCLI(
+        BoringModel,
+        BoringDataModule,
+        args=[
+            "fit",
+            "--seed_everything=7",
+            "--trainer.max_steps=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.callbacks+=chronicle_integrations.lightning.ChronicleCallback",
+            "--trainer.callbacks.experiment_name=cli",
+            "--trainer.callbacks.heartbeat_interval=0.2",
+        ],
+    )
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, ChronicleCallback)]
+    assert cb.run.info().state is RunState.SUCCEEDED
+    with Chronicle() as chronicle:
+        config = chronicle.run(*cb.run.key_tuple).get_variation_config()
+    written = yaml.safe_load((root / "config.yaml").read_text())
+    assert config["seed_everything"] == written["seed_everything"] == 7
+    assert config["trainer"]["max_steps"] == written["trainer"]["max_steps"] == 3
+    [chronicle_cb] = config["trainer"]["callbacks"]
+    assert chronicle_cb["class_path"] == "chronicle_integrations.lightning.ChronicleCallback"
+    assert chronicle_cb["init_args"]["experiment_name"] == "cli"
+    assert set(written) - {"config"} <= set(config)
+
+
+def test_fits_with_the_same_experiment_name_share_its_experiment(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
+    """Three fits, three callbacks, one ``experiment_name``: one experiment; the two fits
+    with the same hyperparameters are two runs of one variation, the third a new one."""
+    client = connect()
+    name = f"grouped-{tmp_path.name}"
+    keys = []
+    for i, hidden in enumerate((8, 8, 16)):
+        _, cb, _, error = fit(
+            app,
+            tmp_path / f"root{i}",
+            client,
+            epochs=1,
+            model_kwargs={"hidden": hidden},
+            checkpoints=[],
+            experiment_name=name,
+        )
+        assert error is None
+        keys.append(cb.run.key_tuple)
+    assert len({key[0] for key in keys}) == 1
+    assert [key[1:] for key in keys] == [(0, 0), (0, 1), (1, 0)]
+    assert [e.name for e in client.experiments()].count(name) == 1
+    assert client.run(*keys[2]).get_variation_config()["hidden"] == 16
 
 
 def test_callback_pickles_without_live_objects(
