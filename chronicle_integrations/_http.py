@@ -550,16 +550,29 @@ class HttpTransport:
         )
 
     @_answer
-    def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
-        return RunInfo.from_dict(
-            self._json("POST", self._run_path(e, v, r) + "/succeed", json={"lease": lease})
-        )
+    def succeed(
+        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+    ) -> RunInfo:
+        body: dict[str, Any] = {"lease": lease}
+        if progress is not None:
+            body["progress"] = progress
+        path = self._run_path(e, v, r) + "/succeed"
+        return RunInfo.from_dict(self._json("POST", path, json=body))
 
     @_answer
     def fail(
-        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        reason: str,
+        message: str | None,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
     ) -> RunInfo:
-        body = {"reason": reason, "message": message, "lease": lease}
+        body: dict[str, Any] = {"reason": reason, "message": message, "lease": lease}
+        if progress is not None:
+            body["progress"] = progress
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
     def events(

@@ -5,7 +5,9 @@ a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in o
 
 * **Identity**: explicit arguments, else ``$CHRONICLE_EXPERIMENT`` / ``$CHRONICLE_VARIATION`` /
   ``$CHRONICLE_RUN`` (+ ``$CHRONICLE_LEASE``, set by a launcher that already started the run),
-  else a new experiment whose single variation records the hyperparameters.
+  else a new run whose variation records the hyperparameters: fits with the same
+  ``experiment_name`` in one process share that experiment (one variation per distinct
+  config, one run per fit); an unnamed fit gets an experiment of its own.
 * **Ownership**: a run adopted from a launcher (a lease in the environment) belongs to the
   launcher: the integration beats and uploads but leaves the terminal transition to its owner,
   so a job never sees two conflicting transitions.
@@ -15,17 +17,24 @@ a :class:`TrackedRun` and nothing else, so the rules of SPEC section 7 live in o
   order and any number of times (framework hooks fire in surprising orders); the first terminal
   outcome wins.
 * **Picklable**: nothing is created before ``begin`` (``ddp_spawn`` pickles callbacks).
+* **Where it ended**: the hooks keep ``run.progress`` (step, epoch) current, and the terminal
+  transition (``succeed`` / ``crash`` / ``abandon``) carries its last snapshot
+  (``Run.succeed`` / ``Run.fail`` send ``run.progress`` by default), so a finished run shows
+  the step it ended at, not the one of its last heartbeat.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._errors import NotFound
+from ._uploads import UploadHandle
 from .client import Chronicle, Run, format_exception
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,11 @@ UNKNOWN_RUN = "is unknown to this Chronicle"
 
 #: How long a pre-empted job flushes uploads before the rest is spooled for `chronicle sync`.
 PREEMPT_FLUSH_SECONDS = 20.0
+
+#: Experiments this process created by name: ``(store target, experiment name) ->
+#: (experiment id, {canonical config JSON: variation})`` (see ``TrackedRun._new_run``).
+_NAMED: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+_NAMED_LOCK = threading.Lock()
 
 
 def identity_from_env() -> tuple[str, int, int, str | None] | None:
@@ -125,7 +139,8 @@ class TrackedRun:
             environment (``$CHRONICLE_URL`` or the embedded store), closed by ``close()``.
         experiment_id, variation, run: explicit identity (all three, or experiment_id and
             variation to create a new run of that variation).
-        experiment_name: name of the experiment created when no identity is given.
+        experiment_name: name of the experiment when no identity is given; fits with the
+            same name in one process share it (see ``_new_run``).
         heartbeat_interval: seconds between heartbeats.
         stall_timeout: pause heartbeats while ``run.progress`` has not advanced for this long
             (None: never); the framework hooks report progress at every step.
@@ -244,9 +259,7 @@ class TrackedRun:
                 key, lease = env[:3], env[3]
                 self.owns_run = lease is None
             else:
-                name = self.experiment_name or "training"
-                exp = client.create_experiment(name, variations=[jsonable(config or {})])
-                key = client.create_run(exp, 0).key_tuple
+                key = self._new_run(client, jsonable(config or {}))
             run = client.run(*key, lease=lease)
             run.start(resume=resume)
             run.progress.touch()  # the stall window opens at the start
@@ -257,12 +270,45 @@ class TrackedRun:
             log.info("chronicle: tracking run %s (%s)", run.key, client.target)
         return self.run
 
-    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        """Queue an upload (returns at once)."""
-        if self.run is None:
-            return
+    def _new_run(self, client: Chronicle, config: dict[str, Any]) -> tuple[str, int, int]:
+        """A new run when no identity is given. Fits with the same ``experiment_name`` in
+        one process (on one store) share its experiment: each distinct config is one
+        variation, each fit one run of it. Unnamed fits each get an experiment of their own
+        (named ``"training"``)."""
+        if self.experiment_name is None:
+            exp = client.create_experiment("training", variations=[config])
+            return client.create_run(exp, 0).key_tuple
+        canonical = json.dumps(config, sort_keys=True)
+        with _NAMED_LOCK:
+            slot = _NAMED.get((client.target, self.experiment_name))
+            if slot is None:
+                exp = client.create_experiment(self.experiment_name, variations=[config])
+                slot = _NAMED[(client.target, self.experiment_name)] = (exp, {canonical: 0})
+            exp, variations = slot
+            variation = variations.get(canonical)
+            if variation is None:
+                variation = variations[canonical] = client.add_variation(exp, config)
+        return client.create_run(exp, variation).key_tuple
+
+    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle | None:
+        """Upload a file or directory to the tracked run; returns its handle, or None when
+        there is no run or it could not be queued (logged, unless strict).
+
+        While the run is live this returns at once (the bytes go up in the background).
+        After the run ended it still works (the store accepts assets of a finished run from
+        the worker that held it): when the client this object created was closed at the
+        end, a short-lived one on the same store, under the same lease, uploads it and this
+        call returns when it is done (or spooled)."""
+        run = self.run
+        if run is None:
+            return None
         with self.guard(f"uploading {path}"):
-            self.run.upload_asset(path, name)
+            if not run.chronicle._closed:
+                return run.upload_asset(path, name)
+            client = run.chronicle
+            with Chronicle(url=client.url, home=client.home) as fresh:
+                return fresh.run(*run.key_tuple, lease=run.lease).upload_asset(path, name)
+        return None
 
     def succeed(self) -> None:
         """Normal end: wait for uploads, record success (unless cancelled or not ours)."""

@@ -11,8 +11,9 @@ Hook -> lifecycle (rank zero only; ``validate``/``test``/``predict`` never touch
 
 ==========================  ==============================================================
 ``on_fit_start``            start the run (identity: checkpoint state on ``ckpt_path=``
-                            resume, else arguments, ``$CHRONICLE_*``, or a new experiment
-                            whose variation config is the merged ``hparams_initial``)
+                            resume, else arguments, ``$CHRONICLE_*``, or a new run
+                            whose variation config is the merged ``hparams_initial``,
+                            else LightningCLI's resolved config)
 checkpoint written          ``upload_asset`` (see "How checkpoints are caught" below)
 ``on_fit_end``              final scan, then ``succeed`` (waits for the uploads)
 ``on_exception``            ``KeyboardInterrupt`` -> ``fail("abandoned")`` (quick);
@@ -59,10 +60,12 @@ deletion directly, but is private API that changes between releases; the public 
 few ``stat`` calls per step. Known gap: the checkpoint ``ModelCheckpoint(save_on_exception=
 True)`` writes in its ``on_exception`` runs after ours and is not uploaded.
 
-Asset names: ``<checkpoint dir name>/<file name>`` (e.g. ``checkpoints/last.ckpt``), the path
-relative to the checkpoint directory's parent, so two checkpoint callbacks in different
-directories do not collide and the name stays stable across resumes; a file outside its
-callback's directory keeps just its file name. Re-uploading ``last.ckpt`` replaces the asset
+Asset names: ``<checkpoint dir name>/<path under it>`` (e.g. ``checkpoints/last.ckpt``, or
+``ckpts/epoch=0-val/loss=1.69.ckpt`` for ``filename="{epoch}-{val/loss:.2f}"``, which
+writes into sub-folders), the path relative to the checkpoint directory's parent, so two
+checkpoint callbacks in different directories do not collide, two files never share an asset,
+and the name stays stable across resumes; a file outside its callback's directory keeps just
+its file name. Re-uploading ``last.ckpt`` replaces the asset
 (the event log keeps every version's digest).
 
 ``upload="best_and_last"`` uploads only the best and the last checkpoint of each callback,
@@ -80,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env
+from ._uploads import UploadHandle
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -151,9 +155,12 @@ Args:
         environment (``$CHRONICLE_URL``, else the embedded store in ``$CHRONICLE_HOME`` or
         ``./chronicle``) on global rank zero when the fit starts.
     experiment_id, variation, run: the run to track (else ``$CHRONICLE_EXPERIMENT`` /
-        ``$CHRONICLE_VARIATION`` / ``$CHRONICLE_RUN``, else a new experiment whose
-        variation config is the model's and datamodule's ``hparams_initial``).
-    experiment_name: the name of that new experiment (default ``"training"``).
+        ``$CHRONICLE_VARIATION`` / ``$CHRONICLE_RUN``, else a new run whose variation
+        config is the model's and datamodule's ``hparams_initial``, or, when they saved
+        none, the config LightningCLI resolved).
+    experiment_name: the name of that experiment. Fits with the same name in one
+        process (on one store) share it: one variation per distinct config, one run per
+        fit. Default: each fit makes an experiment of its own, named ``"training"``.
     upload: ``"all"`` checkpoints as they are written (default), ``"best_and_last"``
         when the fit ends, or ``"none"``.
     heartbeat_interval: seconds between heartbeats.
@@ -163,6 +170,13 @@ Args:
 
 Resuming with ``trainer.fit(..., ckpt_path=...)`` continues the run recorded in the
 checkpoint (pass the callback again).
+
+A model saved or exported after ``fit`` joins the run the callback tracked with
+``callback.upload_asset(path)`` (also after the run succeeded: the store accepts assets of a
+finished run from the worker that held it; then the call returns when the upload is done,
+and ``.result()`` on the returned handle gives its :class:`AssetInfo`). ``callback.run``
+stays readable after the fit, but its client may be closed (the one the callback created
+is closed when the fit ends): use ``callback.upload_asset``, not ``run.upload_asset``.
 """
 
 
@@ -227,6 +241,15 @@ class LightningCore:
     def run(self) -> Run | None:
         """The tracked :class:`~chronicle_integrations.Run` (rank zero, during/after a fit)."""
         return self._tracked.run
+
+    def upload_asset(
+        self, path: str | os.PathLike[str], name: str | None = None
+    ) -> UploadHandle | None:
+        """Attach a file or directory to the tracked run, e.g. ``trainer.save_checkpoint(p)``
+        or an export after ``fit``: see the class docstring. Returns the upload's handle,
+        or None when no run is tracked here (another rank, tracking off) or the upload
+        could not be queued (logged; raised with ``strict=True``)."""
+        return self._tracked.upload(path, name)
 
     @property
     def chronicle(self) -> Chronicle | None:
@@ -542,21 +565,23 @@ class LightningCore:
 
 
 def _asset_name(path: str, dirpath: Any) -> str:
-    """``<checkpoint dir name>/<file name>`` when the file is in its callback's directory,
-    else the file name."""
+    """``<checkpoint dir name>/<path relative to it>`` for a file anywhere under its
+    callback's directory (a ``filename`` with a ``/``, e.g. ``"{epoch}-{val/loss:.2f}"``,
+    writes into sub-folders: each file keeps its own name), else the file name."""
     file = Path(path)
     if dirpath:
         try:
             directory = Path(os.path.abspath(str(dirpath)))
         except (TypeError, ValueError):
             return file.name
-        if file.parent == directory and directory.name:
-            return f"{directory.name}/{file.name}"
+        if directory.name and file.is_relative_to(directory):
+            return f"{directory.name}/{file.relative_to(directory).as_posix()}"
     return file.name
 
 
 def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
-    """``pl_module.hparams_initial`` merged with the datamodule's (the variation config)."""
+    """The variation config: ``pl_module.hparams_initial`` merged with the datamodule's;
+    when neither saved any (no ``save_hyperparameters()``), LightningCLI's resolved config."""
     config: dict[str, Any] = {}
     for obj in (pl_module, getattr(trainer, "datamodule", None)):
         hparams = getattr(obj, "hparams_initial", None) if obj is not None else None
@@ -565,7 +590,26 @@ def _hparams(trainer: Any, pl_module: Any) -> dict[str, Any]:
                 config.update(dict(hparams))
             except (TypeError, ValueError):
                 log.debug("ignoring hyperparameters of %r: not a mapping", obj)
-    return config
+    return config or _cli_config(trainer)
+
+
+def _cli_config(trainer: Any) -> dict[str, Any]:
+    """The config LightningCLI resolved for this fit (what it writes to ``config.yaml``),
+    read from its ``SaveConfigCallback`` (duck-typed: a ``parser`` and a jsonargparse
+    ``config`` namespace), without ``config`` (the paths of the files it was read from).
+    Empty without LightningCLI, or with ``save_config_callback=None``."""
+    for cb in getattr(trainer, "callbacks", ()):
+        as_dict = getattr(getattr(cb, "config", None), "as_dict", None)
+        if not hasattr(cb, "parser") or not callable(as_dict):
+            continue
+        try:
+            config = dict(as_dict())
+        except Exception as exc:  # a foreign callback that merely looks like it
+            log.debug("could not read the LightningCLI config from %r: %s", cb, exc)
+            continue
+        config.pop("config", None)
+        return config
+    return {}
 
 
 def missing_framework(package: str, extra: str) -> ImportError:

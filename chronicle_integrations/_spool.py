@@ -63,8 +63,9 @@ class Spool:
         lease: str | None,
         reason: str | None = None,
         message: str | None = None,
+        progress: dict[str, Any] | None = None,
     ) -> Path:
-        """Defer ``succeed`` or ``fail`` of a run."""
+        """Defer ``succeed`` or ``fail`` of a run (with its final progress, if any)."""
         return self._write(
             {
                 "kind": "transition",
@@ -74,6 +75,7 @@ class Spool:
                 "lease": lease,
                 "reason": reason,
                 "message": message,
+                "progress": progress,
             }
         )
 
@@ -167,10 +169,16 @@ class Spool:
                 upload_id=entry["upload_id"],
             )
         elif entry["action"] == "succeed":
-            transport.succeed(e, v, r, entry.get("lease"))
+            transport.succeed(e, v, r, entry.get("lease"), entry.get("progress"))
         else:
             transport.fail(
-                e, v, r, entry.get("reason") or "crash", entry.get("message"), entry.get("lease")
+                e,
+                v,
+                r,
+                entry.get("reason") or "crash",
+                entry.get("message"),
+                entry.get("lease"),
+                entry.get("progress"),
             )
 
     def _retire(self, path: Path, entry: dict[str, Any], refused: bool = False) -> None:

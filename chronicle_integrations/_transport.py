@@ -67,9 +67,18 @@ class Transport(Protocol):
         quick: bool = False,
         progress: dict[str, Any] | None = None,
     ) -> RunInfo: ...
-    def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo: ...
+    def succeed(
+        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+    ) -> RunInfo: ...
     def fail(
-        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        reason: str,
+        message: str | None,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
     ) -> RunInfo: ...
     def events(
         self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
@@ -213,13 +222,22 @@ class EmbeddedTransport:
     ) -> RunInfo:
         return self.store.heartbeat(e, v, r, lease, progress)
 
-    def succeed(self, e: str, v: int, r: int, lease: str | None) -> RunInfo:
-        return self.store.succeed(e, v, r, lease)
+    def succeed(
+        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+    ) -> RunInfo:
+        return self.store.succeed(e, v, r, lease, progress)
 
     def fail(
-        self, e: str, v: int, r: int, reason: str, message: str | None, lease: str | None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        reason: str,
+        message: str | None,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
     ) -> RunInfo:
-        return self.store.fail(e, v, r, reason, message, lease)
+        return self.store.fail(e, v, r, reason, message, lease, progress)
 
     def events(
         self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None

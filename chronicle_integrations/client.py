@@ -39,6 +39,7 @@ from . import _validation as check
 from ._errors import (
     ChronicleError,
     ConfigurationError,
+    InvalidRequest,
     ServerError,
     SourceChanged,
     StorageFull,
@@ -50,6 +51,7 @@ from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, walk_pages
 from ._spool import Spool, SyncReport
 from ._transport import EmbeddedTransport, Transport
 from ._uploads import (
+    StagedFile,
     Stager,
     UploadHandle,
     UploadPool,
@@ -336,7 +338,7 @@ class Chronicle:
         staged = self._stage(path, name, follow_symlinks)
         base = name if name is not None else Path(path).name
         futures = []
-        for item in staged:
+        for i, item in enumerate(staged):
             task = UploadTask(
                 staged=item,
                 run_key=run.key_tuple,
@@ -344,7 +346,13 @@ class Chronicle:
                 future=_new_future(),
                 upload_id=_request_id(),
             )
-            self._pool.submit(task)
+            try:
+                self._pool.submit(task)
+            except BaseException:
+                # Refused (e.g. the client is closed): what was not queued leaves no copy.
+                for left in staged[i:]:
+                    left.path.unlink(missing_ok=True)
+                raise
             futures.append(task.future)
         return UploadHandle(base, futures, directory=Path(path).is_dir())
 
@@ -398,6 +406,18 @@ class Chronicle:
                 exc,
             )
             self._spool_task(task, str(exc))
+        elif _source_holds(task.staged):
+            # Refused for good (a 4xx: no such run, another worker's lease, a bad name...):
+            # the source still holds these very bytes, so the staged copy protects nothing.
+            task.staged.path.unlink(missing_ok=True)
+            message = (
+                f"upload of {task.staged.source} as {task.staged.name!r} to run "
+                f"{'/'.join(map(str, task.run_key))} was refused: {exc}; no copy kept (the "
+                "file itself is unchanged)"
+            )
+            log.error("%s", message)
+            if not task.future.done():
+                task.future.set_exception(UploadError(message, name=task.staged.name))
         else:
             if self._stager is not None:
                 self._stager.keep(task.staged)  # outlives this process, unlike staging
@@ -757,33 +777,61 @@ class Run:
         """Wait for this run's pending uploads; True when none is left."""
         return self.chronicle._wait_uploads(self.key_tuple, timeout, f"run {self.key}")
 
-    def succeed(self, timeout: float | None = None) -> Run:
+    def succeed(self, timeout: float | None = None, progress: dict[str, Any] | None = None) -> Run:
         """Wait for this run's uploads (progress logged on long waits), then record success.
 
+        ``progress`` is the final training progress, kept with the run so that a finished run
+        shows where it ended; default: the latest ``run.progress``, if any (as heartbeats).
         If the server cannot be reached within the retry budget, the transition is spooled
         (``run.spooled`` becomes True, an ERROR says so) for ``chronicle sync``.
         """
         self.wait_uploads(timeout)
-        self._end(Action.SUCCEED, None, None)
+        self._end(Action.SUCCEED, None, None, progress)
         return self
 
-    def fail(self, reason: str = "crash", message: str | None = None) -> Run:
+    def fail(
+        self,
+        reason: str = "crash",
+        message: str | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> Run:
         """Record a failure: ``"crash"`` (needs the lease once started) or ``"abandoned"``
-        (a cancellation: anyone may). ``message`` is kept, bounded to 64 KiB."""
+        (a cancellation: anyone may). ``message`` is kept, bounded to 64 KiB. ``progress``:
+        where training stopped, as for :meth:`succeed`."""
         check.fail_reason(reason)
         action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
-        self._end(action, reason, check.message(message))
+        self._end(action, reason, check.message(message), progress)
         return self
 
-    def _end(self, action: Action, reason: str | None, message: str | None) -> None:
+    def _final_progress(self, progress: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The progress sent with the terminal transition. Invalid progress is dropped (with
+        a WARNING) rather than sent: it must never get the transition itself refused."""
+        if progress is None:
+            progress = self.progress.snapshot()
+        if progress is None:
+            return None
+        try:
+            return check.progress(progress)
+        except InvalidRequest as exc:
+            log.warning("run %s: not sending the final progress: %s", self.key, exc)
+            return None
+
+    def _end(
+        self,
+        action: Action,
+        reason: str | None,
+        message: str | None,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
         # Stop beating first: a heartbeat in flight after the terminal transition would be
         # refused and mistaken for a cancellation of a run this worker ended itself.
         self.stop_keep_alive()
+        progress = self._final_progress(progress)
         try:
             if action is Action.SUCCEED:
-                self._t.succeed(*self.key_tuple, self.lease)
+                self._t.succeed(*self.key_tuple, self.lease, progress)
             else:
-                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease)
+                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease, progress)
         except TransportError as exc:
             if self.lease is None:
                 # Not this worker's run (e.g. an operator cancelling): nothing to defer.
@@ -795,6 +843,7 @@ class Run:
                 lease=self.lease,
                 reason=reason,
                 message=message,
+                progress=progress,
             )
             self.spooled = True
             log.error(
@@ -843,6 +892,21 @@ def format_exception(exc: BaseException, limit_bytes: int = 16 * 1024) -> str:
     if len(tail) > limit_bytes:
         tail = "...\n" + tail[-limit_bytes:]
     return f"{head}\n\n{tail}"
+
+
+def _source_holds(staged: StagedFile) -> bool:
+    """True when the source path is still the very inode staged, unchanged (a hard-linked
+    capture whose file was neither deleted, replaced nor rewritten): dropping the staged
+    link loses nothing."""
+    try:
+        src, own = os.stat(staged.source), os.stat(staged.path)
+    except OSError:
+        return False
+    return (
+        staged.linked
+        and (src.st_dev, src.st_ino) == (own.st_dev, own.st_ino)
+        and staged.unchanged()
+    )
 
 
 def _request_id() -> str:

@@ -37,6 +37,22 @@ def test_progress_travels_with_heartbeats(chronicle: Chronicle) -> None:
     run.succeed()
 
 
+def test_the_final_progress_goes_with_the_terminal_transition(chronicle: Chronicle) -> None:
+    """``succeed()`` / ``fail()`` send the latest ``run.progress`` (or the one given); invalid
+    progress is dropped with a WARNING rather than getting the transition refused."""
+    exp = chronicle.create_experiment("liveness", [{}])
+    run = chronicle.create_run(exp, 0).start()
+    run.progress.update(step=7, epoch=1)
+    assert run.succeed().info().progress == {"step": 7, "epoch": 1}
+    run = chronicle.create_run(exp, 0).start()
+    run.fail("crash", "boom", progress={"step": 2})
+    assert run.info().progress == {"step": 2}
+    run = chronicle.create_run(exp, 0).start()
+    run.progress.update(step=float("nan"))
+    assert run.succeed().info().state is RunState.SUCCEEDED
+    assert run.info().progress is None
+
+
 def test_progress_advance_is_update_of_step_and_epoch() -> None:
     from chronicle_integrations._heartbeat import Progress
 

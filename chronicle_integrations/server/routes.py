@@ -350,11 +350,13 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.LeaseRequest | None = None,
+        body: schemas.SucceedRequest | None = None,
     ) -> JSONResponse:
-        """``running|lost -> succeeded`` (idempotent)."""
-        lease = body.lease if body else None
-        return _json(store.succeed(experiment_id, variation, run, lease=lease))
+        """``running|lost -> succeeded`` (idempotent); ``progress`` is kept as the final one."""
+        body = body or schemas.SucceedRequest()
+        return _json(
+            store.succeed(experiment_id, variation, run, lease=body.lease, progress=body.progress)
+        )
 
     @router.post(
         run_path + "/fail",
@@ -375,6 +377,7 @@ def build_router(
                 reason=body.reason,
                 message=body.message,
                 lease=body.lease,
+                progress=body.progress,
             )
         )
 

@@ -38,6 +38,7 @@ __all__ = [
     "Run",
     "RunList",
     "StartRequest",
+    "SucceedRequest",
     "UploadStatus",
     "Variation",
     "VariationCreated",
@@ -100,12 +101,24 @@ class LeaseRequest(_Request):
     )
 
 
+#: What a heartbeat, ``succeed`` and ``fail`` may carry about training progress.
+_PROGRESS = (
+    'Training progress, e.g. `{"step": 120, "epoch": 3}` (at most 16 names, finite numbers '
+    "or short strings)."
+)
+
+
 class HeartbeatRequest(LeaseRequest):
     progress: dict[str, Any] | None = Field(
         default=None,
-        description='Training progress, e.g. `{"step": 120, "epoch": 3}` (at most 16 '
-        "names, finite numbers or short strings). A run that keeps beating "
-        "without new progress is flagged `stalled`.",
+        description=_PROGRESS + " A run that keeps beating without new progress is flagged "
+        "`stalled`.",
+    )
+
+
+class SucceedRequest(LeaseRequest):
+    progress: dict[str, Any] | None = Field(
+        default=None, description=_PROGRESS + " The final one: where the run ended."
     )
 
 
@@ -118,6 +131,9 @@ class FailRequest(_Request):
         default=None, description="Free text, e.g. the end of a traceback (64 KiB max)."
     )
     lease: str | None = Field(default=None, description="The lease returned by start.")
+    progress: dict[str, Any] | None = Field(
+        default=None, description=_PROGRESS + " The final one: where training stopped."
+    )
 
 
 class RecordEventRequest(_Request):

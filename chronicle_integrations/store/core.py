@@ -845,10 +845,18 @@ class Store:
         by_beat = {row.beat: row for row in conn.execute(_HEARTBEAT_SET_PG, params)}
         return [(i, by_beat.get(i)) for i, _ in fast]
 
-    def succeed(self, experiment_id: str, variation: int, run: int, lease: str | None) -> RunInfo:
-        """``running|lost -> succeeded``, under the run's lease."""
+    def succeed(
+        self,
+        experiment_id: str,
+        variation: int,
+        run: int,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
+    ) -> RunInfo:
+        """``running|lost -> succeeded``, under the run's lease. ``progress`` is the final
+        one (e.g. ``{"step": 1200, "epoch": 9}``): a finished run shows where it ended."""
         return self._terminate(
-            Action.SUCCEED, _key(experiment_id, variation, run), lease, None, None
+            Action.SUCCEED, _key(experiment_id, variation, run), lease, None, None, progress
         )
 
     def fail(
@@ -859,16 +867,22 @@ class Store:
         reason: str = "crash",
         message: str | None = None,
         lease: str | None = None,
+        progress: dict[str, Any] | None = None,
     ) -> RunInfo:
         """``pending|running|lost -> failed_crash|failed_abandoned``.
 
         ``reason="crash"`` needs the lease once the run was started; ``"abandoned"`` (a
-        cancellation) does not.
+        cancellation) does not. ``progress``: where training stopped (as for ``succeed``).
         """
         check.fail_reason(reason)
         action = Action.FAIL_CRASH if reason == "crash" else Action.FAIL_ABANDONED
         return self._terminate(
-            action, _key(experiment_id, variation, run), lease, check.message(message), reason
+            action,
+            _key(experiment_id, variation, run),
+            lease,
+            check.message(message),
+            reason,
+            progress,
         )
 
     def _terminate(
@@ -878,7 +892,9 @@ class Store:
         lease: str | None,
         message: str | None,
         reason: str | None,
+        progress: dict[str, Any] | None = None,
     ) -> RunInfo:
+        encoded = _dumps(check.progress(progress)) if progress is not None else None
         now = self.clock()
         with self._write() as conn:
             row = self._lock_run(conn, *key)
@@ -891,11 +907,15 @@ class Store:
             target = next_state(action, state)
             if target is None:
                 raise _refused(action, state, key)
-            conn.execute(
-                t.runs.update()
-                .where(_run_pk(*key))
-                .values(state=target.value, ended_at=now, reason=reason, message=message)
-            )
+            values: dict[str, Any] = {
+                "state": target.value,
+                "ended_at": now,
+                "reason": reason,
+                "message": message,
+            }
+            if encoded is not None and encoded != row.progress:
+                values.update(progress=encoded, progress_at=now)
+            conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
             self._event(
                 conn,
                 key,

@@ -426,19 +426,42 @@ def test_upload_requires_the_runs_lease(
     backend, chronicle: Chronicle, started: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Only the worker holding the run writes its assets. A failed upload is never silent:
-    its future raises, an ERROR names the file, and the staged copy is kept."""
+    its future raises, an ERROR names the file. The refusal is final and the file is still
+    there, unchanged: the staged copy is not kept (nothing piles up in staging)."""
     src = tmp_path / "intruder.bin"
     src.write_bytes(b"not yours")
-    stranger = backend.connect().run(started.experiment_id, started.variation, started.run)
+    client = backend.connect()
+    stranger = client.run(started.experiment_id, started.variation, started.run)
     with caplog.at_level("ERROR", logger="chronicle_integrations"):
         handle = stranger.upload_asset(src)
-        with pytest.raises(UploadError) as caught:
+        with pytest.raises(UploadError, match="refused") as caught:
             handle.result(60)
     assert started.assets() == []
     assert any(r.levelname == "ERROR" and str(src) in r.getMessage() for r in caplog.records)
-    assert caught.value.staged_path and Path(caught.value.staged_path).read_bytes() == (
-        b"not yours"
-    )
+    assert caught.value.staged_path is None and src.read_bytes() == b"not yours"
+    assert list((client.home / "staging").iterdir()) == []
+
+
+def test_a_refused_upload_leaves_no_staged_copy(
+    backend, chronicle: Chronicle, tmp_path: Path
+) -> None:
+    """Refused by the store (no such run) or by the client itself (closed): staging stays
+    empty, whether the refusal comes back from a worker or at the call."""
+    src = tmp_path / "orphan.bin"
+    src.write_bytes(b"nobody's")
+    with pytest.raises(UploadError, match="refused"):
+        chronicle.run("no-such-experiment", 0, 0).upload_asset(src).result(60)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for rel in ("a.bin", "sub/b.bin"):
+        (tree / rel).write_bytes(rel.encode())
+    closed = backend.connect()
+    closed.close()
+    with pytest.raises(UploadError, match="closed"):
+        closed.run("no-such-experiment", 0, 0).upload_asset(tree)
+    for client in (chronicle, closed):
+        assert list((client.home / "staging").iterdir()) == []
+    assert src.read_bytes() == b"nobody's"
 
 
 def test_uploads_of_two_runs_are_waited_for_separately(

@@ -54,10 +54,14 @@ def build(ns: str = "lightning") -> SimpleNamespace:
             fail: str | None = None,
             marker: str | None = None,
             slow: float = 0.0,
+            val_losses: list[float] | None = None,
         ) -> None:
             super().__init__()
             self.save_hyperparameters("hidden", "lr")
             self.fail, self.marker, self.slow = fail, marker, slow
+            #: Logged as ``val/loss`` per epoch (the last value repeats): a metric with a
+            #: ``/``, which a checkpoint ``filename`` turns into sub-folders.
+            self.val_losses = val_losses
             self.net = torch.nn.Sequential(
                 torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
             )
@@ -99,6 +103,9 @@ def build(ns: str = "lightning") -> SimpleNamespace:
             self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
             # A score that improves every epoch: top-k eviction happens deterministically.
             self.log("val_score", float(self.current_epoch))
+            if self.val_losses:
+                epoch = min(self.current_epoch, len(self.val_losses) - 1)
+                self.log("val/loss", self.val_losses[epoch])
 
         def test_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
@@ -137,8 +144,10 @@ def build(ns: str = "lightning") -> SimpleNamespace:
         def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
             super()._save_checkpoint(trainer, filepath)
             if trainer.is_global_zero:
+                # The asset name: the path under the checkpoint directory, prefixed by its name.
+                relative = Path(os.path.relpath(filepath, self.dirpath)).as_posix()
                 entry = {
-                    "name": f"{Path(filepath).parent.name}/{Path(filepath).name}",
+                    "name": f"{Path(self.dirpath).name}/{relative}",
                     "path": os.path.abspath(filepath),
                     "sha256": sha256(filepath),
                 }

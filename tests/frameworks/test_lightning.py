@@ -67,6 +67,23 @@ def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
         client.close(timeout=10)
 
 
+@pytest.fixture(params=["embedded", "http"])
+def env_store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The environment names the store (the embedded home, or a real server) and no run:
+    the callback makes its own client, as for a user who passes nothing. Returns the home."""
+    for var in ("CHRONICLE_EXPERIMENT", "CHRONICLE_VARIATION", "CHRONICLE_RUN"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("CHRONICLE_HOME", str(home))
+    if request.param == "http":
+        monkeypatch.setenv("CHRONICLE_URL", request.getfixturevalue("shared_server").url)
+    else:
+        monkeypatch.delenv("CHRONICLE_URL", raising=False)
+    return home
+
+
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Chronicle]:
     client = Chronicle(home=tmp_path / "home")
@@ -85,7 +102,8 @@ def fit(
     **cb_kwargs: Any,
 ) -> tuple[Any, Any, list[Any], BaseException | None]:
     """Fit once; returns (trainer, chronicle callback, checkpoint callbacks, exception)."""
-    cb = app.ChronicleCallback(chronicle=chronicle, heartbeat_interval=0.2, **cb_kwargs)
+    cb_kwargs.setdefault("heartbeat_interval", 0.2)
+    cb = app.ChronicleCallback(chronicle=chronicle, **cb_kwargs)
     cks = app.checkpoints(root) if checkpoints is None else checkpoints
     trainer = app.trainer(root, [cb, *cks, *(extra or [])], epochs=epochs)
     error = None
@@ -175,6 +193,62 @@ def test_newest_last_ckpt_wins_when_an_older_upload_finishes_last(
     assert error is None and delayed
     assert cb.run.state is RunState.SUCCEEDED
     assert_every_checkpoint_uploaded(cb.run, saved_files(cks))
+
+
+def test_checkpoints_in_sub_folders_keep_their_relative_paths(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
+    """``filename="{epoch}-{val/loss:.2f}"`` writes ``ckpts/epoch=0-val/loss=1.00.ckpt``: one
+    sub-folder per epoch. Epochs 0 and 1 log the same loss (same file name, different
+    folders), epoch 2 another one: every file is its own asset, with its own bytes."""
+    root = tmp_path / "root"
+    ck = app.RecordingCheckpoint(
+        dirpath=root / "ckpts",
+        monitor="val/loss",
+        filename="{epoch}-{val/loss:.2f}",
+        save_top_k=-1,
+    )
+    _, cb, _, error = fit(
+        app,
+        root,
+        connect(),
+        epochs=3,
+        model_kwargs={"val_losses": [1.0, 1.0, 2.0]},
+        checkpoints=[ck],
+    )
+    assert error is None
+    assert cb.run.state is RunState.SUCCEEDED
+    expected = {s["name"]: s["sha256"] for s in ck.saved}
+    assert sorted(expected) == [
+        "ckpts/epoch=0-val/loss=1.00.ckpt",
+        "ckpts/epoch=1-val/loss=1.00.ckpt",
+        "ckpts/epoch=2-val/loss=2.00.ckpt",
+    ]
+    assert {a.name: a.sha256 for a in cb.run.assets()} == expected
+
+
+@pytest.mark.parametrize("fail", [None, "train@5"])
+def test_the_run_ends_showing_its_final_progress(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle], fail: str | None
+) -> None:
+    """The final (step, epoch) goes with ``succeed`` / ``fail``: a finished run shows where it
+    ended. Heartbeats are an hour apart, so only the terminal transition can carry it."""
+    _, cb, _, error = fit(
+        app,
+        tmp_path / "root",
+        connect(),
+        epochs=3,
+        model_kwargs={"fail": fail},
+        checkpoints=[],
+        heartbeat_interval=3600,
+    )
+    info = cb.run.info()
+    if fail is None:
+        assert error is None and info.state is RunState.SUCCEEDED
+        assert info.progress == {"step": 3 * STEPS, "epoch": 2}
+    else:
+        assert error is not None and info.state is RunState.FAILED_CRASH
+        assert info.progress == {"step": 5, "epoch": 1}
 
 
 def test_pytorch_lightning_namespace(tmp_path: Path, embedded: Chronicle) -> None:
@@ -378,6 +452,8 @@ def test_server_lost_mid_fit_spools_what_sync_sends(
         assert report.refused == [] and report.waiting == []
         synced = again.run(*run.key_tuple)
         assert synced.state is RunState.SUCCEEDED
+        # The spooled succeed carried the final progress (the server died at epoch 1).
+        assert (synced.info().progress or {}).get("step") == 3 * STEPS
         assets = {a.name: a.sha256 for a in synced.assets()}
         assert assets == {s["name"]: s["sha256"] for s in saved_files(cks)}
 
@@ -402,6 +478,98 @@ def test_default_client_and_a_second_fit_with_the_same_callback(
         assert sorted((r.experiment_id, r.variation, r.run) for r in runs) == sorted(keys)
         assert {r.state for r in runs} == {RunState.SUCCEEDED}
         assert keys[0] != keys[1]
+
+
+def test_a_model_saved_after_fit_joins_the_succeeded_run(
+    app: Any, tmp_path: Path, env_store: Path
+) -> None:
+    """``trainer.save_checkpoint(path)`` after ``fit``: ``callback.upload_asset(path)``
+    attaches it to the run the callback tracked, although the run succeeded and the
+    callback's own client was closed when the fit ended; nothing stays behind in staging."""
+    home = env_store
+    cb = app.ChronicleCallback(heartbeat_interval=0.2)
+    trainer = app.trainer(tmp_path / "root", [cb], epochs=1)
+    trainer.fit(app.Model(), datamodule=app.Data())
+    assert cb.chronicle is not None and cb.chronicle._closed
+    export = tmp_path / "export" / "model.ckpt"
+    trainer.save_checkpoint(export)
+    handle = cb.upload_asset(export, "export/model.ckpt")
+    assert handle is not None and handle.done()  # the run ended: the call waited
+    info = handle.result(0)
+    assert info.sha256 == app_module.sha256(export)
+    with Chronicle() as chronicle:
+        run = chronicle.run(*cb.run.key_tuple)
+        assert run.state is RunState.SUCCEEDED
+        assert {a.name: a.sha256 for a in run.assets()}["export/model.ckpt"] == info.sha256
+    assert list((home / "staging").iterdir()) == []
+
+
+def test_lightning_cli_config_is_the_variation_config(tmp_path: Path, env_store: Path) -> None:
+    """``BoringModel`` saves no hyperparameters: the variation config is what LightningCLI
+    resolved (trainer, seed, callbacks...), the content of the ``config.yaml`` it writes.
+    The callback is given on the command line (jsonargparse checks its class)."""
+    pytest.importorskip("jsonargparse")
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    from chronicle_integrations.lightning import ChronicleCallback
+
+    root = tmp_path / "root"
+    cli = LightningCLI(
+        BoringModel,
+        BoringDataModule,
+        args=[
+            "fit",
+            "--seed_everything=7",
+            "--trainer.max_steps=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.callbacks+=chronicle_integrations.lightning.ChronicleCallback",
+            "--trainer.callbacks.experiment_name=cli",
+            "--trainer.callbacks.heartbeat_interval=0.2",
+        ],
+    )
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, ChronicleCallback)]
+    assert cb.run.info().state is RunState.SUCCEEDED
+    with Chronicle() as chronicle:
+        config = chronicle.run(*cb.run.key_tuple).get_variation_config()
+    written = yaml.safe_load((root / "config.yaml").read_text())
+    assert config["seed_everything"] == written["seed_everything"] == 7
+    assert config["trainer"]["max_steps"] == written["trainer"]["max_steps"] == 3
+    [chronicle_cb] = config["trainer"]["callbacks"]
+    assert chronicle_cb["class_path"] == "chronicle_integrations.lightning.ChronicleCallback"
+    assert chronicle_cb["init_args"]["experiment_name"] == "cli"
+    assert set(written) - {"config"} <= set(config)
+
+
+def test_fits_with_the_same_experiment_name_share_its_experiment(
+    app: Any, tmp_path: Path, connect: Callable[..., Chronicle]
+) -> None:
+    """Three fits, three callbacks, one ``experiment_name``: one experiment; the two fits
+    with the same hyperparameters are two runs of one variation, the third a new one."""
+    client = connect()
+    name = f"grouped-{tmp_path.name}"
+    keys = []
+    for i, hidden in enumerate((8, 8, 16)):
+        _, cb, _, error = fit(
+            app,
+            tmp_path / f"root{i}",
+            client,
+            epochs=1,
+            model_kwargs={"hidden": hidden},
+            checkpoints=[],
+            experiment_name=name,
+        )
+        assert error is None
+        keys.append(cb.run.key_tuple)
+    assert len({key[0] for key in keys}) == 1
+    assert [key[1:] for key in keys] == [(0, 0), (0, 1), (1, 0)]
+    assert [e.name for e in client.experiments()].count(name) == 1
+    assert client.run(*keys[2]).get_variation_config()["hidden"] == 16
 
 
 def test_callback_pickles_without_live_objects(

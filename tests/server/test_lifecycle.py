@@ -166,6 +166,31 @@ def test_fail_records_reason_and_bounded_message(api: Api) -> None:
     assert len(info["message"].encode()) <= 64 * 1024
 
 
+def test_succeed_and_fail_keep_the_final_progress(api: Api) -> None:
+    """The terminal transition carries where training ended; bad progress is a 400 that
+    leaves the run as it was (running, progress unchanged)."""
+    path, lease = api.started()
+    api.ok("POST", f"{path}/heartbeat", json={"lease": lease, "progress": {"step": 3}})
+    error = assert_error(
+        api.post(f"{path}/succeed", json={"lease": lease, "progress": {"step": True}}),
+        400,
+        "invalid_request",
+    )
+    assert error["field"] == "progress"
+    assert api.ok("GET", path)["state"] == "running"
+    done = api.ok("POST", f"{path}/succeed", json={"lease": lease, "progress": {"step": 9}})
+    assert done["state"] == "succeeded" and done["progress"] == {"step": 9}
+    assert api.ok("GET", path)["progress"] == {"step": 9}
+    path, lease = api.started()
+    crashed = api.ok(
+        "POST",
+        f"{path}/fail",
+        json={"reason": "crash", "lease": lease, "progress": {"step": 4, "epoch": 1}},
+    )
+    assert crashed["state"] == "failed_crash"
+    assert crashed["progress"] == {"step": 4, "epoch": 1}
+
+
 # ------------------------------------------------------------------------------- leases
 def test_leases(api: Api) -> None:
     path, lease_a = make_run_in(api, RunState.RUNNING)
