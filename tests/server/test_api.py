@@ -299,6 +299,7 @@ def test_openapi_documents_the_api(api: Api) -> None:
             for action in ("start", "heartbeat", "succeed", "fail", "uploads")
         ),
         ("/v1/runs/{experiment_id}/{variation}/{run}/events", "get"),
+        ("/v1/runs/{experiment_id}/{variation}/{run}/events", "post"),
         ("/v1/runs/{experiment_id}/{variation}/{run}/assets", "get"),
         ("/v1/runs/{experiment_id}/{variation}/{run}/assets/{name}", "get"),
         ("/v1/uploads/{upload_id}", "get"),

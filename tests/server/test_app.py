@@ -128,7 +128,7 @@ def test_unexpected_exception_is_a_logged_500_with_the_error_body(
     def broken() -> Any:
         raise ZeroDivisionError("a bug")
 
-    store.list_experiments = broken  # type: ignore[method-assign]
+    store.page_experiments = broken  # type: ignore[method-assign]  # what the route calls
     app = create_app(store)
     with caplog.at_level("ERROR"):
         status, body = asyncio.run(_call(app, "GET", "/v1/experiments"))
