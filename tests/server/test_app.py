@@ -125,7 +125,7 @@ def test_unexpected_exception_is_a_logged_500_with_the_error_body(
 ) -> None:
     store = Store.open(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "assets")
 
-    def broken() -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise ZeroDivisionError("a bug")
 
     store.page_experiments = broken  # type: ignore[method-assign]  # what the route calls
