@@ -31,7 +31,7 @@ from .._errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Unaut
 from .._version import __version__
 from ..store import Store
 from .fastlane import HeartbeatLane
-from .middleware import Guard, error_response
+from .middleware import RequestGuard, error_response
 from .routes import build_router
 from .streaming import DEFAULT_UPLOAD_IDLE_TIMEOUT, DEFAULT_UPLOAD_MIN_RATE
 
@@ -146,7 +146,7 @@ def create_app(
         )
     )
     app.add_middleware(
-        Guard,
+        RequestGuard,
         api_key=api_key,
         max_json_bytes=max_json_bytes,
         max_chunk_bytes=max_chunk_bytes,

@@ -4,7 +4,7 @@ Heartbeats are nearly all of a busy server's requests (one per run per interval)
 per-request CPU sets the server's capacity. Through FastAPI a heartbeat costs about 1 ms of
 CPU (routing over every route, dependency resolution, body re-validation, response
 machinery); the store's part is about 0.15 ms. The lane serves the *happy path* directly
-from :class:`~chronicle_integrations.server.middleware.Guard`, after the guard has checked the
+from :class:`~chronicle_integrations.server.middleware.RequestGuard`, after the guard has checked the
 API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_BYTES`, decoded once:
 the lane validates the guard's decoded value):
 

@@ -45,7 +45,7 @@ from .._errors import (
 )
 from .fastlane import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES, HeartbeatLane
 
-__all__ = ["LOOPBACK_HOSTS", "MAX_JSON_DEPTH", "Guard", "error_response"]
+__all__ = ["LOOPBACK_HOSTS", "MAX_JSON_DEPTH", "RequestGuard", "error_response"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSON
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
 
-class Guard:
+class RequestGuard:
     """ASGI middleware enforcing authentication and body limits (see the module docstring)."""
 
     def __init__(
