@@ -4,8 +4,8 @@ Heartbeats are nearly all of a busy server's requests (one per run per interval)
 per-request CPU sets the server's capacity. Through FastAPI a heartbeat costs about 1 ms of
 CPU (routing over every route, dependency resolution, body re-validation, response
 machinery); the store's part is about 0.15 ms. The lane serves the *happy path* directly
-from :class:`~chronicle_integrations.server.middleware.RequestGuard`, after the guard has checked the
-API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_BYTES`, decoded once:
+from :class:`~chronicle_integrations.server.middleware.RequestGuard`, after the guard has
+checked the API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_BYTES`, decoded once:
 the lane validates the guard's decoded value):
 
 * the same validation (the path numbers as the route's, the body through the route's own
