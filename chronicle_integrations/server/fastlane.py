@@ -5,8 +5,8 @@ per-request CPU sets the server's capacity. Through FastAPI a heartbeat costs ab
 CPU (routing over every route, dependency resolution, body re-validation, response
 machinery); the store's part is about 0.15 ms. The lane serves the *happy path* directly
 from :class:`~chronicle_integrations.server.middleware.RequestGuard`, after the guard has
-checked the API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_BYTES`, decoded once:
-the lane validates the guard's decoded value):
+checked the API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_BYTES`,
+decoded once: the lane validates the guard's decoded value):
 
 * the same validation (the path numbers as the route's, the body through the route's own
   :class:`~chronicle_integrations.server.schemas.HeartbeatRequest` model), the same store
