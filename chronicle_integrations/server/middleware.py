@@ -161,7 +161,11 @@ class RequestGuard:
                 )(scope, receive, send)
                 return
             if length > limit:
-                await error_response(_too_large(limit, path))(scope, receive, send)
+                # The body is not read: the connection cannot carry another request (its
+                # unread bytes would be taken for the next request's head), so it closes.
+                await error_response(_too_large(limit, path), {"Connection": "close"})(
+                    scope, receive, send
+                )
                 return
         if is_chunk:
             await self.app(scope, receive, send)  # the route streams and counts the body
@@ -169,7 +173,8 @@ class RequestGuard:
 
         body, value, error = await _read_json_body(receive, limit, path)
         if error is not None:
-            await error_response(error)(scope, receive, send)
+            unread = {"Connection": "close"} if isinstance(error, PayloadTooLarge) else None
+            await error_response(error, unread)(scope, receive, send)
             return
         if (
             is_heartbeat
