@@ -143,18 +143,8 @@ class RunsMixin(WatchdogMixin):
     ) -> list[RunInfo]:
         now = self.clock() if now is None else now
         c = t.runs.c
-        asset_count = (
-            sa.select(sa.func.count())
-            .select_from(t.assets)
-            .where(
-                t.assets.c.experiment_id == c.experiment_id,
-                t.assets.c.variation == c.variation,
-                t.assets.c.run == c.run,
-            )
-            .scalar_subquery()
-        )
         query = (
-            sa.select(t.runs, asset_count.label("asset_count"))
+            _runs_with_asset_count()
             .where(where)
             .order_by(c.experiment_id, c.variation, c.run)
             .limit(limit)
@@ -193,20 +183,24 @@ class RunsMixin(WatchdogMixin):
         )
 
     def _reload(self, conn: sa.Connection, key: tuple[str, int, int]) -> Any:
-        c = t.runs.c
-        count = (
-            sa.select(sa.func.count())
-            .select_from(t.assets)
-            .where(
-                t.assets.c.experiment_id == c.experiment_id,
-                t.assets.c.variation == c.variation,
-                t.assets.c.run == c.run,
-            )
-            .scalar_subquery()
+        return conn.execute(_runs_with_asset_count().where(_run_pk(*key))).one()
+
+
+def _runs_with_asset_count() -> sa.Select[Any]:
+    """``SELECT runs.*, <the run's asset count> AS asset_count FROM runs``: what
+    :meth:`RunsMixin._info` reads a record from."""
+    c = t.runs.c
+    asset_count = (
+        sa.select(sa.func.count())
+        .select_from(t.assets)
+        .where(
+            t.assets.c.experiment_id == c.experiment_id,
+            t.assets.c.variation == c.variation,
+            t.assets.c.run == c.run,
         )
-        return conn.execute(
-            sa.select(t.runs, count.label("asset_count")).where(_run_pk(*key))
-        ).one()
+        .scalar_subquery()
+    )
+    return sa.select(t.runs, asset_count.label("asset_count"))
 
 
 def _run_bytes(info: RunInfo) -> int:
