@@ -193,7 +193,7 @@ class HeartbeatMixin(RunsMixin):
             "p_r": key[2],
             "p_lease": lease,
             "p_now": now,
-            "p_cut": now - self.heartbeat_timeout,
+            "p_cut": self._lost_cut(now),
         }
         if progress is not None:
             params["p_progress"] = progress
@@ -220,7 +220,7 @@ class HeartbeatMixin(RunsMixin):
         ``heartbeat_many`` puts at most one heartbeat per run in it)."""
         params = {
             "now": now,
-            "cut": now - self.heartbeat_timeout,
+            "cut": self._lost_cut(now),
             "beats": [i for i, _ in fast],
             "es": [p["p_e"] for _, p in fast],
             "vs": [p["p_v"] for _, p in fast],

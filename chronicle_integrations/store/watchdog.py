@@ -8,6 +8,8 @@ A run that is ``running`` (or ``lost``) and silent for more than ``heartbeat_tim
 * computed in Python on every read (:meth:`WatchdogMixin.effective_state`, and
   :meth:`WatchdogMixin._effective_end`: the end a read shows for an expiry not yet persisted),
 * computed in SQL to filter listings by state (:meth:`WatchdogMixin._effective_sql`),
+* the guard of the heartbeat fast path (:mod:`.heartbeats`), which only touches runs whose
+  ``alive_at`` is not older than :meth:`WatchdogMixin._lost_cut` (runs owed nothing),
 * persisted for one run, with its events, before any write to it
   (:meth:`WatchdogMixin._materialise`) and before its timeline is read
   (:meth:`WatchdogMixin._materialise_on_read`),
@@ -51,17 +53,26 @@ class WatchdogMixin(StoreBase):
                 return RunState.LOST
         return RunState(state)
 
+    def _lost_cut(self, now: float) -> float:
+        """The oldest ``alive_at`` of a run still ``running`` at ``now`` (SQL forms of the
+        rule, and the heartbeat fast path's guard: it only touches runs not owed a transition)."""
+        return now - self.heartbeat_timeout
+
+    def _expire_cut(self, now: float) -> float:
+        """The oldest ``alive_at`` of a run not yet ``failed_lost`` at ``now`` (SQL forms)."""
+        return now - self.heartbeat_timeout - self.lost_grace
+
     def _effective_sql(self, now: float) -> sa.ColumnElement[str]:
         c = t.runs.c
         return sa.case(
             (
                 sa.and_(
                     c.state.in_([_RUNNING, _LOST]),
-                    c.alive_at < now - self.heartbeat_timeout - self.lost_grace,
+                    c.alive_at < self._expire_cut(now),
                 ),
                 RunState.FAILED_LOST.value,
             ),
-            (sa.and_(c.state == _RUNNING, c.alive_at < now - self.heartbeat_timeout), _LOST),
+            (sa.and_(c.state == _RUNNING, c.alive_at < self._lost_cut(now)), _LOST),
             else_=c.state,
         )
 
@@ -129,8 +140,7 @@ class WatchdogMixin(StoreBase):
         """
         now = self.clock()
         c = t.runs.c
-        lost_cut = now - self.heartbeat_timeout
-        expire_cut = now - self.heartbeat_timeout - self.lost_grace
+        lost_cut, expire_cut = self._lost_cut(now), self._expire_cut(now)
         expired_at = c.alive_at + self.heartbeat_timeout + self.lost_grace
         with self._write() as conn:
             lost = self._sweep_step(
