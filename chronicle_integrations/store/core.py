@@ -72,7 +72,7 @@ from .base import (
 from .blobs import open_blob_store
 from .engine import make_engine
 from .heartbeats import HeartbeatMixin
-from .pages import _cursor_key, _event_id, _finite, _page
+from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_MAX_ASSET_BYTES",
     "DEFAULT_STALL_TIMEOUT",
     "DEFAULT_UPLOAD_EXPIRY",
+    "MAX_CURSOR",
     "ChunkWriter",
     "Store",
     "make_engine",
