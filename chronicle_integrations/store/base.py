@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import _validation as check
+from .._config import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_LOST_GRACE, DEFAULT_STALL_TIMEOUT
 from .._errors import ConfigurationError, InvalidTransition, LeaseConflict, NotFound
 from ..lifecycle import LEASED_ACTIONS, Action, RunState
 from . import schema as t
@@ -28,11 +29,8 @@ from .engine import _translate_db_errors
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_TIMEOUT = 900.0
-DEFAULT_LOST_GRACE = 172800.0
-#: A running run whose heartbeats carry progress that has not advanced for this long is
-#: flagged ``stalled`` (a flag, not a state).
-DEFAULT_STALL_TIMEOUT = 1800.0
+# The watchdog's defaults live with every other setting (a running run whose heartbeats
+# carry progress that has not advanced for DEFAULT_STALL_TIMEOUT is flagged ``stalled``).
 #: An unfinished upload that received no chunk for this long is dropped with its bytes.
 DEFAULT_UPLOAD_EXPIRY = 86400.0
 #: The largest asset: the bound of an upload that declared no size (and of declared sizes).
