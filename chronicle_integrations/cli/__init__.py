@@ -23,15 +23,17 @@ Usage::
 Every listing and ``show`` take ``--json`` (the models' ``to_dict()``, lists as JSON arrays;
 the lease token is never printed) for agents; people get aligned tables. With ``--json``, an
 error is one JSON object on stderr, ``{"error": {"code": ..., "message": ...}}`` (the API's
-stable code, see :data:`ERROR_CODES` for the others), with the same exit code. A JSON argument
-(a variation config) may be given as ``@FILE`` (``@-``: stdin).
+stable code, see :data:`.errors.ERROR_CODES` for the others), with the same exit code. A
+JSON argument (a variation config) may be given as ``@FILE`` (``@-``: stdin).
 
 The client is chosen like :class:`~chronicle_integrations.Chronicle` chooses it: ``--url`` /
 ``$CHRONICLE_URL`` selects a server, otherwise the embedded store in ``--home`` /
 ``$CHRONICLE_HOME`` / ``./chronicle``. With the embedded store, a home directory that does not
 exist is an error (exit 2) rather than a new empty store in the wrong place; ``sync`` just has
 nothing to send. The client options (``--url``, ``--api-key``, ``--home``, ``--timeout``,
-``-v``) are also accepted after the command, except for ``server``, which has its own.
+``-v``) are also accepted after the command, except for ``server``, which takes the server's
+options (the same as ``python -m chronicle_integrations.server``'s; ``--api-key`` and
+``--home`` given before ``server`` are the fallbacks of its own).
 
 Exit codes:
 
