@@ -632,14 +632,13 @@ def test_unauthorized_exits_5(server_factory: Any, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.skipif(not _has_serve(), reason="chronicle_integrations.server.serve not available")
-def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+def _cli_server(tmp_path: Path, *options: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``chronicle server OPTIONS`` on a free port, once it answers ``/v1/health``."""
     import requests
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    home = tmp_path / "server-home"
     proc = testkit.spawn(
         [
             sys.executable,
@@ -648,14 +647,9 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             "server",
             "--port",
             str(port),
-            "--home",
-            str(home),
-            "--heartbeat-timeout",
-            "30",
-            "--log-level",
-            "warning",
+            *options,
         ],
-        env=_env(tmp_path / "unused"),
+        env=_env(tmp_path / "unused", **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -666,11 +660,23 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert proc.poll() is None, proc.communicate()[0]
             try:
                 if requests.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                    break
+                    return proc, url
             except requests.RequestException:
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.05)
+    except BaseException:
+        testkit.reap(proc)
+        raise
+
+
+@pytest.mark.skipif(not _has_serve(), reason="chronicle_integrations.server.serve not available")
+def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    home = tmp_path / "server-home"
+    proc, url = _cli_server(
+        tmp_path, "--home", str(home), "--heartbeat-timeout", "30", "--log-level", "warning"
+    )
+    try:
         client_home = tmp_path / "client"
         with Chronicle(url=url, home=client_home) as chronicle:
             exp = chronicle.create_experiment("via-cli-server", variations=[{}])
@@ -681,3 +687,40 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         proc.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why
     assert proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_server_help_offers_only_what_the_store_accepts(tmp_path: Path) -> None:
+    out = ok(cli(tmp_path, "server", "--help"))
+    assert "s3://" not in out
+    assert "--assets DIR" in out and "a directory" in out
+    assert "--max-json-bytes" in out  # the same options as python -m chronicle_integrations.server
+
+
+@pytest.mark.skipif(not _has_serve(), reason="chronicle_integrations.server.serve not available")
+def test_server_command_passes_every_server_option(tmp_path: Path) -> None:
+    """``chronicle server`` takes the server's own options (here ``--max-json-bytes``, which it
+    did not have) and the API key from ``$CHRONICLE_API_KEY``."""
+    import requests
+
+    proc, url = _cli_server(
+        tmp_path,
+        "--home",
+        str(tmp_path / "server-home"),
+        "--max-json-bytes",
+        "300",
+        "--log-level",
+        "warning",
+        CHRONICLE_API_KEY="env-key-654321",
+    )
+    auth = {"Authorization": "Bearer env-key-654321"}
+    try:
+        assert requests.get(f"{url}/v1/experiments", timeout=10).status_code == 401
+        small = requests.post(f"{url}/v1/experiments", json={"name": "x"}, headers=auth, timeout=10)
+        assert small.status_code == 201, small.text
+        big = requests.post(
+            f"{url}/v1/experiments", json={"name": "x" * 1000}, headers=auth, timeout=10
+        )
+        assert big.status_code == 413, big.text
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

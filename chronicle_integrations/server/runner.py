@@ -12,7 +12,15 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._config import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_HOME,
+    DEFAULT_LOST_GRACE,
+    ENV_API_KEY,
+    ENV_HOME,
+)
 from .._errors import ConfigurationError
+from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS
 from .._version import __version__
 from ..store.core import DEFAULT_MAX_ASSET_BYTES, DEFAULT_UPLOAD_EXPIRY
 from .app import (
@@ -29,8 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
-
-_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def is_loopback(host: str) -> bool:
@@ -62,11 +68,11 @@ def serve(
     *,
     store_url: str | None = None,
     assets: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8765,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     api_key: str | None = None,
-    heartbeat_timeout: float = 900.0,
-    lost_grace: float = 172800.0,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    lost_grace: float = DEFAULT_LOST_GRACE,
     home: str | os.PathLike[str] | None = None,
     log_level: str = "info",
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
@@ -96,7 +102,7 @@ def serve(
     :class:`ConfigurationError`, as are invalid settings.
     """
     if api_key is None:
-        api_key = os.environ.get("CHRONICLE_API_KEY")
+        api_key = os.environ.get(ENV_API_KEY)
     api_key = api_key.strip() if api_key else None
     if not is_loopback(host) and not api_key:
         raise ConfigurationError(
@@ -107,16 +113,14 @@ def serve(
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigurationError(f"invalid port {port!r}: use 0-65535")
     level = log_level.lower()
-    if level not in _LOG_LEVELS:
-        raise ConfigurationError(
-            f"invalid log level {log_level!r}: one of {', '.join(_LOG_LEVELS)}"
-        )
+    if level not in LOG_LEVELS:
+        raise ConfigurationError(f"invalid log level {log_level!r}: one of {', '.join(LOG_LEVELS)}")
     if max_json_bytes <= 0 or max_chunk_bytes <= 0:
         raise ConfigurationError("max_json_bytes and max_chunk_bytes must be > 0")
     if not upload_idle_timeout > 0 or not upload_min_rate >= 0:
         raise ConfigurationError("upload_idle_timeout must be > 0 and upload_min_rate >= 0")
 
-    root = Path(home or os.environ.get("CHRONICLE_HOME") or "chronicle").expanduser().resolve()
+    root = Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME).expanduser().resolve()
     if store_url is None:
         root.mkdir(parents=True, exist_ok=True)
         store_url = f"sqlite:///{root / 'chronicle.db'}"

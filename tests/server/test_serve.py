@@ -134,3 +134,52 @@ def test_defaults_from_home_and_env_key(tmp_path: Path) -> None:
     # A graceful shutdown on SIGTERM (uvicorn then re-raises the signal it caught).
     assert "Application shutdown complete" in output, output
     assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------------- one set of options
+def _options(parser: Any) -> dict[str, tuple[str, Any, Any]]:
+    """``--flag`` -> (dest, default, metavar) of every option of ``parser`` but ``--help``."""
+    return {
+        flag: (action.dest, action.default, action.metavar)
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    }
+
+
+def test_both_entry_points_offer_the_same_server_options() -> None:
+    import argparse
+
+    from chronicle_integrations.cli import build_parser as cli_parser
+    from chronicle_integrations.server.__main__ import build_parser as server_parser
+
+    sub = next(
+        a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices["server"]
+    cli_options, server_options = _options(sub), _options(server_parser())
+    assert cli_options == server_options
+    assert {"--max-json-bytes", "--max-chunk-bytes", "--max-asset-bytes", "--api-key"} <= set(
+        server_options
+    )
+    # The defaults are the settings module's and serve()'s own (None: serve() applies its own).
+    from chronicle_integrations import _config
+
+    assert server_options["--heartbeat-timeout"][1] == _config.DEFAULT_HEARTBEAT_TIMEOUT
+    assert server_options["--lost-grace"][1] == _config.DEFAULT_LOST_GRACE
+    assert server_options["--stall-timeout"][1] == _config.DEFAULT_STALL_TIMEOUT
+    assert server_options["--api-key"][1] is None  # read from $CHRONICLE_API_KEY, not argv
+
+
+def test_main_rejects_bad_values_before_touching_the_home(tmp_path: Path) -> None:
+    for option, value in [
+        ("--upload-expiry", "0"),
+        ("--lost-grace", "-5"),
+        ("--max-json-bytes", "0"),
+        ("--upload-min-rate", "nan"),
+        ("--max-asset-bytes", "-1"),
+    ]:
+        home = tmp_path / option.strip("-")
+        result = _run_main(option, value, "--home", str(home), "--port", "0")
+        assert result.returncode == 2, (option, result.stderr)
+        assert option.strip("-").replace("-", "_") in result.stderr.splitlines()[-1]
+        assert not home.exists(), option  # a usage error: nothing was created

@@ -1,0 +1,208 @@
+"""The server's command-line options, one definition for both entry points.
+
+``chronicle server`` and ``python -m chronicle_integrations.server`` take the same options:
+:func:`add_server_options` adds them to a parser, :func:`serve_kwargs` turns the parsed
+arguments into the keyword arguments of :func:`~chronicle_integrations.server.serve`.
+
+This module lives outside the ``server`` package on purpose: the ``chronicle`` parser is built
+for every command, and importing ``chronicle_integrations.server`` imports FastAPI, which the
+client-only commands neither need nor may require. Defaults come from :mod:`._config`; an
+option left out is not passed on, so :func:`serve` (and the store) apply their own default,
+which the help text quotes.
+
+The values are checked when they are parsed (a usage error, exit 2, before anything is
+opened); :func:`serve` checks them again for callers from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Any
+
+from ._config import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_HOME,
+    DEFAULT_LOST_GRACE,
+    DEFAULT_STALL_TIMEOUT,
+    ENV_API_KEY,
+    ENV_HOME,
+)
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "LOG_LEVELS",
+    "add_server_options",
+    "port",
+    "serve_kwargs",
+]
+
+#: The listen address: loopback only (anything else needs an API key).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+#: ``dest`` of each option -> the keyword of ``serve()`` it is passed as. ``--api-key`` and
+#: ``--home`` get their own ``dest`` because ``chronicle`` has client options of those names.
+_SERVE_KEYWORDS = {
+    "store": "store_url",
+    "assets": "assets",
+    "host": "host",
+    "port": "port",
+    "server_api_key": "api_key",
+    "server_home": "home",
+    "heartbeat_timeout": "heartbeat_timeout",
+    "lost_grace": "lost_grace",
+    "stall_timeout": "stall_timeout",
+    "log_level": "log_level",
+    "max_json_bytes": "max_json_bytes",
+    "max_chunk_bytes": "max_chunk_bytes",
+    "upload_idle_timeout": "upload_idle_timeout",
+    "upload_min_rate": "upload_min_rate",
+    "upload_expiry": "upload_expiry",
+    "max_asset_bytes": "max_asset_bytes",
+}
+
+
+def port(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free port) (argparse ``type=``)."""
+    if not re.fullmatch(r"[0-9]+", text) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0-65535")
+    return int(text)
+
+
+def _setting(name: str, kind: type[float] | type[int], *, zero_ok: bool = False) -> Any:
+    """An argparse ``type=`` for the ``serve()`` setting ``name``: a finite number of ``kind``
+    that is > 0 (``zero_ok``: >= 0). The error names the setting as ``serve()`` does."""
+    expected = ("a whole number" if kind is int else "a number") + (" >= 0" if zero_ok else " > 0")
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text) if len(text) <= 40 else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"invalid {name} {text!r}: expected {expected}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """Add the server's options to ``parser`` (see :func:`serve_kwargs`)."""
+    seconds = "S"
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="SQLAlchemy URL of the database (default: SQLite in the home)",
+    )
+    parser.add_argument(
+        "--assets",
+        metavar="DIR",
+        help="a directory for the asset bytes (default: <home>/assets)",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}; anything beyond loopback needs "
+        "an API key)",
+    )
+    parser.add_argument(
+        "--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--api-key",
+        dest="server_api_key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' (default ${ENV_API_KEY}; prefer the "
+        "variable: the command line is visible in ps)",
+    )
+    parser.add_argument(
+        "--home",
+        dest="server_home",
+        metavar="DIR",
+        help=f"server home for the default store and assets (default ${ENV_HOME} or "
+        f"./{DEFAULT_HOME})",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=_setting("heartbeat_timeout", float),
+        default=DEFAULT_HEARTBEAT_TIMEOUT,
+        metavar=seconds,
+        help="seconds without a heartbeat before a run is lost "
+        f"(default {DEFAULT_HEARTBEAT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--lost-grace",
+        type=_setting("lost_grace", float),
+        default=DEFAULT_LOST_GRACE,
+        metavar=seconds,
+        help=f"seconds a run may stay lost before it fails (default {DEFAULT_LOST_GRACE:g})",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=_setting("stall_timeout", float),
+        default=DEFAULT_STALL_TIMEOUT,
+        metavar=seconds,
+        help="flag a running run stalled when its heartbeats' progress has not advanced "
+        f"for S seconds (default {DEFAULT_STALL_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="server log level (default info)",
+    )
+    parser.add_argument(
+        "--max-json-bytes",
+        type=_setting("max_json_bytes", int),
+        metavar="N",
+        help="largest JSON body accepted (default 2 MiB)",
+    )
+    parser.add_argument(
+        "--max-chunk-bytes",
+        type=_setting("max_chunk_bytes", int),
+        metavar="N",
+        help="largest upload chunk accepted (default 256 MiB)",
+    )
+    parser.add_argument(
+        "--upload-idle-timeout",
+        type=_setting("upload_idle_timeout", float),
+        metavar=seconds,
+        help="abandon an upload chunk whose body sends nothing for S seconds (408; the "
+        "bytes received are kept for the resume) (default 30)",
+    )
+    parser.add_argument(
+        "--upload-min-rate",
+        type=_setting("upload_min_rate", float, zero_ok=True),
+        metavar="B",
+        help="abandon an upload chunk whose body sends fewer than B bytes per second over "
+        "a window of the idle timeout (default 1024; 0 disables)",
+    )
+    parser.add_argument(
+        "--upload-expiry",
+        type=_setting("upload_expiry", float),
+        metavar=seconds,
+        help="drop an unfinished upload, and its bytes, after S seconds without a chunk "
+        "(default 86400)",
+    )
+    parser.add_argument(
+        "--max-asset-bytes",
+        type=_setting("max_asset_bytes", int, zero_ok=True),
+        metavar="N",
+        help="largest asset accepted, declared or not (413 beyond; default 1 TiB)",
+    )
+
+
+def serve_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``serve()`` that the options added by
+    :func:`add_server_options` give; an option without a value is left out (``serve()``
+    then applies its default: e.g. the API key from ``$CHRONICLE_API_KEY``)."""
+    return {
+        keyword: getattr(args, dest)
+        for dest, keyword in _SERVE_KEYWORDS.items()
+        if getattr(args, dest, None) is not None
+    }
