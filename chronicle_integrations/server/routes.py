@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import _validation as check
 from .._errors import (
     AlreadyExists,
+    APIError,
     DigestMismatch,
     InvalidRequest,
     InvalidTransition,
@@ -544,9 +545,9 @@ def build_router(
         A new ``PUT`` takes the upload over from an older one still open (a stalled client
         resuming on a new connection): the older one's later bytes are refused. A body that
         stalls is abandoned with 408 ``request_timeout`` (the bytes received are kept)."""
-        # Checked and claimed before reading the body, so a wrong offset is answered at once.
-        writer = await run_in_threadpool(store.open_chunk, upload_id, offset)
         try:
+            # Checked and claimed before reading the body: a wrong offset is answered at once.
+            writer = await run_in_threadpool(store.open_chunk, upload_id, offset)
             written = await stream_chunk(
                 request,
                 writer,
@@ -556,7 +557,10 @@ def build_router(
                 idle_timeout=upload_idle_timeout,
                 min_rate=upload_min_rate,
             )
-        except RequestTimeout as exc:  # the rest of the body is never read: close
+        except APIError as exc:
+            # Refused (wrong offset, a newer writer, too large, stalled) before the body was
+            # read to its end: its unread bytes would be taken for the next request's head,
+            # so this connection carries no other request.
             return error_response(exc, headers={"Connection": "close"})
         if written is None:  # the client is gone; this answer is never sent
             return JSONResponse({}, status_code=400)
