@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import APIError, ChronicleError, TransportError
+from .._models import RunKey
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Spool:
     def add_transition(
         self,
         target: str,
-        key: tuple[str, int, int],
+        key: RunKey,
         action: str,
         *,
         lease: str | None,
@@ -82,7 +83,7 @@ class Spool:
     def add_upload(
         self,
         target: str,
-        key: tuple[str, int, int],
+        key: RunKey,
         name: str,
         staged: Path,
         *,
