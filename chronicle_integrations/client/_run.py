@@ -300,7 +300,7 @@ class Run:
         """Capture a file or directory now and upload it in the background.
 
         Returns at once with a future-like :class:`UploadHandle`. The content is the one at
-        call time (hard-link staging, see ``_uploads``); a directory keeps its layout under
+        call time (hard-link staging, see ``_staging``); a directory keeps its layout under
         ``name`` (default: the path's base name) and only its regular files are uploaded
         (symbolic links, FIFOs, sockets and devices are skipped with a warning). A file path
         must be a regular file, or a symbolic link to one unless ``follow_symlinks=False``
