@@ -33,12 +33,12 @@ from ._errors import (
     Unauthorized,
     UploadError,
 )
-from ._heartbeat import KeepAlive
 from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
-from ._spool import SyncReport
-from ._uploads import UploadHandle
 from ._version import __version__
 from .client import Chronicle, Run
+from .client._heartbeat import KeepAlive
+from .client._spool import SyncReport
+from .client._uploads import UploadHandle
 from .lifecycle import RunState
 
 __all__ = [

@@ -234,7 +234,7 @@ class Supervisor:
             info: RunInfo | None = None
             try:
                 if beating and now >= next_beat:
-                    info = self.run._send_heartbeat(quick=True, progress=None)
+                    info = self.run.beat(quick=True)
                     own_beat_at = info.last_heartbeat_at
                     next_beat = now + beat_every
                 else:

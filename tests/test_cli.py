@@ -23,7 +23,6 @@ import testkit
 
 from chronicle_integrations import Chronicle, RunInfo
 from chronicle_integrations._models import AssetInfo, Event, ExperimentInfo
-from chronicle_integrations._spool import Spool
 from chronicle_integrations.cli import (
     ProgressBar,
     format_ago,
@@ -32,6 +31,7 @@ from chronicle_integrations.cli import (
     run_id,
     table,
 )
+from chronicle_integrations.client._spool import Spool
 
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunInfo)} - {"lease"}
 

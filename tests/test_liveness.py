@@ -54,7 +54,7 @@ def test_the_final_progress_goes_with_the_terminal_transition(chronicle: Chronic
 
 
 def test_progress_advance_is_update_of_step_and_epoch() -> None:
-    from chronicle_integrations._heartbeat import Progress
+    from chronicle_integrations.client._heartbeat import Progress
 
     progress = Progress()
     progress.update(loss=0.5)

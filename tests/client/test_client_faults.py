@@ -24,7 +24,8 @@ import requests
 import testkit
 from client_helpers import sha256_bytes, transitions, wait_until, write_random
 
-from chronicle_integrations import Chronicle, RunState, Unauthorized, UploadError, _http
+from chronicle_integrations import Chronicle, RunState, Unauthorized, UploadError
+from chronicle_integrations.client import _http
 from chronicle_integrations.lifecycle import is_valid_path
 
 MB = 1024 * 1024

@@ -208,3 +208,19 @@ def test_close_stops_heartbeats_without_ending_the_run(backend, run: Run) -> Non
     worker.close()
     wait_until(lambda: not keepalive.alive, timeout=10, what="the keep-alive to stop")
     assert run.state is RunState.RUNNING  # left to be resumed (or lost), not ended
+
+
+def test_beat_is_one_heartbeat_answered_with_the_run(chronicle: Chronicle, run: Run) -> None:
+    """``Run.beat()``, the single beat the heartbeat loop and ``chronicle exec``'s supervisor
+    use, sends the run's progress and answers with the run as the store now holds it; and
+    ``mark_cancelled`` is how the loop says the run is no longer this worker's."""
+    run.start()
+    run.progress.update(step=7)
+    info = run.beat()
+    assert info.state is RunState.RUNNING
+    assert info.last_heartbeat_at is not None
+    assert run.info().progress == {"step": 7}
+    assert not run.cancelled.is_set()
+    run.mark_cancelled("failed_abandoned on the server")
+    assert run.cancelled.is_set() and run.cancel_reason == "failed_abandoned on the server"
+    run.succeed()

@@ -23,7 +23,7 @@ from chronicle_integrations import (
     UploadError,
     UploadHandle,
 )
-from chronicle_integrations._transport import EmbeddedTransport
+from chronicle_integrations.client._transport import EmbeddedTransport
 
 MB = 1024 * 1024
 

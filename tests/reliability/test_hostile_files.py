@@ -312,7 +312,7 @@ def test_a_new_clients_first_upload_reaps_dead_clients_staging(server: Any, tmp_
     src.write_bytes(os.urandom(20_000))
     code = f"""
         import os
-        from chronicle_integrations._uploads import Stager
+        from chronicle_integrations.client._staging import Stager
         Stager({str(home / "staging")!r}).stage({str(src)!r}, None)
         os.kill(os.getpid(), 9)
     """

@@ -10,34 +10,26 @@ Robustness rules (SPEC section 4):
 * one ``requests.Session`` per thread (sessions are not thread-safe), closed with the transport;
 * uploads go in chunks at offsets the server acknowledges; after a dropped connection the
   client asks the server how much it holds and resumes from there instead of restarting.
+
+The retry policy and the per-call deadlines are in ``_deadline``; reading and decoding the
+answers in ``_answers``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import email.utils
-import functools
 import hashlib
 import logging
-import math
 import os
-import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 import requests
 import requests.adapters
-import urllib3
-import urllib3.connection
-import urllib3.response
 
-from ._errors import (
+from .._errors import (
     APIError,
     OffsetMismatch,
     ProtocolError,
@@ -48,9 +40,18 @@ from ._errors import (
     TransportError,
     chronicle_error,
 )
-from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, _Record
+from .._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, _Record
+from .._version import __version__
+from ._answers import (
+    _answer,
+    _json_or_none,
+    _looks_cut,
+    _read_capped,
+    _reading,
+    _snippet,
+)
+from ._deadline import _CUTOFFS, QUICK, RetryPolicy, _Adapter, _retry_after
 from ._transport import READ_BLOCK, Progress
-from ._version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -59,220 +60,6 @@ _R = TypeVar("_R", bound=_Record)
 #: Bytes sent per upload request: big enough to amortise a request, small enough that a
 #: dropped connection costs little and proxies with body limits can be configured for it.
 CHUNK_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to try. ``budget`` bounds the total time spent on one call, retries included."""
-
-    budget: float = 60.0
-    base: float = 0.25
-    cap: float = 8.0
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0
-    #: Bound each attempt's timeouts by the time left in the budget, so that ``budget`` really
-    #: bounds the call even against a server that accepts connections and never answers.
-    #: Off for upload chunks, whose bodies legitimately take long to send.
-    cap_to_budget: bool = True
-    #: The budget of every call until the server has answered this client once (None: the
-    #: full budget). A server that is down, or a black hole, when a training starts costs the
-    #: training thread this long, not ``budget``: the integrations then carry on untracked,
-    #: with a warning. Once the server has answered, outages get the full budget.
-    first_contact: float | None = 10.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full-jitter exponential backoff; a server's ``Retry-After`` takes precedence."""
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.cap * 4)
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))
-
-
-#: Heartbeats are retried by the keep-alive loop itself: one quick try per beat.
-QUICK = RetryPolicy(budget=10.0, read_timeout=10.0)
-
-
-#: The largest answer a JSON call reads: far above any Chronicle answer, far below what would
-#: hurt a training process; beyond it the answer is a :class:`ProtocolError`.
-MAX_ANSWER_BYTES = 16 * 2**20
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds or an HTTP-date), or None when absent or
-    unusable: garbage, ``nan``, infinite, negative or a date in the past fall back to backoff."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            parsed = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if parsed.tzinfo is None:  # RFC 9110 dates are GMT
-            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-        seconds = parsed.timestamp() - time.time()
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-#: What decoding an answer of the wrong shape raises (``{}``, a list, an unknown state).
-_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
-
-
-@contextlib.contextmanager
-def _reading(what: str) -> Iterator[None]:
-    """Close the decoding of an answer over the error tree: an answer of the wrong shape
-    becomes one :class:`ProtocolError`, never a bare ``TypeError`` from deep inside."""
-    try:
-        yield
-    except _SHAPE_ERRORS as exc:
-        raise ProtocolError(
-            f"the server's answer to {what} is not a Chronicle answer "
-            f"({type(exc).__name__}: {exc}); is the URL a Chronicle server of this version?"
-        ) from exc
-
-
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def _answer(method: _Method) -> _Method:
-    """Decorate a transport method whose result is decoded from a JSON answer."""
-
-    @functools.wraps(method)
-    def decoded(*args: Any, **kwargs: Any) -> Any:
-        with _reading(method.__name__.lstrip("_")):
-            return method(*args, **kwargs)
-
-    return cast("_Method", decoded)
-
-
-class _Cutoffs:
-    """Ends calls that outlive their deadline, however slowly their answer trickles in.
-
-    ``requests`` applies its read timeout to each socket read: a peer sending one byte a
-    second keeps a call alive forever. Each call registers its deadline for its thread
-    (:meth:`bounded`); the connection registers its socket just before reading the answer
-    (:class:`_CutoffConnection`); one daemon thread shuts down the sockets whose deadline
-    passed, which ends the blocked read at once (as a connection error, retried or raised
-    within the budget like any other).
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._cond = threading.Condition()
-        self._watched: dict[int, tuple[float, socket.socket]] = {}
-        self._thread: threading.Thread | None = None
-
-    @contextlib.contextmanager
-    def bounded(self, cutoff: float | None) -> Iterator[None]:
-        """Within the block, this thread's connections are shut down at ``cutoff``
-        (``time.monotonic()``; None: no bound)."""
-        self._local.cutoff = cutoff
-        try:
-            yield
-        finally:
-            self._local.cutoff = None
-            if cutoff is not None:
-                with self._cond:
-                    self._watched.pop(threading.get_ident(), None)
-
-    def watch(self, sock: socket.socket | None) -> None:
-        """Called by the connection, in the calling thread, before it reads an answer."""
-        cutoff = getattr(self._local, "cutoff", None)
-        if cutoff is None or sock is None:
-            return
-        with self._cond:
-            self._watched[threading.get_ident()] = (cutoff, sock)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._reap, daemon=True, name="chronicle-http-deadlines"
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def _reap(self) -> None:
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                for ident, (cutoff, sock) in list(self._watched.items()):
-                    if cutoff <= now:
-                        del self._watched[ident]
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RDWR)
-                nearest = min((c for c, _ in self._watched.values()), default=None)
-                self._cond.wait(None if nearest is None else nearest - now)
-
-
-_CUTOFFS = _Cutoffs()
-
-
-class _CutoffConnection(urllib3.connection.HTTPConnection):
-    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
-        _CUTOFFS.watch(self.sock)
-        return super().getresponse()
-
-
-class _CutoffTLSConnection(urllib3.connection.HTTPSConnection):
-    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
-        _CUTOFFS.watch(self.sock)
-        return super().getresponse()
-
-
-class _CutoffPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _CutoffConnection
-
-
-class _CutoffTLSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _CutoffTLSConnection
-
-
-_POOLS = {"http": _CutoffPool, "https": _CutoffTLSPool}
-
-
-class _Adapter(requests.adapters.HTTPAdapter):
-    """``requests``' adapter with connections that :class:`_Cutoffs` can end."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = _POOLS
-        return manager
-
-
-def _read_capped(response: requests.Response, method: str, url: str) -> None:
-    """Read a streamed answer's body into ``response`` (``.content`` and ``.json()`` then
-    work as usual), refusing one larger than :data:`MAX_ANSWER_BYTES`."""
-    declared = response.headers.get("Content-Length", "")
-    too_large = declared.isdigit() and int(declared) > MAX_ANSWER_BYTES
-    parts: list[bytes] = []
-    read = 0
-    if not too_large:
-        for block in response.iter_content(64 * 1024):
-            read += len(block)
-            if read > MAX_ANSWER_BYTES:
-                too_large = True
-                break
-            parts.append(block)
-    if too_large:
-        response.close()
-        raise ProtocolError(
-            f"{method} {url}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB, "
-            "which no Chronicle answer is; refused unread"
-        )
-    response._content = b"".join(parts)  # what requests itself does when it reads a body
-
-
-def _snippet(response: requests.Response) -> str:
-    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
-    text = response.content[:80].decode("utf-8", "replace")
-    return f"{kind}: {text!r}"
 
 
 class HttpTransport:
@@ -760,24 +547,6 @@ class HttpTransport:
                     raise TransportError(f"download of {name!r} gave up: {exc}") from exc
                 time.sleep(self.policy.delay(attempt))
                 attempt += 1
-
-
-def _looks_cut(response: requests.Response) -> bool:
-    """True when an unreadable body is a JSON answer that did not arrive whole (the
-    connection was cut), rather than a foreign one (a proxy's HTML error page)."""
-    kind = response.headers.get("Content-Type", "")
-    try:
-        empty = not response.content
-    except (requests.RequestException, RuntimeError):
-        return True  # reading it failed: cut
-    return empty or kind.startswith("application/json")
-
-
-def _json_or_none(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except (ValueError, requests.RequestException, RuntimeError):
-        return None
 
 
 def _hash_range(fh: BinaryIO, hasher: Any, length: int) -> int:

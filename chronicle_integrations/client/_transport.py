@@ -2,22 +2,23 @@
 
 :class:`Transport` is the one interface :class:`~chronicle_integrations.Chronicle` talks to.
 :class:`EmbeddedTransport` calls the SQL store in-process (``$CHRONICLE_HOME``);
-:class:`~chronicle_integrations._http.HttpTransport` speaks the server's ``/v1`` API. Both raise
-the same typed errors, so the client behaves identically over either.
+:class:`~chronicle_integrations.client._http.HttpTransport` speaks the server's ``/v1`` API.
+Both raise the same typed errors, so the client behaves identically over either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from ._errors import ConfigurationError, SourceChanged
-from ._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo
+from .._errors import ConfigurationError, SourceChanged
+from .._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 #: Called with the number of bytes transferred so far.
 Progress = Callable[[int], None]
@@ -136,6 +137,12 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def request_id() -> str:
+    """A fresh id for a mutating call (a variation, a run, an upload): chosen by the client,
+    so that a call retried after a lost answer has no second effect."""
+    return uuid.uuid4().hex
+
+
 def hashing_reader(
     fh: Any, hasher: Any, progress: Progress | None, start: int = 0
 ) -> Iterator[bytes]:
@@ -158,7 +165,7 @@ class EmbeddedTransport:
 
     def __init__(self, home: str | os.PathLike[str], **store_kwargs: Any) -> None:
         try:
-            from .store import Store
+            from ..store import Store
         except ModuleNotFoundError as exc:  # SQLAlchemy is an extra
             raise ConfigurationError(
                 "the embedded store needs SQLAlchemy: pip install "

@@ -19,6 +19,11 @@ Rules:
   beating while it has not advanced for that long, saying so at WARNING: the server's watchdog
   then moves the run to ``lost`` honestly. When progress resumes, so do the heartbeats
   (``lost -> running``).
+
+The seam with :class:`~chronicle_integrations.Run`: a loop only uses the :class:`Beating`
+interface (the run's identity and lease, its progress and cancellation, ``beat()`` and
+``mark_cancelled()``). Handles on the same run under the same lease share one loop per
+process (:func:`attach`, :func:`detach`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from ._errors import APIError, InvalidTransition, LeaseConflict, NotFound
-
-if TYPE_CHECKING:
-    from .client import Run
+from .._errors import APIError, InvalidTransition, LeaseConflict, NotFound
+from .._models import RunInfo, RunKey
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +82,48 @@ class Progress:
         return time.monotonic() - self.advanced_at
 
 
-class KeepAlive:
+class Beating(Protocol):
+    """What a heartbeat loop needs of the run it beats for (:class:`~chronicle_integrations.Run`
+    provides it). The loop reads the run's identity, lease, progress and watchdog timeout,
+    beats through :meth:`beat`, and reports a cancellation through :meth:`mark_cancelled`;
+    handles sharing a loop (:func:`attach`) are given the owner's ``progress`` and
+    ``cancelled``."""
+
+    lease: str | None
+    progress: Progress
+    cancelled: threading.Event
+    heartbeat_timeout: float | None
+
+    @property
+    def key(self) -> str:
+        """``experiment/variation/run``, for logs and the thread's name."""
+        ...
+
+    @property
+    def key_tuple(self) -> RunKey:
+        """The run's :class:`RunKey`."""
+        ...
+
+    def beat(self, quick: bool = True, progress: dict[str, Any] | None = None) -> RunInfo:
+        """Send one heartbeat (``quick``: one short try) and return the store's answer."""
+        ...
+
+    def mark_cancelled(self, why: str) -> None:
+        """Record that the run is no longer this worker's (sets ``cancelled``)."""
+        ...
+
+
+R = TypeVar("R", bound=Beating)
+
+
+class KeepAlive(Generic[R]):
     """A running heartbeat loop for one run. A context manager; ``stop()`` ends it."""
 
     def __init__(
         self,
-        run: Run,
+        run: R,
         interval: float = 60.0,
-        on_cancel: Callable[[Run, str], None] | None = None,
+        on_cancel: Callable[[R, str], None] | None = None,
         stall_timeout: float | None = None,
     ) -> None:
         if interval <= 0:
@@ -101,7 +138,7 @@ class KeepAlive:
         self.on_cancel = on_cancel
         self.stall_timeout = stall_timeout
         #: Other handles on the same run that joined this loop: (run, on_cancel, stall).
-        self._members: list[tuple[Run, Callable[[Run, str], None] | None, float | None]] = []
+        self._members: list[tuple[R, Callable[[R, str], None] | None, float | None]] = []
         self._own_stall = stall_timeout
         #: True while heartbeats are paused because training made no progress.
         self.stalled = False
@@ -109,12 +146,12 @@ class KeepAlive:
         self._thread = threading.Thread(
             target=self._loop,
             daemon=True,
-            name=f"chronicle-heartbeat-{run.experiment_id}/{run.variation}/{run.run}",
+            name=f"chronicle-heartbeat-{run.key}",
         )
         self.beats = 0
 
     def join(
-        self, run: Run, on_cancel: Callable[[Run, str], None] | None, stall_timeout: float | None
+        self, run: R, on_cancel: Callable[[R, str], None] | None, stall_timeout: float | None
     ) -> None:
         """Let another handle on this run share the loop (or update the owner's settings).
         The tightest stall timeout of all members applies."""
@@ -128,7 +165,7 @@ class KeepAlive:
             self._members.append((run, on_cancel, stall_timeout))
         self._recompute_stall()
 
-    def leave(self, run: Run) -> None:
+    def leave(self, run: R) -> None:
         """A member handle stops using the loop; the owner keeps beating."""
         self._members = [m for m in self._members if m[0] is not run]
         self._recompute_stall()
@@ -156,7 +193,7 @@ class KeepAlive:
                 self.interval,
             )
 
-    def start(self) -> KeepAlive:
+    def start(self) -> KeepAlive[R]:
         """Start beating (idempotent)."""
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
@@ -173,7 +210,7 @@ class KeepAlive:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def __enter__(self) -> KeepAlive:
+    def __enter__(self) -> KeepAlive[R]:
         return self.start()
 
     def __exit__(
@@ -196,7 +233,7 @@ class KeepAlive:
                 delay = min(self.interval, 1.0)
                 continue
             try:
-                info = self.run._send_heartbeat()
+                info = self.run.beat()
             except (InvalidTransition, LeaseConflict, NotFound) as exc:
                 self._cancelled(exc)
                 return
@@ -255,10 +292,61 @@ class KeepAlive:
             "run %s is %s: heartbeats stop and the run is marked cancelled", self.run.key, why
         )
         for run, callback in [(self.run, self.on_cancel), *((m[0], m[1]) for m in self._members)]:
-            run._mark_cancelled(why)
+            run.mark_cancelled(why)
             if callback is None:
                 continue
             try:
                 callback(run, why)
             except Exception:  # a user callback must not break the thread
                 log.exception("the on_cancel callback for %s raised", run.key)
+
+
+#: Live heartbeat loops of this process by (experiment, variation, run, lease).
+_LOOPS: dict[tuple[str, int, int, str | None], KeepAlive[Any]] = {}
+_LOOPS_LOCK = threading.Lock()
+
+
+def attach(
+    run: R,
+    current: KeepAlive[R] | None,
+    interval: float,
+    on_cancel: Callable[[R, str], None] | None,
+    stall_timeout: float | None,
+) -> tuple[KeepAlive[R], bool]:
+    """The loop that beats for ``run``, and whether it was started now.
+
+    ``current`` (the handle's own loop, if alive) gets the new settings. Else a live loop of
+    another handle on the same run under the same lease (a launcher, and a callback inside its
+    job) is shared: ``run`` takes that owner's progress and cancellation, so that one hung
+    training loop stops the only heartbeats the run has. Else a new loop starts, fitted to
+    the run's known ``heartbeat_timeout``.
+    """
+    with _LOOPS_LOCK:
+        if current is not None and current.alive:
+            current.join(run, on_cancel, stall_timeout)
+            return current, False
+        slot = (*run.key_tuple, run.lease)
+        shared: KeepAlive[R] | None = _LOOPS.get(slot)
+        if shared is not None and shared.alive:
+            run.progress = shared.run.progress
+            run.cancelled = shared.run.cancelled
+            shared.join(run, on_cancel, stall_timeout)
+            return shared, False
+        shared = KeepAlive(run, interval, on_cancel, stall_timeout)
+        shared.watchdog(run.heartbeat_timeout)
+        shared.start()
+        _LOOPS[slot] = shared
+        return shared, True
+
+
+def detach(run: R, keepalive: KeepAlive[R]) -> None:
+    """``run`` stops using ``keepalive``: the loop's owner stops it (and it leaves the
+    registry); a member handle only leaves it, and the owner keeps beating."""
+    if keepalive.run is not run:
+        keepalive.leave(run)
+        return
+    keepalive.stop()
+    slot = (*run.key_tuple, run.lease)
+    with _LOOPS_LOCK:
+        if _LOOPS.get(slot) is keepalive:
+            del _LOOPS[slot]
