@@ -16,7 +16,7 @@ import chronicle_integrations
 from chronicle_integrations import Chronicle, KeepAlive, Run, RunState
 from chronicle_integrations.lifecycle import is_valid_path
 
-HAS_CLI = (Path(chronicle_integrations.__file__).parent / "cli.py").exists()
+HAS_CLI = (Path(chronicle_integrations.__file__).parent / "cli" / "__init__.py").exists()
 
 
 def _beat_at(run: Run) -> float | None:
@@ -136,7 +136,7 @@ def test_cancel_from_another_client_is_seen(backend, chronicle: Chronicle, run: 
     assert run.state is RunState.FAILED_ABANDONED
 
 
-@pytest.mark.skipif(not HAS_CLI, reason="chronicle_integrations/cli.py does not exist yet")
+@pytest.mark.skipif(not HAS_CLI, reason="chronicle_integrations/cli/ does not exist yet")
 def test_cancel_from_the_cli_is_seen(
     backend, chronicle: Chronicle, run: Run, tmp_path: Path
 ) -> None:
