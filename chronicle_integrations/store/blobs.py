@@ -161,7 +161,7 @@ class LocalBlobStore:
             if hasher is None and offset == 0:
                 hasher = hashlib.sha256()
             fh.seek(offset)
-            written = offset
+            written = hinted = offset
             try:
                 for chunk in chunks:
                     if not chunk:
@@ -173,6 +173,12 @@ class LocalBlobStore:
                     if hasher is not None:
                         hasher.update(chunk)
                     written += len(chunk)
+                    if written - hinted >= WRITEBACK_EVERY:
+                        # Paced here, whatever the caller's chunk size: the embedded store
+                        # hands a whole file to one append, and without a hint until the end
+                        # the kernel's dirty-page throttling stalls the writer.
+                        _start_writeback(fd, hinted, written - hinted)
+                        hinted = written
             except OSError as exc:
                 # Keep what was durably appended? No: a failed write may have left a torn tail.
                 # Truncate back to the acknowledged offset so the client resumes cleanly.
@@ -190,7 +196,7 @@ class LocalBlobStore:
             if hasher is not None:
                 with self._lock:
                     self._hashers[upload_id] = (written, hasher)
-            _start_writeback(fd, offset, written - offset)
+            _start_writeback(fd, hinted, written - hinted)
             return written
 
     def commit(self, upload_id: str, sha256: str) -> int:
@@ -252,6 +258,12 @@ class LocalBlobStore:
 
     def size(self, sha256: str) -> int:
         return self.object_path(sha256).stat().st_size
+
+
+#: Bytes an append writes between two writeback hints (see :func:`_start_writeback`). Writing
+#: 1 GiB in 1 MiB blocks with a final fsync took 3.2-12.0 s with no hint and a stable 1.6 s
+#: with a hint every 64 MiB on our 2-core machines (performance issue #20's measurement).
+WRITEBACK_EVERY = 64 * 2**20
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
