@@ -10,16 +10,18 @@ namespace must not import the other).
 Hook -> lifecycle (rank zero only; ``validate``/``test``/``predict`` never touch the run):
 
 ==========================  ==============================================================
-``on_fit_start``            start the run (identity: checkpoint state on ``ckpt_path=``
-                            resume, else arguments, ``$CHRONICLE_*``, or a new run
-                            whose variation config is the merged ``hparams_initial``,
-                            else LightningCLI's resolved config)
+``on_fit_start``            start the run (identity: the shared resolver, from the
+                            arguments, ``$CHRONICLE_*``, the checkpoint state on
+                            ``ckpt_path=`` resume, or a new run whose variation config
+                            is the merged ``hparams_initial``, else LightningCLI's
+                            resolved config)
 checkpoint written          ``upload_asset`` (see "How checkpoints are caught" below)
 ``on_fit_end``              final scan, then ``succeed`` (waits for the uploads)
 ``on_exception``            ``KeyboardInterrupt`` -> ``fail("abandoned")`` (quick);
                             ``SIGTERMException`` / ``SystemExit(0)`` -> pre-empted: uploads
                             flushed, heartbeats stopped, no terminal state (resumable);
-                            anything else -> ``fail("crash")`` with type, message, traceback
+                            anything else -> uploads flushed (bounded), then
+                            ``fail("crash")`` with type, message, traceback
 run cancelled on the server ``trainer.should_stop = True``; the run stays abandoned
                             (under DDP the ranks agree through a collective, see
                             ``_check_cancel``; ``min_epochs``/``min_steps`` still apply)
@@ -160,7 +162,8 @@ Args:
         none, the config LightningCLI resolved).
     experiment_name: the name of that experiment. Fits with the same name in one
         process (on one store) share it: one variation per distinct config, one run per
-        fit. Default: each fit makes an experiment of its own, named ``"training"``.
+        fit. Default: the fits of this callback share an experiment of their own, named
+        ``"training"`` (the same rule: a variation per distinct config, a run per fit).
     upload: ``"all"`` checkpoints as they are written (default), ``"best_and_last"``
         when the fit ends, or ``"none"``.
     heartbeat_interval: seconds between heartbeats.
@@ -169,7 +172,9 @@ Args:
         (None: never), so the watchdog can mark a hung fit lost.
 
 Resuming with ``trainer.fit(..., ckpt_path=...)`` continues the run recorded in the
-checkpoint (pass the callback again).
+checkpoint (pass the callback again); a run named by ``$CHRONICLE_*`` without a lease is
+resumed instead, and a run that already ended is replaced by a new run of its variation (the
+rule every integration shares: ``chronicle_integrations._frameworks.identity``).
 
 A model saved or exported after ``fit`` joins the run the callback tracked with
 ``callback.upload_asset(path)`` (also after the run succeeded: the store accepts assets of a

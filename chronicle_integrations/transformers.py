@@ -24,9 +24,12 @@ Event mapping (SPEC section 7):
   Chronicle) is replaced by a new run of its variation. Resuming from a checkpoint written
   without this callback works too (transformers 5.x would raise ``KeyError`` at the first
   save for any new ``ExportableState`` callback; ``on_train_begin`` registers an entry).
-* Each ``train()`` call is one run. A later call on the same callback (a hyperparameter
-  search trial, a second fit) without an explicit identity adds a variation to the
-  experiment the first call created, recording that call's config (and trial params).
+* Each ``train()`` call is one run; which one is decided by the rule every integration
+  shares (``chronicle_integrations._frameworks.identity``). Without an identity, the
+  ``train()`` calls of one callback (hyperparameter search trials, a second fit) share one
+  experiment (with ``experiment_name``: the one experiment of that name in the process), a
+  variation per distinct config (TrainingArguments, model config, trial params) and a run
+  per call.
 * ``on_save`` uploads the just-written ``checkpoint-N`` folder as a directory asset named
   ``checkpoint-N`` (files are hard-linked into staging during the call, so the
   ``save_total_limit`` rotation that follows cannot race the upload). Under hyperparameter

@@ -87,10 +87,6 @@ log = logging.getLogger(__name__)
 
 #: States whose variations ``rerun_failed_of`` runs again.
 FAILED_STATES = (RunState.FAILED_CRASH, RunState.FAILED_ABANDONED, RunState.FAILED_LOST)
-#: How long a pre-empted job waits for its uploads before leaving them to the spool.
-PREEMPT_FLUSH_SECONDS = JOB_PREEMPT_FLUSH_SECONDS
-#: How long a crashed job waits for its outputs' uploads before recording the crash.
-CRASH_FLUSH_SECONDS = JOB_CRASH_FLUSH_SECONDS
 RETURN_VALUE_ASSET = "return_value.json"
 #: Errors that mean "the store cannot be used right now" (not a mistake in the request).
 UNREACHABLE = (TransportError, ServerError)

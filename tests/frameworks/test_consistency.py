@@ -91,10 +91,19 @@ def test_a_run_that_ended_is_replaced_by_a_new_run_of_its_variation() -> None:
 
 # --------------------------------------------------------------------------- real trainings
 class Framework:
-    """One integration driven the same way: ``train(client, out, resume, **callback_kwargs)``
-    returns the tracked run's handle after a short training (or after it raised)."""
+    """One integration driven the same way: ``train(client, out, resume, raise_at,
+    **callback_kwargs)`` returns the tracked run's handle after a short training (or after it
+    raised) and what it raised."""
 
     name: str
+
+    def callback(self, client: Chronicle, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def fit(self, callback: Any, out: Path, resume: bool, raise_at: BaseException | None) -> None:
+        """Train once with ``callback`` (resuming from the first training's checkpoint);
+        ``raise_at`` is raised from a hook at step 2."""
+        raise NotImplementedError
 
     def train(
         self,
@@ -104,7 +113,16 @@ class Framework:
         raise_at: BaseException | None = None,
         **kwargs: Any,
     ) -> tuple[Any, BaseException | None]:
-        raise NotImplementedError
+        callback = self.callback(client, **kwargs)
+        error = None
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            self.fit(callback, out, resume, raise_at)
+        except BaseException as exc:  # Lightning turns Ctrl+C into SystemExit(1)
+            error = exc
+        finally:
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after Ctrl+C
+        return callback.run, error
 
 
 class LightningFit(Framework):
@@ -113,14 +131,10 @@ class LightningFit(Framework):
     def __init__(self) -> None:
         self.app = lightning_app.build("lightning")
 
-    def train(
-        self,
-        client: Chronicle,
-        out: Path,
-        resume: bool = False,
-        raise_at: BaseException | None = None,
-        **kwargs: Any,
-    ) -> tuple[Any, BaseException | None]:
+    def callback(self, client: Chronicle, **kwargs: Any) -> Any:
+        return self.app.ChronicleCallback(chronicle=client, heartbeat_interval=0.2, **kwargs)
+
+    def fit(self, callback: Any, out: Path, resume: bool, raise_at: BaseException | None) -> None:
         import lightning.pytorch as pl
 
         class Raise(pl.Callback):  # type: ignore[misc]
@@ -128,49 +142,32 @@ class LightningFit(Framework):
                 if raise_at is not None and trainer.global_step >= 2:
                     raise raise_at
 
-        cb = self.app.ChronicleCallback(chronicle=client, heartbeat_interval=0.2, **kwargs)
         ckpt = self.app.checkpoints(out)
-        trainer = self.app.trainer(out, [cb, *ckpt, Raise()], epochs=2 if resume else 1)
+        trainer = self.app.trainer(out, [callback, *ckpt, Raise()], epochs=2 if resume else 1)
         last = out / "checkpoints" / "last.ckpt"
-        error = None
-        sigint = signal.getsignal(signal.SIGINT)
-        try:
-            trainer.fit(
-                self.app.Model(), datamodule=self.app.Data(), ckpt_path=last if resume else None
-            )
-        except BaseException as exc:  # Lightning turns Ctrl+C into SystemExit(1)
-            error = exc
-        finally:
-            signal.signal(signal.SIGINT, sigint)
-        return cb.run, error
+        trainer.fit(
+            self.app.Model(), datamodule=self.app.Data(), ckpt_path=last if resume else None
+        )
 
 
 class HFTrain(Framework):
     name = "transformers"
 
-    def train(
-        self,
-        client: Chronicle,
-        out: Path,
-        resume: bool = False,
-        raise_at: BaseException | None = None,
-        **kwargs: Any,
-    ) -> tuple[Any, BaseException | None]:
+    def callback(self, client: Chronicle, **kwargs: Any) -> Any:
         from chronicle_integrations.transformers import ChronicleTrainerCallback
 
+        return ChronicleTrainerCallback(chronicle=client, heartbeat_interval=0.2, **kwargs)
+
+    def fit(self, callback: Any, out: Path, resume: bool, raise_at: BaseException | None) -> None:
         class Raise(hf.TrainerCallback):  # type: ignore[misc]
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 if raise_at is not None and state.global_step >= 2:
                     raise raise_at
 
-        cb = ChronicleTrainerCallback(chronicle=client, heartbeat_interval=0.2, **kwargs)
-        trainer = hf.make_trainer(out, [cb, Raise()], max_steps=4 if resume else 2)
-        error = None
-        try:
-            trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
-        except BaseException as exc:
-            error = exc
-        return cb.run, error
+        # A fresh model each time, like the fresh Lightning module: a trained model's config
+        # gains keys (problem_type, dtype, ...), a distinct config, so a new variation.
+        trainer = hf.make_trainer(out, [callback, Raise()], max_steps=4 if resume else 2)
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
 
 
 FRAMEWORKS: dict[str, Callable[[], Framework]] = {
@@ -255,44 +252,26 @@ def test_checkpoint_of_an_ended_run_gives_a_new_run_of_its_variation(
     assert (_resumed(client.run(*second.key_tuple)), second.state) == (False, RunState.SUCCEEDED)
 
 
-@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize("how", ["two callbacks, one name", "one callback, named", "one callback"])
 def test_two_trainings_group_the_same_way(
-    framework: Framework, client: Chronicle, tmp_path: Path, named: bool
+    framework: Framework, client: Chronicle, tmp_path: Path, how: str
 ) -> None:
-    """Disagreement (b): the same ``experiment_name`` twice (two callbacks) is one
-    experiment; two trainings of one unnamed callback too (one variation per distinct
-    config, one run per training)."""
-    name = f"grouped-{framework.name}-{tmp_path.name}" if named else None
-    if named:
-        # The same output directory: HF records it in the config (TrainingArguments).
-        a, _ = framework.train(client, tmp_path / "out", experiment_name=name)
-        b, _ = framework.train(client, tmp_path / "out", experiment_name=name)
-        keys = [a.key_tuple, b.key_tuple]
-    else:
-        keys = _one_callback_twice(framework, client, tmp_path)
-    assert len({k[0] for k in keys}) == 1
-    assert [k[1:] for k in keys] == [(0, 0), (0, 1)]
-
-
-def _one_callback_twice(framework: Framework, client: Chronicle, tmp_path: Path) -> list[Any]:
-    if isinstance(framework, LightningFit):
-        app = framework.app
-        cb = app.ChronicleCallback(chronicle=client, heartbeat_interval=0.2)
-        keys = []
-        for _ in range(2):
-            app.trainer(tmp_path / "out", [cb], epochs=1).fit(app.Model(), datamodule=app.Data())
-            keys.append(cb.run.key_tuple)
-        return keys
-    from chronicle_integrations.transformers import ChronicleTrainerCallback
-
-    # A fresh model each time, like the fresh Lightning module: a trained model's config
-    # gains keys (problem_type, dtype, ...), which is a distinct config, so a new variation.
-    callback = ChronicleTrainerCallback(chronicle=client, heartbeat_interval=0.2)
+    """Disagreement (b): the same ``experiment_name`` twice is one experiment, whether one
+    callback trains twice or two callbacks train; two trainings of one unnamed callback
+    too. One variation per distinct config, one run per training. (The same output
+    directory each time: Transformers records it in the config.)"""
+    name = None if how == "one callback" else f"grouped-{framework.name}-{tmp_path.name}"
+    callback = framework.callback(client, experiment_name=name)
     keys = []
     for _ in range(2):
-        hf.make_trainer(tmp_path / "out", [callback], max_steps=2).train()
+        if how == "two callbacks, one name":
+            callback = framework.callback(client, experiment_name=name)
+        framework.fit(callback, tmp_path / "out", False, None)
         keys.append(callback.run.key_tuple)
-    return keys
+    assert len({k[0] for k in keys}) == 1
+    assert [k[1:] for k in keys] == [(0, 0), (0, 1)]
+    if name is not None:
+        assert [e.name for e in client.experiments()] == [name]
 
 
 # --------------------------------------------------------------------------- outcomes
