@@ -63,6 +63,7 @@ from chronicle_integrations._config import (
     ENV_HOME,
     ENV_LEASE,
     ENV_RUN,
+    ENV_TRAINING_ENDED_FILE,
     ENV_URL,
     ENV_VARIATION,
     JOB_CRASH_FLUSH_SECONDS,
@@ -209,6 +210,8 @@ class _JobRun:
             ENV_VARIATION: str(run.variation),
             ENV_RUN: str(run.run),
             ENV_LEASE: run.lease,
+            # An outer `chronicle exec`'s file is about its run, not this job's.
+            ENV_TRAINING_ENDED_FILE: None,
         }
         if self.task.url:
             values[ENV_URL] = self.task.url
