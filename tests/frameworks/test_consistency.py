@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,29 @@ def test_env_run_with_lease_is_adopted_and_left_to_its_owner(
         False,
     )
     owner.succeed()
+
+
+def test_adopted_run_keeps_beating_after_training_ends(
+    framework: Framework, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training ended but the process goes on (an export, the interpreter's exit): the
+    run of its owner must not go lost. Was: the integration stopped its heartbeats. Its stall
+    rule goes too: nothing advances any more, yet the process lives."""
+    for name in ("EXPERIMENT", "VARIATION", "RUN", "LEASE", "URL"):
+        monkeypatch.delenv(f"CHRONICLE_{name}", raising=False)
+    client = Chronicle(home=tmp_path / "home", heartbeat_timeout=1.0)
+    try:
+        exp = client.create_experiment("owned", variations=[{}])
+        owner = client.create_run(exp, 0).start()  # the owner beats nothing itself
+        assert owner.lease is not None
+        _set_env(monkeypatch, RunKey(*owner.key_tuple), owner.lease)
+        run, error = framework.train(client, tmp_path / "out", stall_timeout=0.5)
+        assert error is None and run is not None
+        time.sleep(3.0)  # three heartbeat timeouts after the training ended
+        assert owner.state is RunState.RUNNING
+        owner.succeed()
+    finally:
+        client.close(timeout=10)
 
 
 def test_checkpoint_of_an_ended_run_gives_a_new_run_of_its_variation(
