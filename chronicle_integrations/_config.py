@@ -12,6 +12,8 @@ Environment variables (all optional):
 ``CHRONICLE_VARIATION``,       (``chronicle exec``, the Hydra launcher) for the
 ``CHRONICLE_RUN``,             integrations inside; with ``CHRONICLE_LEASE`` the run is
 ``CHRONICLE_LEASE``            already started and its owner ends it
+``CHRONICLE_TRAINING_ENDED_FILE`` set by ``chronicle exec``: the integration inside creates
+                               it when its training ended (the supervisor beats again)
 ``CHRONICLE_HEARTBEAT_TIMEOUT``, embedded store only: the watchdog's settings (a server
 ``CHRONICLE_LOST_GRACE``,      has its own command-line options)
 ``CHRONICLE_STALL_TIMEOUT``
@@ -36,6 +38,9 @@ ENV_LEASE = "CHRONICLE_LEASE"
 ENV_HEARTBEAT_TIMEOUT = "CHRONICLE_HEARTBEAT_TIMEOUT"
 ENV_LOST_GRACE = "CHRONICLE_LOST_GRACE"
 ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
+#: Set by ``chronicle exec`` for the integration inside: a file to create when the training
+#: ended while the process goes on, so the supervisor beats for the process again.
+ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
 
 #: The home when neither an argument nor ``$CHRONICLE_HOME`` names one (relative to the
 #: working directory, made absolute when resolved).
@@ -54,6 +59,11 @@ DEFAULT_STALL_TIMEOUT = 1800.0
 #: ``heartbeat_timeout``, which the server tells its clients).
 DEFAULT_HEARTBEAT_INTERVAL = 60.0
 
+#: How long an in-process integration waits for its uploads when training crashed, before it
+#: records the crash (heartbeats go on meanwhile); what is left goes on in the background.
+CRASH_FLUSH_SECONDS = 60.0
+#: The same for a Hydra job (its whole output directory is uploaded first).
+JOB_CRASH_FLUSH_SECONDS = 300.0
 #: How long an in-process integration flushes uploads on pre-emption (SIGTERM) before the rest
 #: is spooled for ``chronicle sync``: schedulers send SIGKILL about 30 s after SIGTERM.
 PREEMPT_FLUSH_SECONDS = 20.0
@@ -105,6 +115,7 @@ def env_seconds(name: str) -> float | None:
 
 
 __all__ = [
+    "CRASH_FLUSH_SECONDS",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_HOME",
@@ -118,8 +129,10 @@ __all__ = [
     "ENV_LOST_GRACE",
     "ENV_RUN",
     "ENV_STALL_TIMEOUT",
+    "ENV_TRAINING_ENDED_FILE",
     "ENV_URL",
     "ENV_VARIATION",
+    "JOB_CRASH_FLUSH_SECONDS",
     "JOB_PREEMPT_FLUSH_SECONDS",
     "PREEMPT_FLUSH_SECONDS",
     "Target",

@@ -10,16 +10,18 @@ namespace must not import the other).
 Hook -> lifecycle (rank zero only; ``validate``/``test``/``predict`` never touch the run):
 
 ==========================  ==============================================================
-``on_fit_start``            start the run (identity: checkpoint state on ``ckpt_path=``
-                            resume, else arguments, ``$CHRONICLE_*``, or a new run
-                            whose variation config is the merged ``hparams_initial``,
-                            else LightningCLI's resolved config)
+``on_fit_start``            start the run (identity: the shared resolver, from the
+                            arguments, ``$CHRONICLE_*``, the checkpoint state on
+                            ``ckpt_path=`` resume, or a new run whose variation config
+                            is the merged ``hparams_initial``, else LightningCLI's
+                            resolved config)
 checkpoint written          ``upload_asset`` (see "How checkpoints are caught" below)
 ``on_fit_end``              final scan, then ``succeed`` (waits for the uploads)
 ``on_exception``            ``KeyboardInterrupt`` -> ``fail("abandoned")`` (quick);
                             ``SIGTERMException`` / ``SystemExit(0)`` -> pre-empted: uploads
                             flushed, heartbeats stopped, no terminal state (resumable);
-                            anything else -> ``fail("crash")`` with type, message, traceback
+                            anything else -> uploads flushed (bounded), then
+                            ``fail("crash")`` with type, message, traceback
 run cancelled on the server ``trainer.should_stop = True``; the run stays abandoned
                             (under DDP the ranks agree through a collective, see
                             ``_check_cancel``; ``min_epochs``/``min_steps`` still apply)
@@ -74,15 +76,13 @@ once, when the fit ends (or fails / is pre-empted); ``upload="none"`` uploads no
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._integration import DEFAULT_STALL_TIMEOUT, TrackedRun, identity_from_env
+from ._config import DEFAULT_STALL_TIMEOUT
+from ._frameworks import TrackedRun
 from ._uploads import UploadHandle
 from .client import Chronicle, Run
 
@@ -94,10 +94,12 @@ UPLOAD_MODES = ("all", "best_and_last", "none")
 #: a single process checks every step for free).
 DDP_CANCEL_SYNC_STEPS = 20
 
-#: How long a crashed fit waits for its uploads (the crash is recorded first).
-FLUSH_SECONDS = 60.0
-#: How long an interrupted (Ctrl+C) fit waits for uploads before spooling the rest.
-ABANDON_CLOSE_SECONDS = 2.0
+#: What a run still active at interpreter exit is recorded with (``TrackedRun.arm_at_exit``).
+EXIT_MESSAGE = (
+    "the process exited while the fit was running, without an exception reaching "
+    "Lightning's on_exception (e.g. a failed ddp_spawn worker: see the launching "
+    "process's error for the worker's traceback)"
+)
 
 
 def _is_fitting(trainer: Any) -> bool:
@@ -160,7 +162,8 @@ Args:
         none, the config LightningCLI resolved).
     experiment_name: the name of that experiment. Fits with the same name in one
         process (on one store) share it: one variation per distinct config, one run per
-        fit. Default: each fit makes an experiment of its own, named ``"training"``.
+        fit. Default: the fits of this callback share an experiment of their own, named
+        ``"training"`` (the same rule: a variation per distinct config, a run per fit).
     upload: ``"all"`` checkpoints as they are written (default), ``"best_and_last"``
         when the fit ends, or ``"none"``.
     heartbeat_interval: seconds between heartbeats.
@@ -169,7 +172,9 @@ Args:
         (None: never), so the watchdog can mark a hung fit lost.
 
 Resuming with ``trainer.fit(..., ckpt_path=...)`` continues the run recorded in the
-checkpoint (pass the callback again).
+checkpoint (pass the callback again); a run named by ``$CHRONICLE_*`` without a lease is
+resumed instead, and a run that already ended is replaced by a new run of its variation (the
+rule every integration shares: ``chronicle_integrations._frameworks.identity``).
 
 A model saved or exported after ``fit`` joins the run the callback tracked with
 ``callback.upload_asset(path)`` (also after the run succeeded: the store accepts assets of a
@@ -219,6 +224,8 @@ class LightningCore:
         )
         # TrackedRun validates the identity arguments (and creates nothing live).
         self._tracked = TrackedRun(chronicle=chronicle, **self._args)
+        #: Whether the coming fit resumes from a checkpoint (``ckpt_path=``).
+        self._resuming = False
         self.upload = upload
         self.strict = strict
         #: Identity restored by ``load_state_dict`` (``fit(ckpt_path=...)``).
@@ -234,7 +241,6 @@ class LightningCore:
         self._always_scan = True
         #: ``trainer.world_size`` of the current fit (read once at its start).
         self._world = 1
-        self._exit_hook: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ public read-outs
     @property
@@ -261,7 +267,6 @@ class LightningCore:
         # The TrackedRun pickles itself without live objects (a user-given client becomes
         # its URL and home, rebuilt in the worker on first use).
         state = self.__dict__.copy()
-        state["_exit_hook"] = None
         # Lightning binds the module's log/log_dict onto callbacks at each fit; not ours to ship.
         state.pop("log", None)
         state.pop("log_dict", None)
@@ -278,6 +283,7 @@ class LightningCore:
         return {"experiment_id": key[0], "variation": key[1], "run": key[2]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resuming = True  # only called when a fit restores a checkpoint
         try:
             self._resume_identity = (
                 str(state_dict["experiment_id"]),
@@ -304,7 +310,7 @@ class LightningCore:
             return
         self._scan(trainer, final=True)
         self._tracked.succeed()
-        self._finish()
+        self._tracked.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if not _is_fitting(trainer) or not _is_global_zero(trainer):
@@ -315,19 +321,18 @@ class LightningCore:
         if isinstance(exception, KeyboardInterrupt):
             if self._ensure_started(trainer, pl_module, exception):
                 tracked.abandon("KeyboardInterrupt: training interrupted by the user")
-            self._finish(ABANDON_CLOSE_SECONDS)
+            tracked.close()
             return
         if _is_preemption(exception):
             if tracked.active:
                 self._scan(trainer, final=True)
-                tracked.preempted()  # bounded flush (schedulers SIGKILL ~30 s later)
-            self._finish(1.0)
+                tracked.preempted(type(exception).__name__)  # bounded flush
+            tracked.close()
             return
         if self._ensure_started(trainer, pl_module, exception):
             self._scan(trainer, final=True)
-            tracked.crash(exception)
-            self._flush()
-        self._finish()
+            tracked.crash(exception)  # flush (bounded), then record
+        tracked.close()
 
     # ------------------------------------------------------------------ scan points
     def on_train_batch_start(
@@ -372,59 +377,23 @@ class LightningCore:
     def _begin(self, trainer: Any, pl_module: Any) -> None:
         tracked = self._tracked
         if tracked.outcome is not None:
-            # A second fit with the same callback: a fresh lifecycle. A client we created
-            # was closed when the first fit ended: the new lifecycle creates another.
-            # (A client rebuilt from a pickled user client's spec is rebuilt again.)
-            chronicle = None if tracked._own_client else tracked.chronicle
-            spec = tracked._client_spec
-            tracked = self._tracked = TrackedRun(chronicle=chronicle, **self._args)
-            tracked._client_spec = spec
+            # A second fit with the same callback: a fresh lifecycle (same settings, same
+            # client unless we created it, same experiment for unnamed fits).
+            tracked = self._tracked = tracked.renew()
             self._seen.clear()
         if tracked.run is not None:
             return
-        resume = self._resume_target(tracked)
+        resuming = self._resuming or bool(getattr(trainer, "ckpt_path", None))
         tracked.begin(
-            config=_hparams(trainer, pl_module), resume_identity=resume, on_cancel=self._on_cancel
+            config=_hparams(trainer, pl_module),
+            resuming=resuming,
+            saved=self._resume_identity,
+            on_cancel=self._on_cancel,
         )
         if tracked.run is not None:
-            self._resume_identity = None  # used; a later fit without ckpt_path starts afresh
-        if tracked.run is not None and self._exit_hook is None:
-            self._exit_hook = self._at_exit
-            atexit.register(self._exit_hook)
-
-    def _resume_target(self, tracked: TrackedRun) -> tuple[str, int, int] | None:
-        """The checkpoint's run to resume, unless another identity is designated or it can
-        no longer be resumed (then a new run of the same variation is created)."""
-        key = self._resume_identity
-        if key is None:
-            return None
-        env = identity_from_env()
-        if env is not None and (env[3] is not None or env[:3] != key):
-            log.info(
-                "chronicle: $CHRONICLE_* names run %s/%s/%s; not resuming %s/%s/%s from "
-                "the checkpoint",
-                *env[:3],
-                *key,
-            )
-            return None
-        if tracked.experiment_id is not None and (
-            (tracked.experiment_id, tracked.variation or 0) != key[:2]
-            or tracked.run_number not in (None, key[2])
-        ):
-            return None  # explicit arguments name another run
-        state = None
-        with tracked.guard("reading the resumed run's state"):
-            state = tracked._client().run(*key).state
-        if state is not None and state.is_terminal:
-            log.warning(
-                "chronicle: run %s/%s/%s from the checkpoint is %s; tracking this fit "
-                "as a new run of the same variation",
-                *key,
-                state.value,
-            )
-            tracked.experiment_id, tracked.variation, tracked.run_number = key[0], key[1], None
-            return None
-        return key
+            # Used; a later fit without ckpt_path starts afresh.
+            self._resume_identity, self._resuming = None, False
+            tracked.arm_at_exit(EXIT_MESSAGE)
 
     def _progress(self, step: int | None = None, epoch: int = 0) -> None:
         """Report training progress for the heartbeats (attribute writes, no I/O): the step
@@ -527,41 +496,6 @@ class LightningCore:
         # The client uploads in the background and keeps same-name uploads (every version
         # of last.ckpt) in submission order, so the newest version ends as the asset.
         self._tracked.upload(key_path, _asset_name(key_path, dirpath))
-
-    def _flush(self) -> None:
-        """Wait (bounded) for the run's uploads, so that when ``fit`` raises, the checkpoints
-        written before the failure are in Chronicle (or spooled)."""
-        run = self._tracked.run
-        if run is not None:
-            with self._tracked.guard("waiting for uploads"):
-                if not run.wait_uploads(FLUSH_SECONDS):
-                    log.warning(
-                        "chronicle: uploads for run %s still pending after %.0f s",
-                        run.key,
-                        FLUSH_SECONDS,
-                    )
-
-    def _finish(self, close_timeout: float | None = None) -> None:
-        """After the run ended: close the client if we created it."""
-        tracked = self._tracked
-        if tracked._own_client and tracked.chronicle is not None:
-            with tracked.guard("closing the client"):
-                tracked.chronicle.close(close_timeout)
-
-    def _at_exit(self) -> None:
-        """The interpreter exits while the fit's run is active and no Lightning hook saw it
-        end: a ``ddp_spawn`` worker that raised (its exception never reaches
-        ``on_exception``), or ``sys.exit`` from a thread. Record a crash rather than leaving
-        the run to the watchdog."""
-        tracked = self._tracked
-        if tracked.active:
-            exc = sys.exc_info()[1] or RuntimeError(
-                "the process exited while the fit was running, without an exception reaching "
-                "Lightning's on_exception (e.g. a failed ddp_spawn worker: see the launching "
-                "process's error for the worker's traceback)"
-            )
-            tracked.crash(exc)
-            self._finish(ABANDON_CLOSE_SECONDS)
 
 
 def _asset_name(path: str, dirpath: Any) -> str:

@@ -19,8 +19,11 @@ callback never can:
 
 Liveness: until an integration inside the child beats for the run, the supervisor beats on the
 child's behalf (process liveness only), well inside the store's ``heartbeat_timeout``. Once
-someone else beats, it stops for good, so a training loop that hangs (and stops beating) goes
-``lost`` exactly as it would without ``chronicle exec``.
+someone else beats, it stops, so a training loop that hangs (and stops beating) goes ``lost``
+exactly as it would without ``chronicle exec``. When that training ends while the process goes
+on (a post-fit export, the interpreter's exit, which can take seconds), the integration says so
+by creating the file ``$CHRONICLE_TRAINING_ENDED_FILE`` names: from then on the supervisor beats
+again, for good (only process liveness is left to report, and it sees the process itself).
 
 Safety rules: nothing is torn down because the store cannot be reached (training is sacred),
 nor before the store has answered without a break for ``heartbeat_timeout`` (right after an
@@ -38,12 +41,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ._config import ENV_TRAINING_ENDED_FILE
 from ._errors import APIError, ChronicleError, InvalidTransition, LeaseConflict, TransportError
 from ._models import RunInfo
 from .client import Chronicle, Run
@@ -169,6 +174,10 @@ class Supervisor:
         self._signalled: int | None = None  # SIGINT / SIGTERM the supervisor received
         self._wake = threading.Event()
         self.heartbeat_timeout = FALLBACK_HEARTBEAT_TIMEOUT
+        #: Created by the integration inside when its training ended (see the module doc).
+        self.training_ended_file = os.path.join(
+            tempfile.mkdtemp(prefix="chronicle-exec-"), "training-ended"
+        )
 
     # ------------------------------------------------------------------ the child
     def child_env(self) -> dict[str, str]:
@@ -181,6 +190,7 @@ class Supervisor:
             CHRONICLE_RUN=str(run.run),
             CHRONICLE_LEASE=str(run.lease),
         )
+        env[ENV_TRAINING_ENDED_FILE] = self.training_ended_file
         if self.chronicle.url:
             env["CHRONICLE_URL"] = self.chronicle.url
         else:
@@ -216,6 +226,10 @@ class Supervisor:
             return self._finish(code, tail.text(), torn_down)
         finally:
             restore()
+            with contextlib.suppress(OSError):
+                os.unlink(self.training_ended_file)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.training_ended_file))
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> bool:
         """Beat and watch until the child exits (True) or was torn down (also True)."""
@@ -229,8 +243,13 @@ class Supervisor:
         last_answer = time.monotonic()
         cancelled_at: float | None = None
         warned_takeover = False
+        handed_back = False  # the training inside ended: we beat for the process, for good
         while proc.poll() is None:
             now = time.monotonic()
+            if not handed_back and os.path.exists(self.training_ended_file):
+                handed_back = beating = True
+                next_beat = 0.0
+                log.info("chronicle exec: the training inside ended; beating for the process")
             info: RunInfo | None = None
             try:
                 if beating and now >= next_beat:
@@ -266,7 +285,12 @@ class Supervisor:
                 log.warning("chronicle exec: %s", exc)
             if info is not None and not warned_takeover:
                 beat_at = info.last_heartbeat_at
-                if beating and own_beat_at is not None and (beat_at or 0.0) > own_beat_at + 1e-6:
+                if (
+                    beating
+                    and not handed_back
+                    and own_beat_at is not None
+                    and (beat_at or 0.0) > own_beat_at + 1e-6
+                ):
                     # Someone else (the integration inside) beats: do not mask its hangs.
                     beating = False
                     log.info("chronicle exec: the command beats for run %s itself", self.run.key)

@@ -24,9 +24,12 @@ Event mapping (SPEC section 7):
   Chronicle) is replaced by a new run of its variation. Resuming from a checkpoint written
   without this callback works too (transformers 5.x would raise ``KeyError`` at the first
   save for any new ``ExportableState`` callback; ``on_train_begin`` registers an entry).
-* Each ``train()`` call is one run. A later call on the same callback (a hyperparameter
-  search trial, a second fit) without an explicit identity adds a variation to the
-  experiment the first call created, recording that call's config (and trial params).
+* Each ``train()`` call is one run; which one is decided by the rule every integration
+  shares (``chronicle_integrations._frameworks.identity``). Without an identity, the
+  ``train()`` calls of one callback (hyperparameter search trials, a second fit) share one
+  experiment (with ``experiment_name``: the one experiment of that name in the process), a
+  variation per distinct config (TrainingArguments, model config, trial params) and a run
+  per call.
 * ``on_save`` uploads the just-written ``checkpoint-N`` folder as a directory asset named
   ``checkpoint-N`` (files are hard-linked into staging during the call, so the
   ``save_total_limit`` rotation that follows cannot race the upload). Under hyperparameter
@@ -104,13 +107,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "Hint: pip install 'chronicle-integrations[transformers]'"
     ) from exc
 
-from ._integration import (
-    DEFAULT_STALL_TIMEOUT,
-    UNKNOWN_RUN,
-    TrackedRun,
-    identity_from_env,
-    jsonable,
-)
+from ._config import DEFAULT_STALL_TIMEOUT
+from ._frameworks import TrackedRun, jsonable
+from ._frameworks.identity import check_arguments
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                 "pass it in Trainer(callbacks=[...]) or call callback.attach(trainer)"
             )
         # Validate the identity arguments now (bad combinations fail at construction).
-        TrackedRun(experiment_id=experiment_id, variation=variation, run=run)
+        check_arguments(experiment_id, variation, run)
         self.chronicle = chronicle
         self.experiment_id = experiment_id
         self.variation = variation
@@ -206,7 +205,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self.stall_timeout = stall_timeout
         self.tracker: TrackedRun | None = None
         self._trainer_ref: Callable[[], Trainer | None] | None = None
-        self._auto_experiment: str | None = None  # created by us: later train() calls add to it
+        #: The experiment of this callback's unnamed trainings (see ``identity``): plain data.
+        self._groups: dict[Any, Any] = {}
         #: checkpoint folder name -> newest file mtime (ns) when it was uploaded
         self._uploaded: dict[str, int] = {}
         self._depth = 0
@@ -419,7 +419,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         if how == "preempted":
             with tracker.guard("uploading the last checkpoint"):
                 self._upload_final_checkpoint()
-            tracker.preempted()
+            tracker.preempted("SIGTERM" if self._sigterm else "SystemExit")
         elif how == "succeed":
             tracker.succeed()
         elif how == "crash":
@@ -432,7 +432,6 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             tracker.abandon(f"pruned by {_pruned_by(exc) or 'optuna'}{step}")
         else:
             tracker.abandon()  # quick: Ctrl+C must not wait for uploads
-            return
         tracker.close()
 
     def _upload_final_checkpoint(self) -> None:
@@ -495,66 +494,23 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
             self._watch_unwrapped()
 
     def _begin(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
-        env = identity_from_env()
-        explicit = self.experiment_id is not None
-        experiment_id, variation = self.experiment_id, self.variation
-        config = self._config(args, model, state)
-        tracker = TrackedRun(
+        tracker = self.tracker = TrackedRun(
             chronicle=self.chronicle,
-            experiment_id=experiment_id,
-            variation=variation,
+            experiment_id=self.experiment_id,
+            variation=self.variation,
             run=self.run_number,
             experiment_name=self.experiment_name,
             heartbeat_interval=self.heartbeat_interval,
             stall_timeout=self.stall_timeout,
             strict=self.strict,
+            groups=self._groups,
         )
-        self.tracker = tracker
-        resume: tuple[str, int, int] | None = None
-        if state.global_step > 0:
-            saved = self._saved_identity(state)
-            if self.experiment_id is not None and self.run_number is not None:
-                resume = (self.experiment_id, int(self.variation or 0), self.run_number)
-            elif explicit:
-                if (
-                    saved is not None
-                    and saved[0] == self.experiment_id
-                    and (self.variation is None or saved[1] == self.variation)
-                ):
-                    resume = saved
-            elif env is not None:
-                if env[3] is None:  # a lease in the environment: the launcher owns the run
-                    resume = env[:3]
-            else:
-                resume = saved
-        if resume is None and not explicit and env is None and self._auto_experiment:
-            # A later train() of the same callback (hyperparameter search trial, second
-            # fit): a new variation of the experiment the first one created.
-            with tracker.guard("adding a variation"):
-                client = tracker._client()
-                tracker.experiment_id = self._auto_experiment
-                tracker.variation = client.add_variation(self._auto_experiment, config)
-        why_not = None
-        if resume is not None and self.run_number is None:
-            why_not = tracker.not_resumable(resume)
-            if why_not is not None:
-                # The run already ended (training continued after success): a new run of
-                # its variation. A checkpoint from another Chronicle: a new experiment.
-                stale, resume = resume, None
-                if why_not != UNKNOWN_RUN:
-                    tracker.experiment_id, tracker.variation = stale[0], stale[1]
-        run = tracker.begin(config, resume_identity=resume)
-        if why_not is not None:
-            log.warning(
-                "chronicle: the checkpoint's run %s/%s/%s %s, so it cannot be resumed; "
-                "this training is tracked as new run %s%s",
-                *stale,
-                why_not,
-                run.key if run is not None else "(none: starting it failed too)",
-                "" if why_not == UNKNOWN_RUN else " of the same variation",
-            )
-        if run is not None and not explicit and env is None and self._auto_experiment is None:
-            self._auto_experiment = run.experiment_id
+        resuming = state.global_step > 0
+        tracker.begin(
+            self._config(args, model, state),
+            resuming=resuming,
+            saved=self._saved_identity(state) if resuming else None,
+        )
 
     def _saved_identity(self, state: TrainerState) -> tuple[str, int, int] | None:
         """The run identity stored in the checkpoint's ``trainer_state.json``, if any."""

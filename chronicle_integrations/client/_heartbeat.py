@@ -170,6 +170,18 @@ class KeepAlive(Generic[R]):
         self._members = [m for m in self._members if m[0] is not run]
         self._recompute_stall()
 
+    def training_ended(self, run: Run) -> None:
+        """The training loop behind ``run`` (the owner or a member) is over while its process
+        goes on (post-fit export, interpreter exit) and someone else ends the run: drop that
+        handle's stall rule (no loop to watch any more) but keep beating, as process
+        liveness, so a supervisor does not see the run go lost and tear down a process that
+        is merely finishing."""
+        if run is self.run:
+            self._own_stall = None
+        else:
+            self._members = [(r, c, None if r is run else s) for r, c, s in self._members]
+        self._recompute_stall()
+
     def _recompute_stall(self) -> None:
         stalls = [s for s in (self._own_stall, *(m[2] for m in self._members)) if s]
         self.stall_timeout = min(stalls) if stalls else None

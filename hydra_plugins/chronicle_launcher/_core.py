@@ -58,22 +58,24 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from chronicle_integrations._config import (
+    ENV_EXPERIMENT,
+    ENV_HOME,
+    ENV_LEASE,
+    ENV_RUN,
+    ENV_TRAINING_ENDED_FILE,
+    ENV_URL,
+    ENV_VARIATION,
+    JOB_CRASH_FLUSH_SECONDS,
+    JOB_PREEMPT_FLUSH_SECONDS,
+)
 from chronicle_integrations._errors import (
     ChronicleError,
-    InvalidTransition,
     NotFound,
     ServerError,
     TransportError,
 )
-from chronicle_integrations._integration import (
-    ENV_EXPERIMENT,
-    ENV_LEASE,
-    ENV_RUN,
-    ENV_VARIATION,
-    Guard,
-    identity_from_env,
-    jsonable,
-)
+from chronicle_integrations._frameworks import TrackedRun, jsonable
 from chronicle_integrations._models import RunInfo
 from chronicle_integrations._uploads import NotRegularFile, file_kind, open_regular
 from chronicle_integrations.client import Chronicle, Run, format_exception
@@ -86,10 +88,6 @@ log = logging.getLogger(__name__)
 
 #: States whose variations ``rerun_failed_of`` runs again.
 FAILED_STATES = (RunState.FAILED_CRASH, RunState.FAILED_ABANDONED, RunState.FAILED_LOST)
-#: How long a pre-empted job waits for its uploads before leaving them to the spool.
-PREEMPT_FLUSH_SECONDS = 60.0
-#: How long a crashed job waits for its outputs' uploads before recording the crash.
-CRASH_FLUSH_SECONDS = 300.0
 RETURN_VALUE_ASSET = "return_value.json"
 #: Errors that mean "the store cannot be used right now" (not a mistake in the request).
 UNREACHABLE = (TransportError, ServerError)
@@ -120,11 +118,6 @@ def resolve_target(url: str | None, home: str | None) -> tuple[str | None, str |
 
 
 # ------------------------------------------------------------------------------ the job side
-class RunNotRunnable(ChronicleError):
-    """The job's run was already ended (e.g. cancelled) before the job started: the task is
-    not run. Hydra reports the job as failed."""
-
-
 @dataclass
 class TrackedTask:
     """The task function as the inner launcher sees it: runs one job as one Chronicle run.
@@ -154,64 +147,58 @@ class TrackedTask:
 
 
 class _JobRun:
-    """One job's run, inside the job process."""
+    """One job's run, inside the job process: the hooks of the job mapped onto the shared
+    lifecycle (:class:`TrackedRun`; identity: the job's run from the launcher's table,
+    taken over when a requeued job finds it running or lost; ``RunNotRunnable`` when it
+    already ended). Outputs are uploaded before each outcome is recorded."""
 
     def __init__(self, task: TrackedTask, key: tuple[str, int, int], output_dir: Path) -> None:
         self.task = task
         self.key = key
         self.output_dir = output_dir
-        self.guard = Guard(
-            task.strict, carry_on="the job continues without it", passthrough=(RunNotRunnable,)
+        self.tracked = TrackedRun(
+            chronicle=client_for(task.url, task.home),
+            experiment_id=key[0],
+            variation=key[1],
+            run=key[2],
+            heartbeat_interval=task.heartbeat_interval,
+            stall_timeout=None,  # the job has no training loop of its own to watch
+            strict=task.strict,
+            carry_on="the job continues without it",
+            crash_flush_seconds=JOB_CRASH_FLUSH_SECONDS,
+            preempt_flush_seconds=JOB_PREEMPT_FLUSH_SECONDS,
         )
-        self.run: Run | None = None
+        self.guard = self.tracked.guard
+
+    @property
+    def run(self) -> Run | None:
+        """The job's run (None when starting it failed, non-strict)."""
+        return self.tracked.run
 
     def execute(self, cfg: DictConfig) -> Any:
-        self._start()
+        self.tracked.begin(take_over=True)
         saved_env = self._export_env()
         try:
             result = self.task.task_function(cfg)
         except KeyboardInterrupt:
-            self._abandon("KeyboardInterrupt")
+            self.tracked.abandon("KeyboardInterrupt")
             raise
         except SystemExit as exc:
             if isinstance(exc.__context__, KeyboardInterrupt):
                 # Lightning turns Ctrl+C into sys.exit(1) inside its `except KeyboardInterrupt`
-                self._abandon("KeyboardInterrupt")
+                self.tracked.abandon("KeyboardInterrupt")
             else:
-                self._preempted(exc)
+                self._upload_outputs()
+                self.tracked.preempted(f"job exited: SystemExit {exc.code!r}")
             raise
         except BaseException as exc:
-            self._crash(exc)
+            self._upload_outputs()
+            self.tracked.crash(exc)  # flush (bounded), then record
             raise
         finally:
             _restore_env(saved_env)
         self._succeed(result)
         return result
-
-    # -- start ------------------------------------------------------------------------
-    def _start(self) -> None:
-        run: Run | None = None
-        with self.guard(f"starting run {'/'.join(map(str, self.key))}"):
-            client = client_for(self.task.url, self.task.home)
-            env = identity_from_env()
-            # A lease already in the environment for this very run (a worker that started it
-            # runs this job) is adopted: starting again with it is a no-op.
-            lease = env[3] if env is not None and env[:3] == self.key else None
-            run = client.run(*self.key, lease=lease)
-            try:
-                run.start()
-            except InvalidTransition as exc:
-                if exc.state not in (RunState.RUNNING.value, RunState.LOST.value):
-                    raise RunNotRunnable(
-                        f"run {run.key} is {exc.state}; not running its job (was it cancelled?"
-                        " Rerun it with hydra.launcher.rerun_failed_of=...)"
-                    ) from exc
-                # A requeued job (pre-emption): take over the run it left running or lost.
-                log.info("chronicle: run %s was %s; resuming it", run.key, exc.state)
-                run.start(resume=True)
-            run.keep_alive(self.task.heartbeat_interval)
-            self.run = run
-            log.info("chronicle: job runs as %s (%s)", run.key, client.target)
 
     def _export_env(self) -> dict[str, str | None]:
         """Name the run for integrations inside the task; returns what to restore."""
@@ -223,17 +210,18 @@ class _JobRun:
             ENV_VARIATION: str(run.variation),
             ENV_RUN: str(run.run),
             ENV_LEASE: run.lease,
+            # An outer `chronicle exec`'s file is about its run, not this job's.
+            ENV_TRAINING_ENDED_FILE: None,
         }
         if self.task.url:
-            values["CHRONICLE_URL"] = self.task.url
+            values[ENV_URL] = self.task.url
         else:
-            values["CHRONICLE_URL"] = None
-            values["CHRONICLE_HOME"] = self.task.home
+            values[ENV_URL] = None
+            values[ENV_HOME] = self.task.home
         saved = {name: os.environ.get(name) for name in values}
         _restore_env(values)
         return saved
 
-    # -- outcomes -----------------------------------------------------------------------
     def _succeed(self, result: Any) -> None:
         run = self.run
         if run is None:
@@ -241,61 +229,11 @@ class _JobRun:
         self._upload_outputs()
         with self.guard("recording the return value"):
             _upload_return_value(run, result)
-        if run.cancelled.is_set():
-            log.warning(
-                "chronicle: run %s was %s while the job ran; not marking it succeeded",
-                run.key,
-                run.cancel_reason,
-            )
-            with self.guard("waiting for uploads"):
-                run.wait_uploads()
-                run.stop_keep_alive()
-            return
-        with self.guard("recording success"):
-            run.succeed()
-
-    def _crash(self, exc: BaseException) -> None:
-        run = self.run
-        if run is None:
-            return
-        self._upload_outputs()
-        with self.guard("recording the crash"):
-            if not run.wait_uploads(CRASH_FLUSH_SECONDS):
-                log.warning(
-                    "chronicle: run %s: recording the crash before every output was uploaded",
-                    run.key,
-                )
-            if run.cancelled.is_set():
-                run.stop_keep_alive()
-            else:
-                run.fail("crash", format_exception(exc))
-
-    def _abandon(self, message: str) -> None:
-        run = self.run
-        if run is None:
-            return
-        with self.guard("recording the interruption"):
-            run.fail("abandoned", message)  # quick: no waiting for uploads
-
-    def _preempted(self, exc: SystemExit) -> None:
-        run = self.run
-        if run is None:
-            return
-        self._upload_outputs()
-        with self.guard("flushing uploads on pre-emption"):
-            run.wait_uploads(PREEMPT_FLUSH_SECONDS)
-        with self.guard("stopping heartbeats"):
-            run.stop_keep_alive()
-        log.warning(
-            "chronicle: run %s: job exited (SystemExit %r, e.g. pre-emption); left "
-            "resumable, no terminal state",
-            run.key,
-            exc.code,
-        )
+        self.tracked.succeed()
 
     def _upload_outputs(self) -> None:
         run = self.run
-        if run is None or not self.task.upload_outputs:
+        if run is None or not self.task.upload_outputs or self.tracked.outcome is not None:
             return
         with self.guard(f"uploading the outputs of {self.output_dir}"):
             upload_directory(run, self.output_dir)
