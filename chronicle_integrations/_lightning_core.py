@@ -83,8 +83,8 @@ from typing import Any
 
 from ._config import DEFAULT_STALL_TIMEOUT
 from ._frameworks import TrackedRun
-from ._uploads import UploadHandle
 from .client import Chronicle, Run
+from .client._uploads import UploadHandle
 
 log = logging.getLogger(__name__)
 

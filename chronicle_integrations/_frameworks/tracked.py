@@ -55,10 +55,10 @@ from .._config import (
     PREEMPT_FLUSH_SECONDS,
 )
 from .._errors import ChronicleError, InvalidTransition, NotFound
-from .._heartbeat import KeepAlive
 from .._models import RunKey
-from .._uploads import UploadHandle
 from ..client import Chronicle, Run, format_exception
+from ..client._heartbeat import KeepAlive
+from ..client._uploads import UploadHandle
 from ..lifecycle import RunState
 from .identity import (
     UNKNOWN_RUN,

@@ -96,7 +96,7 @@ def _print_written(
 
 def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     if not args.url and not home_dir(args).is_dir():
-        from .._spool import SyncReport
+        from ..client._spool import SyncReport
 
         report = SyncReport()  # no home, hence no spool: nothing to send
     else:

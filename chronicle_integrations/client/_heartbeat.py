@@ -170,7 +170,7 @@ class KeepAlive(Generic[R]):
         self._members = [m for m in self._members if m[0] is not run]
         self._recompute_stall()
 
-    def training_ended(self, run: Run) -> None:
+    def training_ended(self, run: R) -> None:
         """The training loop behind ``run`` (the owner or a member) is over while its process
         goes on (post-fit export, interpreter exit) and someone else ends the run: drop that
         handle's stall rule (no loop to watch any more) but keep beating, as process

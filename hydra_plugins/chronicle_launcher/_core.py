@@ -77,8 +77,8 @@ from chronicle_integrations._errors import (
 )
 from chronicle_integrations._frameworks import TrackedRun, jsonable
 from chronicle_integrations._models import RunInfo
-from chronicle_integrations._uploads import NotRegularFile, file_kind, open_regular
 from chronicle_integrations.client import Chronicle, Run, format_exception
+from chronicle_integrations.client._staging import NotRegularFile, file_kind, open_regular
 from chronicle_integrations.lifecycle import RunState
 
 if TYPE_CHECKING:
