@@ -51,7 +51,7 @@ from ._answers import (
     _snippet,
 )
 from ._deadline import _CUTOFFS, QUICK, RetryPolicy, _Adapter, _retry_after
-from ._transport import READ_BLOCK, Progress
+from ._transport import READ_BLOCK, TransferProgress
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class HttpTransport:
         *,
         lease: str | None,
         upload_id: str,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
         verify: Callable[[], None] | None = None,
         size: int | None = None,
     ) -> AssetInfo:
@@ -511,7 +511,7 @@ class HttpTransport:
         dest: BinaryIO,
         *,
         offset: int = 0,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
     ) -> AssetInfo:
         """Stream an asset into ``dest``, resuming with HTTP Range after a dropped connection."""
         path = self._run_path(e, v, r) + "/assets/" + quote(name, safe="/")
@@ -566,7 +566,7 @@ def _chunk_body(
     length: int,
     hasher: Any,
     state: dict[str, int],
-    progress: Progress | None,
+    progress: TransferProgress | None,
 ) -> Iterator[bytes]:
     """Yield one chunk's blocks; hash bytes beyond ``state["hashed"]`` exactly once."""
     position, end = offset, offset + length

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..store import Store
 
 #: Called with the number of bytes transferred so far.
-Progress = Callable[[int], None]
+TransferProgress = Callable[[int], None]
 
 #: Size of each read while streaming a file.
 READ_BLOCK = 1024 * 1024
@@ -101,7 +101,7 @@ class Transport(Protocol):
         *,
         lease: str | None,
         upload_id: str,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
         verify: Callable[[], None] | None = None,
         size: int | None = None,
     ) -> AssetInfo:
@@ -122,7 +122,7 @@ class Transport(Protocol):
         dest: BinaryIO,
         *,
         offset: int = 0,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
     ) -> AssetInfo: ...
     def record_event(
         self,
@@ -144,7 +144,7 @@ def request_id() -> str:
 
 
 def hashing_reader(
-    fh: Any, hasher: Any, progress: Progress | None, start: int = 0
+    fh: Any, hasher: Any, progress: TransferProgress | None, start: int = 0
 ) -> Iterator[bytes]:
     """Yield ``fh``'s blocks from its current position, hashing them and reporting progress."""
     done = start
@@ -266,7 +266,7 @@ class EmbeddedTransport:
         *,
         lease: str | None,
         upload_id: str,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
         verify: Callable[[], None] | None = None,
         size: int | None = None,
     ) -> AssetInfo:
@@ -303,7 +303,7 @@ class EmbeddedTransport:
         dest: BinaryIO,
         *,
         offset: int = 0,
-        progress: Progress | None = None,
+        progress: TransferProgress | None = None,
     ) -> AssetInfo:
         info, src = self.store.open_asset(e, v, r, name)
         with src:

@@ -8,7 +8,7 @@
     app = create_app(Store.open(url, assets)) # an ASGI app, for tests or another ASGI server
 
 Modules: :mod:`.app` (factory, error handlers, watchdog), :mod:`.routes` (the ``/v1`` API),
-:mod:`.schemas` (request and response models), :mod:`.middleware` (API key, body limits),
+:mod:`.wire` (the request and response bodies), :mod:`.middleware` (API key, body limits),
 :mod:`.streaming` (upload and download streaming), :mod:`.runner` (``serve``).
 Importing this package imports FastAPI; nothing else in ``chronicle_integrations`` does.
 """

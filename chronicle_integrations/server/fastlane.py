@@ -9,7 +9,7 @@ checked the API key and read and decoded the body (at most :data:`MAX_HEARTBEAT_
 decoded once: the lane validates the guard's decoded value):
 
 * the same validation (the path numbers as the route's, the body through the route's own
-  :class:`~chronicle_integrations.server.schemas.HeartbeatRequest` model), the same store
+  :class:`~chronicle_integrations.server.wire.HeartbeatRequest` model), the same store
   call on the same thread pool, the same JSON response and the same error bodies for store
   errors (409 ``invalid_transition`` / ``lease_conflict``, 404 ...);
 * anything the lane is not sure about (a body that does not validate, a number out of range,
@@ -44,7 +44,7 @@ from starlette.types import Receive, Scope, Send
 from .. import _validation as check
 from .._errors import APIError
 from ..store import Store
-from . import schemas
+from . import wire
 
 __all__ = ["HEARTBEAT_PATH", "MAX_HEARTBEAT_BYTES", "HeartbeatLane"]
 
@@ -165,17 +165,17 @@ def _settle(settled: list[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_result(outcome)
 
 
-def _parse(headers: dict[bytes, bytes], body: bytes, value: Any) -> schemas.HeartbeatRequest | None:
+def _parse(headers: dict[bytes, bytes], body: bytes, value: Any) -> wire.HeartbeatRequest | None:
     """The decoded body as the route would validate it, or None when the route should judge
     it (the guard already refused bodies that are not a JSON object)."""
     if not body:
-        return schemas.HeartbeatRequest()
+        return wire.HeartbeatRequest()
     if value is None:  # blank but not empty: the route's error
         return None
     content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
     if content_type != b"application/json":
         return None
     try:
-        return schemas.HeartbeatRequest.model_validate(value)
+        return wire.HeartbeatRequest.model_validate(value)
     except (ValueError, ValidationError):
         return None

@@ -40,7 +40,7 @@ from .._models import Page
 from .._version import __version__
 from ..lifecycle import RunState
 from ..store import Store
-from . import schemas
+from . import wire
 from .middleware import error_response
 from .streaming import (
     DEFAULT_UPLOAD_IDLE_TIMEOUT,
@@ -143,7 +143,7 @@ def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[int |
         wanted.add(413)
     return {
         status: {
-            "model": schemas.ErrorResponse,
+            "model": wire.ErrorResponse,
             "description": f"`{_ERRORS[status][0]}`: {_ERRORS[status][1]}",
         }
         for status in sorted(wanted)
@@ -180,7 +180,7 @@ def build_router(
     # ------------------------------------------------------------------ health
     @router.get(
         "/health",
-        response_model=schemas.Health,
+        response_model=wire.Health,
         tags=["health"],
         openapi_extra={"security": []},
         responses=_errors(auth=False),
@@ -193,11 +193,11 @@ def build_router(
     @router.post(
         "/experiments",
         status_code=201,
-        response_model=schemas.Experiment,
+        response_model=wire.Experiment,
         tags=["experiments"],
         responses=_errors(409, body=True),
     )
-    def create_experiment(body: schemas.CreateExperimentRequest) -> JSONResponse:
+    def create_experiment(body: wire.CreateExperimentRequest) -> JSONResponse:
         """Create an experiment with numbered variations (0, 1, ...). Repeating the request
         with the same ``experiment_id`` and definition returns it again (409
         ``already_exists`` for a different definition)."""
@@ -206,7 +206,7 @@ def build_router(
 
     @router.get(
         "/experiments",
-        response_model=schemas.ExperimentList,
+        response_model=wire.ExperimentList,
         tags=["experiments"],
         responses=_errors(),
     )
@@ -216,7 +216,7 @@ def build_router(
 
     @router.get(
         "/experiments/{experiment_id}",
-        response_model=schemas.Experiment,
+        response_model=wire.Experiment,
         tags=["experiments"],
         responses=_errors(404),
     )
@@ -227,13 +227,11 @@ def build_router(
     @router.post(
         "/experiments/{experiment_id}/variations",
         status_code=201,
-        response_model=schemas.VariationCreated,
+        response_model=wire.VariationCreated,
         tags=["experiments"],
         responses=_errors(404, body=True),
     )
-    def add_variation(
-        experiment_id: ExperimentId, body: schemas.AddVariationRequest
-    ) -> JSONResponse:
+    def add_variation(experiment_id: ExperimentId, body: wire.AddVariationRequest) -> JSONResponse:
         """Append a variation; its number is the next one. ``request_id`` makes a retry return
         the same variation instead of adding another."""
         number = store.add_variation(experiment_id, body.config, body.request_id)
@@ -241,7 +239,7 @@ def build_router(
 
     @router.get(
         "/experiments/{experiment_id}/variations/{variation}",
-        response_model=schemas.Variation,
+        response_model=wire.Variation,
         tags=["experiments"],
         responses=_errors(404),
     )
@@ -255,21 +253,21 @@ def build_router(
     @router.post(
         "/experiments/{experiment_id}/variations/{variation}/runs",
         status_code=201,
-        response_model=schemas.Run,
+        response_model=wire.Run,
         tags=["runs"],
         responses=_errors(404, body=True),
     )
     def create_run(
         experiment_id: ExperimentId,
         variation: VariationNo,
-        body: schemas.CreateRunRequest | None = None,
+        body: wire.CreateRunRequest | None = None,
     ) -> JSONResponse:
         """Create the variation's next run (``max(run) + 1``, 0 for the first), pending."""
         request_id = body.request_id if body else None
         return _json(store.create_run(experiment_id, variation, request_id), 201)
 
     # ------------------------------------------------------------------ runs
-    @router.get("/runs", response_model=schemas.RunList, tags=["runs"], responses=_errors())
+    @router.get("/runs", response_model=wire.RunList, tags=["runs"], responses=_errors())
     def list_runs(
         experiment_id: Annotated[str | None, Query(description="Only this experiment.")] = None,
         state: Annotated[
@@ -290,14 +288,14 @@ def build_router(
 
     run_path = "/runs/{experiment_id}/{variation}/{run}"
 
-    @router.get(run_path, response_model=schemas.Run, tags=["runs"], responses=_errors(404))
+    @router.get(run_path, response_model=wire.Run, tags=["runs"], responses=_errors(404))
     def get_run(experiment_id: ExperimentId, variation: VariationNo, run: RunNo) -> JSONResponse:
         """A run with its effective state (computed from the server's clock on every read)."""
         return _json(store.get_run(experiment_id, variation, run))
 
     @router.post(
         run_path + "/start",
-        response_model=schemas.Run,
+        response_model=wire.Run,
         tags=["runs"],
         responses=_errors(404, 409, body=True),
     )
@@ -305,11 +303,11 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.StartRequest | None = None,
+        body: wire.StartRequest | None = None,
     ) -> JSONResponse:
         """``pending -> running``; with ``resume``, also take over a running or lost run. The
         answer carries the ``lease`` later calls must send."""
-        body = body or schemas.StartRequest()
+        body = body or wire.StartRequest()
         return _json(
             store.start(
                 experiment_id,
@@ -323,7 +321,7 @@ def build_router(
 
     @router.post(
         run_path + "/heartbeat",
-        response_model=schemas.Run,
+        response_model=wire.Run,
         tags=["runs"],
         responses=_errors(404, 409, body=True),
     )
@@ -331,19 +329,19 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.HeartbeatRequest | None = None,
+        body: wire.HeartbeatRequest | None = None,
     ) -> JSONResponse:
         """``running -> running``, ``lost -> running``. Refused (409 ``invalid_transition``
         with ``state``) on a terminal run, 409 ``lease_conflict`` under a stale lease.
         ``progress`` is kept; a run beating without new progress is flagged ``stalled``."""
-        body = body or schemas.HeartbeatRequest()
+        body = body or wire.HeartbeatRequest()
         return _json(
             store.heartbeat(experiment_id, variation, run, lease=body.lease, progress=body.progress)
         )
 
     @router.post(
         run_path + "/succeed",
-        response_model=schemas.Run,
+        response_model=wire.Run,
         tags=["runs"],
         responses=_errors(404, 409, body=True),
     )
@@ -351,22 +349,22 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.SucceedRequest | None = None,
+        body: wire.SucceedRequest | None = None,
     ) -> JSONResponse:
         """``running|lost -> succeeded`` (idempotent); ``progress`` is kept as the final one."""
-        body = body or schemas.SucceedRequest()
+        body = body or wire.SucceedRequest()
         return _json(
             store.succeed(experiment_id, variation, run, lease=body.lease, progress=body.progress)
         )
 
     @router.post(
         run_path + "/fail",
-        response_model=schemas.Run,
+        response_model=wire.Run,
         tags=["runs"],
         responses=_errors(404, 409, body=True),
     )
     def fail(
-        experiment_id: ExperimentId, variation: VariationNo, run: RunNo, body: schemas.FailRequest
+        experiment_id: ExperimentId, variation: VariationNo, run: RunNo, body: wire.FailRequest
     ) -> JSONResponse:
         """``pending|running|lost -> failed_crash|failed_abandoned`` (idempotent). ``crash``
         needs the lease once started; ``abandoned`` (a cancellation) does not."""
@@ -384,7 +382,7 @@ def build_router(
 
     @router.get(
         run_path + "/events",
-        response_model=schemas.EventList,
+        response_model=wire.EventList,
         tags=["runs"],
         responses=_errors(404),
     )
@@ -402,7 +400,7 @@ def build_router(
 
     @router.post(
         run_path + "/events",
-        response_model=schemas.Event,
+        response_model=wire.Event,
         status_code=201,
         tags=["runs"],
         responses=_errors(404, 409, body=True),
@@ -411,7 +409,7 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.RecordEventRequest,
+        body: wire.RecordEventRequest,
     ) -> JSONResponse:
         """Add a supervisor's event (a ``teardown`` of the worker) to the timeline. It never
         changes the run's state; it needs the lease the run is held under."""
@@ -429,7 +427,7 @@ def build_router(
     # ------------------------------------------------------------------ assets
     @router.get(
         run_path + "/assets",
-        response_model=schemas.AssetList,
+        response_model=wire.AssetList,
         tags=["assets"],
         responses=_errors(404),
     )
@@ -491,7 +489,7 @@ def build_router(
     @router.post(
         run_path + "/uploads",
         status_code=201,
-        response_model=schemas.UploadStatus,
+        response_model=wire.UploadStatus,
         tags=["uploads"],
         responses=_errors(404, 409, body=True),
     )
@@ -499,7 +497,7 @@ def build_router(
         experiment_id: ExperimentId,
         variation: VariationNo,
         run: RunNo,
-        body: schemas.BeginUploadRequest,
+        body: wire.BeginUploadRequest,
     ) -> JSONResponse:
         """Open a resumable upload (or re-open one by ``upload_id``: the answer says where it
         stands). Needs the run's lease once the run was started."""
@@ -516,7 +514,7 @@ def build_router(
 
     @router.get(
         "/uploads/{upload_id}",
-        response_model=schemas.UploadStatus,
+        response_model=wire.UploadStatus,
         tags=["uploads"],
         responses=_errors(404),
     )
@@ -526,7 +524,7 @@ def build_router(
 
     @router.put(
         "/uploads/{upload_id}",
-        response_model=schemas.UploadStatus,
+        response_model=wire.UploadStatus,
         tags=["uploads"],
         responses=_errors(404, 408, 409, 507, body=True),
         openapi_extra={
@@ -568,12 +566,12 @@ def build_router(
 
     @router.post(
         "/uploads/{upload_id}/complete",
-        response_model=schemas.Asset,
+        response_model=wire.Asset,
         tags=["uploads"],
         responses=_errors(404, 422, 507, body=True),
     )
     def complete_upload(
-        upload_id: UploadId, body: Annotated[schemas.CompleteUploadRequest, Body()]
+        upload_id: UploadId, body: Annotated[wire.CompleteUploadRequest, Body()]
     ) -> JSONResponse:
         """Verify the SHA-256 of everything received and publish the asset atomically
         (replacing an asset of the same name). Repeating it returns the asset again."""

@@ -347,7 +347,7 @@ def test_openapi_documents_the_api(api: Api) -> None:
     ],
 )
 def test_response_models_match_records(model: str, record: type) -> None:
-    from chronicle_integrations.server import schemas
+    from chronicle_integrations.server import wire as schemas
 
     fields = set(getattr(schemas, model).model_fields)
     assert fields == {f.name for f in dataclasses.fields(record)}
