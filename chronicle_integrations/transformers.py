@@ -84,13 +84,10 @@ Event mapping (SPEC section 7):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import logging
-import signal
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -108,8 +105,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from ._config import DEFAULT_STALL_TIMEOUT
-from ._frameworks import TrackedRun, jsonable
+from ._frameworks import TrackedRun
 from ._frameworks.identity import check_arguments
+from ._transformers_hooks import (
+    _NET,
+    _any_rank,
+    _barrier,
+    _chain_sigterm,
+    _distributed,
+    _frames,
+    _in_frame,
+    _newest_mtime_ns,
+    _noop,
+    _pruned_by,
+    _saved_identity,
+    _variation_config,
+)
 from .client import Chronicle, Run
 
 log = logging.getLogger(__name__)
@@ -118,27 +129,9 @@ __all__ = ["ChronicleTrainerCallback", "track"]
 
 #: Checkpoint folders are ``checkpoint-<global_step>`` (``transformers.trainer_utils``).
 CHECKPOINT_PREFIX = "checkpoint"
-#: Key fragments of TrainingArguments / model configs that must never reach the store.
-_SECRET_MARKERS = ("secret", "password", "passwd", "api_key", "apikey", "credential", "access_key")
 
 #: Callbacks whose wrapped ``train()`` is running, innermost last (see ``__init__``).
 _TRAINING: list[ChronicleTrainerCallback] = []
-
-
-def _is_secret(key: object) -> bool:
-    """``hub_token``-like keys (what transformers itself masks: ``*_token``) and obvious
-    credentials; ``pad_token_id`` & co. are hyperparameters and stay."""
-    k = str(key).lower()
-    return k == "token" or k.endswith("_token") or any(m in k for m in _SECRET_MARKERS)
-
-
-def _scrub(value: Any) -> Any:
-    """Drop secret-looking keys at any depth (hub tokens, API keys)."""
-    if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if not _is_secret(k)}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value]
-    return value
 
 
 class ChronicleTrainerCallback(TrainerCallback, ExportableState):
@@ -268,16 +261,12 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         """The Trainer calling us: the ``self`` of the nearest ``in_function`` frame (any
         frame when None) that is a Trainer holding this callback. ``on_init_end`` looks for
         ``Trainer.__init__``; ``on_train_begin`` for the ``train()`` loop calling it."""
-        frame = sys._getframe(1)
-        for _ in range(64):
-            if frame is None:
-                return None
+        for frame in _frames(sys._getframe(1), 64):
             if in_function is None or frame.f_code.co_name == in_function:
                 candidate = frame.f_locals.get("self")
                 handler = getattr(candidate, "callback_handler", None)
                 if isinstance(candidate, Trainer) and self in getattr(handler, "callbacks", ()):
                     return candidate
-            frame = frame.f_back  # type: ignore[assignment]
         return None
 
     def _trainer(self) -> Trainer | None:
@@ -313,36 +302,12 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
 
     def _install_sigterm_handler(self) -> Callable[[], None]:
         """Remember SIGTERM while ``train()`` runs; chain to the installed handler."""
-        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
+        if not self.handle_sigterm:
             return _noop
-        try:
-            previous = signal.getsignal(signal.SIGTERM)
-        except (ValueError, OSError):
-            return _noop
-        if previous is None:  # installed outside Python: restore the default afterwards
-            previous = signal.SIG_DFL
+        return _chain_sigterm(self._note_sigterm)
 
-        def on_sigterm(signum: int, frame: Any) -> None:
-            # No logging here: a signal handler may interrupt a logging call holding its lock.
-            self._sigterm = True
-            if callable(previous):
-                previous(signum, frame)  # e.g. transformers' JIT checkpoint handler
-            elif previous != signal.SIG_IGN:
-                raise SystemExit(128 + signum)  # the default action was "terminate"
-
-        try:
-            signal.signal(signal.SIGTERM, on_sigterm)
-        except (ValueError, OSError):
-            return _noop
-
-        def restore() -> None:
-            # JITCheckpointCallback restores its own predecessor in on_train_end: only put
-            # ours back if nobody replaced it meanwhile.
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                if signal.getsignal(signal.SIGTERM) is on_sigterm:
-                    signal.signal(signal.SIGTERM, previous)
-
-        return restore
+    def _note_sigterm(self) -> None:
+        self._sigterm = True
 
     def _end_by(self, exc: BaseException) -> None:
         """Record the outcome of an exception that leaves ``train()``: Ctrl+C -> abandoned;
@@ -380,7 +345,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         added with ``trainer.add_callback`` after the Trainer was built, as HF's docs do).
         This call cannot be wrapped any more (it is running), so: wrap the Trainer's
         ``train`` for the next calls, chain a SIGTERM handler, and arm the process-wide net
-        (:class:`_UnwrappedNet`) that records how this call ends when no hook sees it."""
+        (``_transformers_hooks._UnwrappedNet``) that records how this call ends when no
+        hook sees it."""
         trainer = self._find_trainer(None)
         if trainer is not None:
             self.attach(trainer)  # the next train() calls are wrapped
@@ -507,36 +473,10 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         )
         resuming = state.global_step > 0
         tracker.begin(
-            self._config(args, model, state),
+            _variation_config(args, model, state),
             resuming=resuming,
-            saved=self._saved_identity(state) if resuming else None,
+            saved=_saved_identity(state, type(self).__name__) if resuming else None,
         )
-
-    def _saved_identity(self, state: TrainerState) -> tuple[str, int, int] | None:
-        """The run identity stored in the checkpoint's ``trainer_state.json``, if any."""
-        stored: Any = state.stateful_callbacks
-        saved: Any = stored.get(type(self).__name__) if isinstance(stored, dict) else None
-        if isinstance(saved, list):
-            saved = saved[-1] if saved else None
-        try:
-            ident = saved["attributes"]["_saved_run"]
-            return (str(ident["experiment_id"]), int(ident["variation"]), int(ident["run"]))
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    @staticmethod
-    def _config(args: TrainingArguments, model: Any, state: TrainerState) -> dict[str, Any]:
-        """The variation config of a new experiment: TrainingArguments + model config."""
-        config: dict[str, Any] = {}
-        with contextlib.suppress(Exception):
-            config["training_args"] = jsonable(_scrub(args.to_dict()))
-        model_config = getattr(model, "config", None)
-        if model_config is not None and hasattr(model_config, "to_dict"):
-            with contextlib.suppress(Exception):
-                config["model_config"] = jsonable(_scrub(model_config.to_dict()))
-        if getattr(state, "trial_params", None):
-            config["trial_params"] = jsonable(state.trial_params)
-        return config
 
     def _progress(self, state: TrainerState | None = None) -> None:
         """Report progress for the heartbeats (attribute writes, no I/O); without a state,
@@ -652,118 +592,3 @@ def track(
     callback.attach(trainer)
     with callback._tracking(trainer):
         yield callback
-
-
-def _noop() -> None:
-    return None
-
-
-def _pruned_by(exc: BaseException | None) -> str | None:
-    """``"optuna"`` when ``exc`` is optuna's ``TrialPruned`` (the search cancelling the
-    trial: not a crash), else None. Recognised by class name and module, without importing
-    optuna. (Ray Tune stops a trial by stopping its actor: no exception reaches train().)"""
-    for cls in type(exc).__mro__ if exc is not None else ():
-        if cls.__name__ == "TrialPruned" and cls.__module__.split(".")[0] == "optuna":
-            return "optuna"
-    return None
-
-
-def _in_frame(function: str) -> bool:
-    """True when a function named ``function`` is calling us (a few frames up)."""
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == function:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
-class _UnwrappedNet:
-    """How an unwrapped ``train()`` call ended, when no Trainer event says it (there is no
-    exception event): chained ``sys.excepthook`` and ``threading.excepthook`` record an
-    uncaught exception (its type, message and traceback, like the wrapper), and an
-    ``atexit`` handler records a run still active at exit (an exception the program caught;
-    a caught one is also recorded by the next ``train()`` call). Installed once, on first
-    use; the previous hooks are always called after ours. One per process: ``_NET``."""
-
-    def __init__(self) -> None:
-        self._armed: dict[ChronicleTrainerCallback, int] = {}  # -> ident of training thread
-        self._lock = threading.Lock()
-        self._installed = False
-        self._sys_hook: Callable[..., Any] = sys.excepthook
-        self._thread_hook: Callable[..., Any] = threading.excepthook
-
-    def arm(self, callback: ChronicleTrainerCallback) -> None:
-        with self._lock:
-            self._armed[callback] = threading.get_ident()
-            if not self._installed:
-                self._installed = True
-                self._sys_hook, sys.excepthook = sys.excepthook, self._excepthook
-                self._thread_hook, threading.excepthook = threading.excepthook, self._thread
-                atexit.register(self._at_exit)  # after client.py's: runs before it closes
-
-    def disarm(self, callback: ChronicleTrainerCallback) -> None:
-        with self._lock:
-            self._armed.pop(callback, None)
-
-    def armed(self, callback: ChronicleTrainerCallback) -> bool:
-        return callback in self._armed
-
-    def _uncaught(self, exc: BaseException | None, thread: int | None) -> None:
-        with contextlib.suppress(Exception):
-            with self._lock:
-                hit = [cb for cb, ident in self._armed.items() if ident == thread]
-            for callback in hit:
-                if exc is not None:
-                    callback._end_by(exc)
-
-    def _excepthook(self, *args: Any) -> None:
-        self._uncaught(args[1] if len(args) > 1 else None, threading.get_ident())
-        self._sys_hook(*args)
-
-    def _thread(self, args: Any) -> None:
-        self._uncaught(args.exc_value, getattr(args.thread, "ident", None))
-        self._thread_hook(args)
-
-    def _at_exit(self) -> None:
-        with self._lock:
-            left = list(self._armed)
-        for callback in left:
-            callback._end_left_over(when="before the process exited")
-
-
-_NET = _UnwrappedNet()
-
-
-def _newest_mtime_ns(folder: Path) -> int:
-    newest = 0
-    for path in folder.rglob("*"):
-        with contextlib.suppress(OSError):
-            newest = max(newest, path.stat().st_mtime_ns)
-    return newest
-
-
-def _distributed(args: TrainingArguments) -> bool:
-    if args.world_size <= 1:
-        return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def _any_rank(flag: bool, args: TrainingArguments) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a MAX all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([1 if flag else 0], device=args.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
