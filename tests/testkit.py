@@ -13,10 +13,12 @@ because ``tests/conftest.py`` lives there; test directories are not packages).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -239,3 +241,33 @@ def seed_runs(
             t.variations.update().where(t.variations.c.experiment_id.in_(ids)).values(next_run=runs)
         )
     return keys
+
+
+# ------------------------------------------------------------------------------- bounded calls
+@dataclasses.dataclass
+class Outcome:
+    """What a call run by :func:`bounded_call` did: ``finished`` in time, with ``value`` or
+    ``error``."""
+
+    finished: bool
+    value: Any = None
+    error: BaseException | None = None
+
+
+def bounded_call(fn: Callable[[], Any], timeout: float) -> Outcome:
+    """Run ``fn`` on a daemon thread and wait at most ``timeout`` seconds for it: a call that
+    hangs fails the test instead of hanging it (the thread ends with the peer's sockets)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return Outcome(False)
+    return Outcome(True, box.get("value"), box.get("error"))

@@ -32,10 +32,8 @@ from typing import Any
 
 __all__ = [
     "HostilePeer",
-    "Outcome",
     "Reply",
     "Request",
-    "bounded_call",
     "endless",
     "html",
     "json_reply",
@@ -224,32 +222,3 @@ def _read_request(sock: socket.socket) -> Request | None:
             break
         body += chunk
     return Request(method, path, headers, body)
-
-
-@dataclass
-class Outcome:
-    """What a call run by :func:`bounded_call` did: ``finished`` in time, with ``value`` or
-    ``error``."""
-
-    finished: bool
-    value: Any = None
-    error: BaseException | None = None
-
-
-def bounded_call(fn: Callable[[], Any], timeout: float) -> Outcome:
-    """Run ``fn`` on a daemon thread and wait at most ``timeout`` seconds for it: a call that
-    hangs fails the test instead of hanging it (the thread ends when the peer closes)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return Outcome(False)
-    return Outcome(True, box.get("value"), box.get("error"))

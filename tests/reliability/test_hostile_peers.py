@@ -27,7 +27,6 @@ from hostile_peer import (
     HostilePeer,
     Reply,
     Request,
-    bounded_call,
     endless,
     html,
     json_reply,
@@ -35,6 +34,7 @@ from hostile_peer import (
     trickle,
 )
 from rel_helpers import Api, wait_until
+from testkit import bounded_call
 
 from chronicle_integrations import Chronicle, RunState, TransportError
 from chronicle_integrations._errors import ProtocolError

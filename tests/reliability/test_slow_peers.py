@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 import requests
+import testkit
 from rel_helpers import Api, assert_error, run_path, wait_until
 
 from chronicle_integrations import Chronicle
@@ -100,22 +100,12 @@ def in_thread(fn: Any, timeout: float, what: str) -> Any:
     """``fn()`` on a daemon thread, bounded: AssertionError naming ``what`` if it hangs (the
     old server hung these calls for ever; the thread is left to die with the test process's
     sockets)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    outcome = testkit.bounded_call(fn, timeout)
+    if not outcome.finished:
         raise AssertionError(f"{what} did not finish within {timeout:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.value
 
 
 def resume_with_fresh_client(
