@@ -10,8 +10,12 @@ with the bounds that close those holes, applied before any ASGI code runs:
   keep-alive connection) the whole head must arrive within ``head_timeout`` seconds, else the
   connection is closed (like nginx's ``client_header_timeout``: nothing is sent back);
 * a **head size** limit (``max_head_bytes``) and a **header count** limit (``max_headers``):
-  beyond either the request is answered ``431`` with the standard error body and the
-  connection is closed, having buffered at most one read beyond the limit;
+  beyond either the request is answered ``431`` with the standard error body. The parser
+  never sees more than ``max_head_bytes`` of an unfinished head (the rest of the read is
+  dropped unparsed), and the refused connection is then held, not read, for
+  ``refusal_linger`` seconds before it is closed: a peer that reads the answer closes first,
+  while one that re-opens every connection the server closes (an endless-header stream) is
+  slowed to one refusal per linger instead of hundreds a second of parsing work;
 * a **connection cap** (``max_connections``, at most the descriptors the process may open, less
   a reserve for the database and the assets): a new connection beyond it evicts the oldest
   connection that is still waiting for a head (an idle or half-sent one), so peers that hold
@@ -60,6 +64,7 @@ class ConnectionLimits:
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
     max_connections: int = 4096
+    refusal_linger: float = 1.0
 
 
 class _Refused(Exception):
@@ -83,6 +88,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._refusal: str | None = None
+        self._refused = False
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -103,15 +109,27 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_head()  # the first bytes of the next request on a kept-alive connection
-        if self._deadline is not None:
-            self._head_bytes += len(data)
-        super().data_received(data)  # refusals from the callbacks end in send_400_response
-        if (
-            self._deadline is not None
-            and self._head_bytes > self.limits.max_head_bytes
-            and not self.transport.is_closing()
-        ):
-            self._refuse(f"the request head exceeds {self.limits.max_head_bytes} bytes")
+        if self._refused:
+            return  # answered and lingering: nothing more is parsed
+        if self._deadline is None:
+            super().data_received(data)
+            return
+        budget = self.limits.max_head_bytes - self._head_bytes
+        self._head_bytes += len(data)
+        if len(data) <= budget:
+            super().data_received(data)  # refusals from the callbacks end in send_400_response
+            return
+        # This read would take an unfinished head past the limit: parse only what the head may
+        # still take. If the head completes inside it, the rest is body (or the next request)
+        # and is parsed as usual; if not, the rest is dropped unparsed and the head refused.
+        if budget > 0:
+            super().data_received(data[:budget])
+        if self.transport.is_closing() or self._refused:
+            return
+        if self._deadline is None:
+            super().data_received(data[budget:])
+            return
+        self._refuse(f"the request head exceeds {self.limits.max_head_bytes} bytes")
 
     # -- parser callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -169,7 +187,11 @@ class GuardedProtocol(HttpToolsProtocol):
                 ]
             )
         )
-        self._close()
+        self._refused = True
+        self._head_done()
+        self.transport.pause_reading()
+        self.loop.call_later(self.limits.refusal_linger, self._close)
+        self.waiting[self] = None  # evictable first under the connection cap
 
     def _close(self) -> None:
         self._head_done()
