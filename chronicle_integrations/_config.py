@@ -17,6 +17,8 @@ Environment variables (all optional):
 ``CHRONICLE_HEARTBEAT_TIMEOUT``, embedded store only: the watchdog's settings (a server
 ``CHRONICLE_LOST_GRACE``,      has its own command-line options)
 ``CHRONICLE_STALL_TIMEOUT``
+``CHRONICLE_UI_REFRESH``       the web view: seconds between a live page's refreshes
+                               (default 5)
 ============================== =========================================================
 """
 
@@ -41,6 +43,8 @@ ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
 #: Set by ``chronicle exec`` for the integration inside: a file to create when the training
 #: ended while the process goes on, so the supervisor beats for the process again.
 ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
+#: The web view: seconds between the refreshes of a page that shows live runs.
+ENV_UI_REFRESH = "CHRONICLE_UI_REFRESH"
 
 #: The home when neither an argument nor ``$CHRONICLE_HOME`` names one (relative to the
 #: working directory, made absolute when resolved).
@@ -58,6 +62,9 @@ DEFAULT_STALL_TIMEOUT = 1800.0
 #: The longest interval between a client's heartbeats (always within a third of the store's
 #: ``heartbeat_timeout``, which the server tells its clients).
 DEFAULT_HEARTBEAT_INTERVAL = 60.0
+#: The web view's refresh interval of live pages (seconds), and the port of ``chronicle ui``.
+DEFAULT_UI_REFRESH = 5.0
+DEFAULT_UI_PORT = 8766
 
 #: How long an in-process integration waits for its uploads when training crashed, before it
 #: records the crash (heartbeats go on meanwhile); what is left goes on in the background.
@@ -121,6 +128,8 @@ __all__ = [
     "DEFAULT_HOME",
     "DEFAULT_LOST_GRACE",
     "DEFAULT_STALL_TIMEOUT",
+    "DEFAULT_UI_PORT",
+    "DEFAULT_UI_REFRESH",
     "ENV_API_KEY",
     "ENV_EXPERIMENT",
     "ENV_HEARTBEAT_TIMEOUT",
@@ -130,6 +139,7 @@ __all__ = [
     "ENV_RUN",
     "ENV_STALL_TIMEOUT",
     "ENV_TRAINING_ENDED_FILE",
+    "ENV_UI_REFRESH",
     "ENV_URL",
     "ENV_VARIATION",
     "JOB_CRASH_FLUSH_SECONDS",

@@ -70,6 +70,7 @@ def create_app(
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
     hosts: Iterable[str] = (),
     api_docs: bool = False,
+    ui: bool = True,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -90,6 +91,8 @@ def create_app(
     ``api_docs``: also serve the interactive docs (``/docs``, ``/redoc``); off by default,
     as those pages load their scripts from a third-party CDN. ``/openapi.json`` is always
     served.
+    ``ui``: also serve the read-only web view under ``/ui`` (``/`` redirects there; see
+    :mod:`.ui`); its pages need the API key too (a login form exchanges it for a cookie).
     """
     interval = (
         float(sweep_interval)
@@ -145,6 +148,10 @@ def create_app(
             upload_min_rate=upload_min_rate,
         )
     )
+    if ui:
+        from .ui.views import install_ui  # (imports Jinja2: only for a server with the view)
+
+        install_ui(app, store)
     app.add_middleware(
         RequestGuard,
         api_key=api_key,

@@ -14,6 +14,7 @@ mixins, each in its own module, layered on the shared state of :class:`~.base.St
 * :mod:`.runs`: run records (create, get, list and page runs);
 * :mod:`.heartbeats`: the heartbeat fast path and ``heartbeat_many``'s batching;
 * :mod:`.assets`: assets, resumable uploads and their expiry;
+* :mod:`.summaries`: overviews (runs counted per effective state, ranges of variation configs);
 * :mod:`.pages` (cursors and page cutting) and :mod:`.engine` (``make_engine``) are functions.
 
 Concurrency model
@@ -73,6 +74,7 @@ from .blobs import open_blob_store
 from .engine import make_engine
 from .heartbeats import HeartbeatMixin
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
+from .summaries import SummariesMixin
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -87,7 +89,7 @@ __all__ = [
 ]
 
 
-class Store(HeartbeatMixin, AssetsMixin):
+class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
     """The Chronicle store over a SQLAlchemy engine and a blob store.
 
     Example::
