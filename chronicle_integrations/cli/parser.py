@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._config import DEFAULT_HOME, ENV_API_KEY, ENV_HOME, ENV_URL
-from .._server_options import add_server_options
+from .._config import DEFAULT_HOME, DEFAULT_UI_PORT, ENV_API_KEY, ENV_HOME, ENV_URL
+from .._server_options import add_server_options, port
 from .._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from ..lifecycle import RunState
 from .errors import EXIT_CODES_HELP, WAIT_CODES_HELP
@@ -28,7 +28,7 @@ from .runs import (
     cmd_variations,
 )
 from .transfers import cmd_assets, cmd_download, cmd_sync
-from .workers import cmd_exec, cmd_server, cmd_wait
+from .workers import cmd_exec, cmd_server, cmd_ui, cmd_wait
 
 RUN_EXAMPLE = "lr-sweep-1a2b/0/3"
 
@@ -235,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("server", cmd_server, "run the reference Chronicle server", json_flag=False)
     add_server_options(p)
+
+    p = add(
+        "ui",
+        cmd_ui,
+        "serve the read-only web view of an embedded home (--home) on 127.0.0.1",
+        json_flag=False,
+    )
+    p.add_argument(
+        "--port",
+        type=port,
+        default=DEFAULT_UI_PORT,
+        metavar="P",
+        help=f"port on 127.0.0.1 (default {DEFAULT_UI_PORT}; 0: any free port)",
+    )
 
     p = add(
         "exec",

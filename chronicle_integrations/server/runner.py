@@ -185,7 +185,8 @@ def serve(
         gc.freeze()
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "Chronicle server %s on http://%s:%d (store %s, assets %s, API key %s)",
+            "Chronicle server %s on http://%s:%d, web view at /ui (store %s, assets %s, "
+            "API key %s)",
             __version__,
             shown,
             port,

@@ -5,8 +5,9 @@ time axis, laid out for an inline SVG (the template only draws what this compute
   transition (consecutive spans of one state, e.g. a ``resume`` of a running run, are
   merged). A terminal transition ends the last span; a live run's last span ends at the
   store's ``now``.
-* **Gaps**: the silences the watchdog saw. A watchdog ``running -> lost`` transition says how
-  long the run was silent (``silent_for``), so the gap is ``[at - silent_for, at]``; a run
+* **Gaps**: the silences the watchdog saw. A watchdog ``running -> lost`` transition comes
+  ``heartbeat_timeout`` (or its ``silent_for``) after the last sign of life, so the gap is
+  ``[at - silent_for, at]``; a run
   that is still ``running`` or ``lost`` shows the silence since its last sign of life
   (``COALESCE(last_heartbeat_at, started_at)``, the store's rule) up to ``now``. Heartbeats
   themselves are not events, so this is all a timeline can honestly show of them.
@@ -102,9 +103,16 @@ class Timeline:
 
 
 def build_timeline(
-    events: Sequence[Event], info: RunInfo, now: float, *, truncated: bool = False
+    events: Sequence[Event],
+    info: RunInfo,
+    now: float,
+    *,
+    heartbeat_timeout: float,
+    truncated: bool = False,
 ) -> Timeline:
-    """Lay out the timeline of ``info``'s run from ``events`` (oldest first) at ``now``."""
+    """Lay out the timeline of ``info``'s run from ``events`` (oldest first) at ``now``;
+    ``heartbeat_timeout``: the store's, the silence behind a watchdog ``lost`` whose event
+    does not say (the set-based sweep records none)."""
     spans: list[tuple[str, float, float, bool]] = []
     gaps: list[tuple[float, float, bool]] = []
     marks: list[tuple[float, str, str, int]] = []
@@ -119,13 +127,10 @@ def build_timeline(
             continue
         if not spans or spans[-1][0] != event.to_state:  # (same state: the span goes on)
             spans.append((event.to_state, event.at, event.at, False))
-        if (
-            event.cause == "watchdog"
-            and event.to_state == RunState.LOST.value
-            and event.detail
-            and isinstance(event.detail.get("silent_for"), (int, float))
-        ):
-            gaps.append((event.at - float(event.detail["silent_for"]), event.at, False))
+        if event.cause == "watchdog" and event.to_state == RunState.LOST.value:
+            silent = (event.detail or {}).get("silent_for", heartbeat_timeout)
+            if isinstance(silent, (int, float)) and not isinstance(silent, bool):
+                gaps.append((event.at - float(silent), event.at, False))
     live = not info.state.is_terminal and not truncated
     if spans and live and not RunState(spans[-1][0]).is_terminal:
         state, start, _, _ = spans[-1]

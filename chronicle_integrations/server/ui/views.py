@@ -29,7 +29,7 @@ from fastapi.templating import Jinja2Templates
 
 from ... import _validation as check
 from ..._config import DEFAULT_UI_REFRESH, ENV_UI_REFRESH
-from ..._errors import APIError, InvalidRequest
+from ..._errors import APIError, InvalidRequest, NotFound
 from ..._models import RunInfo
 from ...cli.format import format_ago, format_size, printable, progress_text
 from ...lifecycle import RunState
@@ -202,13 +202,24 @@ def _router(store: Store, templates: Jinja2Templates) -> APIRouter:
             assets_more=_api_url(info, "assets", assets.next_cursor)
             if assets.next_cursor
             else None,
-            timeline=build_timeline(events.items, info, now, truncated=truncated),
+            timeline=build_timeline(
+                events.items,
+                info,
+                now,
+                heartbeat_timeout=store.heartbeat_timeout,
+                truncated=truncated,
+            ),
             alive_at=alive_at,
             heartbeat_timeout=store.heartbeat_timeout,
             stall_timeout=store.stall_timeout,
             detail_json=lambda d: json.dumps(d, sort_keys=True) if d else "",
             live=not info.state.is_terminal,
         )
+
+    @router.get("/ui/{rest:path}", response_class=HTMLResponse)
+    def unknown(request: Request, rest: str) -> Response:
+        """Any other address under ``/ui``: a page saying so (not the API's JSON)."""
+        return error_page(request, NotFound(f"no such page: {request.url.path[:200]}"))
 
     return router
 
