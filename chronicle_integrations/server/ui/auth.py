@@ -15,7 +15,7 @@ and ``Origin`` checks.
 
 Every answer under ``/ui`` carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
 allows only the server's own style sheet and script (no inline script, no inline style, no
-other origin), no framing, no referrer, no MIME sniffing.
+other origin), no framing, no referrer to other sites, no MIME sniffing.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ CSP = (
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # (same-origin, not no-referrer: with no-referrer the browser sends "Origin: null"
+    # on the login form, which the cross-site check must then refuse)
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]

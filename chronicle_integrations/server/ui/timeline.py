@@ -99,6 +99,8 @@ class Timeline:
     ticks: list[Tick] = field(default_factory=list)
     #: The event log had more entries than the page that was drawn.
     truncated: bool = False
+    #: The terminal state the run ended in (drawn as a cap where it ended), if it ended.
+    ended: Mark | None = None
     width: float = WIDTH
 
 
@@ -160,6 +162,11 @@ def build_timeline(
     timeline.spans = [Span(s, a, b, lv, x(a), width(a, b)) for s, a, b, lv in spans]
     timeline.gaps = [Gap(a, b, lv, x(a), width(a, b)) for a, b, lv in gaps]
     timeline.marks = [Mark(at, kind, label, eid, x(at)) for at, kind, label, eid in marks]
+    for event in events:
+        if event.kind == "transition" and event.to_state and RunState(event.to_state).is_terminal:
+            timeline.ended = Mark(
+                event.at, event.to_state, _mark_label(event), event.id, x(event.at)
+            )
     step = (end - start) / (TICKS - 1)
     timeline.ticks = [
         Tick(start + i * step, x(start + i * step), utc(start + i * step)[11:19])
