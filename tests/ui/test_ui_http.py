@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import html
+import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -386,8 +388,6 @@ def test_bearer_key_reads_pages_too(keyed: Any) -> None:
 
 # ------------------------------------------------------------------------------- chronicle ui
 def test_chronicle_ui_serves_an_embedded_home(tmp_path: Path) -> None:
-    from conftest import free_port
-
     from chronicle_integrations import Chronicle
 
     home = tmp_path / "home"
@@ -395,8 +395,10 @@ def test_chronicle_ui_serves_an_embedded_home(tmp_path: Path) -> None:
         eid = chronicle.create_experiment("embedded sweep", variations=[{"lr": 0.1}])
         run = chronicle.create_run(eid, 0).start()
         run.fail("crash", message="boom <b>")
-    port = free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CHRONICLE_")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
     proc = testkit.spawn(
         [
             sys.executable,
