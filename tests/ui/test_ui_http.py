@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import os
 import re
 import secrets
@@ -159,6 +160,36 @@ def test_crashed_run_page_shows_message_timeline_and_assets(sweep_server: Any) -
         assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == digest
     # a terminal run does not refresh itself
     assert "data-refresh" not in resp.text
+
+
+def test_run_pages_agree_with_chronicle_show(sweep_server: Any) -> None:
+    """Each run page's state and stalled flag are what ``chronicle show --json`` says."""
+    server, sweep = sweep_server
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
+    for role in ("crashed", "lost", "stalled", "abandoned"):
+        key = sweep.runs[role]
+        shown = testkit.run(
+            [
+                sys.executable,
+                "-m",
+                "chronicle_integrations.cli",
+                "--url",
+                server.url,
+                "show",
+                key,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert shown.returncode == 0, shown.stderr
+        record = json.loads(shown.stdout)
+        page = get(server, f"/ui/runs/{key}").text
+        chip = Elements(page).find("span", data_state="*")[0]
+        assert chip["data-state"] == record["state"], role
+        assert ('class="chip stalled"' in page) == record["stalled"], role
 
 
 def test_lost_and_stalled_show_their_evidence(sweep_server: Any) -> None:
