@@ -44,9 +44,11 @@ def _browser_tree() -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the session (each test opens its own context)."""
+    """One headless Chromium per test module (each test opens its own context). Not for the
+    session: Playwright's sync API keeps an event loop running in the main thread while it
+    is started, which would break later tests that call ``asyncio.run``."""
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         pytest.fail(f"{CHROMIUM} is missing: run scripts/services.sh (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
