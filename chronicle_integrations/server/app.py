@@ -167,7 +167,7 @@ def _watchdog(store: Store, interval: float, stop: threading.Event) -> None:
     failing = False
     while not stop.wait(interval):
         try:
-            store.sweep()
+            store.sweep_if_due(interval)  # replicas take turns (watchdog.py)
             store.expire_uploads(every=store.expiry_check_interval)
         except Exception:
             # Log the first failure of a streak with its traceback, later ones briefly.

@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,20 +26,20 @@ from .._errors import ConfigurationError, InvalidTransition, LeaseConflict, NotF
 from ..lifecycle import LEASED_ACTIONS, Action, RunState
 from . import schema as t
 from .blobs import BlobStore
+from .clock import store_clock
 from .engine import _translate_db_errors
 
 log = logging.getLogger(__name__)
 
 # The watchdog's defaults live with every other setting (a running run whose heartbeats
 # carry progress that has not advanced for DEFAULT_STALL_TIMEOUT is flagged ``stalled``).
+#: PostgreSQL advisory lock keys: schema migrations, and the watchdog's fleet-wide sweep.
+MIGRATION_LOCK = 727001
+SWEEP_LOCK = 727002
 #: An unfinished upload that received no chunk for this long is dropped with its bytes.
 DEFAULT_UPLOAD_EXPIRY = 86400.0
 #: The largest asset: the bound of an upload that declared no size (and of declared sizes).
 DEFAULT_MAX_ASSET_BYTES = 2**40
-
-
-def _now_clock() -> float:
-    return time.time()
 
 
 class StoreBase:
@@ -54,7 +55,8 @@ class StoreBase:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
         max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
-        clock: Callable[[], float] = _now_clock,
+        clock: Callable[[], float] | None = None,
+        migrate: bool = True,
     ) -> None:
         if heartbeat_timeout <= 0 or lost_grace < 0:
             raise ConfigurationError("heartbeat_timeout must be > 0 and lost_grace >= 0")
@@ -69,7 +71,9 @@ class StoreBase:
         self.upload_expiry = float(upload_expiry)
         #: Most bytes one asset may have (413 ``payload_too_large`` beyond).
         self.max_asset_bytes = int(max_asset_bytes)
-        self.clock = clock
+        #: "Now" for everything the store records and judges (see :mod:`.clock`: the
+        #: database's clock on PostgreSQL, the process clock on SQLite, unless injected).
+        self.clock: Callable[[], float] = clock if clock is not None else store_clock(engine)
         self._sqlite = engine.dialect.name == "sqlite"
         #: A SQLite file this process may not write (see :func:`make_engine`): reads only.
         self.read_only = self._sqlite and engine.url.query.get("mode") == "ro"
@@ -77,9 +81,13 @@ class StoreBase:
         self._last_sweep = 0.0
         self._last_expiry = -math.inf  # (time.monotonic() of the last expire_uploads)
         self._sweep_lock = threading.Lock()
+        #: This replica's name in the fleet (who made the last sweep).
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"[:256]
+        where = engine.url.render_as_string(hide_password=True)
         with self._read() as conn:
-            version = t.current_version(conn)
-        if version == t.SCHEMA_VERSION:
+            info = t.schema_info(conn)
+        version = info.version
+        if not t.check_version(info, may_migrate=migrate or self.read_only, url=where):
             return  # nothing to create or migrate: no write lock taken
         if self.read_only:
             raise ConfigurationError(
@@ -87,11 +95,17 @@ class StoreBase:
                 f"{version}) is not this chronicle's ({t.SCHEMA_VERSION}): open it once with "
                 "write access (or with the matching chronicle-integrations version)"
             )
+        self.upgrade_schema()
+
+    def upgrade_schema(self) -> int:
+        """Bring the schema to this code's version (``chronicle db upgrade``); idempotent, a
+        no-op on a current or newer compatible schema. Returns the database's version."""
         with self._write() as conn:
             if not self._sqlite:
-                # Serialise concurrent first opens: only one process creates the schema.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
-            t.migrate(conn)
+                # Serialise concurrent migrators (a transaction-scoped lock: it works through
+                # pgbouncer's transaction pooling): only one process creates the schema.
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            return t.migrate(conn)
 
     # ------------------------------------------------------------------ transactions
     @contextlib.contextmanager
