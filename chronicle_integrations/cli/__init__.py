@@ -5,6 +5,7 @@ Usage::
     chronicle [--url URL] [--api-key KEY] [--home DIR] [--timeout S] [-v] COMMAND ...
 
     chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets DIR] ...
+    chronicle db upgrade --store URL              # migrate the schema (idempotent)
     chronicle create NAME [--variation JSON]... [--variations-file F]   # prints its id
     chronicle add-variation E JSON                # prints the new variation's number
     chronicle variations E                        # every variation with its config

@@ -70,6 +70,7 @@ def create_app(
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
     hosts: Iterable[str] = (),
     api_docs: bool = False,
+    drain_timeout: float = 10.0,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -90,6 +91,9 @@ def create_app(
     ``api_docs``: also serve the interactive docs (``/docs``, ``/redoc``); off by default,
     as those pages load their scripts from a third-party CDN. ``/openapi.json`` is always
     served.
+    ``drain_timeout``: at shutdown (after the ASGI server finished the requests in flight),
+    the seconds the heartbeat lane's pending group commit and the upload writers get to
+    finish before the process exits regardless.
     """
     interval = (
         float(sweep_interval)
@@ -120,10 +124,17 @@ def create_app(
         finally:
             stop.set()
             executor = uploads.pop("executor")
-            if lane is not None:
-                await anyio.to_thread.run_sync(lane.close)
-            await anyio.to_thread.run_sync(watchdog.join, 10.0)
-            await anyio.to_thread.run_sync(executor.shutdown)
+            if lane is not None:  # the pending group commit is applied before we exit
+                await anyio.to_thread.run_sync(lane.close, drain_timeout)
+            await anyio.to_thread.run_sync(watchdog.join, drain_timeout)
+            # Upload batches already handed to a writer finish (bounded); none start.
+            drained = threading.Thread(
+                target=executor.shutdown, kwargs={"cancel_futures": True}, daemon=True
+            )
+            drained.start()
+            await anyio.to_thread.run_sync(drained.join, drain_timeout)
+            if drained.is_alive():
+                log.warning("upload writers still busy after %.1f s; exiting", drain_timeout)
 
     app = FastAPI(
         title="Chronicle",

@@ -22,7 +22,13 @@ import sqlalchemy as sa
 
 from .. import _validation as check
 from .._config import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_LOST_GRACE, DEFAULT_STALL_TIMEOUT
-from .._errors import ConfigurationError, InvalidTransition, LeaseConflict, NotFound
+from .._errors import (
+    ConfigurationError,
+    InvalidTransition,
+    LeaseConflict,
+    NotFound,
+    Unavailable,
+)
 from ..lifecycle import LEASED_ACTIONS, Action, RunState
 from . import schema as t
 from .blobs import BlobStore
@@ -100,12 +106,22 @@ class StoreBase:
     def upgrade_schema(self) -> int:
         """Bring the schema to this code's version (``chronicle db upgrade``); idempotent, a
         no-op on a current or newer compatible schema. Returns the database's version."""
-        with self._write() as conn:
-            if not self._sqlite:
-                # Serialise concurrent migrators (a transaction-scoped lock: it works through
-                # pgbouncer's transaction pooling): only one process creates the schema.
-                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-            return t.migrate(conn)
+        with self._write_lock or contextlib.nullcontext():
+            return upgrade_schema(self.engine)
+
+    def ready(self) -> int:
+        """The readiness check (``GET /v1/ready``): the database answers and its schema is one
+        this code serves. Returns the schema version; :class:`Unavailable` otherwise."""
+        try:
+            with self.engine.connect() as conn:
+                info = t.schema_info(conn)
+                conn.rollback()
+            t.check_version(info, may_migrate=True)
+        except Exception as exc:
+            raise Unavailable(f"the database does not answer: {exc}") from exc
+        if info.version < t.MIN_SCHEMA_VERSION:
+            raise Unavailable(f"the database's schema (version {info.version}) is not served")
+        return info.version
 
     # ------------------------------------------------------------------ transactions
     @contextlib.contextmanager
@@ -202,6 +218,20 @@ class StoreBase:
 
 
 # ---------------------------------------------------------------------- helpers
+def upgrade_schema(engine: sa.Engine) -> int:
+    """Migrate the database behind ``engine`` (made by :func:`.engine.make_engine`) to this
+    code's schema, in one write transaction under the migration lock (a PostgreSQL advisory
+    lock: transaction-scoped, so it holds through pgbouncer's transaction pooling; SQLite's
+    ``BEGIN IMMEDIATE``). Idempotent, also on an empty database; concurrent callers serialise
+    and only the first migrates. Returns the database's schema version."""
+    with engine.connect() as raw:
+        conn = raw.execution_options(chronicle_write=True)
+        with _translate_db_errors(), conn.begin():
+            if engine.dialect.name != "sqlite":
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            return t.migrate(conn)
+
+
 def _request_key(kind: str, request_id: str, *params: str) -> str:
     """An idempotency key bound to the request's parameters: a request id replayed with other
     parameters (another variation, another config) is a new request, never the old answer."""
