@@ -1,6 +1,6 @@
-"""The scale-out suite's kit (fixtures imported by its modules): a fresh PostgreSQL database, HAProxy and pgbouncer
-rendered from the sample configurations in ``deploy/`` (the very files the README shows), each
-a real process started and reaped through :mod:`testkit`.
+"""The scale-out suite's kit, whose fixtures its modules import: a fresh PostgreSQL database,
+HAProxy and pgbouncer rendered from the sample configurations in ``deploy/`` (the very files
+the README shows), each a real process started and reaped through :mod:`testkit`.
 
 Replicas share one assets directory on this machine (one host): the S3 asset store of the
 object-storage work slots in as the ``--assets`` of every replica instead.
@@ -31,9 +31,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 def render(template: Path, dest: Path, **values: Any) -> Path:
     """``template`` (a ``deploy/`` file) with its ``$placeholders`` filled in, at ``dest``."""
-    text = string.Template(template.read_text()).substitute(
-        {k: str(v) for k, v in values.items()}
-    )
+    text = string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
     dest.write_text(text)
     dest.chmod(0o644)
     return dest

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures of scaleout_kit are imported, then taken as parameters)
 """Several real server replicas on one PostgreSQL behind a real HAProxy (and a real pgbouncer
 in transaction mode), under a fleet of real clients, while replicas are SIGKILLed and
 restarted: nothing acknowledged is lost, no asset is torn, every client carries on.
