@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -187,3 +188,56 @@ def test_no_migrate_refuses_an_empty_or_old_schema_and_upgrade_is_idempotent(
     with store.engine.connect() as conn:
         assert t.schema_info(conn) == (t.SCHEMA_VERSION, t.COMPATIBLE_FROM)
     store.close()
+
+
+# ------------------------------------------------------------------------------ pool options
+@pytest.mark.postgres
+def test_pool_and_prepare_options_reach_the_driver(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chronicle_integrations.store.engine import DatabaseOptions, make_engine
+
+    def threshold(engine: sa.Engine) -> Any:
+        with engine.connect() as conn:
+            value = conn.connection.dbapi_connection.prepare_threshold  # type: ignore[union-attr]
+        engine.dispose()
+        return value
+
+    assert threshold(make_engine(pg_url)) == 5  # psycopg's default, untouched
+    flagged = make_engine(pg_url + "?pgbouncer=true", DatabaseOptions(pool_size=3, max_overflow=1))
+    assert flagged.pool.size() == 3 and "pgbouncer" not in str(flagged.url)  # type: ignore[attr-defined]
+    assert threshold(flagged) is None
+    assert threshold(make_engine(pg_url, DatabaseOptions(prepare_threshold=None))) is None
+    monkeypatch.setenv("CHRONICLE_DB_POOL_SIZE", "7")
+    monkeypatch.setenv("CHRONICLE_DB_PREPARE_THRESHOLD", "none")
+    resolved = DatabaseOptions.resolve(max_overflow=0)
+    assert (resolved.pool_size, resolved.max_overflow, resolved.prepare_threshold) == (7, 0, None)
+    assert resolved.max_connections == 7
+    assert DatabaseOptions.resolve(pool_size=2).pool_size == 2  # the option wins
+    monkeypatch.setenv("CHRONICLE_DB_POOL_SIZE", "lots")
+    with pytest.raises(ConfigurationError, match="CHRONICLE_DB_POOL_SIZE"):
+        DatabaseOptions.resolve()
+
+
+def test_server_options_parse_and_refuse(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from chronicle_integrations._server_options import add_server_options, serve_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_server_options(parser)
+    args = parser.parse_args(
+        [
+            *("--db-pool-size", "4", "--db-max-overflow", "0"),
+            *("--db-prepare-threshold", "None", "--no-migrate", "--shutdown-timeout", "3"),
+        ]
+    )
+    kwargs = serve_kwargs(args)
+    assert kwargs["db_pool_size"] == 4 and kwargs["db_max_overflow"] == 0
+    assert kwargs["db_prepare_threshold"] == "none" and kwargs["migrate"] is False
+    assert kwargs["shutdown_timeout"] == 3.0
+    assert "migrate" not in serve_kwargs(parser.parse_args([]))
+    for bad in (["--db-pool-size", "0"], ["--db-prepare-threshold", "sometimes"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "prepare threshold" in capsys.readouterr().err
