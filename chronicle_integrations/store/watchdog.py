@@ -148,13 +148,14 @@ class WatchdogMixin(StoreBase):
 
     def sweep_if_due(self, every: float) -> dict[str, int] | None:
         """The periodic sweep of a fleet of replicas: sweep unless another replica is
-        sweeping right now or swept less than ``every / 2`` seconds ago (None: skipped).
+        sweeping right now or swept less than ``every`` seconds ago (None: skipped).
 
         PostgreSQL: ``pg_try_advisory_xact_lock`` (transaction-scoped, so it holds through
         pgbouncer's transaction pooling) and the fleet's last sweep in ``chronicle_watchdog``,
         on the one clock every replica shares (:mod:`.clock`): however many replicas run their
-        timers, the fleet sweeps once every ``every / 2`` to ``every`` seconds. SQLite (one
-        host): :meth:`sweep`.
+        timers (each waits ``every`` between calls, so a lone replica never skips), the fleet
+        sweeps about once every ``every`` seconds, and at most ``2 * every`` apart while one
+        replica is up. SQLite (one host): :meth:`sweep`.
         """
         if self._sqlite:
             return self.sweep()
@@ -167,7 +168,7 @@ class WatchdogMixin(StoreBase):
             last = conn.execute(
                 sa.select(t.watchdog.c.swept_at).where(t.watchdog.c.id == 1)
             ).scalar()
-            if last is not None and now - last < every / 2:
+            if last is not None and now - last < every:
                 self._last_sweep = now
                 return None  # another replica swept recently
             moved = self._sweep_in(conn, now)

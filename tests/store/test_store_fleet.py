@@ -127,10 +127,10 @@ def test_replicas_take_turns_at_the_sweep(pg_url: str, tmp_path: Path) -> None:
         with a.engine.connect() as conn:
             row = conn.execute(sa.select(t.watchdog)).one()
         assert (row.swept_at, row.swept_by) == (clock.now, b.replica)
-        clock.now += 10.0
-        assert a.sweep_if_due(30.0) is None  # swept 10 s ago by B
-        clock.now += 10.0
-        assert a.sweep_if_due(30.0) == {"lost": 0, "failed_lost": 0}  # due (>= 15 s)
+        clock.now += 29.0
+        assert a.sweep_if_due(30.0) is None  # swept 29 s ago by B
+        clock.now += 1.0
+        assert a.sweep_if_due(30.0) == {"lost": 0, "failed_lost": 0}  # due (30 s)
         for key in keys:
             events = a.events(*key)
             assert [(e.from_state, e.to_state) for e in events].count(("running", "lost")) == 1
