@@ -8,6 +8,7 @@ object-storage work slots in as the ``--assets`` of every replica instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -27,6 +28,27 @@ import testkit
 from conftest import POSTGRES_ENV, free_port, fresh_store_url
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the duration (a server spawned meanwhile inherits
+    them, e.g. a ``PYTHONPATH`` with a ``sitecustomize``), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def with_path(directory: Path) -> str:
+    """``$PYTHONPATH`` with ``directory`` first."""
+    return os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def render(template: Path, dest: Path, **values: Any) -> Path:

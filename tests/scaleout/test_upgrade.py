@@ -22,7 +22,7 @@ import requests
 import sqlalchemy as sa
 import testkit
 from fleet_helpers import Fleet, experiment, verify, wait_progress
-from scaleout_kit import haproxy_factory, pg_url  # noqa: F401 (fixtures)
+from scaleout_kit import environ, haproxy_factory, pg_url, with_path  # noqa: F401 (fixtures)
 
 from chronicle_integrations.store import schema as t
 
@@ -32,9 +32,7 @@ NEXT = Path(__file__).resolve().parent / "next_schema"
 
 
 def _next_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(NEXT), env.get("PYTHONPATH", "")])
-    return env
+    return {**os.environ, "PYTHONPATH": with_path(NEXT)}
 
 
 def _db(store_url: str, *args: str, env: dict[str, str] | None = None) -> Any:
@@ -100,15 +98,8 @@ def test_rolling_upgrade_old_and_new_replicas_side_by_side(
         # Replace replica 1 by the next version (same port: the balancer's config is fixed).
         replica = old[1]
         replica.stop()
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = _next_env()["PYTHONPATH"]
-        try:
+        with environ(PYTHONPATH=with_path(NEXT)):
             replica.start(port=replica.port)
-        finally:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
         wait_progress(fleet.acks, 4)  # old and new replicas side by side
     verify(proxy.url, fleet.acks, assets)
     # A fresh replica of today's code still starts on the additively migrated schema.
