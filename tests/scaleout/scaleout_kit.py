@@ -25,7 +25,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 import testkit
-from conftest import POSTGRES_ENV, free_port, fresh_store_url
+from testkit import POSTGRES_ENV, free_port, fresh_store_url
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

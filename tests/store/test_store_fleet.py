@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import fresh_store_url
+from testkit import fresh_store_url
 
 from chronicle_integrations._errors import ConfigurationError
 from chronicle_integrations.lifecycle import RunState
