@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import ipaddress
 import logging
+import logging.config
 import os
 import socket
 from pathlib import Path
@@ -188,6 +189,9 @@ def serve(
         else db_prepare_threshold
     )
     database = DatabaseOptions.resolve(db_pool_size, db_max_overflow, threshold)
+    # The log config before the store opens (uvicorn applies it again when Config is built):
+    # the store's own messages at open (migrations, a newer compatible schema) are shown.
+    logging.config.dictConfig(config_kwargs["log_config"])
     store = Store.open(store_url, assets_dir, database=database, migrate=migrate, **timeouts)
     try:
         app = create_app(

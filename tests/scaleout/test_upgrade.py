@@ -104,6 +104,7 @@ def test_rolling_upgrade_old_and_new_replicas_side_by_side(
     verify(proxy.url, fleet.acks, assets)
     # A fresh replica of today's code still starts on the additively migrated schema.
     late = server_factory(store_url=pg_url, assets=assets, extra_args=["--no-migrate"])
+    assert "a rolling upgrade in progress" in late.output()
     ready = requests.get(f"{late.url}/v1/ready", timeout=10).json()
     assert ready["schema_version"] == t.SCHEMA_VERSION + 1
     assert _schema(pg_url) == (t.SCHEMA_VERSION + 1, t.COMPATIBLE_FROM)  # never downgraded
