@@ -52,6 +52,7 @@ def test_replicas_killed_under_load_lose_nothing(
     checked = verify(proxy.url, fleet.acks, assets)
     assert checked["runs"] >= 12 and checked["assets"] >= 3, checked
     assert fleet.acks.heartbeats > 0
+    assert '/heartbeat HTTP/1.1" 200' in replicas[2].output()  # the balancer spread the load
     print(f"fleet behind haproxy: {checked}, {fleet.acks.heartbeats} heartbeats")
 
 
@@ -75,6 +76,8 @@ def test_fleet_through_pgbouncer_transaction_mode(
         wait_progress(fleet.acks, 12)
         _kill_and_restart(fleet, replicas[1])
     verify(proxy.url, fleet.acks, assets)
+    database = sa.engine.make_url(pg_url).database
+    assert f"registered new auto-database: db={database}" in bouncer.output()  # went through it
     for replica in replicas:
         assert "prepared statement" not in replica.output().lower(), replica.output()[-3000:]
 
