@@ -19,6 +19,9 @@ Environment variables (all optional):
 ``CHRONICLE_STALL_TIMEOUT``
 ``CHRONICLE_UI_REFRESH``       the web view: seconds between a live page's refreshes
                                (default 5)
+``CHRONICLE_DB_POOL_SIZE``,    ``chronicle server`` on PostgreSQL: the database pool of
+``CHRONICLE_DB_MAX_OVERFLOW``, one replica, and when psycopg prepares statements
+``CHRONICLE_DB_PREPARE_THRESHOLD`` (``none`` behind pgbouncer); the ``--db-*`` options win
 ============================== =========================================================
 """
 
@@ -40,6 +43,9 @@ ENV_LEASE = "CHRONICLE_LEASE"
 ENV_HEARTBEAT_TIMEOUT = "CHRONICLE_HEARTBEAT_TIMEOUT"
 ENV_LOST_GRACE = "CHRONICLE_LOST_GRACE"
 ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
+ENV_DB_POOL_SIZE = "CHRONICLE_DB_POOL_SIZE"
+ENV_DB_MAX_OVERFLOW = "CHRONICLE_DB_MAX_OVERFLOW"
+ENV_DB_PREPARE_THRESHOLD = "CHRONICLE_DB_PREPARE_THRESHOLD"
 #: Set by ``chronicle exec`` for the integration inside: a file to create when the training
 #: ended while the process goes on, so the supervisor beats for the process again.
 ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
@@ -121,6 +127,30 @@ def env_seconds(name: str) -> float | None:
     return value
 
 
+def prepare_threshold(text: str) -> int | str | None:
+    """A prepare threshold as written by an operator: ``none`` (never prepare: pgbouncer in
+    transaction mode), ``auto`` (none when the URL says ``?pgbouncer=true``), or a count."""
+    word = text.strip().lower()
+    if word in ("none", "off"):
+        return None
+    if word == "auto":
+        return "auto"
+    if word.isdigit() and len(word) <= 9:
+        return int(word)
+    raise ConfigurationError(f"invalid prepare threshold {text!r}: none, auto or a count >= 0")
+
+
+def env_count(name: str, *, zero_ok: bool = False) -> int | None:
+    """A whole number from the environment variable ``name`` (None when unset)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    word = raw.strip()
+    if not word.isdigit() or len(word) > 9 or (int(word) == 0 and not zero_ok):
+        raise ConfigurationError(f"{name}={raw!r} must be a whole number > {-1 if zero_ok else 0}")
+    return int(word)
+
+
 __all__ = [
     "CRASH_FLUSH_SECONDS",
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -131,6 +161,9 @@ __all__ = [
     "DEFAULT_UI_PORT",
     "DEFAULT_UI_REFRESH",
     "ENV_API_KEY",
+    "ENV_DB_MAX_OVERFLOW",
+    "ENV_DB_POOL_SIZE",
+    "ENV_DB_PREPARE_THRESHOLD",
     "ENV_EXPERIMENT",
     "ENV_HEARTBEAT_TIMEOUT",
     "ENV_HOME",
@@ -148,6 +181,8 @@ __all__ = [
     "Target",
     "api_key",
     "default_home",
+    "env_count",
     "env_seconds",
+    "prepare_threshold",
     "resolve_target",
 ]

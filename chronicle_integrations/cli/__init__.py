@@ -6,6 +6,7 @@ Usage::
 
     chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets DIR] ...
     chronicle ui [--home DIR] [--port 8766]      # the web view of an embedded home
+    chronicle db upgrade --store URL              # migrate the schema (idempotent)
     chronicle create NAME [--variation JSON]... [--variations-file F]   # prints its id
     chronicle add-variation E JSON                # prints the new variation's number
     chronicle variations E                        # every variation with its config

@@ -15,6 +15,7 @@ from .._config import DEFAULT_HOME, DEFAULT_UI_PORT, ENV_API_KEY, ENV_HOME, ENV_
 from .._server_options import add_server_options, port
 from .._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from ..lifecycle import RunState
+from .db import cmd_db
 from .errors import EXIT_CODES_HELP, WAIT_CODES_HELP
 from .runs import (
     cmd_add_variation,
@@ -249,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help=f"port on 127.0.0.1 (default {DEFAULT_UI_PORT}; 0: any free port)",
     )
+
+    p = add(
+        "db",
+        cmd_db,
+        "the store's schema: upgrade it (idempotent, also on an empty database) or show it",
+    )
+    p.add_argument("action", choices=["upgrade", "status"], help="upgrade, or show the version")
+    p.add_argument("--store", required=True, metavar="URL", help="SQLAlchemy URL of the database")
 
     p = add(
         "exec",

@@ -58,7 +58,7 @@ MAX_JSON_DEPTH = 64
 #: Paths anyone may read, with or without the API key: liveness probes and the API's own
 #: description (it documents the API; it holds no data).
 PUBLIC_PATHS = frozenset(
-    {"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {"/v1/health", "/v1/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
 
 #: The names a keyless (loopback) server answers to, besides the ``--host`` it listens on.

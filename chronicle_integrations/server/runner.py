@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import ipaddress
 import logging
+import logging.config
 import os
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ from .._config import (
     ENV_API_KEY,
     ENV_HOME,
 )
+from .._config import prepare_threshold as parse_prepare_threshold
 from .._errors import ConfigurationError
 from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS
 from .._version import __version__
@@ -34,7 +36,10 @@ from .app import (
 if TYPE_CHECKING:
     from .connections import ConnectionLimits
 
-__all__ = ["is_loopback", "serve"]
+__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "is_loopback", "serve"]
+
+#: Seconds a SIGTERM leaves requests in flight to finish (``--shutdown-timeout``).
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,11 @@ def serve(
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
     limits: ConnectionLimits | None = None,
+    db_pool_size: int | None = None,
+    db_max_overflow: int | None = None,
+    db_prepare_threshold: int | str | None = "",
+    migrate: bool = True,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
@@ -100,6 +110,15 @@ def serve(
     dropped; ``max_asset_bytes``: the largest asset (bounds uploads that declare no size).
     Listening beyond loopback without an API key is refused with
     :class:`ConfigurationError`, as are invalid settings.
+
+    Several replicas on one PostgreSQL (README "Scaling out"): ``db_pool_size`` /
+    ``db_max_overflow`` bound this replica's connections (``$CHRONICLE_DB_POOL_SIZE`` /
+    ``_MAX_OVERFLOW``, else 10 + 20); ``db_prepare_threshold``: ``"none"`` behind pgbouncer in
+    transaction mode (``"auto"``, the default: none when the URL has ``?pgbouncer=true``);
+    ``migrate=False`` refuses a schema that needs migrating instead of migrating it
+    (``chronicle db upgrade`` does that); ``shutdown_timeout``: on SIGTERM, the seconds
+    requests in flight get to finish (the readiness check answers 503 meanwhile, the
+    heartbeat lane's pending group commit and the upload writers are drained after).
     """
     if api_key is None:
         api_key = os.environ.get(ENV_API_KEY)
@@ -128,7 +147,7 @@ def serve(
 
     import uvicorn  # the server's own dependency, imported only when serving
 
-    from ..store import Store
+    from ..store import DatabaseOptions, Store
     from .connections import (
         ConnectionLimits,
         Throttle,
@@ -149,7 +168,7 @@ def serve(
         "log_level": level,
         "log_config": _log_config(level),
         "http": guarded_protocol(limits),
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": shutdown_timeout,
         "server_header": False,
     }
     timeouts: dict[str, float] = {
@@ -162,7 +181,18 @@ def serve(
         if stall_timeout <= 0:
             raise ConfigurationError("stall_timeout must be > 0")
         timeouts["stall_timeout"] = stall_timeout
-    store = Store.open(store_url, assets_dir, **timeouts)
+    if not shutdown_timeout > 0:
+        raise ConfigurationError("shutdown_timeout must be > 0")
+    threshold = (
+        parse_prepare_threshold(db_prepare_threshold)
+        if isinstance(db_prepare_threshold, str) and db_prepare_threshold
+        else db_prepare_threshold
+    )
+    database = DatabaseOptions.resolve(db_pool_size, db_max_overflow, threshold)
+    # The log config before the store opens (uvicorn applies it again when Config is built):
+    # the store's own messages at open (migrations, a newer compatible schema) are shown.
+    logging.config.dictConfig(config_kwargs["log_config"])
+    store = Store.open(store_url, assets_dir, database=database, migrate=migrate, **timeouts)
     try:
         app = create_app(
             store,
@@ -172,6 +202,7 @@ def serve(
             upload_idle_timeout=upload_idle_timeout,
             upload_min_rate=upload_min_rate,
             hosts=[host],
+            drain_timeout=shutdown_timeout,
         )
         server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))  # configures logging
         throttle = Throttle()

@@ -175,6 +175,14 @@ class Health(BaseModel):
     version: str
 
 
+class Ready(BaseModel):
+    """The readiness check: this replica's database answers (503 ``unavailable`` if not)."""
+
+    status: Literal["ready"]
+    version: str
+    schema_version: int = Field(description="The database's chronicle schema version.")
+
+
 class _Page(BaseModel):
     """What every listing's page carries besides its items."""
 

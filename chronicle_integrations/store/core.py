@@ -71,7 +71,7 @@ from .base import (
     _same_lease,
 )
 from .blobs import open_blob_store
-from .engine import make_engine
+from .engine import DatabaseOptions, make_engine
 from .heartbeats import HeartbeatMixin
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
 from .summaries import SummariesMixin
@@ -84,6 +84,7 @@ __all__ = [
     "DEFAULT_UPLOAD_EXPIRY",
     "MAX_CURSOR",
     "ChunkWriter",
+    "DatabaseOptions",
     "Store",
     "make_engine",
 ]
@@ -106,10 +107,13 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
         cls,
         url: str,
         assets: str | os.PathLike[str],
+        *,
+        database: DatabaseOptions | None = None,
         **kwargs: Any,
     ) -> Store:
-        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``."""
-        return cls(make_engine(url), open_blob_store(assets), **kwargs)
+        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``
+        (``database``: PostgreSQL pool and prepared statements, see :class:`DatabaseOptions`)."""
+        return cls(make_engine(url, database), open_blob_store(assets), **kwargs)
 
     @classmethod
     def open_home(cls, home: str | os.PathLike[str], **kwargs: Any) -> Store:
