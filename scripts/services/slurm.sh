@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this host for the tests marked `slurm` (run by scripts/services.sh,
 # as root): Debian's slurm-wlm and munge. Writes a minimal /etc/slurm/slurm.conf for this host
-# (no cgroups: proctrack/linuxproc, task/none; no accounting daemon), creates the munge key if
-# missing, starts munged, slurmctld and slurmd unless they run already, and waits until the node
-# is idle and `srun true` works. Idempotent: a second run with the cluster up changes nothing.
+# (no cgroups: proctrack/linuxproc, task/none), creates the munge key if missing, starts munged,
+# MariaDB + slurmdbd (accounting: submitit reads job states with `sacct`, and without it waits
+# forever for a job that was cancelled), slurmctld and slurmd unless they run already, and waits
+# until the node is idle and `srun true` works. Idempotent: a second run with the cluster up changes nothing.
 # KillWait is short (5 s) so that `scancel` of a job that ignores SIGTERM ends it quickly in tests.
 set -euo pipefail
 
@@ -11,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "slurm: must run as root (starts munged, slurmctld, slurmd)" >&2
   exit 2
 fi
-for bin in munged slurmctld slurmd sinfo srun scontrol; do
+for bin in munged slurmdbd slurmctld slurmd sinfo srun scontrol sacct sacctmgr mariadbd; do
   command -v "$bin" >/dev/null || { echo "slurm: $bin not found (apt-get install slurm-wlm munge)" >&2; exit 2; }
 done
 
@@ -41,8 +42,10 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   munge -n | unmunge >/dev/null || { echo "slurm: munged does not answer" >&2; exit 1; }
 fi
 
-# ---------------------------------------------------------------------------------- slurm.conf
 install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/slurm
+running() { pgrep -x "$1" >/dev/null; }
+
+# ---------------------------------------------------------------------------------- slurm.conf
 new=$(mktemp)
 cat >"$new" <<CONF
 # Written by chronicle-integrations scripts/services/slurm.sh: a one-node test cluster.
@@ -56,7 +59,8 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -86,7 +90,55 @@ if ! cmp -s "$new" "$conf"; then
 fi
 rm -f "$new"
 
-running() { pgrep -x "$1" >/dev/null; }
+# ------------------------------------------------------------------- accounting: MariaDB, slurmdbd
+if ! mysqladmin ping >/dev/null 2>&1; then
+  echo "slurm: starting MariaDB" >&2
+  install -d -o mysql -g mysql -m 0755 /run/mysqld
+  [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql >/dev/null
+  (setsid mysqld_safe </dev/null >/dev/null 2>&1 &)
+  for _ in $(seq 150); do mysqladmin ping >/dev/null 2>&1 && break; sleep 0.2; done
+  mysqladmin ping >/dev/null || { echo "slurm: MariaDB does not answer" >&2; exit 1; }
+fi
+db_pass=chronicle-slurm-test
+mysql -uroot <<SQL
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$db_pass';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+SQL
+dbd_conf=/etc/slurm/slurmdbd.conf
+new=$(mktemp)
+cat >"$new" <<CONF
+# Written by chronicle-integrations scripts/services/slurm.sh: accounting for the test cluster.
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=slurm
+StoragePass=$db_pass
+StorageLoc=slurm_acct_db
+PidFile=/run/slurm/slurmdbd.pid
+LogFile=/var/log/slurm/slurmdbd.log
+CONF
+dbd_changed=0
+if ! cmp -s "$new" "$dbd_conf"; then
+  install -m 0600 "$new" "$dbd_conf"
+  dbd_changed=1
+fi
+rm -f "$new"
+if running slurmdbd && [ "$dbd_changed" -eq 1 ]; then
+  pkill -x slurmdbd || true
+  for _ in $(seq 50); do running slurmdbd || break; sleep 0.2; done
+fi
+if ! running slurmdbd; then
+  echo "slurm: starting slurmdbd" >&2
+  setsid /usr/sbin/slurmdbd </dev/null >/dev/null 2>&1
+fi
+for _ in $(seq 150); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.2; done
+sacctmgr -n list cluster >/dev/null || { echo "slurm: slurmdbd does not answer" >&2; exit 1; }
+if ! sacctmgr -n -P list cluster format=cluster | grep -qx chronicle; then
+  sacctmgr -i add cluster chronicle >/dev/null
+fi
 
 if running slurmctld && [ "$changed" -eq 1 ]; then
   echo "slurm: configuration changed; restarting the daemons" >&2
