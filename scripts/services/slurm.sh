@@ -43,7 +43,15 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/slurm
-running() { pgrep -x "$1" >/dev/null; }
+# A daemon runs when a process of that name exists that is not a zombie (init here may leave
+# the zombies of dead daemons around, and pgrep lists them).
+running() {
+  local pid
+  for pid in $(pgrep -x "$1"); do
+    case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z* | "") ;; *) return 0 ;; esac
+  done
+  return 1
+}
 
 # ---------------------------------------------------------------------------------- slurm.conf
 new=$(mktemp)
