@@ -4,7 +4,8 @@
 # (no cgroups: proctrack/linuxproc, task/none), creates the munge key if missing, starts munged,
 # MariaDB + slurmdbd (accounting: submitit reads job states with `sacct`, and without it waits
 # forever for a job that was cancelled), slurmctld and slurmd unless they run already, and waits
-# until the node is idle and `srun true` works. Idempotent: a second run with the cluster up changes nothing.
+# until the node is idle and `srun true` works. Idempotent: a second run with the cluster up
+# changes nothing.
 # KillWait is short (5 s) so that `scancel` of a job that ignores SIGTERM ends it quickly in tests.
 set -euo pipefail
 
@@ -13,12 +14,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 for bin in munged slurmdbd slurmctld slurmd sinfo srun scontrol sacct sacctmgr mariadbd; do
-  command -v "$bin" >/dev/null || { echo "slurm: $bin not found (apt-get install slurm-wlm munge)" >&2; exit 2; }
+  command -v "$bin" >/dev/null || { echo "slurm: $bin not found (apt-get install slurm-wlm slurmdbd munge mariadb-server)" >&2; exit 2; }
 done
 
 host=$(hostname -s)
 cpus=$(nproc)
-# RealMemory: what slurmd itself detects (MB), so the node is never drained for "low memory".
+# RealMemory (MB): below what slurmd detects, so the node is never drained for "low memory".
 mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 conf=/etc/slurm/slurm.conf
 
