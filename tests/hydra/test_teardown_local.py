@@ -1,6 +1,6 @@
-"""The launcher's watcher on local job processes (``submitit_local``): a job whose run went
-``lost`` (frozen: no more heartbeats) is torn down whole (SIGTERM, the grace, SIGKILL) and the
-run stays ``lost``. The SLURM side is in ``test_slurm.py``."""
+"""The launcher's watcher on local job processes (``submitit_local``, ``joblib``): a job whose
+run went ``lost`` (frozen: no more heartbeats) is torn down whole (SIGTERM, the grace, SIGKILL)
+and the run stays ``lost``. The SLURM side is in ``test_slurm.py``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_frozen_local_job_goes_lost_and_is_torn_down(tmp_path: Path, server_factory: Any) -> None:
+@pytest.mark.parametrize("executor", ["submitit_local", "joblib"])
+def test_a_frozen_local_job_goes_lost_and_is_torn_down(
+    tmp_path: Path, server_factory: Any, executor: str
+) -> None:
+    if executor == "joblib":
+        pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     url = server_factory(heartbeat_timeout=TIMEOUT).url
     markers = tmp_path / "markers"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
@@ -43,7 +48,7 @@ def test_a_frozen_local_job_goes_lost_and_is_torn_down(tmp_path: Path, server_fa
             str(APP),
             "-m",
             "hydra/launcher=chronicle",
-            "hydra/launcher@hydra.launcher.executor=submitit_local",
+            f"hydra/launcher@hydra.launcher.executor={executor}",
             f"hydra.launcher.url={url}",
             "hydra.launcher.heartbeat_interval=0.5",
             "hydra.launcher.teardown_grace=2",
