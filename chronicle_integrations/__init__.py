@@ -21,6 +21,7 @@ from ._errors import (
     ChronicleError,
     ConfigurationError,
     DigestMismatch,
+    InvalidMetric,
     InvalidRequest,
     InvalidTransition,
     LeaseConflict,
@@ -33,7 +34,7 @@ from ._errors import (
     Unauthorized,
     UploadError,
 )
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+from ._models import AssetInfo, BestRun, Event, ExperimentInfo, RunInfo
 from ._version import __version__
 from .client import Chronicle, Run
 from .client._heartbeat import KeepAlive
@@ -45,12 +46,14 @@ __all__ = [
     "APIError",
     "AlreadyExists",
     "AssetInfo",
+    "BestRun",
     "Chronicle",
     "ChronicleError",
     "ConfigurationError",
     "DigestMismatch",
     "Event",
     "ExperimentInfo",
+    "InvalidMetric",
     "InvalidRequest",
     "InvalidTransition",
     "KeepAlive",

@@ -12,12 +12,14 @@ EXPECTED_ALL = [
     "APIError",
     "AlreadyExists",
     "AssetInfo",
+    "BestRun",
     "Chronicle",
     "ChronicleError",
     "ConfigurationError",
     "DigestMismatch",
     "Event",
     "ExperimentInfo",
+    "InvalidMetric",
     "InvalidRequest",
     "InvalidTransition",
     "KeepAlive",
@@ -75,6 +77,7 @@ def test_error_tree() -> None:
         assert issubclass(getattr(ci, name), ci.ChronicleError)
     codes = {
         "InvalidRequest": "invalid_request",
+        "InvalidMetric": "invalid_request",
         "Unauthorized": "unauthorized",
         "NotFound": "not_found",
         "InvalidTransition": "invalid_transition",
