@@ -37,6 +37,7 @@ __all__ = [
     "checkpoint_metric",
     "decode_float",
     "encode_float",
+    "host_number",
     "merge",
     "metric_name",
     "metric_value",
@@ -100,6 +101,25 @@ def metric_value(value: Any, name: str = "") -> float:
         "(log plain floats; call .item() on a tensor where it already is on the host)",
         field="metrics",
     )
+
+
+def host_number(value: Any, name: str = "") -> float:
+    """A framework's value as a float: a number, or a one-element tensor / array read with
+    one ``.item()`` (a device sync: call it where the value is needed on the host anyway).
+    Raises :class:`InvalidMetric` for anything else (a string, a multi-element tensor)."""
+    if type(value) is float:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, numbers.Real):
+        numel = getattr(value, "numel", None) or getattr(value, "size", None)
+        count = numel() if callable(numel) else numel
+        if count is not None and count != 1:
+            raise InvalidMetric(
+                f"metric {name!r}: a {type(value).__name__} of {count} elements is not a number",
+                field="metrics",
+            )
+        value = item()
+    return metric_value(value, name)
 
 
 def encode_float(value: float | None) -> float | str | None:
@@ -231,8 +251,8 @@ def checkpoint_metric(value: Any) -> dict[str, Any]:
         )
     name = metric_name(value["metric"])
     epoch = value.get("epoch")
-    if epoch is not None:
-        epoch = _step(epoch, name)
+    if epoch is not None:  # HF's epochs are fractional
+        epoch = _finite_or_none(epoch, name, "epoch")
     return {
         "metric": name,
         "value": metric_value(decode_float(value["value"]), name),

@@ -168,7 +168,7 @@ asset_metrics = sa.Table(
     sa.Column("metric", sa.String(256), nullable=False),
     sa.Column("value", sa.Float),
     sa.Column("step", sa.BigInteger),
-    sa.Column("epoch", sa.BigInteger),
+    sa.Column("epoch", sa.Float),
     sa.Column("recorded_at", sa.Float, nullable=False),
 )
 

@@ -53,7 +53,7 @@ def _routes(url: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("auth", list(BAD_AUTH.values()), ids=list(BAD_AUTH))
 def test_every_route_needs_the_key(keyed_server: Any, auth: dict[str, str]) -> None:
     routes = _routes(keyed_server.url)
-    assert len(routes) == 22
+    assert len(routes) == 24
     for method, path in routes:
         if path == "/v1/health":
             continue
