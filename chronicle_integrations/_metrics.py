@@ -299,35 +299,29 @@ class MetricBuffer:
 
     def log(self, values: Any, step: int | None = None) -> None:
         """Fold ``values`` (a mapping of names to numbers) in. Raises :class:`InvalidMetric`
-        before recording anything when a name or value is invalid."""
-        if step is not None:
+        before recording anything when a name or value is invalid.
+
+        The common case (float values of names seen before) is one pass of type and set
+        checks, then one pass under the lock: about a microsecond for a few names."""
+        if step is not None and (type(step) is not int or step < 0):
             _step(step, "step")
         try:
-            items = list(values.items())
+            items = values.items()
         except AttributeError:
             raise InvalidMetric(
                 "log_metrics takes a mapping of names to numbers", field="metrics"
             ) from None
-        checked = []
         names = self._names
         for name, value in items:
-            if name not in names:
-                metric_name(name)
-            checked.append((name, metric_value(value, name)))
+            if type(value) is not float or name not in names:
+                items = self._checked(items)  # the slow path: converts, validates, caps
+                break
         with self._lock:
-            new = [n for n, _ in checked if n not in names]
-            if new and len(names) + len(set(new)) > MAX_METRICS:
-                raise InvalidMetric(
-                    f"a run may have at most {MAX_METRICS} metric names; "
-                    f"{len(names)} are in use, refused: {', '.join(sorted(set(new)))[:200]}",
-                    field="metrics",
-                )
             pending = self._pending
-            for name, value in checked:
-                finite = value - value == 0.0
+            for name, value in items:
                 entry = pending.get(name)
+                finite = value - value == 0.0
                 if entry is None:
-                    names.add(name)
                     pending[name] = (
                         [value, step, value, step, value, step]
                         if finite
@@ -344,6 +338,25 @@ class MetricBuffer:
                     if entry[4] is None or value > entry[4]:
                         entry[4] = value
                         entry[5] = step
+
+    def _checked(self, items: Any) -> list[tuple[str, float]]:
+        """Validate names (once each) and convert values; admit new names under the cap."""
+        names = self._names
+        checked = []
+        for name, value in items:
+            if name not in names:
+                metric_name(name)
+            checked.append((name, metric_value(value, name)))
+        with self._lock:
+            new = {n for n, _ in checked if n not in names}
+            if new and len(names) + len(new) > MAX_METRICS:
+                raise InvalidMetric(
+                    f"a run may have at most {MAX_METRICS} metric names; "
+                    f"{len(names)} are in use, refused: {', '.join(sorted(new))[:200]}",
+                    field="metrics",
+                )
+            names |= new
+        return checked
 
     @staticmethod
     def check_checkpoint(asset: str, record: dict[str, Any]) -> dict[str, Any]:

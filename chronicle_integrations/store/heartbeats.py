@@ -17,7 +17,7 @@ from .._models import RunInfo
 from ..lifecycle import Action, next_state
 from . import schema as t
 from .base import _dumps, _key, _refused, _run_pk
-from .metrics import record_outcomes
+from .metrics import record_metrics_many, record_outcomes
 from .runs import RunsMixin
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,16 @@ class HeartbeatMixin(RunsMixin):
                     )
                     # Metrics of the beats that got through, in the same transaction (a
                     # refused one fails the batch: every beat is then retried on its own).
-                    for i, row in rows:
-                        if row is not None and i in extra:
-                            record_outcomes(conn, extra[i][0], *extra[i][1], now)
+                    live = [(i, extra[i]) for i, row in rows if row is not None and i in extra]
+                    if not self._sqlite:  # the batch's metrics in one statement
+                        record_metrics_many(
+                            conn, [(key, out[0]) for _, (key, out) in live if out[0]], now
+                        )
+                    for _, (key, out) in live:
+                        if self._sqlite:
+                            record_outcomes(conn, key, out[0], out[1], now)
+                        elif out[1]:
+                            record_outcomes(conn, key, None, out[1], now)
             except APIError as exc:
                 log.warning(
                     "a batch of %d heartbeats failed (%s); retrying them one by one", len(fast), exc

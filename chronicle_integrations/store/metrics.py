@@ -19,7 +19,7 @@ from .. import _metrics as m
 from .._errors import InvalidMetric
 from . import schema as t
 
-__all__ = ["best_checkpoint", "load_summaries", "record_outcomes"]
+__all__ = ["best_checkpoint", "load_summaries", "record_metrics_many", "record_outcomes"]
 
 _KEY = ("experiment_id", "variation", "run")
 
@@ -29,14 +29,69 @@ def _run_where(table: sa.Table, key: tuple[str, int, int]) -> sa.ColumnElement[b
     return sa.and_(c.experiment_id == key[0], c.variation == key[1], c.run == key[2])
 
 
-def _summary(row: Any) -> m.Summary:
-    # A NULL last with the row present is NaN (SQLite cannot store NaN; both backends alike).
-    last = math.nan if row.last is None else row.last
-    return [last, row.last_step, row.min, row.min_step, row.max, row.max_step]
-
-
 def _stored(value: float | None) -> float | None:
     return None if value is None or value != value else value
+
+
+#: :func:`~chronicle_integrations._metrics.merge` in SQL, as one prebuilt upsert per name
+#: (SQLite >= 3.24 and PostgreSQL): built once, so a beat's metrics cost one executemany
+#: of a cached statement instead of a read and per-row ORM-style updates. In ``DO UPDATE``
+#: every right-hand column is the row's old value. A NULL ``last`` with the row present is
+#: NaN; ``min``/``max`` are finite or NULL.
+_SET = """
+ON CONFLICT (experiment_id, variation, run, name) DO UPDATE SET
+    "last" = CASE WHEN excluded.last_step IS NULL OR m.last_step IS NULL
+                       OR excluded.last_step >= m.last_step
+                  THEN excluded."last" ELSE m."last" END,
+    last_step = CASE WHEN excluded.last_step IS NULL OR m.last_step IS NULL
+                          OR excluded.last_step >= m.last_step
+                     THEN excluded.last_step ELSE m.last_step END,
+    "min" = CASE WHEN excluded."min" < m."min" OR m."min" IS NULL
+                 THEN COALESCE(excluded."min", m."min") ELSE m."min" END,
+    min_step = CASE WHEN excluded."min" < m."min"
+                         OR (m."min" IS NULL AND excluded."min" IS NOT NULL)
+                    THEN excluded.min_step ELSE m.min_step END,
+    "max" = CASE WHEN excluded."max" > m."max" OR m."max" IS NULL
+                 THEN COALESCE(excluded."max", m."max") ELSE m."max" END,
+    max_step = CASE WHEN excluded."max" > m."max"
+                         OR (m."max" IS NULL AND excluded."max" IS NOT NULL)
+                    THEN excluded.max_step ELSE m.max_step END,
+    updated_at = excluded.updated_at
+"""
+_COLUMNS = """INSERT INTO run_metrics AS m (experiment_id, variation, run, name, "last",
+    last_step, "min", min_step, "max", max_step, updated_at)"""
+_UPSERT = sa.text(
+    _COLUMNS
+    + """
+VALUES (:e, :v, :r, :name, :last, :last_step, :min, :min_step, :max, :max_step, :at)"""
+    + _SET
+)
+
+#: PostgreSQL: the metrics of a whole batch of heartbeats as one upsert over arrays (one
+#: round trip; ``heartbeat_many`` holds at most one beat per run), then one count of the
+#: runs over the cap.
+_UPSERT_SET_PG = sa.text(
+    _COLUMNS
+    + """
+SELECT e, v, r, name, last, last_step, mn, min_step, mx, max_step, CAST(:at AS double precision)
+FROM unnest(CAST(:es AS text[]), CAST(:vs AS integer[]), CAST(:rs AS integer[]),
+            CAST(:names AS text[]), CAST(:lasts AS double precision[]),
+            CAST(:last_steps AS bigint[]), CAST(:mins AS double precision[]),
+            CAST(:min_steps AS bigint[]), CAST(:maxs AS double precision[]),
+            CAST(:max_steps AS bigint[]))
+     AS u(e, v, r, name, last, last_step, mn, min_step, mx, max_step)"""
+    + _SET
+)
+_OVER_CAP_PG = sa.text("""
+SELECT c.experiment_id, c.variation, c.run, count(*) AS names FROM run_metrics c
+JOIN unnest(CAST(:es AS text[]), CAST(:vs AS integer[]), CAST(:rs AS integer[])) AS k(e, v, r)
+  ON c.experiment_id = k.e AND c.variation = k.v AND c.run = k.r
+GROUP BY c.experiment_id, c.variation, c.run HAVING count(*) > :cap
+""")
+
+_COUNT = sa.text(
+    "SELECT count(*) FROM run_metrics WHERE experiment_id = :e AND variation = :v AND run = :r"
+)
 
 
 def record_outcomes(
@@ -52,51 +107,35 @@ def record_outcomes(
     The caller holds the run's row lock (the heartbeat's ``UPDATE``, or ``FOR UPDATE``), so
     concurrent requests for one run merge one after the other. Raises :class:`InvalidMetric`
     when the run would have more than :data:`~chronicle_integrations._metrics.MAX_METRICS`
-    names."""
+    names (the caller's transaction then rolls back)."""
     if metrics:
-        rm = t.run_metrics
-        rows = conn.execute(sa.select(rm).where(_run_where(rm, key))).all()
-        existing = {row.name: _summary(row) for row in rows}
-        new = [name for name in metrics if name not in existing]
-        if len(existing) + len(new) > m.MAX_METRICS:
+        params = [
+            {
+                "e": key[0],
+                "v": key[1],
+                "r": key[2],
+                "name": name,
+                "last": _stored(summary[0]),
+                "last_step": summary[1],
+                "min": summary[2],
+                "min_step": summary[3],
+                "max": summary[4],
+                "max_step": summary[5],
+                "at": now,
+            }
+            for name, summary in metrics.items()
+        ]
+        conn.execute(_UPSERT, params)
+        # The cap, checked after the upsert in the same transaction: a refusal rolls the
+        # whole request back (one index count instead of reading every summary first).
+        count = conn.execute(_COUNT, {"e": key[0], "v": key[1], "r": key[2]}).scalar_one()
+        if count > m.MAX_METRICS:
             raise InvalidMetric(
                 f"run {key[0]}/{key[1]}/{key[2]} may have at most {m.MAX_METRICS} metric "
-                f"names: it has {len(existing)}, this request adds {len(new)} "
-                f"({', '.join(sorted(new))[:200]}); nothing of it was stored",
+                f"names; this request would make {count} ({', '.join(sorted(metrics))[:200]}); "
+                "nothing of it was stored",
                 field="metrics",
             )
-        inserts, updates = [], []
-        for name, summary in metrics.items():
-            merged = m.merge(existing.get(name), summary)
-            values = {
-                "last": _stored(merged[0]),
-                "last_step": merged[1],
-                "min": merged[2],
-                "min_step": merged[3],
-                "max": merged[4],
-                "max_step": merged[5],
-                "updated_at": now,
-            }
-            if name in existing:
-                updates.append({"b_name": name, **{f"b_{k}": v for k, v in values.items()}})
-            else:
-                inserts.append(dict(zip(_KEY, key, strict=True), name=name, **values))
-        if inserts:
-            conn.execute(rm.insert(), inserts)
-        if updates:
-            c = rm.c
-            statement = (
-                rm.update()
-                .where(_run_where(rm, key), c.name == sa.bindparam("b_name"))
-                .values(
-                    {
-                        col: sa.bindparam(f"b_{col}")
-                        for col in ("last", "last_step", "min", "min_step", "max", "max_step")
-                    }
-                    | {"updated_at": sa.bindparam("b_updated_at")}
-                )
-            )
-            conn.execute(statement, updates)
     if checkpoints:
         am = t.asset_metrics
         conn.execute(am.delete().where(_run_where(am, key), am.c.name.in_(list(checkpoints))))
@@ -114,6 +153,51 @@ def record_outcomes(
                 )
                 for name, record in checkpoints.items()
             ],
+        )
+
+
+def record_metrics_many(
+    conn: sa.Connection,
+    items: list[tuple[tuple[str, int, int], dict[str, m.Summary]]],
+    now: float,
+) -> None:
+    """PostgreSQL: the metrics of several runs (one entry per run) in one upsert and one
+    cap check; raises :class:`InvalidMetric` when one of them goes over the cap (the caller,
+    ``heartbeat_many``, then retries each heartbeat on its own)."""
+    rows = [(key, name, s) for key, metrics in items for name, s in metrics.items()]
+    if not rows:
+        return
+    conn.execute(
+        _UPSERT_SET_PG,
+        {
+            "at": now,
+            "es": [k[0] for k, _, _ in rows],
+            "vs": [k[1] for k, _, _ in rows],
+            "rs": [k[2] for k, _, _ in rows],
+            "names": [n for _, n, _ in rows],
+            "lasts": [_stored(s[0]) for _, _, s in rows],
+            "last_steps": [s[1] for _, _, s in rows],
+            "mins": [s[2] for _, _, s in rows],
+            "min_steps": [s[3] for _, _, s in rows],
+            "maxs": [s[4] for _, _, s in rows],
+            "max_steps": [s[5] for _, _, s in rows],
+        },
+    )
+    keys = [key for key, _ in items]
+    over = conn.execute(
+        _OVER_CAP_PG,
+        {
+            "es": [k[0] for k in keys],
+            "vs": [k[1] for k in keys],
+            "rs": [k[2] for k in keys],
+            "cap": m.MAX_METRICS,
+        },
+    ).first()
+    if over is not None:
+        raise InvalidMetric(
+            f"run {over.experiment_id}/{over.variation}/{over.run} may have at most "
+            f"{m.MAX_METRICS} metric names",
+            field="metrics",
         )
 
 

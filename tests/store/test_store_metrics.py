@@ -196,6 +196,18 @@ def test_heartbeat_many_with_metrics(store: Store, clock: Clock) -> None:
     assert store.get_run(exp, 0, 0).metrics["loss"]["min"] == 0.1
     assert store.get_run(exp, 1, 0).metrics["loss"]["min"] == 0.2
     assert store.get_run(exp, 2, 0).metrics is None
+    # Over the cap only across requests (the batch's one statement sees it): that beat
+    # alone is refused, the others of the batch go through.
+    store.heartbeat(exp, 2, 0, leases[2], metrics={f"k{i}": 1.0 for i in range(MAX_METRICS - 1)})
+    results = store.heartbeat_many(
+        [
+            (exp, 0, 0, leases[0], None, {"loss": 0.05}, None),
+            (exp, 2, 0, leases[2], None, {"new1": 1.0, "new2": 2.0}, None),
+        ]
+    )
+    assert results[0].state is RunState.RUNNING and isinstance(results[1], InvalidMetric)
+    assert store.get_run(exp, 0, 0).metrics["loss"]["min"] == 0.05
+    assert len(store.get_run(exp, 2, 0).metrics) == MAX_METRICS - 1
 
 
 def _put(store: Store, exp: str, v: int, lease: str, name: str, data: bytes) -> None:
