@@ -216,6 +216,17 @@ def bench_best(url: str, assets: Path, runs: int) -> dict[str, Any]:
         out[label] = c.stats(samples)  # ms per call
         if label == "best_min":
             assert best.value == expected, (best.value, expected)
+    # The plan of the ranking query (the first page of the walk).
+    from chronicle_integrations.store.outcomes import _best_query
+
+    query = _best_query(exp, "val/loss", "min", False)[0].limit(64)
+    compiled = str(query.compile(store.engine, compile_kwargs={"literal_binds": True}))
+    with store.engine.connect() as conn:
+        if store.engine.dialect.name == "postgresql":
+            plan = [r[0] for r in conn.execute(sa.text("EXPLAIN ANALYZE " + compiled))]
+        else:
+            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled)]
+    out["plan"] = plan
     store.close()
     return out
 
@@ -251,11 +262,13 @@ def main() -> None:
                 f"{backend:8s} {name:32s} {s['median']:.3f} ms/beat [{s['min']:.3f}-{s['max']:.3f}]"
             )
         for name, s in r["best"].items():
-            if isinstance(s, dict):
+            if isinstance(s, dict) and "median" in s:
                 print(
                     f"{backend:8s} {name:32s} {s['median']:.2f} ms over {r['best']['runs']} runs "
                     f"[{s['min']:.2f}-{s['max']:.2f}]"
                 )
+    for backend, r in out["backends"].items():
+        print(f"{backend} plan of best:\n  " + "\n  ".join(r["best"]["plan"]))
     c.save("micro_metrics" + ("_quick" if a.quick else ""), out)
 
 

@@ -104,40 +104,7 @@ class OutcomesMixin(RunsMixin):
         Only ``succeeded`` runs count, unless ``include_running`` (then also running and
         lost ones: for early-stopping decisions). NotFound when no run qualifies."""
         metric, mode = self._direction(experiment_id, metric, mode)
-        rm, r = t.run_metrics.c, t.runs.c
-        value = rm.min if mode == "min" else rm.max
-        step = rm.min_step if mode == "min" else rm.max_step
-        states = [RunState.SUCCEEDED.value]
-        if include_running:
-            states += [RunState.RUNNING.value, RunState.LOST.value]
-        base = (
-            sa.select(
-                rm.variation,
-                rm.run,
-                value.label("value"),
-                step.label("step"),
-                rm.last,
-                r.state,
-                r.alive_at,
-            )
-            .select_from(
-                t.run_metrics.join(
-                    t.runs,
-                    sa.and_(
-                        r.experiment_id == rm.experiment_id,
-                        r.variation == rm.variation,
-                        r.run == rm.run,
-                    ),
-                )
-            )
-            .where(
-                rm.experiment_id == experiment_id,
-                rm.name == metric,
-                value.is_not(None),
-                r.state.in_(states),
-            )
-            .order_by(value.asc() if mode == "min" else value.desc())
-        )
+        base, states = _best_query(experiment_id, metric, mode, include_running)
         now = self.clock()
         wanted = {RunState(s) for s in states}
         offset = 0
@@ -179,3 +146,45 @@ class OutcomesMixin(RunsMixin):
             last=float("nan") if row.last is None else row.last,
             checkpoint=checkpoint,
         )
+
+
+def _best_query(
+    experiment_id: str, metric: str, mode: str, include_running: bool
+) -> tuple[sa.Select[Any], list[str]]:
+    """The ranking of ``best``: runs in an accepted stored state with a value of ``metric``,
+    best first, along ``ix_run_metrics_min`` / ``_max``; and the accepted states."""
+    rm, r = t.run_metrics.c, t.runs.c
+    value = rm.min if mode == "min" else rm.max
+    step = rm.min_step if mode == "min" else rm.max_step
+    states = [RunState.SUCCEEDED.value]
+    if include_running:
+        states += [RunState.RUNNING.value, RunState.LOST.value]
+    base = (
+        sa.select(
+            rm.variation,
+            rm.run,
+            value.label("value"),
+            step.label("step"),
+            rm.last,
+            r.state,
+            r.alive_at,
+        )
+        .select_from(
+            t.run_metrics.join(
+                t.runs,
+                sa.and_(
+                    r.experiment_id == rm.experiment_id,
+                    r.variation == rm.variation,
+                    r.run == rm.run,
+                ),
+            )
+        )
+        .where(
+            rm.experiment_id == experiment_id,
+            rm.name == metric,
+            value.is_not(None),
+            r.state.in_(states),
+        )
+        .order_by(value.asc() if mode == "min" else value.desc())
+    )
+    return base, states
