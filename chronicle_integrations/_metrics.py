@@ -68,6 +68,8 @@ Summary = list[Any]
 def metric_name(value: Any) -> str:
     """Check a metric name: 1-256 characters, ``/``-separated segments (``val/loss``) with no
     empty, ``.`` or ``..`` segment, no backslash, NUL or other control characters."""
+    if type(value) is str and value in _VALID_NAMES:  # the same names come with every beat
+        return value
     problem = None
     if not isinstance(value, str) or not value:
         problem = "must be a non-empty string"
@@ -86,7 +88,13 @@ def metric_name(value: Any) -> str:
             problem = "not valid UTF-8"
     if problem:
         raise InvalidMetric(f"invalid metric name {str(value)[:80]!r}: {problem}", field="metrics")
+    if len(_VALID_NAMES) < 10_000:
+        _VALID_NAMES.add(value)
     return value
+
+
+#: Names that passed :func:`metric_name` (bounded): checked once per process.
+_VALID_NAMES: set[str] = set()
 
 
 def metric_value(value: Any, name: str = "") -> float:

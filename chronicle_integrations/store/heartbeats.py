@@ -17,7 +17,7 @@ from .._models import RunInfo
 from ..lifecycle import Action, next_state
 from . import schema as t
 from .base import _dumps, _key, _refused, _run_pk
-from .metrics import record_metrics_many, record_outcomes
+from .metrics import known_names, record_metrics_many, record_outcomes, remember_names
 from .runs import RunsMixin
 
 log = logging.getLogger(__name__)
@@ -186,13 +186,14 @@ class HeartbeatMixin(RunsMixin):
                     # Metrics of the beats that got through, in the same transaction (a
                     # refused one fails the batch: every beat is then retried on its own).
                     live = [(i, extra[i]) for i, row in rows if row is not None and i in extra]
+                    known = known_names(self)
                     if not self._sqlite:  # the batch's metrics in one statement
                         record_metrics_many(
-                            conn, [(key, out[0]) for _, (key, out) in live if out[0]], now
+                            conn, [(key, out[0]) for _, (key, out) in live if out[0]], now, known
                         )
                     for _, (key, out) in live:
                         if self._sqlite:
-                            record_outcomes(conn, key, out[0], out[1], now)
+                            record_outcomes(conn, key, out[0], out[1], now, known)
                         elif out[1]:
                             record_outcomes(conn, key, None, out[1], now)
             except APIError as exc:
@@ -203,6 +204,7 @@ class HeartbeatMixin(RunsMixin):
                 for i, row in rows:
                     if row is not None:
                         results[i] = self._info(row, now, beat=True)
+                remember_names(known, [out for _, out in live])
         for i, item in enumerate(items):
             if results[i] is None:
                 try:

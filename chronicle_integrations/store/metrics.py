@@ -94,12 +94,39 @@ _COUNT = sa.text(
 )
 
 
+#: Metric names known to be stored, by run: a lower bound (summaries are never deleted), so a
+#: beat whose names are all in it adds no row and needs no cap count. One per store object,
+#: filled after commits; cleared when large.
+Known = dict[tuple[str, int, int], frozenset[str]]
+_KNOWN_LIMIT = 100_000
+
+
+def known_names(store: Any) -> Known:
+    """The :data:`Known` cache of ``store`` (created on first use)."""
+    cache: Known = store.__dict__.setdefault("_known_metric_names", {})
+    return cache
+
+
+def remember_names(known: Known, outcomes: list[tuple[tuple[str, int, int], Any]]) -> None:
+    """After a commit: the names each ``(key, (metrics, checkpoints))`` stored."""
+    if len(known) > _KNOWN_LIMIT:
+        known.clear()
+    for key, (metrics, _) in outcomes:
+        if metrics:
+            known[key] = known.get(key, frozenset()) | metrics.keys()
+
+
+def _covered(known: Known | None, key: tuple[str, int, int], metrics: dict[str, Any]) -> bool:
+    return known is not None and metrics.keys() <= known.get(key, frozenset())
+
+
 def record_outcomes(
     conn: sa.Connection,
     key: tuple[str, int, int],
     metrics: dict[str, m.Summary] | None,
     checkpoints: dict[str, dict[str, Any]] | None,
     now: float,
+    known: Known | None = None,
 ) -> None:
     """Fold checked ``metrics`` (:func:`~chronicle_integrations._metrics.parse_metrics`) into
     the run's summaries and record ``checkpoints`` (asset name -> what it was saved for).
@@ -128,7 +155,11 @@ def record_outcomes(
         conn.execute(_UPSERT, params)
         # The cap, checked after the upsert in the same transaction: a refusal rolls the
         # whole request back (one index count instead of reading every summary first).
-        count = conn.execute(_COUNT, {"e": key[0], "v": key[1], "r": key[2]}).scalar_one()
+        # Names known to be stored already add no row: then there is nothing to count.
+        if _covered(known, key, metrics):
+            count = 0
+        else:
+            count = conn.execute(_COUNT, {"e": key[0], "v": key[1], "r": key[2]}).scalar_one()
         if count > m.MAX_METRICS:
             raise InvalidMetric(
                 f"run {key[0]}/{key[1]}/{key[2]} may have at most {m.MAX_METRICS} metric "
@@ -160,6 +191,7 @@ def record_metrics_many(
     conn: sa.Connection,
     items: list[tuple[tuple[str, int, int], dict[str, m.Summary]]],
     now: float,
+    known: Known | None = None,
 ) -> None:
     """PostgreSQL: the metrics of several runs (one entry per run) in one upsert and one
     cap check; raises :class:`InvalidMetric` when one of them goes over the cap (the caller,
@@ -183,7 +215,9 @@ def record_metrics_many(
             "max_steps": [s[5] for _, _, s in rows],
         },
     )
-    keys = [key for key, _ in items]
+    keys = [key for key, metrics in items if not _covered(known, key, metrics)]
+    if not keys:
+        return
     over = conn.execute(
         _OVER_CAP_PG,
         {
