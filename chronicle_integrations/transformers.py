@@ -540,6 +540,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                 )
                 return
             self._upload(folder, self._checkpoint_metric(args, state))
+        self._record_objective(state)
 
     def _upload(self, folder: Path, metric: dict[str, Any] | None = None) -> None:
         if self.tracker is not None:
@@ -586,6 +587,17 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         }
         tracker.log_metrics(numbers, step=int(state.global_step))
 
+    def _record_objective(self, state: TrainerState) -> None:
+        """Under ``hyperparameter_search``, the trial's objective (what the search optimises,
+        ``Trainer.objective`` after each evaluation) as the metric ``objective``: ``chronicle
+        best E --metric objective --mode min|max`` picks the best trial."""
+        trainer = self._trainer()
+        if trainer is None or getattr(trainer, "hp_search_backend", None) is None:
+            return
+        objective = getattr(trainer, "objective", None)
+        if isinstance(objective, int | float) and not isinstance(objective, bool):
+            self._record_metrics(state, {"objective": objective})
+
     def _checkpoint_metric(
         self, args: TrainingArguments, state: TrainerState
     ) -> dict[str, Any] | None:
@@ -624,6 +636,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._record_objective(state)
         if self._depth == 0:  # not wrapped: the best we can do
             # optuna's pruning calls on_train_end, then raises TrialPruned
             self._end("pruned" if _in_frame("_report_to_hp_search") else "succeed")
