@@ -390,6 +390,7 @@ class MetricBuffer:
         these names for the run)."""
         with self._lock:
             self._names = set(names)
+            self._pending = {k: v for k, v in self._pending.items() if k in names}
 
     def take(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """Everything pending, as a request carries it (``metrics``, ``checkpoints``), and
