@@ -42,6 +42,26 @@ def post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+#: ``--metrics N``: every heartbeat also carries N metric summaries (what ``log_metrics``
+#: between two beats makes), e.g. 4: ``train/loss``, ``lr``, ``grad_norm``, ``val/acc``.
+METRICS = 0
+
+
+def _metrics(i: int) -> dict:
+    names = ["train/loss", "lr", "grad_norm", "val/acc"] + [f"m{k}" for k in range(60)]
+    return {
+        name: {
+            "last": 1.0 / (i + 1),
+            "step": i,
+            "min": 0.5 / (i + 1),
+            "min_step": i,
+            "max": 2.0,
+            "max_step": 0,
+        }
+        for name in names[:METRICS]
+    }
+
+
 def chronicle_targets(server: c.Server, n: int) -> list:
     from chronicle_integrations import Chronicle
 
@@ -54,9 +74,10 @@ def chronicle_targets(server: c.Server, n: int) -> list:
         lease = run.lease
 
         def make(i: int, path=path, lease=lease) -> bytes:
-            return loadgen.encode(
-                "127.0.0.1", server.port, path, {"lease": lease, "progress": {"step": i}}
-            )
+            body: dict = {"lease": lease, "progress": {"step": i}}
+            if METRICS:
+                body["metrics"] = _metrics(i)
+            return loadgen.encode("127.0.0.1", server.port, path, body)
 
         makers.append(make)
     return makers
@@ -235,7 +256,12 @@ def main() -> None:
     p.add_argument("--attack", action="store_true", help="figure 4 under attack (see above)")
     p.add_argument("--slowloris", type=int, default=500)
     p.add_argument("--endless", type=int, default=3)
+    p.add_argument(
+        "--metrics", type=int, default=0, help="metric summaries on every heartbeat (0-64)"
+    )
     a = p.parse_args()
+    global METRICS
+    METRICS = a.metrics
     if a.attack:
         if a.backends == p.get_default("backends"):
             a.backends = "sqlite"
@@ -286,7 +312,9 @@ def main() -> None:
                 f"{s['p50_ms']['median']:.2f} ms  p99 {s['p99_ms']['median']:.2f} ms"
             )
     out["summary"] = summary
-    c.save("fig4_server" + ("_quick" if a.quick else ""), out)
+    out["metrics_per_heartbeat"] = METRICS
+    name = "fig4_server" + (f"_metrics{METRICS}" if METRICS else "")
+    c.save(name + ("_quick" if a.quick else ""), out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from ._errors import (
     ConfigurationError,
     DigestMismatch,
     Forbidden,
+    InvalidMetric,
     InvalidRequest,
     InvalidTransition,
     LeaseConflict,
@@ -34,9 +35,10 @@ from ._errors import (
     StorageFull,
     TransportError,
     Unauthorized,
+    Unavailable,
     UploadError,
 )
-from ._models import AssetInfo, Event, ExperimentInfo, RunInfo
+from ._models import AssetInfo, BestRun, Event, ExperimentInfo, RunInfo
 from ._version import __version__
 from .client import Chronicle, Run
 from .client._heartbeat import KeepAlive
@@ -48,6 +50,7 @@ __all__ = [
     "APIError",
     "AlreadyExists",
     "AssetInfo",
+    "BestRun",
     "Chronicle",
     "ChronicleError",
     "ConfigurationError",
@@ -55,6 +58,7 @@ __all__ = [
     "Event",
     "ExperimentInfo",
     "Forbidden",
+    "InvalidMetric",
     "InvalidRequest",
     "InvalidTransition",
     "KeepAlive",
@@ -72,6 +76,7 @@ __all__ = [
     "SyncReport",
     "TransportError",
     "Unauthorized",
+    "Unavailable",
     "UploadError",
     "UploadHandle",
     "__version__",

@@ -10,6 +10,7 @@
      ├── UploadError               an asset upload finally failed (the staged copy is kept)
      └── APIError                  the store refused a request; has a stable ``code``
           ├── InvalidRequest        invalid_request      400  bad names, JSON, numbers
+          │    └── InvalidMetric    invalid_request      400  a metric name or value refused
           ├── Unauthorized          unauthorized         401  missing or wrong API key
           ├── Forbidden             forbidden            403  a keyless server refused a
           │                                                   foreign Host or a web page's Origin
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigurationError",
     "DigestMismatch",
     "Forbidden",
+    "InvalidMetric",
     "InvalidRequest",
     "InvalidTransition",
     "LeaseConflict",
@@ -126,6 +128,17 @@ class InvalidRequest(APIError):
 
     code = "invalid_request"
     status = 400
+
+
+class InvalidMetric(InvalidRequest):
+    """A metric was refused: a value that is not a number, an invalid name, more names than
+    a run may have (64), or a bad objective / checkpoint record. Raised at once by
+    ``run.log_metrics``; the store's refusal (``invalid_request`` with ``field`` =
+    ``metrics``, ``checkpoints``, ``objective`` or ``mode``) comes back as this class too."""
+
+
+#: The ``field`` of an ``invalid_request`` that makes it an :class:`InvalidMetric`.
+METRIC_FIELDS = ("metrics", "checkpoints", "objective", "mode")
 
 
 class Unauthorized(APIError):
@@ -269,4 +282,6 @@ def error_from_body(status: int, body: Any) -> APIError:
     details = {k: v for k, v in err.items() if k not in ("code", "message")}
     code = str(err.get("code", ""))
     cls = _BY_CODE.get(code, ServerError if status >= 500 else InvalidRequest)
+    if cls is InvalidRequest and details.get("field") in METRIC_FIELDS:
+        cls = InvalidMetric
     return cls(str(err.get("message", code)), **details)

@@ -27,6 +27,12 @@ run cancelled on the server ``trainer.should_stop = True``; the run stays abando
                             ``_check_cancel``; ``min_epochs``/``min_steps`` still apply)
 each training step          ``run.progress.update(step=, epoch=)`` (no I/O), sent with the
                             heartbeats; validation and saves count as progress
+validation / train epoch    ``run.log_metrics(trainer.callback_metrics, step=global_step)``
+end, fit end                (one ``.item()`` per logged name there, never per step; off
+                            with ``log_metrics=False``); sent with the next heartbeat
+checkpoint uploaded         with ``{"metric": monitor, "value": its score, "step"}``
+                            from its ``ModelCheckpoint`` (``best_k_models`` /
+                            ``best_model_score``), so ``chronicle best`` names it
 ==========================  ==============================================================
 
 How checkpoints are caught
@@ -203,6 +209,7 @@ class LightningCore:
         heartbeat_interval: float = 60.0,
         strict: bool = False,
         stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        log_metrics: bool = True,
     ) -> None:
         super().__init__()
         if upload not in UPLOAD_MODES:
@@ -228,6 +235,8 @@ class LightningCore:
         self._resuming = False
         self.upload = upload
         self.strict = strict
+        #: Record ``trainer.callback_metrics`` at validation / epoch / fit end.
+        self._log_metrics = log_metrics
         #: Identity restored by ``load_state_dict`` (``fit(ckpt_path=...)``).
         self._resume_identity: tuple[str, int, int] | None = None
         #: path -> (inode, size, mtime_ns) of every checkpoint handed to the client.
@@ -309,6 +318,7 @@ class LightningCore:
         if not _is_fitting(trainer) or not _is_global_zero(trainer) or not self._tracked.active:
             return
         self._scan(trainer, final=True)
+        self._record_metrics(trainer)
         self._tracked.succeed()
         self._tracked.close()
 
@@ -353,6 +363,7 @@ class LightningCore:
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._scan(trainer)
+        self._record_metrics(trainer)
         self._check_cancel(trainer, sync=True)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -361,6 +372,7 @@ class LightningCore:
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         self._scan(trainer)
+        self._record_metrics(trainer)
         self._progress()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -394,6 +406,19 @@ class LightningCore:
             # Used; a later fit without ckpt_path starts afresh.
             self._resume_identity, self._resuming = None, False
             tracked.arm_at_exit(EXIT_MESSAGE)
+
+    def _record_metrics(self, trainer: Any) -> None:
+        """``trainer.callback_metrics`` (what the module ``self.log``-ged, reduced) into the
+        run's summaries, at a point where Lightning has them on the host side anyway: one
+        ``.item()`` per name, at validation / train epoch / fit end, never per step. Bad
+        names or values are logged once and skipped (``strict=True`` raises)."""
+        if not self._log_metrics or not self._tracked.active or not _is_global_zero(trainer):
+            return
+        if getattr(trainer, "sanity_checking", False):
+            return
+        metrics = getattr(trainer, "callback_metrics", None)
+        if metrics:
+            self._tracked.log_metrics(metrics, step=int(trainer.global_step))
 
     def _progress(self, step: int | None = None, epoch: int = 0) -> None:
         """Report training progress for the heartbeats (attribute writes, no I/O): the step
@@ -480,9 +505,9 @@ class LightningCore:
                 dirpath = getattr(cb, "dirpath", None)
                 for path in paths:
                     if path:
-                        self._offer(str(path), dirpath)
+                        self._offer(str(path), dirpath, cb, trainer)
 
-    def _offer(self, path: str, dirpath: Any) -> None:
+    def _offer(self, path: str, dirpath: Any, cb: Any = None, trainer: Any = None) -> None:
         key_path = os.path.abspath(path)
         try:
             st = os.stat(key_path)
@@ -495,7 +520,36 @@ class LightningCore:
         self._seen[key_path] = key
         # The client uploads in the background and keeps same-name uploads (every version
         # of last.ckpt) in submission order, so the newest version ends as the asset.
-        self._tracked.upload(key_path, _asset_name(key_path, dirpath))
+        self._tracked.upload(
+            key_path, _asset_name(key_path, dirpath), metric=_checkpoint_metric(path, cb, trainer)
+        )
+
+
+def _checkpoint_metric(path: str, cb: Any, trainer: Any) -> dict[str, Any] | None:
+    """What ``cb`` saved ``path`` for: its ``monitor`` and the file's score (from
+    ``best_k_models``, or ``best_model_score`` for the best file), with the step and epoch
+    of the upload. None for an unmonitored callback or a file it holds no score for (e.g.
+    ``last.ckpt``). One ``.item()``, once per new checkpoint file."""
+    monitor = getattr(cb, "monitor", None)
+    if not monitor or cb is None:
+        return None
+    score = (getattr(cb, "best_k_models", None) or {}).get(path)
+    if score is None and path == getattr(cb, "best_model_path", None):
+        score = getattr(cb, "best_model_score", None)
+    if score is None:
+        return None
+    try:
+        value = score.item() if hasattr(score, "item") else float(score)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    # The step of the save the callback last made (scans run after it, when the trainer's own
+    # step or epoch may already be the next one; no epoch is recorded for that reason).
+    step = getattr(cb, "_last_global_step_saved", None)
+    return {
+        "metric": str(monitor),
+        "value": value,
+        "step": step if isinstance(step, int) and step >= 0 else None,
+    }
 
 
 def _asset_name(path: str, dirpath: Any) -> str:

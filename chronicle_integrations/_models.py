@@ -15,6 +15,7 @@ from .lifecycle import RunState
 
 __all__ = [
     "AssetInfo",
+    "BestRun",
     "Event",
     "ExperimentInfo",
     "Page",
@@ -65,6 +66,8 @@ class ExperimentInfo(_Record):
     name: str
     created_at: float
     variations: int = 0
+    #: What "best" means for its runs: ``{"metric": "val/loss", "mode": "min"}``, or None.
+    objective: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,106 @@ class RunInfo(_Record):
     #: Only set in the answers to ``start`` and ``heartbeat``: the store's watchdog timeout,
     #: in seconds (a run silent for longer goes ``lost``). Clients beat well inside it.
     heartbeat_timeout: float | None = None
+    #: Per metric name, the run's summary: ``{"last", "last_step", "min", "min_step", "max",
+    #: "max_step", "updated_at"}`` (``min``/``max`` over finite values only; ``last`` may be
+    #: NaN or infinite). Set on reads of runs (``info()``, listings); None in the answers to
+    #: transitions and heartbeats.
+    metrics: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, RunState):
             object.__setattr__(self, "state", RunState(self.state))
+        if self.metrics:
+            _decode_metrics(self.metrics)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; non-finite metric values become ``"NaN"`` / ``"Infinity"`` /
+        ``"-Infinity"`` (JSON has no NaN), turned back into floats by ``from_dict``."""
+        out = super().to_dict()
+        if self.metrics:
+            out["metrics"] = {
+                name: {k: _encode(v) for k, v in summary.items()}
+                for name, summary in self.metrics.items()
+            }
+        return out
 
     @property
     def key(self) -> str:
         """``experiment/variation/run``, as the CLI prints and accepts it."""
         return f"{self.experiment_id}/{self.variation}/{self.run}"
+
+    @property
+    def key_tuple(self) -> RunKey:
+        """``(experiment_id, variation, run)`` as a :class:`RunKey`."""
+        return RunKey(self.experiment_id, self.variation, self.run)
+
+
+@dataclass(frozen=True)
+class BestRun(_Record):
+    """The answer to "which run is best" (``chronicle best``): the run with the best value
+    of ``metric`` in direction ``mode`` (``min``: its smallest value, ``max``: its largest),
+    and its best checkpoint: the asset an integration recorded as saved for that metric with
+    the best value (``{"name", "value", "step", "epoch", "metric", "sha256", "size",
+    "directory"}``; a directory asset such as HF's ``checkpoint-500`` has ``directory`` true
+    and no digest), or None."""
+
+    experiment_id: str
+    variation: int
+    run: int
+    state: RunState
+    metric: str
+    mode: str
+    value: float
+    step: int | None = None
+    last: float | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, RunState):
+            object.__setattr__(self, "state", RunState(self.state))
+        for name in ("value", "last"):
+            object.__setattr__(self, name, _decode(getattr(self, name)))
+        if self.checkpoint and "value" in self.checkpoint:
+            self.checkpoint["value"] = _decode(self.checkpoint["value"])
+
+    @property
+    def key(self) -> str:
+        """``experiment/variation/run``."""
+        return f"{self.experiment_id}/{self.variation}/{self.run}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite values as in :meth:`RunInfo.to_dict`)."""
+        out = super().to_dict()
+        out["key"] = self.key
+        out["value"], out["last"] = _encode(self.value), _encode(self.last)
+        if self.checkpoint:
+            out["checkpoint"] = {**self.checkpoint, "value": _encode(self.checkpoint.get("value"))}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BestRun:
+        """Build from a dict (``key`` and unknown keys ignored)."""
+        return super().from_dict({k: v for k, v in data.items() if k != "key"})
+
+
+_SPECIAL = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _decode(value: Any) -> Any:
+    return _SPECIAL.get(value, value) if isinstance(value, str) else value
+
+
+def _decode_metrics(metrics: dict[str, dict[str, Any]]) -> None:
+    for summary in metrics.values():
+        for k, v in summary.items():
+            if isinstance(v, str):
+                summary[k] = _decode(v)
 
 
 @dataclass(frozen=True)

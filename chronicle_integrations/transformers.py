@@ -206,6 +206,8 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
         self._sigterm = False
         self._train_started = 0.0
         self._stop_logged = False
+        #: (global step, metrics) of the latest evaluation, for the checkpoint saved after it.
+        self._last_eval: tuple[int | None, dict[str, Any]] = (None, {})
         self._warned_unwrapped = False
         self._restore_sigterm: Callable[[], None] = _noop  # for an unwrapped train() call
 
@@ -537,12 +539,85 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
                     args.output_dir,
                 )
                 return
-            self._upload(folder)
+            self._upload(folder, self._checkpoint_metric(args, state))
+        self._record_objective(state)
 
-    def _upload(self, folder: Path) -> None:
+    def _upload(self, folder: Path, metric: dict[str, Any] | None = None) -> None:
         if self.tracker is not None:
             self._uploaded[folder.name] = _newest_mtime_ns(folder)
-            self.tracker.upload(folder, folder.name)
+            self.tracker.upload(folder, folder.name, metric=metric)
+
+    # ------------------------------------------------------------------ metrics
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """What the Trainer logs (plain floats: loss, learning_rate, eval_*...) becomes the
+        run's metric summaries, sent with the next heartbeat."""
+        self._record_metrics(state, logs)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Evaluation metrics (also kept for the checkpoint saved right after, which is
+        recorded with ``metric_for_best_model``'s value)."""
+        self._record_metrics(state, metrics)
+        if metrics:
+            self._last_eval = (int(state.global_step), dict(metrics))
+
+    def _record_metrics(self, state: TrainerState, values: dict[str, Any] | None) -> None:
+        tracker = self.tracker
+        if not values or not state.is_world_process_zero or tracker is None:
+            return
+        if not tracker.active:
+            return
+        numbers = {
+            k: v
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        tracker.log_metrics(numbers, step=int(state.global_step))
+
+    def _record_objective(self, state: TrainerState) -> None:
+        """Under ``hyperparameter_search``, the trial's objective (what the search optimises,
+        ``Trainer.objective`` after each evaluation) as the metric ``objective``: ``chronicle
+        best E --metric objective --mode min|max`` picks the best trial."""
+        trainer = self._trainer()
+        if trainer is None or getattr(trainer, "hp_search_backend", None) is None:
+            return
+        objective = getattr(trainer, "objective", None)
+        if isinstance(objective, int | float) and not isinstance(objective, bool):
+            self._record_metrics(state, {"objective": objective})
+
+    def _checkpoint_metric(
+        self, args: TrainingArguments, state: TrainerState
+    ) -> dict[str, Any] | None:
+        """``metric_for_best_model`` (``eval_`` prefixed as the Trainer does) and its value
+        at this save, from the evaluation of the same step; None without one."""
+        name = getattr(args, "metric_for_best_model", None)
+        last: tuple[int | None, dict[str, Any]] = getattr(self, "_last_eval", (None, {}))
+        step, metrics = last
+        if not name or step != int(state.global_step):
+            return None
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        return {
+            "metric": key,
+            "value": float(value),
+            "step": int(state.global_step),
+            "epoch": float(state.epoch) if state.epoch is not None else None,
+        }
 
     def _checkpoint_dir(self, args: TrainingArguments, step: int) -> Path | None:
         """``<run dir>/checkpoint-<step>``; the run dir is ``output_dir`` or, under
@@ -561,6 +636,7 @@ class ChronicleTrainerCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._record_objective(state)
         if self._depth == 0:  # not wrapped: the best we can do
             # optuna's pruning calls on_train_end, then raises TrialPruned
             self._end("pruned" if _in_frame("_report_to_hp_search") else "succeed")

@@ -46,6 +46,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from .._config import (
@@ -54,7 +55,8 @@ from .._config import (
     ENV_TRAINING_ENDED_FILE,
     PREEMPT_FLUSH_SECONDS,
 )
-from .._errors import ChronicleError, InvalidTransition, NotFound
+from .._errors import ChronicleError, InvalidMetric, InvalidTransition, NotFound
+from .._metrics import host_number
 from .._models import RunKey
 from ..client import Chronicle, Run, format_exception
 from ..client._heartbeat import KeepAlive
@@ -183,6 +185,7 @@ class TrackedRun:
         self._client_spec: tuple[str | None, str] | None = None
         self._guard = Guard(strict, carry_on=carry_on, passthrough=(RunNotRunnable,))
         self._exit_message: str | None = None
+        self._metrics_warned = False
 
     # -- pickling: drop live objects (ddp_spawn pickles callbacks into workers) -------------
     def __getstate__(self) -> dict[str, Any]:
@@ -337,9 +340,37 @@ class TrackedRun:
             run.start(resume=True)
 
     # -- uploads ---------------------------------------------------------------------------
-    def upload(self, path: str | os.PathLike[str], name: str | None = None) -> UploadHandle | None:
+    def log_metrics(self, values: Any, step: int | None = None) -> None:
+        """Record metrics on the run (``Run.log_metrics``), one name at a time so that a bad
+        value or name, or a name over the run's cap, drops only itself: logged once at
+        WARNING (then DEBUG), raised with ``strict``. Tensors are read with one ``.item()``
+        each (call this where the values are already on the host, never per step)."""
+        run = self.run
+        if run is None:
+            return
+        try:
+            items = list(values.items())
+        except AttributeError:
+            items = []
+        for name, value in items:
+            try:
+                run.log_metrics({name: host_number(value, name)}, step)
+            except InvalidMetric as exc:
+                if self.strict:
+                    raise
+                level = logging.DEBUG if self._metrics_warned else logging.WARNING
+                log.log(level, "chronicle: run %s: metric not recorded: %s", run.key, exc)
+                self._metrics_warned = True
+
+    def upload(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        metric: dict[str, Any] | None = None,
+    ) -> UploadHandle | None:
         """Upload a file or directory to the run; returns its handle, or None when there is
-        no run or it could not be queued (logged, unless strict).
+        no run or it could not be queued (logged, unless strict). ``metric``: what a
+        checkpoint was saved for (``Run.upload_asset``); a bad record drops only itself.
 
         While the run is live this returns at once (the bytes go up in the background).
         After the run ended it still works (the store accepts assets of a finished run from
@@ -349,9 +380,19 @@ class TrackedRun:
         run = self.run
         if run is None:
             return None
+        if metric is not None:
+            try:
+                run.pending_metrics.check_checkpoint(
+                    name if name is not None else Path(path).name, metric
+                )
+            except InvalidMetric as exc:
+                if self.strict:
+                    raise
+                log.warning("chronicle: run %s: checkpoint metric not recorded: %s", run.key, exc)
+                metric = None
         with self.guard(f"uploading {path}"):
             if not run.chronicle._closed:
-                return run.upload_asset(path, name)
+                return run.upload_asset(path, name, metric=metric)
             client = run.chronicle
             with Chronicle(url=client.url, home=client.home) as fresh:
                 return fresh.run(*run.key_tuple, lease=run.lease).upload_asset(path, name)

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._config import DEFAULT_HOME, DEFAULT_UI_PORT, ENV_API_KEY, ENV_HOME, ENV_URL
+from .._metrics import MODES
 from .._server_options import add_server_options, port
 from .._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from ..lifecycle import RunState
 from .db import cmd_db
 from .errors import EXIT_CODES_HELP, WAIT_CODES_HELP
+from .outcomes import cmd_best, cmd_objective
 from .runs import (
     cmd_add_variation,
     cmd_cancel,
@@ -319,6 +321,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a JSON array of variation configs (- for stdin)",
     )
+    p.add_argument(
+        "--objective",
+        metavar="METRIC",
+        help='what "best" means for its runs: this metric (e.g. val/loss) ...',
+    )
+    p.add_argument(
+        "--objective-mode",
+        choices=MODES,
+        default="min",
+        help="... minimised or maximised (default min)",
+    )
+
+    p = add(
+        "objective",
+        cmd_objective,
+        'set what "best" means for an experiment\'s runs (no METRIC: show it)',
+    )
+    p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
+    p.add_argument("metric", nargs="?", metavar="METRIC", help="the metric, e.g. val/loss")
+    p.add_argument("--mode", choices=MODES, help="min (default) or max")
+    p.add_argument("--clear", action="store_true", help="remove the objective")
+
+    p = add(
+        "best",
+        cmd_best,
+        "the best run of an experiment by a metric, with its best checkpoint asset",
+    )
+    p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
+    p.add_argument("--metric", "-m", metavar="M", help="the metric (default: the objective's)")
+    p.add_argument("--mode", choices=MODES, help="min or max (default: the objective's, else min)")
+    p.add_argument(
+        "--include-running",
+        action="store_true",
+        help="also count running and lost runs (default: succeeded runs only)",
+    )
 
     p = add("add-variation", cmd_add_variation, "add a variation; prints its number")
     p.add_argument("experiment", type=experiment_arg, metavar="E", help="experiment id")
@@ -365,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"only runs in this state ({', '.join(s.value for s in RunState)})",
     )
+    p.add_argument(
+        "--sort",
+        metavar="M",
+        help="best first by metric M (each run's min, or max with --mode max; by default the "
+        "objective's mode when M is the objective, else ascending); runs without M last",
+    )
+    p.add_argument("--mode", choices=MODES, help="the direction of --sort")
 
     p = add("show", cmd_show, "show every field of a run")
     p.add_argument("run", type=run_id, metavar="E/V/R", help=run_help)

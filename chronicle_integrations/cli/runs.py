@@ -29,12 +29,18 @@ from .format import (
     stream_json_list,
     table,
 )
+from .outcomes import format_value, sort_mode, sort_runs, write_sorted_runs
 
 
 def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
     with open_client(args, create=True) as chronicle:
+        objective = (
+            {"metric": args.objective, "mode": args.objective_mode}
+            if getattr(args, "objective", None)
+            else None
+        )
         experiment_id = chronicle.create_experiment(
-            args.name, args.variations or [], experiment_id=args.experiment_id
+            args.name, args.variations or [], experiment_id=args.experiment_id, objective=objective
         )
         answer(args, lambda: public(chronicle.experiment(experiment_id)), experiment_id, out)
     return EXIT_OK
@@ -118,6 +124,8 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     with open_client(args) as chronicle:
         if args.experiment:  # an unknown experiment is "not found", not an empty listing
             chronicle.experiment(args.experiment)
+        if getattr(args, "sort", None):
+            return _sorted_runs(chronicle, args, out)
         if args.page or args.cursor is not None:
             page = chronicle.runs_page(
                 args.experiment, args.state, limit=args.limit, cursor=args.cursor
@@ -139,6 +147,21 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
             stream_json_list(([public(r) for r in chunk] for chunk in chunks), out)
         else:
             _write_runs(chunks, out)
+    return EXIT_OK
+
+
+def _sorted_runs(chronicle: Any, args: argparse.Namespace, out: TextIO) -> int:
+    """``runs --sort M``: every matching run (a sort needs them all), best first by ``M``
+    in the objective's mode (else ``--mode``, else ascending), then ``--limit``."""
+    mode = sort_mode(chronicle, args.experiment, args.sort, args.mode)
+    runs = sort_runs(list(chronicle.iter_runs(args.experiment, args.state)), args.sort, mode)
+    runs = runs[: args.limit] if args.limit else runs
+    if args.json:
+        print_json([public(r) for r in runs], out)
+    else:
+        write_sorted_runs(
+            runs, args.sort, mode, RUN_HEADERS, lambda r: _run_row(r, time.time()), out
+        )
     return EXIT_OK
 
 
@@ -182,6 +205,14 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
         ("lease holder", info.lease_holder or "-"),
         ("assets", str(info.asset_count)),
     ]
+    for name, summary in sorted((info.metrics or {}).items()):
+        fields.append(
+            (
+                f"metric {name}",
+                f"last {format_value(summary.get('last'))} (step {summary.get('last_step')}), "
+                f"min {format_value(summary.get('min'))}, max {format_value(summary.get('max'))}",
+            )
+        )
     width = max(len(k) for k, _ in fields) + 2
     for key, value in fields:
         out.write(f"{key + ':':<{width}}{printable(value)}\n")

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-from .. import _config
+from .. import _config, _metrics
 from .. import _validation as check
-from .._models import ExperimentInfo, Page, RunInfo, walk_pages
+from .._models import BestRun, ExperimentInfo, Page, RunInfo, walk_pages
 from ..lifecycle import RunState
 from ._heartbeat import KeepAlive
 from ._run import Run
@@ -144,18 +144,50 @@ class Chronicle:
         name: str,
         variations: list[dict[str, Any]] | None = None,
         experiment_id: str | None = None,
+        objective: dict[str, Any] | None = None,
     ) -> str:
         """Create an experiment with numbered variations (0, 1, ...); returns its id.
 
         The id is derived from the name with a random suffix unless given; it is chosen here
-        so that a retried request cannot create a second experiment.
+        so that a retried request cannot create a second experiment. ``objective``, e.g.
+        ``{"metric": "val/loss", "mode": "min"}``, says what "best" means for its runs
+        (:meth:`best`, ``chronicle best``); also settable later (:meth:`set_objective`).
         """
         check.name(name)
+        goal = _metrics.objective(objective)
         if experiment_id is None:
             experiment_id = check.derive_experiment_id(name)
+        extra: dict[str, Any] = {"objective": goal} if goal is not None else {}
         return self.transport.create_experiment(
-            name, list(variations or []), experiment_id
+            name, list(variations or []), experiment_id, **extra
         ).experiment_id
+
+    def set_objective(
+        self, experiment_id: str, metric: str | None, mode: str = "min"
+    ) -> ExperimentInfo:
+        """Set what "best" means for an experiment's runs (``metric=None`` clears it)."""
+        goal = _metrics.objective({"metric": metric, "mode": mode}) if metric else None
+        return self.transport.set_objective(check.experiment_id(experiment_id), goal)
+
+    def best(
+        self,
+        experiment_id: str,
+        metric: str | None = None,
+        mode: str | None = None,
+        *,
+        include_running: bool = False,
+    ) -> BestRun:
+        """The experiment's best run by ``metric`` (default: its objective's) in ``mode``
+        (default: the objective's, else ``min``), with its state, value and best checkpoint
+        asset (``BestRun.checkpoint``: download it with ``run.download_asset`` or
+        ``download_directory``). Only succeeded runs count unless ``include_running``.
+        :class:`NotFound` when no run qualifies."""
+        check.experiment_id(experiment_id)
+        if metric is not None:
+            _metrics.metric_name(metric)
+        if mode is not None:
+            _metrics.mode(mode)
+        return self.transport.best(experiment_id, metric, mode, include_running)
 
     def add_variation(self, experiment_id: str, config: dict[str, Any]) -> int:
         """Append a variation to an experiment; returns its number."""

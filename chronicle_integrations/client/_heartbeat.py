@@ -342,6 +342,8 @@ def attach(
         if shared is not None and shared.alive:
             run.progress = shared.run.progress
             run.cancelled = shared.run.cancelled
+            if hasattr(shared.run, "pending_metrics"):  # one buffer: the loop sends it
+                run.pending_metrics = shared.run.pending_metrics  # type: ignore[attr-defined]
             shared.join(run, on_cancel, stall_timeout)
             return shared, False
         shared = KeepAlive(run, interval, on_cancel, stall_timeout)

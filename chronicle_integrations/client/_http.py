@@ -40,7 +40,16 @@ from .._errors import (
     TransportError,
     chronicle_error,
 )
-from .._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo, UploadStatus, _Record
+from .._models import (
+    AssetInfo,
+    BestRun,
+    Event,
+    ExperimentInfo,
+    Page,
+    RunInfo,
+    UploadStatus,
+    _Record,
+)
 from .._version import __version__
 from ._answers import (
     _answer,
@@ -51,7 +60,7 @@ from ._answers import (
     _snippet,
 )
 from ._deadline import _CUTOFFS, QUICK, RetryPolicy, _Adapter, _retry_after
-from ._transport import READ_BLOCK, TransferProgress
+from ._transport import READ_BLOCK, Outcomes, TransferProgress
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +261,38 @@ class HttpTransport:
     # ------------------------------------------------------------------ experiments
     @_answer
     def create_experiment(
-        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+        self,
+        name: str,
+        variations: list[dict[str, Any]],
+        experiment_id: str | None,
+        objective: dict[str, Any] | None = None,
     ) -> ExperimentInfo:
-        body = {"name": name, "variations": variations, "experiment_id": experiment_id}
+        body: dict[str, Any] = {
+            "name": name,
+            "variations": variations,
+            "experiment_id": experiment_id,
+        }
+        if objective is not None:  # (a server that predates objectives ignores the field)
+            body["objective"] = objective
         return ExperimentInfo.from_dict(self._json("POST", "/v1/experiments", json=body))
+
+    @_answer
+    def set_objective(self, experiment_id: str, objective: dict[str, Any] | None) -> ExperimentInfo:
+        body = objective or {"metric": None}
+        path = f"/v1/experiments/{quote(experiment_id, safe='')}/objective"
+        return ExperimentInfo.from_dict(self._json("PUT", path, json=body))
+
+    @_answer
+    def best(
+        self, experiment_id: str, metric: str | None, mode: str | None, include_running: bool
+    ) -> BestRun:
+        params: dict[str, Any] = {"include_running": "true" if include_running else "false"}
+        if metric is not None:
+            params["metric"] = metric
+        if mode is not None:
+            params["mode"] = mode
+        path = f"/v1/experiments/{quote(experiment_id, safe='')}/best"
+        return BestRun.from_dict(self._json("GET", path, params=params))
 
     def list_experiments(
         self, *, limit: int | None = None, cursor: str | None = None
@@ -323,10 +360,12 @@ class HttpTransport:
         *,
         quick: bool = False,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
         body: dict[str, Any] = {"lease": lease}
         if progress is not None:
             body["progress"] = progress
+        _add_outcomes(body, outcomes)
         return RunInfo.from_dict(
             self._json(
                 "POST",
@@ -338,11 +377,18 @@ class HttpTransport:
 
     @_answer
     def succeed(
-        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
         body: dict[str, Any] = {"lease": lease}
         if progress is not None:
             body["progress"] = progress
+        _add_outcomes(body, outcomes)
         path = self._run_path(e, v, r) + "/succeed"
         return RunInfo.from_dict(self._json("POST", path, json=body))
 
@@ -356,10 +402,12 @@ class HttpTransport:
         message: str | None,
         lease: str | None,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
         body: dict[str, Any] = {"reason": reason, "message": message, "lease": lease}
         if progress is not None:
             body["progress"] = progress
+        _add_outcomes(body, outcomes)
         return RunInfo.from_dict(self._json("POST", self._run_path(e, v, r) + "/fail", json=body))
 
     def events(
@@ -582,3 +630,11 @@ def _chunk_body(
         if progress is not None:
             progress(position)
         yield block
+
+
+def _add_outcomes(body: dict[str, Any], outcomes: Outcomes) -> None:
+    """Put a beat's or a transition's metrics and checkpoint records in its body."""
+    if outcomes[0] is not None:
+        body["metrics"] = outcomes[0]
+    if outcomes[1] is not None:
+        body["checkpoints"] = outcomes[1]

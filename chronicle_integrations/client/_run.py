@@ -23,11 +23,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .. import _validation as check
-from .._errors import ChronicleError, InvalidRequest, NotFound, TransportError, UploadError
+from .._errors import (
+    ChronicleError,
+    InvalidMetric,
+    InvalidRequest,
+    NotFound,
+    TransportError,
+    UploadError,
+)
+from .._metrics import MetricBuffer
 from .._models import AssetInfo, Event, RunInfo, RunKey, walk_pages
 from ..lifecycle import Action, RunState
 from ._heartbeat import KeepAlive, Progress, attach, detach
-from ._transport import Transport
+from ._transport import Outcomes, Transport
 from ._uploads import UploadHandle
 
 if TYPE_CHECKING:
@@ -73,6 +81,10 @@ class Run:
         #: The store's watchdog timeout, as its answers to start and heartbeat said (None
         #: until then): keep_alive beats at most every third of it.
         self.heartbeat_timeout: float | None = None
+        #: Metrics logged since the last send (``log_metrics``), sent with heartbeats and
+        #: the terminal transition.
+        self.pending_metrics = MetricBuffer()
+        self._told_metrics = False
         self._keepalive: KeepAlive[Run] | None = None
         self._lock = threading.Lock()
 
@@ -230,14 +242,60 @@ class Run:
 
         ``quick`` (the default): one short try, for callers that beat again soon anyway (the
         heartbeat loop, ``chronicle exec``'s supervisor); False: the full retry budget, as
-        :meth:`heartbeat`. ``progress``: as for :meth:`heartbeat`. Part of the interface the
+        :meth:`heartbeat`. ``progress``: as for :meth:`heartbeat`. The metrics logged since
+        the last send travel with it (put back if it fails; dropped, with one ERROR, if the
+        store refuses them: the heartbeat then goes without). Part of the interface the
         heartbeat loop uses (``_heartbeat.Beating``).
         """
         if progress is None:
             progress = self.progress.snapshot()
-        info = self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        outcomes = self.pending_metrics.take()
+        extra: dict[str, Any] = {"outcomes": outcomes} if outcomes != (None, None) else {}
+        try:
+            info = self._t.heartbeat(
+                *self.key_tuple, self.lease, quick=quick, progress=progress, **extra
+            )
+        except InvalidMetric as exc:
+            self._metrics_refused(exc, outcomes)
+            info = self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+        except BaseException:
+            self.pending_metrics.restore(*outcomes)
+            raise
         self.heartbeat_timeout = info.heartbeat_timeout or self.heartbeat_timeout
         return info
+
+    def log_metrics(self, values: Any, step: int | None = None) -> Run:
+        """Record metric values, e.g. ``run.log_metrics({"val/loss": 0.31}, step=1200)``.
+
+        O(1) per name on the calling thread and no I/O: the values are folded into a small
+        summary per name (last, min, max with their steps) that travels with the next
+        heartbeat of ``keep_alive`` and with ``succeed()`` / ``fail()``. The store keeps, per
+        name, the last value (by step: a resumed run replaying earlier steps does not
+        overwrite a later value) and the min and max; NaN and infinities are kept as the
+        last value but never become min or max. Read them back in ``info().metrics``.
+
+        Raises :class:`InvalidMetric` at once, recording nothing of the call, for a value
+        that is not a number, an invalid name (``/``-separated segments, no ``..``, NUL or
+        control characters, at most 256 characters) or a 65th name for the run.
+        """
+        self.pending_metrics.log(values, step)
+        return self
+
+    def _metrics_refused(self, exc: InvalidMetric, outcomes: Outcomes) -> None:
+        """The store refused metrics this client let through (e.g. the run already has 64
+        names, logged by an earlier worker): say so once, keep the names the store knows,
+        drop the rest. Training goes on."""
+        if not self._told_metrics:
+            self._told_metrics = True
+            log.error("run %s: the store refused metrics (%s); they are dropped", self.key, exc)
+        try:
+            known = set(self._t.get_run(*self.key_tuple).metrics or {})
+        except ChronicleError:
+            self.pending_metrics.forget()
+            return
+        self.pending_metrics.limit_to(known)
+        metrics = {k: v for k, v in (outcomes[0] or {}).items() if k in known}
+        self.pending_metrics.restore(metrics or None, None)
 
     def keep_alive(
         self,
@@ -296,6 +354,7 @@ class Run:
         name: str | None = None,
         *,
         follow_symlinks: bool = True,
+        metric: dict[str, Any] | None = None,
     ) -> UploadHandle:
         """Capture a file or directory now and upload it in the background.
 
@@ -305,10 +364,20 @@ class Run:
         (symbolic links, FIFOs, sockets and devices are skipped with a warning). A file path
         must be a regular file, or a symbolic link to one unless ``follow_symlinks=False``
         (for callers uploading what they found in a directory others write to).
+
+        ``metric``: what a checkpoint was saved for, ``{"metric": "val_loss", "value": 0.31,
+        "step": 1200, "epoch": 2}``; recorded with the asset (sent like metrics), so that
+        ``chronicle best`` can name the run's best checkpoint.
         """
-        return self.chronicle._uploads.submit(
+        asset = name if name is not None else Path(path).name
+        if metric is not None:
+            self.pending_metrics.check_checkpoint(asset, metric)
+        handle = self.chronicle._uploads.submit(
             self.key_tuple, self.lease, path, name, follow_symlinks
         )
+        if metric is not None:
+            self.pending_metrics.checkpoint(asset, metric)
+        return handle
 
     def wait_uploads(self, timeout: float | None = None) -> bool:
         """Wait for this run's pending uploads; True when none is left."""
@@ -364,11 +433,20 @@ class Run:
         # refused and mistaken for a cancellation of a run this worker ended itself.
         self.stop_keep_alive()
         progress = self._final_progress(progress)
+        outcomes = self.pending_metrics.take()
         try:
-            if action is Action.SUCCEED:
-                self._t.succeed(*self.key_tuple, self.lease, progress)
-            else:
-                self._t.fail(*self.key_tuple, reason or "crash", message, self.lease, progress)
+            try:
+                self._send_end(action, reason, message, progress, outcomes)
+            except InvalidMetric as exc:
+                if not self._told_metrics:
+                    log.error(
+                        "run %s: the store refused the final metrics (%s); ending without",
+                        self.key,
+                        exc,
+                    )
+                    self._told_metrics = True
+                outcomes = (None, None)
+                self._send_end(action, reason, message, progress, outcomes)
         except TransportError as exc:
             if self.lease is None:
                 # Not this worker's run (e.g. an operator cancelling): nothing to defer.
@@ -381,6 +459,7 @@ class Run:
                 reason=reason,
                 message=message,
                 progress=progress,
+                outcomes=outcomes,
             )
             self.spooled = True
             log.error(
@@ -391,6 +470,20 @@ class Run:
                 exc,
                 path,
             )
+
+    def _send_end(
+        self,
+        action: Action,
+        reason: str | None,
+        message: str | None,
+        progress: dict[str, Any] | None,
+        outcomes: Outcomes,
+    ) -> None:
+        extra: dict[str, Any] = {"outcomes": outcomes} if outcomes != (None, None) else {}
+        if action is Action.SUCCEED:
+            self._t.succeed(*self.key_tuple, self.lease, progress, **extra)
+        else:
+            self._t.fail(*self.key_tuple, reason or "crash", message, self.lease, progress, **extra)
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Run:

@@ -65,8 +65,9 @@ class Spool:
         reason: str | None = None,
         message: str | None = None,
         progress: dict[str, Any] | None = None,
+        outcomes: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None),
     ) -> Path:
-        """Defer ``succeed`` or ``fail`` of a run (with its final progress, if any)."""
+        """Defer ``succeed`` or ``fail`` of a run (with its final progress and metrics)."""
         return self._write(
             {
                 "kind": "transition",
@@ -77,6 +78,8 @@ class Spool:
                 "reason": reason,
                 "message": message,
                 "progress": progress,
+                "metrics": outcomes[0],
+                "checkpoints": outcomes[1],
             }
         )
 
@@ -170,7 +173,8 @@ class Spool:
                 upload_id=entry["upload_id"],
             )
         elif entry["action"] == "succeed":
-            transport.succeed(e, v, r, entry.get("lease"), entry.get("progress"))
+            outcomes = (entry.get("metrics"), entry.get("checkpoints"))
+            transport.succeed(e, v, r, entry.get("lease"), entry.get("progress"), outcomes)
         else:
             transport.fail(
                 e,
@@ -180,6 +184,7 @@ class Spool:
                 entry.get("message"),
                 entry.get("lease"),
                 entry.get("progress"),
+                (entry.get("metrics"), entry.get("checkpoints")),
             )
 
     def _retire(self, path: Path, entry: dict[str, Any], refused: bool = False) -> None:

@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from .._errors import ConfigurationError, SourceChanged
-from .._models import AssetInfo, Event, ExperimentInfo, Page, RunInfo
+from .._models import AssetInfo, BestRun, Event, ExperimentInfo, Page, RunInfo
 
 if TYPE_CHECKING:
     from ..store import Store
+
+#: What a heartbeat or terminal transition carries besides progress: ``(metrics,
+#: checkpoints)`` as :meth:`~chronicle_integrations._metrics.MetricBuffer.take` gives them.
+Outcomes = tuple[dict[str, Any] | None, dict[str, Any] | None]
 
 #: Called with the number of bytes transferred so far.
 TransferProgress = Callable[[int], None]
@@ -33,8 +37,18 @@ class Transport(Protocol):
     target: str  # a human-readable description: the URL, or "embedded:<home>"
 
     def create_experiment(
-        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+        self,
+        name: str,
+        variations: list[dict[str, Any]],
+        experiment_id: str | None,
+        objective: dict[str, Any] | None = None,
     ) -> ExperimentInfo: ...
+    def set_objective(
+        self, experiment_id: str, objective: dict[str, Any] | None
+    ) -> ExperimentInfo: ...
+    def best(
+        self, experiment_id: str, metric: str | None, mode: str | None, include_running: bool
+    ) -> BestRun: ...
     def list_experiments(
         self, *, limit: int | None = None, cursor: str | None = None
     ) -> Page[ExperimentInfo]:
@@ -67,9 +81,16 @@ class Transport(Protocol):
         *,
         quick: bool = False,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo: ...
     def succeed(
-        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo: ...
     def fail(
         self,
@@ -80,6 +101,7 @@ class Transport(Protocol):
         message: str | None,
         lease: str | None,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo: ...
     def events(
         self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None
@@ -176,9 +198,22 @@ class EmbeddedTransport:
         self.target = f"embedded:{self.home}"
 
     def create_experiment(
-        self, name: str, variations: list[dict[str, Any]], experiment_id: str | None
+        self,
+        name: str,
+        variations: list[dict[str, Any]],
+        experiment_id: str | None,
+        objective: dict[str, Any] | None = None,
     ) -> ExperimentInfo:
-        return self.store.create_experiment(name, variations, experiment_id)
+        return self.store.create_experiment(name, variations, experiment_id, objective)
+
+    def set_objective(self, experiment_id: str, objective: dict[str, Any] | None) -> ExperimentInfo:
+        return self.store.set_objective(experiment_id, objective)
+
+    def best(
+        self, experiment_id: str, metric: str | None, mode: str | None, include_running: bool
+    ) -> BestRun:
+        self.store.maybe_sweep()
+        return self.store.best(experiment_id, metric, mode, include_running=include_running)
 
     def list_experiments(
         self, *, limit: int | None = None, cursor: str | None = None
@@ -226,13 +261,22 @@ class EmbeddedTransport:
         *,
         quick: bool = False,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
-        return self.store.heartbeat(e, v, r, lease, progress)
+        return self.store.heartbeat(e, v, r, lease, progress, *outcomes)
 
     def succeed(
-        self, e: str, v: int, r: int, lease: str | None, progress: dict[str, Any] | None = None
+        self,
+        e: str,
+        v: int,
+        r: int,
+        lease: str | None,
+        progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
-        return self.store.succeed(e, v, r, lease, progress)
+        return self.store.succeed(
+            e, v, r, lease, progress, metrics=outcomes[0], checkpoints=outcomes[1]
+        )
 
     def fail(
         self,
@@ -243,8 +287,11 @@ class EmbeddedTransport:
         message: str | None,
         lease: str | None,
         progress: dict[str, Any] | None = None,
+        outcomes: Outcomes = (None, None),
     ) -> RunInfo:
-        return self.store.fail(e, v, r, reason, message, lease, progress)
+        return self.store.fail(
+            e, v, r, reason, message, lease, progress, metrics=outcomes[0], checkpoints=outcomes[1]
+        )
 
     def events(
         self, e: str, v: int, r: int, *, limit: int | None = None, cursor: str | None = None

@@ -51,15 +51,16 @@ __all__ = ["HEARTBEAT_PATH", "MAX_HEARTBEAT_BYTES", "HeartbeatLane"]
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PATH = re.compile(r"/v1/runs/([^/]+)/([0-9]{1,20})/([0-9]{1,20})/heartbeat")
-#: Largest heartbeat body (413 beyond, before it is decoded). A heartbeat is a lease and at
-#: most 16 progress entries of 64-character names and values: under 13 KiB even with every
-#: character escaped. Heartbeats are most of the traffic; a few clients sending megabytes of
-#: ignored fields each must not cost the others their latency.
-MAX_HEARTBEAT_BYTES = 16 * 1024
+#: Largest heartbeat body (413 beyond, before it is decoded). A heartbeat is a lease, at
+#: most 16 progress entries of 64-character names and values (under 13 KiB even with every
+#: character escaped) and metrics: at most 64 summaries of names up to 256 characters
+#: (about 30 KiB), plus checkpoint records. Heartbeats are most of the traffic; a few clients
+#: sending megabytes of ignored fields each must not cost the others their latency.
+MAX_HEARTBEAT_BYTES = 96 * 1024
 #: Most heartbeats applied in one transaction (bounds how long the write lock is held).
 MAX_BATCH = 256
 
-_Beat = tuple[str, int, int, str | None, dict[str, Any] | None]
+_Beat = tuple[Any, ...]  # (e, v, r, lease, progress, metrics, checkpoints)
 _Waiter = tuple[_Beat, asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
@@ -106,7 +107,15 @@ class HeartbeatLane:
             return False  # the FastAPI route produces the exact validation error
         try:
             info = await self._apply(
-                (match.group(1), variation, run, request.lease, request.progress)
+                (
+                    match.group(1),
+                    variation,
+                    run,
+                    request.lease,
+                    request.progress,
+                    request.metrics,
+                    request.checkpoints,
+                )
             )
         except APIError as exc:
             if exc.status >= 500:

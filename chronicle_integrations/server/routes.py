@@ -216,7 +216,9 @@ def build_router(
         """Create an experiment with numbered variations (0, 1, ...). Repeating the request
         with the same ``experiment_id`` and definition returns it again (409
         ``already_exists`` for a different definition)."""
-        info = store.create_experiment(body.name, body.variations or [], body.experiment_id)
+        info = store.create_experiment(
+            body.name, body.variations or [], body.experiment_id, objective=body.objective
+        )
         return _json(info, 201)
 
     @router.get(
@@ -238,6 +240,40 @@ def build_router(
     def get_experiment(experiment_id: ExperimentId) -> JSONResponse:
         """One experiment."""
         return _json(store.get_experiment(experiment_id))
+
+    @router.put(
+        "/experiments/{experiment_id}/objective",
+        response_model=wire.Experiment,
+        tags=["experiments"],
+        responses=_errors(404, body=True),
+    )
+    def set_objective(experiment_id: ExperimentId, body: wire.ObjectiveRequest) -> JSONResponse:
+        """Set what "best" means for the experiment's runs (``metric`` null: clear it)."""
+        objective = {"metric": body.metric, "mode": body.mode} if body.metric else None
+        return _json(store.set_objective(experiment_id, objective))
+
+    @router.get(
+        "/experiments/{experiment_id}/best",
+        response_model=wire.BestRun,
+        tags=["experiments"],
+        responses=_errors(404),
+    )
+    def best(
+        experiment_id: ExperimentId,
+        metric: Annotated[
+            str | None, Query(description="The metric (default: the objective's).")
+        ] = None,
+        mode: Annotated[
+            str | None,
+            Query(description="`min` or `max` (default: the objective's, else `min`)."),
+        ] = None,
+        include_running: Annotated[
+            bool, Query(description="Also count running and lost runs (default: succeeded).")
+        ] = False,
+    ) -> JSONResponse:
+        """The best run by a metric, with its state, value and best checkpoint asset (404
+        when no run qualifies). An index walk: as fast over 100,000 runs as over ten."""
+        return _json(store.best(experiment_id, metric, mode, include_running=include_running))
 
     @router.post(
         "/experiments/{experiment_id}/variations",
@@ -351,7 +387,15 @@ def build_router(
         ``progress`` is kept; a run beating without new progress is flagged ``stalled``."""
         body = body or wire.HeartbeatRequest()
         return _json(
-            store.heartbeat(experiment_id, variation, run, lease=body.lease, progress=body.progress)
+            store.heartbeat(
+                experiment_id,
+                variation,
+                run,
+                lease=body.lease,
+                progress=body.progress,
+                metrics=body.metrics,
+                checkpoints=body.checkpoints,
+            )
         )
 
     @router.post(
@@ -369,7 +413,15 @@ def build_router(
         """``running|lost -> succeeded`` (idempotent); ``progress`` is kept as the final one."""
         body = body or wire.SucceedRequest()
         return _json(
-            store.succeed(experiment_id, variation, run, lease=body.lease, progress=body.progress)
+            store.succeed(
+                experiment_id,
+                variation,
+                run,
+                lease=body.lease,
+                progress=body.progress,
+                metrics=body.metrics,
+                checkpoints=body.checkpoints,
+            )
         )
 
     @router.post(
@@ -392,6 +444,8 @@ def build_router(
                 message=body.message,
                 lease=body.lease,
                 progress=body.progress,
+                metrics=body.metrics,
+                checkpoints=body.checkpoints,
             )
         )
 

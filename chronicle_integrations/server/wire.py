@@ -22,6 +22,7 @@ __all__ = [
     "Asset",
     "AssetList",
     "BeginUploadRequest",
+    "BestRun",
     "CompleteUploadRequest",
     "CreateExperimentRequest",
     "CreateRunRequest",
@@ -35,6 +36,7 @@ __all__ = [
     "Health",
     "HeartbeatRequest",
     "LeaseRequest",
+    "ObjectiveRequest",
     "Run",
     "RunList",
     "StartRequest",
@@ -61,6 +63,18 @@ class CreateExperimentRequest(_Request):
         description="Chosen id (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`); derived from the name when "
         "absent. Re-creating an id with the same definition returns it again.",
     )
+    objective: dict[str, Any] | None = Field(
+        default=None,
+        description='What "best" means for its runs: `{"metric": "val/loss", "mode": "min"}` '
+        "(`mode` `min` or `max`).",
+    )
+
+
+class ObjectiveRequest(_Request):
+    metric: str | None = Field(
+        default=None, description="The metric name; null clears the objective."
+    )
+    mode: Literal["min", "max"] = Field(default="min", description="`min` or `max`.")
 
 
 class AddVariationRequest(_Request):
@@ -108,7 +122,24 @@ _PROGRESS = (
 )
 
 
-class HeartbeatRequest(LeaseRequest):
+_METRICS = (
+    'Metric summaries by name (at most 64 per run): a number (`{"val/loss": 0.31}`) or '
+    '`{"last": 0.31, "step": 1200, "min": .., "min_step": .., "max": .., "max_step": ..}`; '
+    'non-finite values as `"NaN"`, `"Infinity"`, `"-Infinity"`. Merged into the run\'s '
+    "summaries under the lease, in the same transaction; never counted as progress."
+)
+_CHECKPOINTS = (
+    "The metric each named checkpoint asset was saved for: "
+    '`{"epoch=2.ckpt": {"metric": "val_loss", "value": 0.31, "step": 1200, "epoch": 2}}`.'
+)
+
+
+class _Outcomes(_Request):
+    metrics: dict[str, Any] | None = Field(default=None, description=_METRICS)
+    checkpoints: dict[str, Any] | None = Field(default=None, description=_CHECKPOINTS)
+
+
+class HeartbeatRequest(LeaseRequest, _Outcomes):
     progress: dict[str, Any] | None = Field(
         default=None,
         description=_PROGRESS + " A run that keeps beating without new progress is flagged "
@@ -116,13 +147,13 @@ class HeartbeatRequest(LeaseRequest):
     )
 
 
-class SucceedRequest(LeaseRequest):
+class SucceedRequest(LeaseRequest, _Outcomes):
     progress: dict[str, Any] | None = Field(
         default=None, description=_PROGRESS + " The final one: where the run ended."
     )
 
 
-class FailRequest(_Request):
+class FailRequest(_Outcomes):
     reason: Literal["crash", "abandoned"] = Field(
         description="`crash` (needs the lease once started) or `abandoned` (a cancellation, "
         "no lease needed)."
@@ -200,6 +231,9 @@ class Experiment(BaseModel):
     name: str
     created_at: float = Field(description="Seconds since the epoch (server clock).")
     variations: int = Field(description="Number of variations (they are numbered from 0).")
+    objective: dict[str, str] | None = Field(
+        default=None, description='`{"metric": "val/loss", "mode": "min"}`, or null.'
+    )
 
 
 class ExperimentList(_Page):
@@ -248,6 +282,31 @@ class Run(BaseModel):
         default=None,
         description="Only in the answers to start and heartbeat: the server's watchdog "
         "timeout in seconds (a run silent for longer goes lost); clients beat well inside it.",
+    )
+    metrics: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="Per metric name: `last`, `last_step`, `min`, `min_step`, `max`, "
+        "`max_step`, `updated_at` (min/max over finite values; `last` may be `NaN`, "
+        "`Infinity`, `-Infinity`). Set on reads of runs, null in answers to transitions.",
+    )
+
+
+class BestRun(BaseModel):
+    experiment_id: str
+    variation: int
+    run: int
+    key: str = Field(description="`E/V/R`.")
+    state: RunState
+    metric: str
+    mode: Literal["min", "max"]
+    value: float | str = Field(description="The run's best (min or max) value of `metric`.")
+    step: int | None = Field(default=None, description="The step of that value.")
+    last: float | str | None = Field(default=None, description="The run's last value.")
+    checkpoint: dict[str, Any] | None = Field(
+        default=None,
+        description="The run's checkpoint asset recorded with the best value of `metric`: "
+        "`name`, `value`, `step`, `epoch`, `metric`, `sha256`, `size`, `directory` "
+        "(a directory of assets, e.g. `checkpoint-500`: no `sha256`, `files` counted).",
     )
 
 

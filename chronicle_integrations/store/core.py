@@ -50,6 +50,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from .. import _metrics
 from .. import _validation as check
 from .._errors import AlreadyExists, LeaseConflict, NotFound
 from .._models import Event, ExperimentInfo, Page, RunInfo, walk_pages
@@ -73,6 +74,8 @@ from .base import (
 from .blobs import open_blob_store
 from .engine import DatabaseOptions, make_engine
 from .heartbeats import HeartbeatMixin
+from .metrics import record_outcomes
+from .outcomes import OutcomesMixin, experiment_info
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
 from .summaries import SummariesMixin
 
@@ -90,7 +93,7 @@ __all__ = [
 ]
 
 
-class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
+class Store(HeartbeatMixin, AssetsMixin, SummariesMixin, OutcomesMixin):
     """The Chronicle store over a SQLAlchemy engine and a blob store.
 
     Example::
@@ -132,14 +135,18 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
         name: str,
         variations: Iterable[dict[str, Any]] = (),
         experiment_id: str | None = None,
+        objective: dict[str, Any] | None = None,
     ) -> ExperimentInfo:
         """Create an experiment with numbered variations (0, 1, ...).
 
         Creating an experiment whose id exists with the same name and the same variations is
         a success with no effect (a retried request); a different definition is refused.
+        ``objective`` (``{"metric": "val/loss", "mode": "min"}``) says what "best" means for
+        its runs; a repeated creation that names another objective sets it.
         """
         check.name(name)
         configs = [check.config(c) for c in variations]
+        goal = _metrics.objective(objective)
         if experiment_id is None:
             experiment_id = check.derive_experiment_id(name)
         check.experiment_id(experiment_id)
@@ -152,6 +159,8 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
                         name=name,
                         created_at=now,
                         next_variation=len(configs),
+                        objective_metric=goal["metric"] if goal else None,
+                        objective_mode=goal["mode"] if goal else None,
                     )
                 )
                 if configs:
@@ -179,12 +188,14 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
                     ).scalars()
                 ]
             if existing.name == name and stored[: len(configs)] == configs:
+                if goal is not None and existing.objective != goal:
+                    return self.set_objective(experiment_id, goal)
                 return existing
             raise AlreadyExists(
                 f"experiment {experiment_id!r} exists with a different definition",
                 experiment_id=experiment_id,
             ) from None
-        return ExperimentInfo(experiment_id, name, now, len(configs))
+        return ExperimentInfo(experiment_id, name, now, len(configs), goal)
 
     def get_experiment(self, experiment_id: str) -> ExperimentInfo:
         """One experiment, or NotFound."""
@@ -197,7 +208,7 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
             raise NotFound(
                 f"experiment {experiment_id!r} does not exist", experiment_id=experiment_id
             )
-        return ExperimentInfo(row.experiment_id, row.name, row.created_at, row.next_variation)
+        return experiment_info(row)
 
     def list_experiments(self) -> list[ExperimentInfo]:
         """Every experiment, oldest first (walks :meth:`page_experiments`)."""
@@ -218,9 +229,7 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
             query = query.where(sa.tuple_(c.created_at, c.experiment_id) > sa.tuple_(at, after))
         with self._read() as conn:
             rows = conn.execute(query).all()
-        infos = [
-            ExperimentInfo(r.experiment_id, r.name, r.created_at, r.next_variation) for r in rows
-        ]
+        infos = [experiment_info(r) for r in rows]
         return _page(infos, size, "experiments", lambda e: (e.created_at, e.experiment_id))
 
     def add_variation(
@@ -337,11 +346,21 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
         run: int,
         lease: str | None,
         progress: dict[str, Any] | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        checkpoints: dict[str, Any] | None = None,
     ) -> RunInfo:
         """``running|lost -> succeeded``, under the run's lease. ``progress`` is the final
-        one (e.g. ``{"step": 1200, "epoch": 9}``): a finished run shows where it ended."""
+        one (e.g. ``{"step": 1200, "epoch": 9}``): a finished run shows where it ended.
+        ``metrics`` / ``checkpoints``: the last ones, as a heartbeat carries them."""
         return self._terminate(
-            Action.SUCCEED, _key(experiment_id, variation, run), lease, None, None, progress
+            Action.SUCCEED,
+            _key(experiment_id, variation, run),
+            lease,
+            None,
+            None,
+            progress,
+            (metrics, checkpoints),
         )
 
     def fail(
@@ -353,6 +372,9 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
         message: str | None = None,
         lease: str | None = None,
         progress: dict[str, Any] | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        checkpoints: dict[str, Any] | None = None,
     ) -> RunInfo:
         """``pending|running|lost -> failed_crash|failed_abandoned``.
 
@@ -368,6 +390,7 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
             check.message(message),
             reason,
             progress,
+            (metrics, checkpoints),
         )
 
     def _terminate(
@@ -378,8 +401,11 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
         message: str | None,
         reason: str | None,
         progress: dict[str, Any] | None = None,
+        outcomes: tuple[dict[str, Any] | None, dict[str, Any] | None] = (None, None),
     ) -> RunInfo:
         encoded = _dumps(check.progress(progress)) if progress is not None else None
+        metrics = _metrics.parse_metrics(outcomes[0]) if outcomes[0] is not None else None
+        checkpoints = _metrics.parse_checkpoints(outcomes[1]) if outcomes[1] is not None else None
         now = self.clock()
         with self._write() as conn:
             row = self._lock_run(conn, *key)
@@ -400,6 +426,14 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin):
             }
             if encoded is not None and encoded != row.progress:
                 values.update(progress=encoded, progress_at=now)
+            if metrics or checkpoints:
+                # Metrics are the worker's: they need its lease even where the transition
+                # itself does not (an abandoned fail by an operator carries none).
+                if row.lease is not None and not _same_lease(lease, row.lease):
+                    raise LeaseConflict(
+                        f"run {_fmt(key)}: metrics must carry the run's lease", state=state.value
+                    )
+                record_outcomes(conn, key, metrics, checkpoints, now)
             conn.execute(t.runs.update().where(_run_pk(*key)).values(**values))
             self._event(
                 conn,

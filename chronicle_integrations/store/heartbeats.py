@@ -10,12 +10,14 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 
+from .. import _metrics
 from .. import _validation as check
 from .._errors import APIError
 from .._models import RunInfo
 from ..lifecycle import Action, next_state
 from . import schema as t
 from .base import _dumps, _key, _refused, _run_pk
+from .metrics import known_names, record_metrics_many, record_outcomes, remember_names
 from .runs import RunsMixin
 
 log = logging.getLogger(__name__)
@@ -89,15 +91,21 @@ class HeartbeatMixin(RunsMixin):
         run: int,
         lease: str | None,
         progress: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        checkpoints: dict[str, Any] | None = None,
     ) -> RunInfo:
         """``running -> running`` / ``lost -> running``. Refused on terminal runs (the error
         carries the state, so a worker learns it was cancelled) and under a stale lease.
 
         ``progress`` (e.g. ``{"step": 120, "epoch": 3}``) is kept; when it differs from the
         last one, ``progress_at`` moves: a run beating without advancing becomes ``stalled``.
+        ``metrics`` (summaries by name, see :func:`~chronicle_integrations._metrics.
+        parse_metrics`) and ``checkpoints`` (asset name -> the metric it was saved for) are
+        merged in the same transaction, under the same lease; they never count as progress.
         """
         key = _key(experiment_id, variation, run)
         encoded = _dumps(check.progress(progress)) if progress is not None else None
+        outcomes = _outcomes(metrics, checkpoints)
         now = self.clock()
         with self._write() as conn:
             # Fast path (one prebuilt statement): a live run beating under its lease.
@@ -106,6 +114,8 @@ class HeartbeatMixin(RunsMixin):
                     conn, [(0, self._fast_params(key, lease, encoded, now))]
                 )[0][1]
                 if fast is not None:
+                    if outcomes is not None:
+                        record_outcomes(conn, key, *outcomes, now)
                     return self._info(fast, now, beat=True)
             c = t.runs.c
             values: dict[str, Any] = {"last_heartbeat_at": now, "alive_at": now}
@@ -123,17 +133,19 @@ class HeartbeatMixin(RunsMixin):
             if state is not target and encoded is not None:
                 values["progress_at"] = now  # back from lost: a new stall window
             conn.execute(t.runs.update().where(_run_pk(*key)).values(state=target.value, **values))
+            if outcomes is not None:
+                record_outcomes(conn, key, *outcomes, now)
             if state is not target:
                 self._event(conn, key, state, target, now, "heartbeat")
             return self._info(self._reload(conn, key), now, beat=True)
 
     def heartbeat_many(
         self,
-        beats: Iterable[tuple[str, int, int, str | None, dict[str, Any] | None]],
+        beats: Iterable[tuple[Any, ...]],
     ) -> list[RunInfo | APIError]:
         """Many heartbeats ``(experiment_id, variation, run, lease, progress)`` at once, each
         with exactly the effect and result of :meth:`heartbeat` (its record, or the error it
-        would raise).
+        would raise). A beat may add ``metrics`` and ``checkpoints`` (two more items).
 
         Live runs beating under their lease (nearly all heartbeats) share one write
         transaction, one prebuilt statement each: the transaction's fixed cost (the write
@@ -146,19 +158,23 @@ class HeartbeatMixin(RunsMixin):
         results: list[RunInfo | APIError | None] = [None] * len(items)
         fast: list[tuple[int, dict[str, Any]]] = []
         batched: set[tuple[str, int, int]] = set()
+        extra: dict[int, tuple[tuple[str, int, int], tuple[Any, Any]]] = {}
         now = self.clock()
-        for i, (e, v, r, lease, progress) in enumerate(items):
+        for i, (e, v, r, lease, progress, *more) in enumerate(items):
             if not isinstance(lease, str):
                 continue
             try:
                 key = _key(e, v, r)
                 encoded = _dumps(check.progress(progress)) if progress is not None else None
+                outcomes = _outcomes(*more)
             except APIError:
                 continue  # heartbeat() raises the same error below
             if key in batched:
                 continue  # a run's later heartbeats follow its first, in order, below
             batched.add(key)
             fast.append((i, self._fast_params(key, lease, encoded, now)))
+            if outcomes is not None:
+                extra[i] = (key, outcomes)
         if fast:
             try:
                 with self._write() as conn:
@@ -167,6 +183,19 @@ class HeartbeatMixin(RunsMixin):
                         if self._sqlite
                         else self._heartbeat_set(conn, fast, now)
                     )
+                    # Metrics of the beats that got through, in the same transaction (a
+                    # refused one fails the batch: every beat is then retried on its own).
+                    live = [(i, extra[i]) for i, row in rows if row is not None and i in extra]
+                    known = known_names(self)
+                    if not self._sqlite:  # the batch's metrics in one statement
+                        record_metrics_many(
+                            conn, [(key, out[0]) for _, (key, out) in live if out[0]], now, known
+                        )
+                    for _, (key, out) in live:
+                        if self._sqlite:
+                            record_outcomes(conn, key, out[0], out[1], now, known)
+                        elif out[1]:
+                            record_outcomes(conn, key, None, out[1], now)
             except APIError as exc:
                 log.warning(
                     "a batch of %d heartbeats failed (%s); retrying them one by one", len(fast), exc
@@ -175,6 +204,7 @@ class HeartbeatMixin(RunsMixin):
                 for i, row in rows:
                     if row is not None:
                         results[i] = self._info(row, now, beat=True)
+                remember_names(known, [out for _, out in live])
         for i, item in enumerate(items):
             if results[i] is None:
                 try:
@@ -230,3 +260,15 @@ class HeartbeatMixin(RunsMixin):
         }
         by_beat = {row.beat: row for row in conn.execute(_HEARTBEAT_SET_PG, params)}
         return [(i, by_beat.get(i)) for i, _ in fast]
+
+
+def _outcomes(
+    metrics: dict[str, Any] | None = None, checkpoints: dict[str, Any] | None = None
+) -> tuple[Any, Any] | None:
+    """Checked ``(metrics, checkpoints)`` of a beat, or None when it carries neither."""
+    if metrics is None and checkpoints is None:
+        return None
+    return (
+        _metrics.parse_metrics(metrics) if metrics is not None else None,
+        _metrics.parse_checkpoints(checkpoints) if checkpoints is not None else None,
+    )

@@ -3,6 +3,7 @@ listing them page by page."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -14,6 +15,7 @@ from .._models import Page, RunInfo, walk_pages
 from ..lifecycle import RunState
 from . import schema as t
 from .base import _request_key, _run_pk
+from .metrics import load_summaries
 from .pages import _cursor_key, _page
 from .watchdog import WatchdogMixin
 
@@ -151,7 +153,12 @@ class RunsMixin(WatchdogMixin):
         )
         with self._read() as conn:
             rows = conn.execute(query).all()
-        return [self._info(row, now) for row in rows]
+            summaries = load_summaries(conn, [(r.experiment_id, r.variation, r.run) for r in rows])
+        infos = [self._info(row, now) for row in rows]
+        return [
+            dataclasses.replace(i, metrics=summaries[k]) if (k := i.key_tuple) in summaries else i
+            for i in infos
+        ]
 
     def _info(self, row: Any, now: float, lease: str | None = None, beat: bool = False) -> RunInfo:
         """The record of ``row`` at ``now``. ``beat``: an answer to ``start`` or

@@ -51,6 +51,9 @@ experiments = sa.Table(
     sa.Column("name", sa.String(256), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("next_variation", sa.Integer, nullable=False, server_default="0"),
+    # v5: what "best" means for the experiment's runs (`chronicle best`), optional.
+    sa.Column("objective_metric", sa.String(256)),
+    sa.Column("objective_mode", sa.String(3)),
     # v3: the order of the experiments listing, so that each page is an index range scan.
     sa.Index("ix_experiments_created", "created_at", "experiment_id"),
 )
@@ -151,6 +154,44 @@ requests_done = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# v5: per-run metric summaries (no time series): per name the last value (by step, then store
+# time; NULL with last_at set = NaN, infinities stored as such), the finite min and max with
+# their steps. The (experiment, name, min|max) indexes make `best` an index walk, not a scan.
+run_metrics = sa.Table(
+    "run_metrics",
+    metadata,
+    sa.Column("experiment_id", sa.String(128), primary_key=True),
+    sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(256), primary_key=True),
+    sa.Column("last", sa.Float),
+    sa.Column("last_step", sa.BigInteger),
+    sa.Column("min", sa.Float),
+    sa.Column("min_step", sa.BigInteger),
+    sa.Column("max", sa.Float),
+    sa.Column("max_step", sa.BigInteger),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_run_metrics_min", "experiment_id", "name", "min"),
+    sa.Index("ix_run_metrics_max", "experiment_id", "name", "max"),
+)
+
+# v5: the metric a checkpoint asset was saved for, by asset name (a file, or a directory
+# uploaded under that name). Joined with `assets` when read, so a record whose upload has
+# not completed is invisible; it survives top-k eviction and save_total_limit rotation.
+asset_metrics = sa.Table(
+    "asset_metrics",
+    metadata,
+    sa.Column("experiment_id", sa.String(128), primary_key=True),
+    sa.Column("variation", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(1024), primary_key=True),
+    sa.Column("metric", sa.String(256), nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("step", sa.BigInteger),
+    sa.Column("epoch", sa.Float),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)
+
 schema_version = sa.Table(
     "chronicle_schema",
     metadata,
@@ -206,13 +247,21 @@ def _v4(conn: sa.Connection) -> None:
         conn.execute(watchdog.insert().values(id=1))
 
 
+def _v5(conn: sa.Connection) -> None:
+    """Outcomes: run metric summaries, checkpoint metrics, experiment objectives (additive:
+    code of v4 serves a v5 database, ignoring them)."""
+    _add_missing_columns(conn, experiments, ["objective_metric", "objective_mode"])
+    for table in (run_metrics, asset_metrics):
+        table.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the index of the last one applied, plus one.
 #: Within a minor version, only additive ones (see the module docstring).
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The oldest database schema this code can serve without migrating it (it uses the
-#: ``chronicle_watchdog`` table of v4).
-MIN_SCHEMA_VERSION = 4
+#: ``chronicle_watchdog`` table of v4 and the metric tables of v5).
+MIN_SCHEMA_VERSION = 5
 #: What a database migrated by this code records as ``compatible_from``: the oldest code
 #: that may serve it. Only a contract migration raises it (versions before 4 predate it).
 COMPATIBLE_FROM = 4

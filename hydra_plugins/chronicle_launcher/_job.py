@@ -7,8 +7,10 @@ HF callback in the task adopts the run (it beats and uploads; the terminal trans
 here), call the task, upload the job's output directory, then:
 
 =============================  =============================================================
-task returns                   ``return_value.json`` asset (when JSON-serialisable), then
-                               ``succeed`` (waits for the uploads)
+task returns                   ``return_value.json`` asset (when JSON-serialisable), a
+                               numeric return value (or a dict's numeric entries) as
+                               metrics (``return_value``), then ``succeed`` (waits for the
+                               uploads; carries the metrics)
 exception                      outputs uploaded, ``fail("crash", <type, message,
                                traceback>)``, re-raised: Hydra reports the job as usual
 ``KeyboardInterrupt``          ``fail("abandoned")`` at once, re-raised
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import stat
 import tempfile
@@ -221,6 +224,7 @@ class _JobRun:
         self._upload_outputs()
         with self.guard("recording the return value"):
             _upload_return_value(run, result)
+        self.tracked.log_metrics(return_metrics(result))
         self.tracked.succeed()
 
     def _upload_outputs(self) -> None:
@@ -284,6 +288,21 @@ def _upload_return_value(run: Run, result: Any) -> None:
         run.upload_asset(tmp, RETURN_VALUE_ASSET)  # captured now: the file may go at once
     finally:
         os.unlink(tmp)
+
+
+def return_metrics(result: Any) -> dict[str, Any]:
+    """The task's return value as metrics: a number becomes ``return_value``; a dict gives
+    its numeric entries (``{"val_loss": 0.2, "acc": 0.9}``), others ignored. What a sweep
+    optimises, so ``chronicle best E --metric return_value`` picks the best job."""
+    if isinstance(result, numbers.Real) and not isinstance(result, bool):
+        return {"return_value": result}
+    if isinstance(result, dict):
+        return {
+            str(k): v
+            for k, v in result.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool)
+        }
+    return {}
 
 
 def _restore_env(values: dict[str, str | None]) -> None:

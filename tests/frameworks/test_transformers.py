@@ -700,6 +700,12 @@ def test_optuna_pruned_trials_are_failed_abandoned(
     ]
     for info in (runs[0], runs[2]):
         assert (info.reason, info.message) == ("abandoned", "pruned by optuna at step 2")
+    # Each trial records its objective (eval_loss here) and its eval metrics.
+    for info in runs:
+        assert {"objective", "eval_loss"} <= set(info.metrics or {}), info.metrics
+        assert info.metrics["objective"]["last"] == info.metrics["eval_loss"]["last"]
+    best = embedded.best(runs[0].experiment_id, "objective", "min")
+    assert best.variation in (1, 3)  # only succeeded trials count
 
 
 class TrialDirTrainer(app.Trainer):  # type: ignore[misc]

@@ -290,6 +290,8 @@ def test_openapi_documents_the_api(api: Api) -> None:
         ("/v1/experiments", "post"),
         ("/v1/experiments", "get"),
         ("/v1/experiments/{experiment_id}", "get"),
+        ("/v1/experiments/{experiment_id}/objective", "put"),
+        ("/v1/experiments/{experiment_id}/best", "get"),
         ("/v1/experiments/{experiment_id}/variations", "post"),
         ("/v1/experiments/{experiment_id}/variations/{variation}", "get"),
         ("/v1/experiments/{experiment_id}/variations/{variation}/runs", "post"),

@@ -138,6 +138,28 @@ def _cases(runs: dict[str, tuple[str, int, int, str | None]]) -> list[tuple[str,
         (path("pending"), b"", {}),
         ("/v1/runs/bad%20id/0/0/heartbeat", body({"lease": lease}), js),
         (f"/v1/runs/{runs['live'][0]}/0/0/heartbeat/", body({"lease": lease}), js),
+        # Metrics ride on heartbeats (lane and route alike), refused whole when invalid.
+        (path("live"), body({"lease": lease, "metrics": {"val/loss": 0.5, "acc": "NaN"}}), js),
+        (
+            path("live"),
+            body({"lease": lease, "metrics": {"val/loss": {"last": 0.25, "step": 9}}}),
+            js,
+        ),
+        (path("live"), body({"lease": lease, "metrics": {"a/../b": 1.0}}), js),
+        (path("live"), body({"lease": lease, "metrics": {"x": "fast"}}), js),
+        (path("live"), body({"lease": lease, "metrics": {f"m{i}": 1 for i in range(65)}}), js),
+        (path("live"), body({"lease": lease, "metrics": [1]}), js),
+        (
+            path("live"),
+            body(
+                {
+                    "lease": lease,
+                    "checkpoints": {"a.ckpt": {"metric": "val/loss", "value": 0.25}},
+                }
+            ),
+            js,
+        ),
+        (path("live2"), body({"lease": "not-the-lease", "metrics": {"val/loss": 0.1}}), js),
         (path("lost"), body({"lease": runs["lost"][3]}), js),  # lost -> running
     ]
 
@@ -189,6 +211,10 @@ def test_lane_answers_exactly_as_the_route(store: Store, servers: tuple[_Served,
     assert answers[0] == answers[1]
     statuses = {status for status, _ in answers[0]}
     assert statuses >= {200, 400, 404, 409}
+    for runs in twins:
+        metrics = store.get_run(*runs["live"][:3]).metrics
+        assert set(metrics) == {"val/loss", "acc"} and metrics["val/loss"]["last_step"] == 9
+        assert store.get_run(*runs["live2"][:3]).metrics is None
     # The lane did the happy path: the lost run is running again, through the exact path.
     lost = twins[0]["lost"]
     assert store.get_run(*lost[:3]).state is RunState.RUNNING
