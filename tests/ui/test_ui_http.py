@@ -480,3 +480,57 @@ def test_chronicle_ui_without_a_home_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "no Chronicle store" in done.stderr
+
+
+def test_metrics_objective_and_best_run_are_the_stores(server_factory: Any, tmp_path: Path) -> None:
+    """The run page lists its metric summaries, the experiment page names the objective, the
+    best run and its checkpoint exactly as ``Store.best`` (``chronicle best``) does, and each
+    grid cell shows the run's value in the objective's direction; a hostile metric name is
+    text."""
+    from chronicle_integrations import Chronicle
+
+    server = server_factory()
+    hostile = "loss/<b>x</b>"
+    with Chronicle(url=server.url, home=tmp_path / "home") as chronicle:
+        eid = chronicle.create_experiment(
+            f"metrics-{secrets.token_hex(3)}",
+            variations=[{"lr": 0.1}, {"lr": 0.01}],
+            objective={"metric": "val/loss", "mode": "min"},
+        )
+        for variation, losses in ((0, [0.9, 0.5, 0.7]), (1, [0.8, 0.3, 0.4])):
+            with chronicle.create_run(eid, variation).start() as run:
+                for step, loss in enumerate(losses):
+                    run.log_metrics({"val/loss": loss, hostile: float(step)}, step=step)
+                ckpt = tmp_path / f"best-{variation}.ckpt"
+                ckpt.write_bytes(b"weights %d" % variation)
+                saved_for = {"metric": "val/loss", "value": min(losses), "step": 1}
+                run.upload_asset(str(ckpt), metric=saved_for).result()
+        best = chronicle.best(eid)
+    assert (best.variation, best.value) == (1, 0.3)
+
+    page = get(server, f"/ui/experiments/{eid}")
+    assert page.status_code == 200, page.text[:300]
+    found = Elements(page.text)
+    (link,) = found.find("a", data_field="best")
+    assert link["data-run"] == f"{eid}/1/0"
+    (value,) = found.find("b", data_field="best-value")
+    assert float(value["data-value"]) == 0.3 and ">0.3</b>" in page.text
+    cells = found.find("small", data_metric="*")
+    assert {c["data-metric"] for c in cells} == {"val/loss"}
+    assert sorted(float(c["data-value"]) for c in cells) == [0.3, 0.5]  # each run's min
+    assert len(found.find("code", data_field="best-checkpoint")) == 1
+    assert best.checkpoint is not None and best.checkpoint["name"] == "best-1.ckpt"
+    assert ">best-1.ckpt</code>" in page.text  # the best run's checkpoint
+
+    run_page = get(server, f"/ui/runs/{eid}/1/0")
+    assert run_page.status_code == 200
+    found = Elements(run_page.text)
+    rows = [r["data-metric"] for r in found.find("tr", data_metric="*")]
+    assert sorted(rows) == sorted(["val/loss", hostile])
+    cells_ = found.find("td", data_value="*")
+    values = [(td["data-field"], float(td["data-value"])) for td in cells_]
+    by_row = dict(zip(sorted([hostile, "val/loss"]), [values[:3], values[3:]], strict=True))
+    assert by_row["val/loss"] == [("last", 0.4), ("min", 0.3), ("max", 0.8)]
+    assert by_row[hostile] == [("last", 2.0), ("min", 0.0), ("max", 2.0)]
+    assert "<b>x</b>" not in run_page.text and ui.escaped(hostile) in run_page.text
+    ui.no_live_markup(run_page.text)

@@ -30,7 +30,7 @@ from fastapi.templating import Jinja2Templates
 from ... import _validation as check
 from ..._config import DEFAULT_UI_REFRESH, ENV_UI_REFRESH
 from ..._errors import APIError, InvalidRequest, NotFound
-from ..._models import RunInfo
+from ..._models import BestRun, ExperimentInfo, RunInfo
 from ...cli.format import format_ago, format_size, printable, progress_text
 from ...lifecycle import RunState
 from ...store import Store
@@ -69,6 +69,7 @@ def install_ui(app: FastAPI, store: Store, *, refresh: float | None = None) -> N
         printable=printable,
         asset_url=_asset_url,
         duration=_duration,
+        metric=_metric_value,
     )
     env.globals.update(states=STATES, refresh=refresh)
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="ui-static")
@@ -135,6 +136,7 @@ def _router(store: Store, templates: Jinja2Templates) -> APIRouter:
             chosen = check.run_state(state).value if state else None
             info = store.get_experiment(experiment_id)
             summary = store.experiment_summaries([experiment_id])[experiment_id]
+            best = _best_run(store, info)
             runs = store.page_runs(experiment_id, chosen, limit=size, cursor=cursor)
             configs = store.variation_configs(experiment_id, 0, DIFF_VARIATIONS)
             shown = sorted({r.variation for r in runs.items})
@@ -163,6 +165,7 @@ def _router(store: Store, templates: Jinja2Templates) -> APIRouter:
             title=info.name,
             experiment=info,
             summary=summary,
+            best=best,
             rows=rows,
             state=chosen,
             shared=_shared(configs, differing),
@@ -240,6 +243,22 @@ def _asset_url(info: RunInfo, name: str) -> str:
     """The ``/v1`` download URL of an asset (each path segment percent-encoded)."""
     quoted = "/".join(quote(part, safe="") for part in name.split("/"))
     return f"/v1/runs/{info.experiment_id}/{info.variation}/{info.run}/assets/{quoted}"
+
+
+def _best_run(store: Store, info: ExperimentInfo) -> BestRun | None:
+    """The experiment's best succeeded run by its objective (the same answer as
+    ``chronicle best``), or None without an objective or a run that has its metric."""
+    if not info.objective:
+        return None
+    try:
+        return store.best(info.experiment_id)
+    except NotFound:
+        return None
+
+
+def _metric_value(value: float | None) -> str:
+    """A metric value in 6 significant digits (``nan``, ``inf`` as they are); ``-`` for none."""
+    return "-" if value is None else f"{value:.6g}"
 
 
 def _duration(seconds: float | None) -> str:
