@@ -7,7 +7,7 @@
   stays small (a failed ``accept()`` is one line per interval, not one traceback each).
 * Request level: a keyless (loopback) server refuses foreign ``Host`` names (DNS rebinding)
   and cross-site ``Origin`` s (a web page's POST) with 403 ``forbidden``; heartbeats are small
-  (413 beyond 16 KiB); ``/docs`` (third-party scripts) is off by default.
+  (413 beyond 96 KiB); ``/docs`` (third-party scripts) is off by default.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import requests
 from rel_helpers import Api, assert_error, run_path, wait_until
 
 from chronicle_integrations import Chronicle
+from chronicle_integrations.server.fastlane import MAX_HEARTBEAT_BYTES
 
 HEAD = b"POST /v1/experiments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-"
 
@@ -416,7 +417,7 @@ def test_heartbeat_bodies_are_small(server_factory: Any, tmp_path: Path) -> None
     assert_error(
         requests.post(url, data=chunks, headers=headers, timeout=30), 413, "payload_too_large"
     )
-    just_over = json.dumps({"lease": lease, "junk": "y" * 16 * 1024}).encode()
+    just_over = json.dumps({"lease": lease, "junk": "y" * MAX_HEARTBEAT_BYTES}).encode()
     assert_error(
         requests.post(url, data=just_over, headers=headers, timeout=30), 413, "payload_too_large"
     )
