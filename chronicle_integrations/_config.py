@@ -17,6 +17,12 @@ Environment variables (all optional):
 ``CHRONICLE_HEARTBEAT_TIMEOUT``, embedded store only: the watchdog's settings (a server
 ``CHRONICLE_LOST_GRACE``,      has its own command-line options)
 ``CHRONICLE_STALL_TIMEOUT``
+``CHRONICLE_S3_PUBLIC_ENDPOINT_URL`` a server on ``s3://`` assets: the S3 host that the
+                               URLs it presigns for workers name (``--s3-public-endpoint-url``)
+``AWS_ENDPOINT_URL``,          boto3's own (``_S3`` variant, ``AWS_REGION``,
+``AWS_ACCESS_KEY_ID``, ...     ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/config``):
+                               how a server on ``s3://`` assets reaches the bucket when the
+                               ``--s3-*`` options do not say
 ============================== =========================================================
 """
 
@@ -41,6 +47,11 @@ ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
 #: Set by ``chronicle exec`` for the integration inside: a file to create when the training
 #: ended while the process goes on, so the supervisor beats for the process again.
 ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
+#: S3 asset storage: the host presigned URLs name, when workers reach it by another name.
+ENV_S3_PUBLIC_ENDPOINT_URL = "CHRONICLE_S3_PUBLIC_ENDPOINT_URL"
+#: boto3's own variables, read by boto3 itself (named here for the help texts and docs).
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_AWS_REGION = "AWS_REGION"
 
 #: The home when neither an argument nor ``$CHRONICLE_HOME`` names one (relative to the
 #: working directory, made absolute when resolved).
@@ -122,12 +133,15 @@ __all__ = [
     "DEFAULT_LOST_GRACE",
     "DEFAULT_STALL_TIMEOUT",
     "ENV_API_KEY",
+    "ENV_AWS_ENDPOINT_URL",
+    "ENV_AWS_REGION",
     "ENV_EXPERIMENT",
     "ENV_HEARTBEAT_TIMEOUT",
     "ENV_HOME",
     "ENV_LEASE",
     "ENV_LOST_GRACE",
     "ENV_RUN",
+    "ENV_S3_PUBLIC_ENDPOINT_URL",
     "ENV_STALL_TIMEOUT",
     "ENV_TRAINING_ENDED_FILE",
     "ENV_URL",

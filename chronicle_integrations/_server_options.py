@@ -27,13 +27,18 @@ from ._config import (
     DEFAULT_LOST_GRACE,
     DEFAULT_STALL_TIMEOUT,
     ENV_API_KEY,
+    ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_REGION,
     ENV_HOME,
+    ENV_S3_PUBLIC_ENDPOINT_URL,
 )
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "LOG_LEVELS",
+    "UPLOAD_MODES",
+    "add_s3_options",
     "add_server_options",
     "port",
     "serve_kwargs",
@@ -63,7 +68,16 @@ _SERVE_KEYWORDS = {
     "upload_min_rate": "upload_min_rate",
     "upload_expiry": "upload_expiry",
     "max_asset_bytes": "max_asset_bytes",
+    "s3_endpoint_url": "s3_endpoint_url",
+    "s3_region": "s3_region",
+    "s3_path_style": "s3_path_style",
+    "s3_public_endpoint_url": "s3_public_endpoint_url",
+    "s3_max_parts": "s3_max_parts",
+    "uploads": "uploads",
 }
+
+#: How uploads reach an ``s3://`` asset store (``--uploads``).
+UPLOAD_MODES = ("proxied",)
 
 
 def port(text: str) -> int:
@@ -101,8 +115,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--assets",
-        metavar="DIR",
-        help="a directory for the asset bytes (default: <home>/assets)",
+        metavar="URL",
+        help="where the asset bytes live: a directory (default: <home>/assets) or "
+        "s3://bucket/prefix (needs the 's3' extra; see the --s3-* options)",
     )
     parser.add_argument(
         "--host",
@@ -194,6 +209,45 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         type=_setting("max_asset_bytes", int, zero_ok=True),
         metavar="N",
         help="largest asset accepted, declared or not (413 beyond; default 1 TiB)",
+    )
+    add_s3_options(parser)
+
+
+def add_s3_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--assets s3://...`` (ignored for a directory)."""
+    group = parser.add_argument_group("S3 asset storage (--assets s3://bucket/prefix)")
+    group.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help=f"the S3 endpoint, for an S3-compatible store (default ${ENV_AWS_ENDPOINT_URL} "
+        "or AWS)",
+    )
+    group.add_argument(
+        "--s3-region", metavar="REGION", help=f"the bucket's region (default ${ENV_AWS_REGION})"
+    )
+    group.add_argument(
+        "--s3-path-style",
+        action="store_true",
+        default=None,
+        help="path-style addressing (endpoint/bucket/key), as MinIO and SeaweedFS want",
+    )
+    group.add_argument(
+        "--s3-public-endpoint-url",
+        metavar="URL",
+        help="the endpoint workers reach the store by, for the URLs the server presigns "
+        f"(default ${ENV_S3_PUBLIC_ENDPOINT_URL}, else the endpoint)",
+    )
+    group.add_argument(
+        "--s3-max-parts",
+        type=_setting("s3_max_parts", int),
+        metavar="N",
+        help="the store's limit on parts per multipart upload (default 10000, as AWS; "
+        "larger uploads get larger parts)",
+    )
+    group.add_argument(
+        "--uploads",
+        choices=UPLOAD_MODES,
+        help="how upload bytes reach S3: proxied (through this server, which hashes them)",
     )
 
 

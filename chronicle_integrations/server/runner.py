@@ -18,9 +18,10 @@ from .._config import (
     DEFAULT_LOST_GRACE,
     ENV_API_KEY,
     ENV_HOME,
+    ENV_S3_PUBLIC_ENDPOINT_URL,
 )
 from .._errors import ConfigurationError
-from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS
+from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS, UPLOAD_MODES
 from .._version import __version__
 from ..store.core import DEFAULT_MAX_ASSET_BYTES, DEFAULT_UPLOAD_EXPIRY
 from .app import (
@@ -64,6 +65,38 @@ def is_loopback(host: str) -> bool:
     )
 
 
+def _blob_options(
+    assets: str,
+    root: Path,
+    *,
+    endpoint_url: str | None,
+    region: str | None,
+    path_style: bool,
+    public_endpoint_url: str | None,
+    max_parts: int | None,
+    uploads: str,
+) -> dict[str, Any]:
+    """The keyword arguments of ``Store.open`` for the asset store ``assets``: for
+    ``s3://``, the S3 settings and the work directory (``<home>/s3-work``) where proxied
+    uploads keep the part being filled."""
+    if uploads not in UPLOAD_MODES:
+        raise ConfigurationError(f"invalid uploads mode {uploads!r}: one of {UPLOAD_MODES}")
+    if not assets.startswith("s3://"):
+        return {}
+    from ..store.s3 import DEFAULT_MAX_PARTS, S3Settings
+
+    if max_parts is not None and not 1 <= max_parts <= DEFAULT_MAX_PARTS:
+        raise ConfigurationError(f"s3_max_parts must be 1-{DEFAULT_MAX_PARTS}")
+    settings = S3Settings(
+        endpoint_url=endpoint_url,
+        region=region,
+        path_style=bool(path_style),
+        public_endpoint_url=public_endpoint_url or os.environ.get(ENV_S3_PUBLIC_ENDPOINT_URL),
+        max_parts=max_parts or DEFAULT_MAX_PARTS,
+    )
+    return {"s3": settings, "work_dir": root / "s3-work"}
+
+
 def serve(
     *,
     store_url: str | None = None,
@@ -83,6 +116,12 @@ def serve(
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
     limits: ConnectionLimits | None = None,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    s3_path_style: bool = False,
+    s3_public_endpoint_url: str | None = None,
+    s3_max_parts: int | None = None,
+    uploads: str = "proxied",
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
@@ -98,6 +137,9 @@ def serve(
     ``upload_min_rate``: when an upload chunk body counts as stalled (see :func:`create_app`);
     ``upload_expiry``: seconds an unfinished upload may go without a chunk before it is
     dropped; ``max_asset_bytes``: the largest asset (bounds uploads that declare no size).
+    ``assets`` may be ``s3://bucket/prefix``: the ``s3_*`` settings say how to reach it
+    (unset: boto3's chain, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...); ``uploads``:
+    how upload bytes reach it (``proxied``: through this server).
     Listening beyond loopback without an API key is refused with
     :class:`ConfigurationError`, as are invalid settings.
     """
@@ -162,7 +204,17 @@ def serve(
         if stall_timeout <= 0:
             raise ConfigurationError("stall_timeout must be > 0")
         timeouts["stall_timeout"] = stall_timeout
-    store = Store.open(store_url, assets_dir, **timeouts)
+    blob_options = _blob_options(
+        os.fspath(assets_dir),
+        root,
+        endpoint_url=s3_endpoint_url,
+        region=s3_region,
+        path_style=s3_path_style,
+        public_endpoint_url=s3_public_endpoint_url,
+        max_parts=s3_max_parts,
+        uploads=uploads,
+    )
+    store = Store.open(store_url, assets_dir, **blob_options, **timeouts)
     try:
         app = create_app(
             store,

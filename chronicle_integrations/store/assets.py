@@ -247,7 +247,7 @@ class AssetsMixin(RunsMixin):
             raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
         # (The claim refuses any offset but the stored size, which never passes the declared
         # size: an offset past it gets the OffsetMismatch that names the right one.)
-        owner = self.blobs.claim(upload_id, offset)
+        owner = self.blobs.claim(upload_id, offset, row.size)
         return ChunkWriter(self, row, offset, owner)
 
     def _too_large(self) -> PayloadTooLarge:

@@ -44,7 +44,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +73,9 @@ from .blobs import open_blob_store
 from .engine import make_engine
 from .heartbeats import HeartbeatMixin
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
+
+if TYPE_CHECKING:
+    from .s3 import S3Settings
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -104,10 +107,15 @@ class Store(HeartbeatMixin, AssetsMixin):
         cls,
         url: str,
         assets: str | os.PathLike[str],
+        *,
+        work_dir: str | os.PathLike[str] | None = None,
+        s3: S3Settings | None = None,
         **kwargs: Any,
     ) -> Store:
-        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``."""
-        return cls(make_engine(url), open_blob_store(assets), **kwargs)
+        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``, its
+        asset bytes in ``assets`` (a directory or ``s3://bucket/prefix``; ``work_dir`` and
+        ``s3``: see :func:`~.blobs.open_blob_store`)."""
+        return cls(make_engine(url), open_blob_store(assets, work_dir=work_dir, s3=s3), **kwargs)
 
     @classmethod
     def open_home(cls, home: str | os.PathLike[str], **kwargs: Any) -> Store:
