@@ -121,7 +121,9 @@ class SeaweedServer:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(
+                    f"weed mini exited with {self.proc.returncode}:\n{self.output()}"
+                )
             try:
                 self.client().create_bucket(Bucket="chronicle-ready")
                 return
@@ -129,7 +131,8 @@ class SeaweedServer:
                 last = exc
                 time.sleep(0.2)
         raise RuntimeError(
-            f"weed mini did not serve S3 within {START_TIMEOUT} s ({last}):\n{self.output()[-3000:]}"
+            f"weed mini did not serve S3 within {START_TIMEOUT} s ({last}):\n"
+            f"{self.output()[-3000:]}"
         )
 
     def output(self) -> str:
@@ -182,3 +185,35 @@ def server_kwargs(
         "extra_args": ["--s3-path-style", *extra],
         "env": seaweedfs.env,
     }
+
+
+def partial_sizes(server: Any) -> dict[str, int] | None:
+    """For a server on ``s3://`` assets (a ``ServerProcess``): the bytes each unfinished upload
+    holds (parts in the bucket + the tail in the server's work directory), by upload id, as
+    the local store's ``partial/`` files would show them; None for a server on a directory."""
+    assets = str(server.assets)
+    if not assets.startswith("s3://"):
+        return None
+    import boto3
+    from botocore.config import Config
+
+    bucket, _, prefix = assets[len("s3://") :].partition("/")
+    env = server.env
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    sizes: dict[str, int] = {}
+    base = f"{prefix.strip('/')}/uploads/"
+    for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=base).get("Uploads", []):
+        parts = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        sizes[upload["Key"][len(base) :]] = sum(p["Size"] for p in parts.get("Parts", []))
+    work = Path(server._log_dir) / "home" / "s3-work"
+    for tail in work.glob("*.*") if work.exists() else ():
+        upload_id = tail.name.rsplit(".", 1)[0]
+        sizes[upload_id] = sizes.get(upload_id, 0) + tail.stat().st_size
+    return sizes

@@ -214,7 +214,8 @@ def serve(
         max_parts=s3_max_parts,
         uploads=uploads,
     )
-    store = Store.open(store_url, assets_dir, **blob_options, **timeouts)
+    options: dict[str, Any] = {**blob_options, **timeouts}
+    store = Store.open(store_url, assets_dir, **options)
     try:
         app = create_app(
             store,

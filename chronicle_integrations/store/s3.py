@@ -231,14 +231,20 @@ class S3BlobStore:
         parts: list[dict[str, Any]] = []
         if mpu_id is not None:
             parts = self._list_parts(key, mpu_id)
-        last = max(
-            [_stamp(p.get("LastModified")) for p in parts] + [_stamp(initiated)], default=None
-        )
-        # Tails of parts already stored (a crash after UploadPart, before the unlink) go.
+        stamps = [_stamp(p.get("LastModified")) for p in parts] + [_stamp(initiated)]
+        last = max((t for t in stamps if t is not None), default=None)
+        # A tail whose part is listed: either it was stored (a crash after UploadPart, before
+        # the unlink: the tail goes), or the store kept a part cut short by the crash (seen
+        # on SeaweedFS: a part of the bytes that arrived): that part is sent again from the
+        # tail, which replaces it.
         for tail in self.work_dir.glob(f"{upload_id}.*"):
             number = tail.name.rsplit(".", 1)[-1]
-            if number.isdigit() and int(number) <= len(parts):
+            if not number.isdigit() or int(number) > len(parts):
+                continue
+            if int(parts[int(number) - 1]["Size"]) == tail.stat().st_size:
                 tail.unlink(missing_ok=True)
+            else:
+                parts = parts[: int(number) - 1]
         state = _Upload(mpu_id=mpu_id, parts=parts, last_write=last)
         with self._lock:
             return self._uploads.setdefault(upload_id, state)

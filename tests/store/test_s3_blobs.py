@@ -151,6 +151,36 @@ def test_a_tail_already_stored_as_a_part_is_not_counted_twice(
     assert again.commit("w", hashlib.sha256(data).hexdigest()) == len(data)
 
 
+def test_a_part_cut_short_by_a_crash_is_sent_again_from_the_tail(
+    seaweedfs: s3kit.SeaweedServer, s3_bucket: str, tmp_path: Path, settings: S3Settings
+) -> None:
+    """SeaweedFS keeps a part whose body was cut (what arrived): the tail, still there and
+    longer, is the truth; the short part is replaced, never counted."""
+    data = os.urandom(2 * DEFAULT_PART + MiB)
+    store = _open(s3_bucket, tmp_path, settings)
+    _send(store, "c", data[: 2 * DEFAULT_PART - 1], 0, MiB)  # part 1 stored, part 2 in the tail
+    mpu = seaweedfs.client().list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]
+    seaweedfs.client().upload_part(  # a truncated part 2, as a cut connection leaves it
+        Bucket=s3_bucket,
+        Key=mpu["Key"],
+        UploadId=mpu["UploadId"],
+        PartNumber=2,
+        Body=data[DEFAULT_PART : DEFAULT_PART + MiB],
+    )
+    again = _open(s3_bucket, tmp_path, settings)
+    assert again.offset("c") == 2 * DEFAULT_PART - 1
+    assert _send(again, "c", data, 2 * DEFAULT_PART - 1, MiB) == len(data)
+    assert again.commit("c", hashlib.sha256(data).hexdigest()) == len(data)
+    body = (
+        seaweedfs.client()
+        .get_object(Bucket=s3_bucket, Key=again.object_key(hashlib.sha256(data).hexdigest()))[
+            "Body"
+        ]
+        .read()
+    )
+    assert body == data
+
+
 def test_discard_aborts_and_stale_writers_are_refused(
     seaweedfs: s3kit.SeaweedServer, s3_bucket: str, tmp_path: Path, settings: S3Settings
 ) -> None:
