@@ -73,11 +73,12 @@ _SERVE_KEYWORDS = {
     "s3_path_style": "s3_path_style",
     "s3_public_endpoint_url": "s3_public_endpoint_url",
     "s3_max_parts": "s3_max_parts",
+    "s3_part_size": "s3_part_size",
     "uploads": "uploads",
 }
 
 #: How uploads reach an ``s3://`` asset store (``--uploads``).
-UPLOAD_MODES = ("proxied",)
+UPLOAD_MODES = ("direct", "proxied")
 
 
 def port(text: str) -> int:
@@ -245,9 +246,17 @@ def add_s3_options(parser: argparse.ArgumentParser) -> None:
         "larger uploads get larger parts)",
     )
     group.add_argument(
+        "--s3-part-size",
+        type=_setting("s3_part_size", int),
+        metavar="N",
+        help="bytes per part of a direct upload (default 64 MiB; at least 5 MiB)",
+    )
+    group.add_argument(
         "--uploads",
         choices=UPLOAD_MODES,
-        help="how upload bytes reach S3: proxied (through this server, which hashes them)",
+        help="how upload bytes reach S3: direct (the default: workers send them to the "
+        "bucket through URLs this server presigns, signing each part's SHA-256) or proxied "
+        "(through this server, which hashes them)",
     )
 
 

@@ -74,27 +74,41 @@ def _blob_options(
     path_style: bool,
     public_endpoint_url: str | None,
     max_parts: int | None,
-    uploads: str,
+    part_size: int | None,
+    uploads: str | None,
 ) -> dict[str, Any]:
     """The keyword arguments of ``Store.open`` for the asset store ``assets``: for
     ``s3://``, the S3 settings and the work directory (``<home>/s3-work``) where proxied
     uploads keep the part being filled."""
-    if uploads not in UPLOAD_MODES:
+    if uploads is not None and uploads not in UPLOAD_MODES:
         raise ConfigurationError(f"invalid uploads mode {uploads!r}: one of {UPLOAD_MODES}")
     if not assets.startswith("s3://"):
+        if uploads == "direct":
+            raise ConfigurationError("direct uploads need S3 asset storage (s3://bucket/prefix)")
         return {}
-    from ..store.s3 import DEFAULT_MAX_PARTS, S3Settings
+    from ..store.s3 import DEFAULT_MAX_PARTS, DIRECT_PART, MAX_PART, MIN_PART, S3Settings
 
     if max_parts is not None and not 1 <= max_parts <= DEFAULT_MAX_PARTS:
         raise ConfigurationError(f"s3_max_parts must be 1-{DEFAULT_MAX_PARTS}")
+    if part_size is not None and not MIN_PART <= part_size <= MAX_PART:
+        raise ConfigurationError(f"s3_part_size must be {MIN_PART}-{MAX_PART} bytes")
     settings = S3Settings(
         endpoint_url=endpoint_url,
         region=region,
         path_style=bool(path_style),
         public_endpoint_url=public_endpoint_url or os.environ.get(ENV_S3_PUBLIC_ENDPOINT_URL),
         max_parts=max_parts or DEFAULT_MAX_PARTS,
+        direct_uploads=uploads != "proxied",
+        part_size=part_size or DIRECT_PART,
     )
     return {"s3": settings, "work_dir": root / "s3-work"}
+
+
+def _uploads_shown(blob_options: dict[str, Any]) -> str:
+    settings = blob_options.get("s3")
+    if settings is None:
+        return ""
+    return ", direct uploads" if settings.direct_uploads else ", proxied uploads"
 
 
 def serve(
@@ -121,7 +135,8 @@ def serve(
     s3_path_style: bool = False,
     s3_public_endpoint_url: str | None = None,
     s3_max_parts: int | None = None,
-    uploads: str = "proxied",
+    s3_part_size: int | None = None,
+    uploads: str | None = None,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
@@ -139,7 +154,8 @@ def serve(
     dropped; ``max_asset_bytes``: the largest asset (bounds uploads that declare no size).
     ``assets`` may be ``s3://bucket/prefix``: the ``s3_*`` settings say how to reach it
     (unset: boto3's chain, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...); ``uploads``:
-    how upload bytes reach it (``proxied``: through this server).
+    how upload bytes reach it (``direct``, the default with S3: from the worker to the bucket
+    through presigned URLs; ``proxied``: through this server).
     Listening beyond loopback without an API key is refused with
     :class:`ConfigurationError`, as are invalid settings.
     """
@@ -212,6 +228,7 @@ def serve(
         path_style=s3_path_style,
         public_endpoint_url=s3_public_endpoint_url,
         max_parts=s3_max_parts,
+        part_size=s3_part_size,
         uploads=uploads,
     )
     options: dict[str, Any] = {**blob_options, **timeouts}
@@ -238,12 +255,13 @@ def serve(
         gc.freeze()
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "Chronicle server %s on http://%s:%d (store %s, assets %s, API key %s)",
+            "Chronicle server %s on http://%s:%d (store %s, assets %s%s, API key %s)",
             __version__,
             shown,
             port,
             _hide_password(store_url),
             os.fspath(assets_dir),
+            _uploads_shown(blob_options),
             "required" if api_key else "not required",
         )
         log.debug("connection limits: %s", limits)

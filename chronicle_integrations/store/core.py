@@ -14,6 +14,7 @@ mixins, each in its own module, layered on the shared state of :class:`~.base.St
 * :mod:`.runs`: run records (create, get, list and page runs);
 * :mod:`.heartbeats`: the heartbeat fast path and ``heartbeat_many``'s batching;
 * :mod:`.assets`: assets, resumable uploads and their expiry;
+* :mod:`.direct`: direct uploads to S3 through presigned URLs;
 * :mod:`.pages` (cursors and page cutting) and :mod:`.engine` (``make_engine``) are functions.
 
 Concurrency model
@@ -54,7 +55,7 @@ from .._errors import AlreadyExists, LeaseConflict, NotFound
 from .._models import Event, ExperimentInfo, Page, RunInfo, walk_pages
 from ..lifecycle import TERMINAL_TARGET, Action, RunState, next_state
 from . import schema as t
-from .assets import AssetsMixin, ChunkWriter
+from .assets import ChunkWriter
 from .base import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_LOST_GRACE,
@@ -70,6 +71,7 @@ from .base import (
     _same_lease,
 )
 from .blobs import open_blob_store
+from .direct import DirectMixin
 from .engine import make_engine
 from .heartbeats import HeartbeatMixin
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
@@ -90,7 +92,7 @@ __all__ = [
 ]
 
 
-class Store(HeartbeatMixin, AssetsMixin):
+class Store(HeartbeatMixin, DirectMixin):
     """The Chronicle store over a SQLAlchemy engine and a blob store.
 
     Example::

@@ -33,6 +33,7 @@ another one resumes from the last stored part, after an :class:`OffsetMismatch`)
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -46,7 +47,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .._errors import ConfigurationError, DigestMismatch, NotFound, OffsetMismatch, ServerError
+from .._errors import (
+    ConfigurationError,
+    DigestMismatch,
+    InvalidRequest,
+    NotFound,
+    OffsetMismatch,
+    ServerError,
+)
 from .blobs import BUFFER, _storage_error
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,10 @@ DEFAULT_PART = 16 * 2**20
 MAX_PART = 5 * 2**30
 #: Parts per multipart upload on AWS (other stores allow fewer: set ``max_parts``).
 DEFAULT_MAX_PARTS = 10_000
+#: The part size of direct uploads (larger parts: fewer requests for the worker).
+DIRECT_PART = 64 * 2**20
+#: Seconds a presigned part URL lives: short, since the worker asks for more as it goes.
+DEFAULT_URL_EXPIRY = 900
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -80,6 +92,12 @@ class S3Settings:
     path_style: bool = False
     public_endpoint_url: str | None = None
     max_parts: int = DEFAULT_MAX_PARTS
+    #: Workers upload straight to the bucket through presigned URLs (``--uploads direct``).
+    direct_uploads: bool = False
+    #: Seconds a presigned part URL stays valid (the worker asks for fresh ones after).
+    url_expiry: int = DEFAULT_URL_EXPIRY
+    #: The part size of direct uploads (larger when the part-count limit needs it).
+    part_size: int = DIRECT_PART
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -94,11 +112,11 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def part_size_for(size: int | None, max_parts: int) -> int:
-    """The part size of an upload of ``size`` bytes: :data:`DEFAULT_PART`, or larger (whole
-    MiB) when that many parts would not fit in ``max_parts``."""
-    if size is None or size <= DEFAULT_PART * max_parts:
-        return DEFAULT_PART
+def part_size_for(size: int | None, max_parts: int, base: int = DEFAULT_PART) -> int:
+    """The part size of an upload of ``size`` bytes: ``base``, or larger (whole MiB) when
+    that many parts would not fit in ``max_parts``."""
+    if size is None or size <= base * max_parts:
+        return base
     needed = -(-size // max_parts)
     return min(MAX_PART, -(-needed // 2**20) * 2**20)
 
@@ -184,6 +202,7 @@ class S3BlobStore:
         self.bucket, self.prefix = parse_s3_url(url)
         self.settings = settings or S3Settings()
         self.client = client if client is not None else make_client(self.settings)
+        self._public: Any = None  # the presigning client, made on first use
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._uploads: dict[str, _Upload] = {}
@@ -505,6 +524,178 @@ class S3BlobStore:
             if not _missing(exc):
                 log.warning("could not abort the multipart upload of %s: %s", key, exc)
 
+    # -- direct uploads (presigned parts, see store/direct.py) ------------------------------
+    def direct_part_size(self, size: int) -> int:
+        """The part size of a direct upload of ``size`` bytes (fits in ``max_parts``)."""
+        return part_size_for(size, self.settings.max_parts, self.settings.part_size)
+
+    def create_direct(self, sha256: str) -> str:
+        """A multipart upload at the object's content address whose parts must carry their
+        SHA-256 (``ChecksumAlgorithm=SHA256``: COMPOSITE); returns its UploadId."""
+        try:
+            answer = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.object_key(sha256), ChecksumAlgorithm="SHA256"
+            )
+        except Exception as exc:
+            raise _unavailable("create a multipart upload", exc) from exc
+        return str(answer["UploadId"])
+
+    def direct_parts(self, sha256: str, mpu_id: str) -> dict[int, int] | None:
+        """The stored parts of a direct upload, number -> size; None if it is gone."""
+        key = self.object_key(sha256)
+        try:
+            self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=mpu_id, MaxParts=1)
+        except Exception as exc:
+            if _missing(exc):
+                return None
+            raise _unavailable("list the parts of an upload", exc) from exc
+        return {int(p["PartNumber"]): int(p["Size"]) for p in self._list_all_parts(key, mpu_id)}
+
+    def _list_all_parts(self, key: str, mpu_id: str) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = []
+        marker = 0
+        while True:
+            page = self.client.list_parts(
+                Bucket=self.bucket, Key=key, UploadId=mpu_id, PartNumberMarker=marker
+            )
+            parts.extend(page.get("Parts", []))
+            if not page.get("IsTruncated"):
+                return parts
+            marker = int(page["NextPartNumberMarker"])
+
+    def presign_part(
+        self, sha256: str, mpu_id: str, number: int, digest: str, size: int
+    ) -> dict[str, Any]:
+        """A presigned ``UploadPart`` of part ``number`` that signs its SHA-256 (hex
+        ``digest``) as ``x-amz-checksum-sha256``: the store refuses other bytes (BadDigest)."""
+        if self._public is None:
+            self._public = make_client(self.settings, public=True)
+        checksum = _b64(digest)
+        try:
+            url = self._public.generate_presigned_url(
+                "upload_part",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": self.object_key(sha256),
+                    "UploadId": mpu_id,
+                    "PartNumber": number,
+                    "ChecksumSHA256": checksum,
+                    "ContentLength": size,
+                },
+                ExpiresIn=self.settings.url_expiry,
+            )
+        except Exception as exc:
+            raise _unavailable("presign a part", exc) from exc
+        return {
+            "part": number,
+            "size": size,
+            "url": url,
+            "headers": {"x-amz-checksum-sha256": checksum},
+        }
+
+    def complete_direct(
+        self, sha256: str, mpu_id: str, digests: list[str], part_size: int, size: int
+    ) -> int:
+        """Complete a direct upload with every part's checksum once each part is stored with
+        its size; check the composite checksum and the size (HEAD). Returns the size."""
+        key = self.object_key(sha256)
+        stored = self.direct_parts(sha256, mpu_id)
+        if stored is None:
+            if self._head(key, missing=-1) == size:
+                return size  # completed before a crash: only the rows are owed
+            raise NotFound(f"the multipart upload of {sha256} is gone: begin the upload again")
+        expected = _part_sizes(size, part_size)
+        missing = [n for n, want in enumerate(expected, 1) if stored.get(n) != want]
+        if missing:
+            raise InvalidRequest(
+                f"{len(missing)} part(s) of the upload are missing or of the wrong size "
+                f"(first: part {missing[0]}); send them before completing",
+                field="parts",
+                missing=missing[:100],
+            )
+        try:
+            parts = self._list_all_parts(key, mpu_id)
+            answer = self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=mpu_id,
+                MultipartUpload={
+                    "Parts": [
+                        {
+                            "PartNumber": p["PartNumber"],
+                            "ETag": p["ETag"],
+                            "ChecksumSHA256": _b64(digests[int(p["PartNumber"]) - 1]),
+                        }
+                        for p in sorted(parts, key=lambda p: int(p["PartNumber"]))
+                    ]
+                },
+            )
+        except Exception as exc:
+            if _code(exc) in ("InvalidPart", "BadDigest", "InvalidPartOrder"):
+                raise InvalidRequest(
+                    f"the object store refused to complete the upload: {exc}", field="parts"
+                ) from exc
+            raise _unavailable(f"complete the upload of {sha256}", exc) from exc
+        composite = answer.get("ChecksumSHA256")
+        want = composite_sha256(digests)
+        if composite and composite.split("-")[0] != want.split("-")[0]:
+            self._delete(key)
+            raise DigestMismatch(
+                f"the object store's composite SHA-256 {composite} of {sha256} is not "
+                f"{want}; nothing was published",
+                size=size,
+            )
+        got = self._head(key)
+        if got != size:
+            self._delete(key)
+            raise InvalidRequest(
+                f"the object holds {got} bytes, not the {size} declared; nothing was "
+                "published: begin the upload again",
+                field="size",
+            )
+        return size
+
+    def abort_direct(self, sha256: str, mpu_id: str) -> None:
+        """Abort a direct upload's multipart upload (best effort)."""
+        self.abort(self.object_key(sha256), mpu_id)
+
+    def sweep(self, older_than: float) -> int:
+        """Abort every multipart upload under the prefix started more than ``older_than``
+        seconds ago with no part stored since (abandoned by a worker, a killed server, a
+        fallback); return how many. The bucket lifecycle rule
+        ``AbortIncompleteMultipartUpload`` is the second net."""
+        cut = time.time() - older_than
+        aborted = 0
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key("") + "/"}
+        if not self.prefix:
+            params.pop("Prefix")
+        while True:
+            try:
+                page = self.client.list_multipart_uploads(**params)
+            except Exception as exc:
+                log.warning("could not list the multipart uploads to sweep: %s", exc)
+                return aborted
+            for item in page.get("Uploads", []):
+                started = _stamp(item.get("Initiated"))
+                if started is None or started >= cut:
+                    continue
+                try:
+                    parts = self._list_all_parts(item["Key"], item["UploadId"])
+                except Exception:
+                    parts = []
+                stamps = [_stamp(p.get("LastModified")) for p in parts]
+                if any(t is not None and t >= cut for t in stamps):
+                    continue
+                self.abort(item["Key"], item["UploadId"])
+                aborted += 1
+            if not page.get("IsTruncated"):
+                break
+            params["KeyMarker"] = page.get("NextKeyMarker")
+            params["UploadIdMarker"] = page.get("NextUploadIdMarker")
+        if aborted:
+            log.info("aborted %d abandoned multipart upload(s) in s3://%s", aborted, self.bucket)
+        return aborted
+
     # -- objects ---------------------------------------------------------------------------
     def open(self, sha256: str) -> BinaryIO:
         key = self.object_key(sha256)
@@ -577,6 +768,29 @@ def _check(upload_id: str, offset: int, size: int) -> None:
             f"upload {upload_id} holds {size} bytes; send the next chunk at offset {size}",
             offset=size,
         )
+
+
+def _b64(digest: str) -> str:
+    """A hex SHA-256 as S3 wants it (base64 of the 32 bytes)."""
+    return base64.b64encode(bytes.fromhex(digest)).decode()
+
+
+def composite_sha256(digests: list[str]) -> str:
+    """S3's COMPOSITE checksum of a multipart object: base64(sha256(concat(part digests)))
+    with the part count (``-N``). Not the SHA-256 of the object (that one is the asset's)."""
+    joined = b"".join(bytes.fromhex(d) for d in digests)
+    return f"{base64.b64encode(hashlib.sha256(joined).digest()).decode()}-{len(digests)}"
+
+
+def _part_sizes(size: int, part_size: int) -> list[int]:
+    """The sizes of the parts of ``size`` bytes cut in ``part_size`` (at least one part)."""
+    full, rest = divmod(size, part_size)
+    return [part_size] * full + ([rest] if rest or not full else [])
+
+
+def part_count(size: int, part_size: int) -> int:
+    """How many parts ``size`` bytes make (at least one)."""
+    return len(_part_sizes(size, part_size))
 
 
 def _stamp(value: Any) -> float | None:
