@@ -74,6 +74,7 @@ _SERVE_KEYWORDS = {
     "s3_public_endpoint_url": "s3_public_endpoint_url",
     "s3_max_parts": "s3_max_parts",
     "s3_part_size": "s3_part_size",
+    "s3_url_expiry": "s3_url_expiry",
     "uploads": "uploads",
 }
 
@@ -250,6 +251,13 @@ def add_s3_options(parser: argparse.ArgumentParser) -> None:
         type=_setting("s3_part_size", int),
         metavar="N",
         help="bytes per part of a direct upload (default 64 MiB; at least 5 MiB)",
+    )
+    group.add_argument(
+        "--s3-url-expiry",
+        type=_setting("s3_url_expiry", int),
+        metavar="S",
+        help="seconds a presigned part URL stays valid; workers ask for fresh ones as they "
+        "go (default 900)",
     )
     group.add_argument(
         "--uploads",

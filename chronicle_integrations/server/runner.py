@@ -75,6 +75,7 @@ def _blob_options(
     public_endpoint_url: str | None,
     max_parts: int | None,
     part_size: int | None,
+    url_expiry: int | None,
     uploads: str | None,
 ) -> dict[str, Any]:
     """The keyword arguments of ``Store.open`` for the asset store ``assets``: for
@@ -86,12 +87,21 @@ def _blob_options(
         if uploads == "direct":
             raise ConfigurationError("direct uploads need S3 asset storage (s3://bucket/prefix)")
         return {}
-    from ..store.s3 import DEFAULT_MAX_PARTS, DIRECT_PART, MAX_PART, MIN_PART, S3Settings
+    from ..store.s3 import (
+        DEFAULT_MAX_PARTS,
+        DEFAULT_URL_EXPIRY,
+        DIRECT_PART,
+        MAX_PART,
+        MIN_PART,
+        S3Settings,
+    )
 
     if max_parts is not None and not 1 <= max_parts <= DEFAULT_MAX_PARTS:
         raise ConfigurationError(f"s3_max_parts must be 1-{DEFAULT_MAX_PARTS}")
     if part_size is not None and not MIN_PART <= part_size <= MAX_PART:
         raise ConfigurationError(f"s3_part_size must be {MIN_PART}-{MAX_PART} bytes")
+    if url_expiry is not None and not 1 <= url_expiry <= 7 * 86400:
+        raise ConfigurationError("s3_url_expiry must be 1-604800 seconds (SigV4's limit)")
     settings = S3Settings(
         endpoint_url=endpoint_url,
         region=region,
@@ -100,6 +110,7 @@ def _blob_options(
         max_parts=max_parts or DEFAULT_MAX_PARTS,
         direct_uploads=uploads != "proxied",
         part_size=part_size or DIRECT_PART,
+        url_expiry=url_expiry or DEFAULT_URL_EXPIRY,
     )
     return {"s3": settings, "work_dir": root / "s3-work"}
 
@@ -136,6 +147,7 @@ def serve(
     s3_public_endpoint_url: str | None = None,
     s3_max_parts: int | None = None,
     s3_part_size: int | None = None,
+    s3_url_expiry: int | None = None,
     uploads: str | None = None,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
@@ -229,6 +241,7 @@ def serve(
         public_endpoint_url=s3_public_endpoint_url,
         max_parts=s3_max_parts,
         part_size=s3_part_size,
+        url_expiry=s3_url_expiry,
         uploads=uploads,
     )
     options: dict[str, Any] = {**blob_options, **timeouts}
