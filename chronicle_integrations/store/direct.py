@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from typing import Any
 
@@ -60,6 +61,8 @@ direct_uploads = sa.Table(
 )
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+#: Serialises this process's creation of the table (PostgreSQL races on a concurrent CREATE).
+_CREATE_LOCK = threading.Lock()
 
 
 class DirectMixin(AssetsMixin):
@@ -84,8 +87,14 @@ class DirectMixin(AssetsMixin):
                 reason="direct_unavailable",
             )
         if not self._direct_table_ready:
-            direct_uploads.create(self.engine, checkfirst=True)
-            self._direct_table_ready = True
+            with _CREATE_LOCK:
+                try:
+                    direct_uploads.create(self.engine, checkfirst=True)
+                except sa.exc.SQLAlchemyError:
+                    # Another process (a replica starting at the same time) created it first.
+                    if not sa.inspect(self.engine).has_table(direct_uploads.name):
+                        raise
+                self._direct_table_ready = True
         return self.blobs
 
     def _direct_row(self, upload_id: str) -> Any:
