@@ -263,3 +263,91 @@ def test_direct_needs_s3(server_factory: Any, tmp_path: Path) -> None:
         )["upload_id"]
         error = assert_error(api.get(f"/v1/uploads/{uid}/direct"), 400, "invalid_request")
         assert error["reason"] == "direct_unavailable"
+
+
+def _chronicle_server(*args: str, env: dict[str, str], timeout: float = 60) -> Any:
+    """``chronicle server ARGS`` (the CLI entry point), to completion."""
+    import sys
+
+    import testkit
+
+    code = "import sys; from chronicle_integrations.cli import main; sys.exit(main())"
+    return testkit.run(
+        [sys.executable, "-c", code, "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+def test_bad_s3_settings_exit_2_with_a_clear_message(
+    seaweedfs: s3kit.SeaweedServer, tmp_path: Path
+) -> None:
+    home = ["--home", str(tmp_path), "--port", "0"]
+    missing = _chronicle_server(
+        "--assets", "s3://no-such-bucket-x/a", "--s3-path-style", *home, env=seaweedfs.env
+    )
+    assert missing.returncode == 2, missing.stderr
+    assert "error: cannot use the bucket" in missing.stderr, missing.stderr
+    wrong_key = {**seaweedfs.env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    bucket = seaweedfs.new_bucket()
+    denied = _chronicle_server(
+        "--assets", f"s3://{bucket}/a", "--s3-path-style", *home, env=wrong_key
+    )
+    assert denied.returncode == 2 and "credentials" in denied.stderr, denied.stderr
+    local = _chronicle_server("--uploads", "direct", *home, env={})
+    assert local.returncode == 2 and "need S3" in local.stderr, local.stderr
+    parts = _chronicle_server(
+        "--assets", f"s3://{bucket}/a", "--s3-part-size", "1000", *home, env=seaweedfs.env
+    )
+    assert parts.returncode == 2 and "s3_part_size" in parts.stderr, parts.stderr
+
+
+def test_chronicle_server_on_s3_with_explicit_endpoint_options(
+    seaweedfs: s3kit.SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """The endpoint and region from the options (no AWS_ENDPOINT_URL), credentials from the
+    standard variables; proxied mode; an asset round trip through ``chronicle server``."""
+    import signal
+    import subprocess
+    import sys
+
+    import testkit
+
+    port = s3kit._free_port(set())
+    env = {k: v for k, v in seaweedfs.env.items() if k not in ("AWS_ENDPOINT_URL", "AWS_REGION")}
+    code = "import sys; from chronicle_integrations.cli import main; sys.exit(main())"
+    args = [sys.executable, "-c", code, "server", "--port", str(port), "--home", str(tmp_path)]
+    args += ["--assets", f"s3://{bucket}/p", "--s3-endpoint-url", seaweedfs.endpoint]
+    args += ["--s3-region", "us-east-1", "--s3-path-style", "--uploads", "proxied"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    with (tmp_path / "log").open("wb") as log:
+        proc = testkit.spawn(args, stdout=log, stderr=subprocess.STDOUT, env={**clean, **env})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        testkit.wait_until(
+            lambda: _healthy(url) or proc.poll() is not None, timeout=60, what="the server"
+        )
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        data = os.urandom(3 * MiB)
+        with Chronicle(url=url, home=tmp_path / "home") as chronicle:
+            run = chronicle.create_run(chronicle.create_experiment("cli", variations=[{}]), 0)
+            run.start()
+            src = tmp_path / "a.bin"
+            src.write_bytes(data)
+            info = run.upload_asset(src).result(60)
+            run.succeed()
+        sha = hashlib.sha256(data).hexdigest()
+        assert info.sha256 == sha
+        assert _objects(seaweedfs, bucket) == [f"p/objects/{sha[:2]}/{sha}"]
+        assert "proxied uploads" in (tmp_path / "log").read_text()
+    finally:
+        testkit.reap(proc, signal.SIGTERM)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/v1/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
