@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import _validation as check
-from .._errors import InvalidRequest
+from .._errors import InvalidRequest, PayloadTooLarge
 from .._models import AssetInfo
 from .assets import AssetsMixin
 
@@ -113,8 +113,15 @@ class DirectMixin(AssetsMixin):
         row = self._upload_row(upload_id)
         if row.size is None:
             raise InvalidRequest("a direct upload must declare its size", field="size")
+        from .s3 import MAX_PART, part_count
+
+        if int(row.size) > MAX_PART * blobs.settings.max_parts:
+            raise PayloadTooLarge(
+                f"an object of {row.size} bytes does not fit in {blobs.settings.max_parts} "
+                f"parts of at most {MAX_PART} bytes (the store's limits)",
+                limit=MAX_PART * blobs.settings.max_parts,
+            )
         part_size = blobs.direct_part_size(int(row.size))
-        from .s3 import part_count
 
         return {"part_size": part_size, "parts": part_count(int(row.size), part_size)}
 

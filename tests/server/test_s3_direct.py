@@ -98,6 +98,11 @@ def test_raw_protocol_refusals_and_publication(
     assert bad.status_code == 400 and "BadDigest" in bad.text
     assert _put(urls[1], part1[:-1]).status_code == 403  # the size is signed
     assert requests.put(urls[1]["url"], data=part1, timeout=30).status_code == 403
+    # A URL replayed for another part (or another upload) does not match its signature.
+    forged = {**urls[1], "url": urls[1]["url"].replace("partNumber=1", "partNumber=2")}
+    assert _put(forged, part1).status_code == 403
+    other_upload = {**urls[1], "url": urls[1]["url"].replace("uploadId=", "uploadId=x")}
+    assert _put(other_upload, part1).status_code in (403, 404)
     # Announcing other digests for the same upload is refused.
     other = {"sha256": sha, "parts": [digests[1], digests[0], digests[2]]}
     assert_error(api.post(f"/v1/uploads/{uid}/direct", json=other), 400, "invalid_request")
@@ -351,3 +356,21 @@ def _healthy(url: str) -> bool:
         return requests.get(f"{url}/v1/health", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_an_object_beyond_the_part_limits_is_refused(
+    server_factory: Any, seaweedfs: s3kit.SeaweedServer, bucket: str
+) -> None:
+    """With ``--s3-max-parts 2`` a direct upload holds at most 2 x 5 GiB: larger is 413; the
+    part size grows so that a 6 GiB upload still fits in 2 parts."""
+    server = server_factory(**s3kit.server_kwargs(seaweedfs, bucket, "--s3-max-parts", "2"))
+    with Api(server.url) as api:
+        path, lease = api.started()
+        for size, status in ((11 * 2**30, 413), (6 * 2**30, 200)):
+            uid = api.ok(
+                "POST", f"{path}/uploads", 201, json={"name": "x", "size": size, "lease": lease}
+            )["upload_id"]
+            resp = api.get(f"/v1/uploads/{uid}/direct")
+            assert resp.status_code == status, resp.text
+        assert resp.json() == {"part_size": 3 * 2**30, "parts": 2}
+        assert_error(api.get(f"/v1/uploads/{uid}0/direct"), 404, "not_found")
