@@ -384,6 +384,12 @@ class S3BlobStore:
                 ]
             size = tail.stat().st_size
             with tail.open("rb") as body:
+                # Content-MD5: the store verifies the part as it received it (BadDigest
+                # otherwise), over HTTPS too, where SigV4 leaves the payload unsigned.
+                md5 = hashlib.md5(usedforsecurity=False)
+                for block in iter(lambda: body.read(BUFFER), b""):
+                    md5.update(block)
+                body.seek(0)
                 answer = self.client.upload_part(
                     Bucket=self.bucket,
                     Key=key,
@@ -391,6 +397,7 @@ class S3BlobStore:
                     PartNumber=number,
                     Body=body,
                     ContentLength=size,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
                 )
         except OSError:
             raise
