@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from ..store import Store
+from .routes import _errors
 from .wire import _Request
 
 __all__ = ["DirectUploadRequest", "build_direct_router"]
@@ -39,12 +40,14 @@ def build_direct_router(store: Store) -> APIRouter:
     """``GET``/``POST /v1/uploads/{upload_id}/direct`` over ``store``."""
     router = APIRouter()
 
-    @router.get("/uploads/{upload_id}/direct", tags=["uploads"])
+    @router.get("/uploads/{upload_id}/direct", tags=["uploads"], responses=_errors(404, 413))
     def direct_plan(upload_id: UploadIdPath) -> JSONResponse:
         """How to cut the file: ``part_size`` and the number of ``parts`` to hash."""
         return JSONResponse(store.direct_plan(upload_id))
 
-    @router.post("/uploads/{upload_id}/direct", tags=["uploads"])
+    @router.post(
+        "/uploads/{upload_id}/direct", tags=["uploads"], responses=_errors(404, 413, body=True)
+    )
     def direct_upload(
         upload_id: UploadIdPath, body: Annotated[DirectUploadRequest, Body()]
     ) -> JSONResponse:
