@@ -23,6 +23,11 @@ Environment variables (all optional):
 ``AWS_ACCESS_KEY_ID``, ...     ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/config``):
                                how a server on ``s3://`` assets reaches the bucket when the
                                ``--s3-*`` options do not say
+``CHRONICLE_UI_REFRESH``       the web view: seconds between a live page's refreshes
+                               (default 5)
+``CHRONICLE_DB_POOL_SIZE``,    ``chronicle server`` on PostgreSQL: the database pool of
+``CHRONICLE_DB_MAX_OVERFLOW``, one replica, and when psycopg prepares statements
+``CHRONICLE_DB_PREPARE_THRESHOLD`` (``none`` behind pgbouncer); the ``--db-*`` options win
 ============================== =========================================================
 """
 
@@ -44,6 +49,9 @@ ENV_LEASE = "CHRONICLE_LEASE"
 ENV_HEARTBEAT_TIMEOUT = "CHRONICLE_HEARTBEAT_TIMEOUT"
 ENV_LOST_GRACE = "CHRONICLE_LOST_GRACE"
 ENV_STALL_TIMEOUT = "CHRONICLE_STALL_TIMEOUT"
+ENV_DB_POOL_SIZE = "CHRONICLE_DB_POOL_SIZE"
+ENV_DB_MAX_OVERFLOW = "CHRONICLE_DB_MAX_OVERFLOW"
+ENV_DB_PREPARE_THRESHOLD = "CHRONICLE_DB_PREPARE_THRESHOLD"
 #: Set by ``chronicle exec`` for the integration inside: a file to create when the training
 #: ended while the process goes on, so the supervisor beats for the process again.
 ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
@@ -52,6 +60,8 @@ ENV_S3_PUBLIC_ENDPOINT_URL = "CHRONICLE_S3_PUBLIC_ENDPOINT_URL"
 #: boto3's own variables, read by boto3 itself (named here for the help texts and docs).
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_REGION = "AWS_REGION"
+#: The web view: seconds between the refreshes of a page that shows live runs.
+ENV_UI_REFRESH = "CHRONICLE_UI_REFRESH"
 
 #: The home when neither an argument nor ``$CHRONICLE_HOME`` names one (relative to the
 #: working directory, made absolute when resolved).
@@ -69,6 +79,9 @@ DEFAULT_STALL_TIMEOUT = 1800.0
 #: The longest interval between a client's heartbeats (always within a third of the store's
 #: ``heartbeat_timeout``, which the server tells its clients).
 DEFAULT_HEARTBEAT_INTERVAL = 60.0
+#: The web view's refresh interval of live pages (seconds), and the port of ``chronicle ui``.
+DEFAULT_UI_REFRESH = 5.0
+DEFAULT_UI_PORT = 8766
 
 #: How long an in-process integration waits for its uploads when training crashed, before it
 #: records the crash (heartbeats go on meanwhile); what is left goes on in the background.
@@ -125,6 +138,30 @@ def env_seconds(name: str) -> float | None:
     return value
 
 
+def prepare_threshold(text: str) -> int | str | None:
+    """A prepare threshold as written by an operator: ``none`` (never prepare: pgbouncer in
+    transaction mode), ``auto`` (none when the URL says ``?pgbouncer=true``), or a count."""
+    word = text.strip().lower()
+    if word in ("none", "off"):
+        return None
+    if word == "auto":
+        return "auto"
+    if word.isdigit() and len(word) <= 9:
+        return int(word)
+    raise ConfigurationError(f"invalid prepare threshold {text!r}: none, auto or a count >= 0")
+
+
+def env_count(name: str, *, zero_ok: bool = False) -> int | None:
+    """A whole number from the environment variable ``name`` (None when unset)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    word = raw.strip()
+    if not word.isdigit() or len(word) > 9 or (int(word) == 0 and not zero_ok):
+        raise ConfigurationError(f"{name}={raw!r} must be a whole number > {-1 if zero_ok else 0}")
+    return int(word)
+
+
 __all__ = [
     "CRASH_FLUSH_SECONDS",
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -132,9 +169,14 @@ __all__ = [
     "DEFAULT_HOME",
     "DEFAULT_LOST_GRACE",
     "DEFAULT_STALL_TIMEOUT",
+    "DEFAULT_UI_PORT",
+    "DEFAULT_UI_REFRESH",
     "ENV_API_KEY",
     "ENV_AWS_ENDPOINT_URL",
     "ENV_AWS_REGION",
+    "ENV_DB_MAX_OVERFLOW",
+    "ENV_DB_POOL_SIZE",
+    "ENV_DB_PREPARE_THRESHOLD",
     "ENV_EXPERIMENT",
     "ENV_HEARTBEAT_TIMEOUT",
     "ENV_HOME",
@@ -144,6 +186,7 @@ __all__ = [
     "ENV_S3_PUBLIC_ENDPOINT_URL",
     "ENV_STALL_TIMEOUT",
     "ENV_TRAINING_ENDED_FILE",
+    "ENV_UI_REFRESH",
     "ENV_URL",
     "ENV_VARIATION",
     "JOB_CRASH_FLUSH_SECONDS",
@@ -152,6 +195,8 @@ __all__ = [
     "Target",
     "api_key",
     "default_home",
+    "env_count",
     "env_seconds",
+    "prepare_threshold",
     "resolve_target",
 ]

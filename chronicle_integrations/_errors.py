@@ -22,6 +22,8 @@
           ├── PayloadTooLarge       payload_too_large    413  body over the server's limit
           ├── DigestMismatch        digest_mismatch      422  upload content != declared SHA-256
           ├── StorageFull           storage_full         507  the asset store ran out of space
+          ├── Unavailable           unavailable          503  this replica's database does not
+          │                                                   answer (readiness check)
           └── ServerError           internal             500  a bug: please report it
 
 The server sends ``{"error": {"code": ..., "message": ..., **details}}`` with the status above;
@@ -52,6 +54,7 @@ __all__ = [
     "StorageFull",
     "TransportError",
     "Unauthorized",
+    "Unavailable",
     "UploadError",
     "chronicle_error",
     "error_from_body",
@@ -211,6 +214,14 @@ class StorageFull(APIError):
     status = 507
 
 
+class Unavailable(APIError):
+    """The server cannot serve now (its database does not answer): try another replica, or
+    again later. The readiness check's answer (``GET /v1/ready``)."""
+
+    code = "unavailable"
+    status = 503
+
+
 class ServerError(APIError):
     """An unexpected server-side failure (a bug, or an outage the retries did not outlast)."""
 
@@ -233,6 +244,7 @@ _BY_CODE: dict[str, type[APIError]] = {
         PayloadTooLarge,
         DigestMismatch,
         StorageFull,
+        Unavailable,
         ServerError,
     )
 }

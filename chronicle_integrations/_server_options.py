@@ -29,9 +29,14 @@ from ._config import (
     ENV_API_KEY,
     ENV_AWS_ENDPOINT_URL,
     ENV_AWS_REGION,
+    ENV_DB_MAX_OVERFLOW,
+    ENV_DB_POOL_SIZE,
+    ENV_DB_PREPARE_THRESHOLD,
     ENV_HOME,
     ENV_S3_PUBLIC_ENDPOINT_URL,
 )
+from ._config import prepare_threshold as _prepare_threshold
+from ._errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_HOST",
@@ -76,6 +81,11 @@ _SERVE_KEYWORDS = {
     "s3_part_size": "s3_part_size",
     "s3_url_expiry": "s3_url_expiry",
     "uploads": "uploads",
+    "db_pool_size": "db_pool_size",
+    "db_max_overflow": "db_max_overflow",
+    "db_prepare_threshold": "db_prepare_threshold",
+    "migrate": "migrate",
+    "shutdown_timeout": "shutdown_timeout",
 }
 
 #: How uploads reach an ``s3://`` asset store (``--uploads``).
@@ -105,6 +115,16 @@ def _setting(name: str, kind: type[float] | type[int], *, zero_ok: bool = False)
 
     parse.__name__ = name
     return parse
+
+
+def _threshold(text: str) -> str:
+    """argparse ``type=`` of ``--db-prepare-threshold``: ``none``, ``auto`` or a count (kept
+    as text, checked here; ``serve()`` reads it)."""
+    try:
+        _prepare_threshold(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip().lower()
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +232,45 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="largest asset accepted, declared or not (413 beyond; default 1 TiB)",
     )
+    # -- several replicas on one PostgreSQL (README: "Scaling out")
+    parser.add_argument(
+        "--db-pool-size",
+        type=_setting("db_pool_size", int),
+        metavar="N",
+        help=f"PostgreSQL connections kept open by this replica (default ${ENV_DB_POOL_SIZE} "
+        "or 10); a replica opens at most pool size + overflow",
+    )
+    parser.add_argument(
+        "--db-max-overflow",
+        type=_setting("db_max_overflow", int, zero_ok=True),
+        metavar="N",
+        help=f"PostgreSQL connections opened beyond the pool under load (default "
+        f"${ENV_DB_MAX_OVERFLOW} or 20)",
+    )
+    parser.add_argument(
+        "--db-prepare-threshold",
+        type=_threshold,
+        metavar="N|none|auto",
+        help="executions before psycopg prepares a statement server-side; 'none' behind "
+        "pgbouncer in transaction mode; 'auto': none when the store URL has ?pgbouncer=true "
+        f"(default ${ENV_DB_PREPARE_THRESHOLD} or auto)",
+    )
+    parser.add_argument(
+        "--no-migrate",
+        dest="migrate",
+        action="store_false",
+        default=None,
+        help="never create or migrate the schema: refuse to start on a database that "
+        "`chronicle db upgrade` has not brought to this version (rolling upgrades)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_setting("shutdown_timeout", float),
+        metavar=seconds,
+        help="on SIGTERM, seconds to finish requests in flight (heartbeats being committed, "
+        "upload chunks) before exiting (default 10)",
+    )
+
     add_s3_options(parser)
 
 

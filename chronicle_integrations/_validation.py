@@ -212,6 +212,8 @@ def progress(value: Any) -> dict[str, Any]:
 #: They never change the run's state: teardown is the executor's act, not a transition.
 WORKER_EVENTS: dict[str, tuple[str, ...]] = {
     "teardown": ("teardown_requested", "teardown_done", "teardown_failed"),
+    # A managed worker names itself (a local process, a SLURM job) for its executor.
+    "worker": ("worker_started",),
 }
 MAX_EVENT_DETAIL_BYTES = 4096
 

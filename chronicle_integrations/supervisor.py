@@ -29,7 +29,11 @@ Safety rules: nothing is torn down because the store cannot be reached (training
 nor before the store has answered without a break for ``heartbeat_timeout`` (right after an
 outage every run looks lost at once), nor once the run was taken over by another worker
 (``start(resume=True)`` elsewhere: that worker's run is not ours to end). Only the child's own
-process group is signalled, and only while a process of it still exists.
+process group is signalled, and only while its leader is not reaped: the supervisor learns
+that the child exited without reaping it (``waitid(WNOWAIT)``), so its pid, which is the group's
+id, cannot be given to another process while anything may still be signalled; once reaped,
+nothing is signalled any more (no PID reuse can make it hit a stranger). The rules are shared
+with the Hydra launcher's watcher, in :mod:`._teardown`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from . import _teardown
 from ._config import ENV_TRAINING_ENDED_FILE
 from ._errors import APIError, ChronicleError, InvalidTransition, LeaseConflict, TransportError
 from ._models import RunInfo
@@ -57,7 +62,7 @@ from .lifecycle import RunState
 log = logging.getLogger(__name__)
 
 #: Seconds between SIGTERM and SIGKILL in a teardown (SLURM's KillWait, Kubernetes' grace).
-DEFAULT_GRACE = 30.0
+DEFAULT_GRACE = _teardown.DEFAULT_GRACE
 #: How much of the child's stderr is kept for the failure message.
 STDERR_TAIL_BYTES = 8 * 1024
 #: The store's watchdog timeout when it cannot be learnt (the server's default).
@@ -124,15 +129,58 @@ class _StderrTail:
         return data.decode("utf-8", "replace")
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still exists (zombies of ours included)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the child exited, *without reaping it*: while its zombie exists, its pid (the
+    group id) cannot be reused, so signalling the group can only reach our processes."""
+    if proc.returncode is not None:
         return True
-    return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+class _ChildGroup:
+    """The child's process group as a teardown :class:`~._teardown.Target`. Signals go to the
+    group only while the leader is unreaped (see :func:`_exited`); after that, never."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.description = f"process group {proc.pid}"
+
+    def signal(self, sig: int) -> bool:
+        """Send ``sig`` to the group; False (and nothing sent) once the leader was reaped."""
+        if self.proc.returncode is not None:
+            return False  # reaped: the pid may be another process's by now
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+        return True
+
+    def terminate(self) -> None:
+        self.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def alive(self) -> bool:
+        """A live (non-zombie) process of the group exists. Once only the leader's zombie is
+        left, it is reaped here: the teardown is over."""
+        if self.proc.returncode is not None:
+            return False
+        if _teardown.group_members(self.proc.pid):
+            return True
+        if _exited(self.proc):
+            self.proc.wait()
+            return False
+        return True  # the leader runs (its /proc entry may be racing): not gone
+
+    def left(self) -> Any:
+        return _teardown.group_members(self.proc.pid)[:32]
+
+
+def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a live process of the child's group exists while its leader is unreaped."""
+    return proc.returncode is None and bool(_teardown.group_members(proc.pid))
 
 
 class Supervisor:
@@ -219,10 +267,11 @@ class Supervisor:
             assert proc.stderr is not None
             tail = _StderrTail(proc.stderr, self._stderr_sink)
             torn_down = self._watch(proc)
-            code = proc.wait()
-            # The leader is gone; so must be the rest of its group (a stray DataLoader worker).
-            if _group_alive(proc.pid):
+            # The leader exited (not reaped yet); so must the rest of its group (a stray
+            # DataLoader worker): torn down while the leader's zombie still holds the group id.
+            if _group_alive(proc):
                 self._teardown(proc, "the command exited; its other processes remained", False)
+            code = proc.wait()  # reaped: from here on nothing is signalled
             return self._finish(code, tail.text(), torn_down)
         finally:
             restore()
@@ -235,16 +284,15 @@ class Supervisor:
         """Beat and watch until the child exits (True) or was torn down (also True)."""
         timeout = self.heartbeat_timeout
         beat_every = max(0.2, min(self.heartbeat_interval, timeout / 3))
-        poll_every = max(0.2, min(30.0, timeout / 10))
+        poll_every = _teardown.poll_interval(timeout)
         beating = True
         own_beat_at: float | None = None  # store time of our last beat
         next_beat = 0.0
-        reachable_since: float | None = None  # monotonic: answers without a break since
-        last_answer = time.monotonic()
+        trust = _teardown.TrustWindow(timeout)
         cancelled_at: float | None = None
         warned_takeover = False
         handed_back = False  # the training inside ended: we beat for the process, for good
-        while proc.poll() is None:
+        while not _exited(proc):
             now = time.monotonic()
             if not handed_back and os.path.exists(self.training_ended_file):
                 handed_back = beating = True
@@ -258,16 +306,9 @@ class Supervisor:
                     next_beat = now + beat_every
                 else:
                     info = self.run.info()
-                answered = time.monotonic()
-                # A call that only got through after retrying through an outage longer than
-                # half the timeout starts the trust window afresh, like a failed one.
-                if reachable_since is None or answered - last_answer > timeout / 2:
-                    reachable_since = answered
-                last_answer = answered
+                trust.answered()
             except TransportError as exc:
-                if reachable_since is not None:
-                    log.warning("chronicle exec: the store is unreachable (%s); no teardown", exc)
-                reachable_since = None
+                trust.failed(exc)
             except LeaseConflict:
                 if not warned_takeover:
                     warned_takeover = True
@@ -296,9 +337,8 @@ class Supervisor:
                     log.info("chronicle exec: the command beats for run %s itself", self.run.key)
                 # After an outage every run looks lost: trust "lost" only once the store has
                 # answered without a break for a whole heartbeat_timeout.
-                trusted = reachable_since is not None and now - reachable_since >= timeout
                 state = info.state
-                if state is RunState.LOST and trusted:
+                if state is RunState.LOST and trust.trusted:
                     done = self._teardown(proc, f"run {self.run.key} is lost (no heartbeat)")
                     if done == "done":
                         return True
@@ -328,60 +368,27 @@ class Supervisor:
         ``teardown_requested`` event under our lease: a run taken over by another worker
         (``"taken_over"``), or a store that cannot be reached (``"unconfirmed"``), gets no
         teardown. Returns ``"done"`` when the group was signalled."""
-        pgid = proc.pid
-        target = {"target": f"process group {pgid}", "why": why}
-        request = {**target, "signal": "SIGTERM", "grace": self.grace}
+        group = _ChildGroup(proc)
+        request = {
+            "target": group.description,
+            "why": why,
+            "signal": "SIGTERM",
+            "grace": self.grace,
+        }
         if bound:
-            try:
-                self.run.record_event("teardown", "teardown_requested", request)
-            except LeaseConflict:
-                log.warning(
-                    "chronicle exec: run %s is held by another worker now; not tearing "
-                    "this command down",
-                    self.run.key,
-                )
-                return "taken_over"
-            except ChronicleError as exc:
-                log.warning("chronicle exec: no teardown: the store did not confirm (%s)", exc)
-                return "unconfirmed"
+            answer = _teardown.request(self.run, request)
+            if answer != _teardown.REQUESTED:
+                return answer
         else:
-            self._event("teardown_requested", request)
-        log.warning("chronicle exec: tearing down process group %d: %s", pgid, why)
-        self._signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and _group_alive(pgid):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(0.1)
-            if proc.poll() is not None and not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        used = "SIGTERM"
-        if _group_alive(pgid):
-            used = "SIGKILL"
-            self._event("teardown_requested", {**target, "signal": "SIGKILL"})
-            self._signal_group(pgid, signal.SIGKILL)
-            end = time.monotonic() + 10.0
-            while time.monotonic() < end and _group_alive(pgid):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(0.1)
-                time.sleep(0.05)
-        if _group_alive(pgid):
-            log.error("chronicle exec: process group %d survived SIGKILL", pgid)
-            self._event("teardown_failed", {**target, "signal": used, "left": _members(pgid)})
-        else:
-            self._event("teardown_done", {**target, "signal": used})
+            _teardown.record(self.run, "teardown_requested", request)
+        _teardown.escalate(self.run, group, why, self.grace)
         return "done"
 
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-
-    def _event(self, cause: str, detail: dict[str, Any]) -> None:
-        try:
-            self.run.record_event("teardown", cause, detail)
-        except ChronicleError as exc:
-            log.warning("chronicle exec: could not record %s (%s)", cause, exc)
+    def signal_child(self, sig: int) -> bool:
+        """Send ``sig`` to the child's process group; False when it was not sent because the
+        child was reaped already (its pid may belong to another process by now)."""
+        proc = self.proc
+        return proc is not None and _ChildGroup(proc).signal(sig)
 
     # ------------------------------------------------------------------ signals to us
     def _install_signal_handlers(self) -> Any:
@@ -391,9 +398,7 @@ class Supervisor:
 
         def forward(signum: int, frame: Any) -> None:
             self._signalled = signum
-            proc = self.proc
-            if proc is not None:
-                self._signal_group(proc.pid, signum)
+            self.signal_child(signum)
             self._wake.set()
 
         for sig in previous:
@@ -442,23 +447,6 @@ class Supervisor:
             # Ended or taken over meanwhile: that record stands.
             outcome.notes.append(f"outcome not recorded: {exc}")
         return outcome
-
-
-def _members(pgid: int) -> list[int]:
-    """Pids of group ``pgid`` (from /proc), for a failed teardown's report."""
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                found.append(int(entry))
-    return found[:32]
 
 
 def learn_heartbeat_timeout(chronicle: Chronicle, run: Run) -> float:

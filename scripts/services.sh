@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(slurm-wlm munge chromium haproxy pgbouncer)
+packages=(slurm-wlm slurmdbd mariadb-server munge chromium haproxy pgbouncer)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +32,10 @@ import pytest
 import requests
 import s3kit
 import testkit
+from testkit import POSTGRES_ENV, free_port, fresh_store_url
 
-POSTGRES_ENV = "CHRONICLE_TEST_POSTGRES_URL"
+__all__ = ["POSTGRES_ENV", "free_port", "fresh_store_url"]
+
 REQUIRED_MARKERS_ENV = "CHRONICLE_REQUIRED_MARKERS"
 SLOW_ENV = "CHRONICLE_SLOW_TESTS"
 #: How long a server subprocess may take to answer /v1/health.
@@ -43,50 +43,13 @@ SERVER_START_TIMEOUT = 60.0
 
 
 # ------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+# free_port and fresh_store_url live in testkit (importable from any test module, which
+# `from conftest import` is not: several conftest modules share that name).
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 # ------------------------------------------------------------------------------- stores
-@contextlib.contextmanager
-def fresh_store_url(kind: str, directory: Path) -> Iterator[str]:
-    """A SQLAlchemy URL of an empty store: a SQLite file in ``directory``, or a new PostgreSQL
-    database created via ``$CHRONICLE_TEST_POSTGRES_URL`` and dropped on exit."""
-    if kind == "sqlite":
-        directory.mkdir(parents=True, exist_ok=True)
-        yield f"sqlite:///{directory / 'chronicle.db'}"
-        return
-    base = os.environ.get(POSTGRES_ENV)
-    if not base:
-        pytest.skip(
-            f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
-        )
-    import sqlalchemy as sa
-
-    admin_url = sa.engine.make_url(base)
-    if admin_url.drivername == "postgresql":
-        admin_url = admin_url.set(drivername="postgresql+psycopg")
-    name = f"chronicle_test_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
 _BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 

@@ -1,6 +1,8 @@
 """Helpers every test suite shares (imported as ``testkit``: ``tests/`` is on ``sys.path``
 because ``tests/conftest.py`` lives there; test directories are not packages).
 
+* :func:`free_port` / :func:`fresh_store_url`: a loopback port, an empty store (SQLite file or
+  a PostgreSQL database created and dropped; ``tests/conftest.py``'s fixtures use them);
 * :func:`wait_until`: poll a condition with a deadline that names what was awaited;
 * :func:`sha256_file` / :func:`sha256_bytes`: digests to compare assets with;
 * :class:`HttpApi`: raw ``requests`` against one server (the suites add their shortcuts);
@@ -16,12 +18,15 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -113,6 +118,52 @@ def assert_error(
     if code is not None:
         assert error["code"] == code, error
     return dict(error)
+
+
+# ------------------------------------------------------------------------------- ports, stores
+#: The PostgreSQL server the suite creates its databases on (PostgreSQL tests skip without it).
+POSTGRES_ENV = "CHRONICLE_TEST_POSTGRES_URL"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def fresh_store_url(kind: str, directory: Path) -> Iterator[str]:
+    """A SQLAlchemy URL of an empty store: a SQLite file in ``directory``, or a new PostgreSQL
+    database created via ``$CHRONICLE_TEST_POSTGRES_URL`` and dropped on exit."""
+    if kind == "sqlite":
+        directory.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{directory / 'chronicle.db'}"
+        return
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        import pytest
+
+        pytest.skip(
+            f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+        )
+    import sqlalchemy as sa
+
+    admin_url = sa.engine.make_url(base)
+    if admin_url.drivername == "postgresql":
+        admin_url = admin_url.set(drivername="postgresql+psycopg")
+    name = f"chronicle_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 # ------------------------------------------------------------------------------- processes

@@ -139,6 +139,8 @@ class TrackedRun:
         crash_flush_seconds, preempt_flush_seconds: the bounded upload flushes.
         groups: the caller's own experiment group (unnamed trainings of one callback share
             one experiment); plain data, kept across trainings by the callback.
+        lease: the lease to start the explicit run with (the Hydra launcher's, see
+            ``hydra_plugins.chronicle_launcher._watch``); default: a fresh one.
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class TrackedRun:
         crash_flush_seconds: float = CRASH_FLUSH_SECONDS,
         preempt_flush_seconds: float = PREEMPT_FLUSH_SECONDS,
         groups: dict[Any, Any] | None = None,
+        lease: str | None = None,
     ) -> None:
         check_arguments(experiment_id, variation, run)
         self.chronicle = chronicle
@@ -168,6 +171,9 @@ class TrackedRun:
         self.crash_flush_seconds = crash_flush_seconds
         self.preempt_flush_seconds = preempt_flush_seconds
         self.groups: dict[Any, Any] = {} if groups is None else groups
+        #: The lease to start the explicit run with (a launcher's, so that its watcher's
+        #: teardown is bound to it); None: a fresh one.
+        self.lease = lease
         self.run: Run | None = None
         self.decision: Decision | None = None
         self.outcome: str | None = None  # succeeded | crashed | abandoned | preempted | cancelled
@@ -287,7 +293,14 @@ class TrackedRun:
                 key = ExperimentGroups.new_run(
                     client, decision.experiment_name, jsonable(config or {}), self.groups
                 )
-            run = client.run(*key, lease=decision.lease)
+            lease = decision.lease
+            if lease is None and tuple(key) == (
+                self.experiment_id,
+                self.variation,
+                self.run_number,
+            ):
+                lease = self.lease
+            run = client.run(*key, lease=lease)
             self._start(run, decision.resume, take_over)
             run.progress.touch()  # the stall window opens at the start
             self._keepalive = run.keep_alive(

@@ -5,6 +5,8 @@ Usage::
     chronicle [--url URL] [--api-key KEY] [--home DIR] [--timeout S] [-v] COMMAND ...
 
     chronicle server [--host 127.0.0.1] [--port 8765] [--store URL] [--assets DIR] ...
+    chronicle ui [--home DIR] [--port 8766]      # the web view of an embedded home
+    chronicle db upgrade --store URL              # migrate the schema (idempotent)
     chronicle create NAME [--variation JSON]... [--variations-file F]   # prints its id
     chronicle add-variation E JSON                # prints the new variation's number
     chronicle variations E                        # every variation with its config
@@ -54,7 +56,7 @@ Modules: :mod:`.parser` (``build_parser``, argument types), :mod:`.format` (tabl
 times, sizes, progress bar, JSON), :mod:`.errors` (exit codes, error reporting),
 :mod:`.connect` (the client the options select), and the commands by area: :mod:`.runs`
 (experiments, variations, runs), :mod:`.transfers` (assets, download, sync), :mod:`.workers`
-(exec, wait, server). The server's options are :mod:`chronicle_integrations._server_options`,
+(exec, wait, server, ui). The server's options are :mod:`chronicle_integrations._server_options`,
 shared with ``python -m chronicle_integrations.server``.
 """
 

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._config import DEFAULT_HOME, ENV_API_KEY, ENV_HOME, ENV_URL
-from .._server_options import add_server_options
+from .._config import DEFAULT_HOME, DEFAULT_UI_PORT, ENV_API_KEY, ENV_HOME, ENV_URL
+from .._server_options import add_server_options, port
 from .._validation import DEFAULT_PAGE_SIZE, EXPERIMENT_ID_RE, MAX_NUMBER, MAX_PAGE_SIZE
 from ..lifecycle import RunState
+from .db import cmd_db
 from .errors import EXIT_CODES_HELP, WAIT_CODES_HELP
 from .runs import (
     cmd_add_variation,
@@ -28,7 +29,7 @@ from .runs import (
     cmd_variations,
 )
 from .transfers import cmd_assets, cmd_download, cmd_sync
-from .workers import cmd_exec, cmd_server, cmd_wait
+from .workers import cmd_exec, cmd_server, cmd_ui, cmd_wait
 
 RUN_EXAMPLE = "lr-sweep-1a2b/0/3"
 
@@ -235,6 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("server", cmd_server, "run the reference Chronicle server", json_flag=False)
     add_server_options(p)
+
+    p = add(
+        "ui",
+        cmd_ui,
+        "serve the read-only web view of an embedded home (--home) on 127.0.0.1",
+        json_flag=False,
+    )
+    p.add_argument(
+        "--port",
+        type=port,
+        default=DEFAULT_UI_PORT,
+        metavar="P",
+        help=f"port on 127.0.0.1 (default {DEFAULT_UI_PORT}; 0: any free port)",
+    )
+
+    p = add(
+        "db",
+        cmd_db,
+        "the store's schema: upgrade it (idempotent, also on an empty database) or show it",
+    )
+    p.add_argument("action", choices=["upgrade", "status"], help="upgrade, or show the version")
+    p.add_argument("--store", required=True, metavar="URL", help="SQLAlchemy URL of the database")
 
     p = add(
         "exec",

@@ -204,6 +204,10 @@ def _event_text(event: Any) -> str:
     if event.kind == "teardown":  # the worker's supervisor acted; the state did not change
         detail = event.detail or {}
         return f"teardown {detail.get('signal', '')} {detail.get('target', '')}".strip()
+    if event.kind == "worker":  # a managed worker named itself for its executor
+        detail = event.detail or {}
+        name = detail.get("job_id") or detail.get("pid") or ""
+        return f"worker {detail.get('kind', '')} {name}".strip()
     src = event.from_state or ""
     return f"{src} -> {event.to_state}".strip()
 

@@ -1,5 +1,5 @@
 """``chronicle`` commands around a run's worker: exec (supervise it), wait (for the run to
-end), server (run the reference server)."""
+end), server (run the reference server), ui (the web view of an embedded home)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import sys
 import time
 from typing import TextIO
 
+from .. import _config
 from .._errors import ConfigurationError
 from .._server_options import serve_kwargs
 from ..lifecycle import RunState
-from .connect import open_client
+from .connect import home_dir, open_client
 from .errors import EXIT_OK, wait_exit_code
 from .format import answer, format_time, progress_text, public
 
@@ -97,4 +98,53 @@ def cmd_server(args: argparse.Namespace, out: TextIO) -> int:
         if value is not None:
             kwargs.setdefault(key, value)
     serve(**kwargs)
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace, out: TextIO) -> int:
+    """Serve the web view (and the API) of an embedded home on loopback, until interrupted.
+
+    The home's own watchdog settings (``$CHRONICLE_HEARTBEAT_TIMEOUT`` ...) apply, as for the
+    embedded clients writing to it, so the pages show the states those clients see. With a
+    server URL there is nothing to serve: its view is at ``URL/ui``."""
+    if args.url:
+        out.write(f"{args.url.rstrip('/')}/ui\n")
+        print(
+            "chronicle ui: the server serves its own view at that address "
+            "(log in with its API key); `chronicle ui` serves an embedded home",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    try:
+        from ..server import serve
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the web view needs extra packages ({exc.name} is missing): "
+            "pip install 'chronicle-integrations[server]'"
+        ) from exc
+    settings: dict[str, float] = {}
+    for key, env in (
+        ("heartbeat_timeout", _config.ENV_HEARTBEAT_TIMEOUT),
+        ("lost_grace", _config.ENV_LOST_GRACE),
+        ("stall_timeout", _config.ENV_STALL_TIMEOUT),
+    ):
+        seconds = _config.env_seconds(env)
+        if seconds is not None:
+            settings[key] = seconds
+    home = home_dir(args)
+    if not (home / "chronicle.db").is_file():
+        raise ConfigurationError(
+            f"no Chronicle store at {home}: pass --home DIR or set {_config.ENV_HOME}"
+        )
+    print(f"chronicle ui: http://127.0.0.1:{args.port}/ui (home {home})", file=sys.stderr)
+    # Loopback only and no key (the API key of the environment is a server's, not the
+    # home's): the guard's Host and Origin checks keep other sites' pages out.
+    serve(
+        home=home,
+        host="127.0.0.1",
+        port=args.port,
+        api_key="",
+        log_level="debug" if args.verbose else "warning",
+        **settings,  # type: ignore[arg-type]
+    )
     return EXIT_OK

@@ -71,6 +71,8 @@ def create_app(
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
     hosts: Iterable[str] = (),
     api_docs: bool = False,
+    ui: bool = True,
+    drain_timeout: float = 10.0,
 ) -> FastAPI:
     """Build the HTTP API over ``store``.
 
@@ -91,6 +93,11 @@ def create_app(
     ``api_docs``: also serve the interactive docs (``/docs``, ``/redoc``); off by default,
     as those pages load their scripts from a third-party CDN. ``/openapi.json`` is always
     served.
+    ``ui``: also serve the read-only web view under ``/ui`` (``/`` redirects there; see
+    :mod:`.ui`); its pages need the API key too (a login form exchanges it for a cookie).
+    ``drain_timeout``: at shutdown (after the ASGI server finished the requests in flight),
+    the seconds the heartbeat lane's pending group commit and the upload writers get to
+    finish before the process exits regardless.
     """
     interval = (
         float(sweep_interval)
@@ -121,10 +128,17 @@ def create_app(
         finally:
             stop.set()
             executor = uploads.pop("executor")
-            if lane is not None:
-                await anyio.to_thread.run_sync(lane.close)
-            await anyio.to_thread.run_sync(watchdog.join, 10.0)
-            await anyio.to_thread.run_sync(executor.shutdown)
+            if lane is not None:  # the pending group commit is applied before we exit
+                await anyio.to_thread.run_sync(lane.close, drain_timeout)
+            await anyio.to_thread.run_sync(watchdog.join, drain_timeout)
+            # Upload batches already handed to a writer finish (bounded); none start.
+            drained = threading.Thread(
+                target=executor.shutdown, kwargs={"cancel_futures": True}, daemon=True
+            )
+            drained.start()
+            await anyio.to_thread.run_sync(drained.join, drain_timeout)
+            if drained.is_alive():
+                log.warning("upload writers still busy after %.1f s; exiting", drain_timeout)
 
     app = FastAPI(
         title="Chronicle",
@@ -147,6 +161,10 @@ def create_app(
         )
     )
     app.include_router(build_direct_router(store), prefix="/v1")
+    if ui:
+        from .ui.views import install_ui  # (imports Jinja2: only for a server with the view)
+
+        install_ui(app, store)
     app.add_middleware(
         RequestGuard,
         api_key=api_key,
@@ -169,7 +187,7 @@ def _watchdog(store: Store, interval: float, stop: threading.Event) -> None:
     failing = False
     while not stop.wait(interval):
         try:
-            store.sweep()
+            store.sweep_if_due(interval)  # replicas take turns (watchdog.py)
             store.expire_uploads(every=store.expiry_check_interval)
         except Exception:
             # Log the first failure of a streak with its traceback, later ones briefly.

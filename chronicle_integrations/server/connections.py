@@ -10,8 +10,17 @@ with the bounds that close those holes, applied before any ASGI code runs:
   keep-alive connection) the whole head must arrive within ``head_timeout`` seconds, else the
   connection is closed (like nginx's ``client_header_timeout``: nothing is sent back);
 * a **head size** limit (``max_head_bytes``) and a **header count** limit (``max_headers``):
-  beyond either the request is answered ``431`` with the standard error body and the
-  connection is closed, having buffered at most one read beyond the limit;
+  beyond either the request is answered ``431`` with the standard error body. The parser
+  never sees more than ``max_head_bytes`` of an unfinished head (the rest of the read is
+  dropped unparsed), and the refused connection is then held, not read, for
+  ``refusal_linger`` seconds before it is closed: a peer that reads the answer closes first,
+  while one that re-opens every connection the server closes (an endless-header stream) is
+  slowed to one refusal per linger instead of hundreds a second of parsing work;
+* a **lingering close**: when a response ends a connection (``Connection: close``, e.g. a 413
+  sent before the body was read), the server half-closes its side and reads and discards what
+  the peer still sends (up to ``close_linger_bytes``, for ``close_linger`` seconds at most)
+  before it closes: a client still writing its body then reads the answer, instead of a
+  connection reset that loses it (nginx's ``lingering_close``);
 * a **connection cap** (``max_connections``, at most the descriptors the process may open, less
   a reserve for the database and the assets): a new connection beyond it evicts the oldest
   connection that is still waiting for a head (an idle or half-sent one), so peers that hold
@@ -60,10 +69,31 @@ class ConnectionLimits:
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
     max_connections: int = 4096
+    refusal_linger: float = 1.0
+    close_linger: float = 5.0
+    close_linger_bytes: int = 64 * 2**20
 
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that broke a limit."""
+
+
+class _LingeringTransport:
+    """The transport uvicorn's protocol writes to, with ``close()`` made a lingering close
+    (see :meth:`GuardedProtocol._linger`); everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, owner: GuardedProtocol) -> None:
+        self._transport = transport
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._owner._linger()
+
+    def is_closing(self) -> bool:
+        return self._owner._lingering is not None or self._transport.is_closing()
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -83,10 +113,16 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._refusal: str | None = None
+        self._refused = False
+        self._raw: asyncio.Transport | None = None
+        #: While lingering: the timer that ends it, and the bytes discarded so far.
+        self._lingering: asyncio.TimerHandle | None = None
+        self._discarded = 0
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw = transport
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._await_head()
         if len(self.connections) > self.limits.max_connections:
             oldest = next(iter(self.waiting))
@@ -98,20 +134,39 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        if self._lingering is not None:
+            self._lingering.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._await_head()  # the first bytes of the next request on a kept-alive connection
-        if self._deadline is not None:
-            self._head_bytes += len(data)
-        super().data_received(data)  # refusals from the callbacks end in send_400_response
-        if (
-            self._deadline is not None
-            and self._head_bytes > self.limits.max_head_bytes
-            and not self.transport.is_closing()
-        ):
-            self._refuse(f"the request head exceeds {self.limits.max_head_bytes} bytes")
+        if self._lingering is not None:
+            self._discarded += len(data)  # the rest of a body nobody will read
+            if self._discarded > self.limits.close_linger_bytes:
+                self._close()
+            return
+        if self._refused:
+            return  # answered and lingering: nothing more is parsed
+        if self._deadline is None:
+            super().data_received(data)
+            return
+        budget = self.limits.max_head_bytes - self._head_bytes
+        self._head_bytes += len(data)
+        if len(data) <= budget:
+            super().data_received(data)  # refusals from the callbacks end in send_400_response
+            return
+        # This read would take an unfinished head past the limit: parse only what the head may
+        # still take. If the head completes inside it, the rest is body (or the next request)
+        # and is parsed as usual; if not, the rest is dropped unparsed and the head refused.
+        if budget > 0:
+            super().data_received(data[:budget])
+        if self.transport.is_closing() or self._refused:
+            return
+        if self._deadline is None:
+            super().data_received(data[budget:])
+            return
+        self._refuse(f"the request head exceeds {self.limits.max_head_bytes} bytes")
 
     # -- parser callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -169,12 +224,34 @@ class GuardedProtocol(HttpToolsProtocol):
                 ]
             )
         )
-        self._close()
+        self._refused = True
+        self._head_done()
+        self.transport.pause_reading()
+        self.loop.call_later(self.limits.refusal_linger, self._close)
+        self.waiting[self] = None  # evictable first under the connection cap
+
+    def _linger(self) -> None:
+        """Close after the response. When the request's body was not read to its end, send
+        FIN now, discard what the peer still sends, and close when it closes too, or after
+        ``close_linger`` s or ``close_linger_bytes``; otherwise close at once."""
+        raw = self._raw
+        if raw is None or raw.is_closing() or self._lingering is not None:
+            return
+        self._head_done()
+        unread = self.cycle is not None and self.cycle.more_body
+        if not unread or not raw.can_write_eof():
+            raw.close()  # nothing left unread (an idle keep-alive, a shutdown): close at once
+            return
+        self._lingering = self.loop.call_later(self.limits.close_linger, self._close)
+        raw.write_eof()  # after what is buffered: the peer reads the whole answer, then EOF
+        raw.resume_reading()
+        self.waiting[self] = None  # evictable under the connection cap
 
     def _close(self) -> None:
         self._head_done()
-        if not self.transport.is_closing():
-            self.transport.close()
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            raw.close()
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:

@@ -73,14 +73,15 @@ class HeartbeatLane:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def close(self) -> None:
-        """Stop the writer thread once the heartbeats already handed to it are applied."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the writer thread once the heartbeats already handed to it are applied
+        (waiting at most ``timeout`` seconds)."""
         with self._wake:
             self._closed = True
             self._wake.notify_all()
         thread = self._thread
         if thread is not None:
-            thread.join(10.0)
+            thread.join(timeout)
 
     async def handle(
         self,

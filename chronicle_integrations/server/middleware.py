@@ -3,6 +3,8 @@
 It is plain ASGI middleware so that it runs before routing and before FastAPI reads a body:
 
 * an unauthenticated client gets 401 before the server reads a single byte of its body;
+* the web view (``/ui``) is admitted by :class:`~.ui.auth.UiAuth`: its login form, and a
+  session cookie that authorises reads (``GET``/``HEAD``) as the key would;
 * a server without an API key (loopback only) answers only requests addressed to it: a
   ``Host`` that is not a loopback name (DNS rebinding: a web page's own name resolving to
   127.0.0.1) or a cross-site ``Origin`` (a page's ``fetch`` or ``<form>`` POST) gets 403
@@ -44,6 +46,7 @@ from .._errors import (
     Unauthorized,
 )
 from .fastlane import HEARTBEAT_PATH, MAX_HEARTBEAT_BYTES, HeartbeatLane
+from .ui.auth import UiAuth, is_ui_path, with_security_headers
 
 __all__ = ["LOOPBACK_HOSTS", "MAX_JSON_DEPTH", "RequestGuard", "error_response"]
 
@@ -55,7 +58,7 @@ MAX_JSON_DEPTH = 64
 #: Paths anyone may read, with or without the API key: liveness probes and the API's own
 #: description (it documents the API; it holds no data).
 PUBLIC_PATHS = frozenset(
-    {"/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {"/v1/health", "/v1/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
 
 #: The names a keyless (loopback) server answers to, besides the ``--host`` it listens on.
@@ -96,6 +99,9 @@ class RequestGuard:
         )
         self.max_json_bytes = max_json_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        #: The web view's sessions (``ui/auth.py``): its login, and the cookie that lets a
+        #: browser read what the key would.
+        self.ui = UiAuth(self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,10 +135,17 @@ class RequestGuard:
         if refusal is not None:
             await error_response(Forbidden(refusal))(scope, receive, send)
             return
+        if is_ui_path(path):  # the web view: GET pages, its login form; no JSON bodies
+            secured = with_security_headers(send)
+            bearer = self.api_key is not None and self._authorised(headers.get(b"authorization"))
+            if await self.ui.admit(scope, receive, secured, headers, bearer):
+                await self.app(scope, receive, secured)
+            return
         if (
             self.api_key is not None
             and path not in PUBLIC_PATHS
             and not self._authorised(headers.get(b"authorization"))
+            and not self.ui.has_session(method, headers)
         ):
             await error_response(
                 Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'"),

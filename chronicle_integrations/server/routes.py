@@ -35,6 +35,7 @@ from .._errors import (
     ServerError,
     StorageFull,
     Unauthorized,
+    Unavailable,
 )
 from .._models import Page
 from .._version import __version__
@@ -130,6 +131,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
         "The bytes received do not hash to the declared SHA-256; nothing was stored.",
     ),
     500: (ServerError.code, "A server bug or database outage; retry later."),
+    503: (Unavailable.code, "This replica's database does not answer; try another replica."),
     507: (StorageFull.code, "The asset store is full; the upload can resume later."),
 }
 
@@ -188,6 +190,19 @@ def build_router(
     async def health() -> JSONResponse:
         """Liveness probe; needs no API key."""
         return JSONResponse({"status": "ok", "version": __version__})
+
+    @router.get(
+        "/ready",
+        response_model=wire.Ready,
+        tags=["health"],
+        openapi_extra={"security": []},
+        responses=_errors(503, auth=False),
+    )
+    def ready() -> JSONResponse:
+        """Readiness probe for a load balancer: 200 when this replica's database answers,
+        503 ``unavailable`` otherwise (send the traffic elsewhere); needs no API key."""
+        version = store.ready()
+        return JSONResponse({"status": "ready", "version": __version__, "schema_version": version})
 
     # ------------------------------------------------------------------ experiments
     @router.post(

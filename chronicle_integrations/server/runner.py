@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import ipaddress
 import logging
+import logging.config
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ from .._config import (
     ENV_HOME,
     ENV_S3_PUBLIC_ENDPOINT_URL,
 )
+from .._config import prepare_threshold as parse_prepare_threshold
 from .._errors import ConfigurationError
 from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS, UPLOAD_MODES
 from .._version import __version__
@@ -35,7 +37,10 @@ from .app import (
 if TYPE_CHECKING:
     from .connections import ConnectionLimits
 
-__all__ = ["is_loopback", "serve"]
+__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "is_loopback", "serve"]
+
+#: Seconds a SIGTERM leaves requests in flight to finish (``--shutdown-timeout``).
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +154,11 @@ def serve(
     s3_part_size: int | None = None,
     s3_url_expiry: int | None = None,
     uploads: str | None = None,
+    db_pool_size: int | None = None,
+    db_max_overflow: int | None = None,
+    db_prepare_threshold: int | str | None = "",
+    migrate: bool = True,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Run the Chronicle server until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
@@ -170,6 +180,15 @@ def serve(
     through presigned URLs; ``proxied``: through this server).
     Listening beyond loopback without an API key is refused with
     :class:`ConfigurationError`, as are invalid settings.
+
+    Several replicas on one PostgreSQL (README "Scaling out"): ``db_pool_size`` /
+    ``db_max_overflow`` bound this replica's connections (``$CHRONICLE_DB_POOL_SIZE`` /
+    ``_MAX_OVERFLOW``, else 10 + 20); ``db_prepare_threshold``: ``"none"`` behind pgbouncer in
+    transaction mode (``"auto"``, the default: none when the URL has ``?pgbouncer=true``);
+    ``migrate=False`` refuses a schema that needs migrating instead of migrating it
+    (``chronicle db upgrade`` does that); ``shutdown_timeout``: on SIGTERM, the seconds
+    requests in flight get to finish (the readiness check answers 503 meanwhile, the
+    heartbeat lane's pending group commit and the upload writers are drained after).
     """
     if api_key is None:
         api_key = os.environ.get(ENV_API_KEY)
@@ -198,7 +217,7 @@ def serve(
 
     import uvicorn  # the server's own dependency, imported only when serving
 
-    from ..store import Store
+    from ..store import DatabaseOptions, Store
     from .connections import (
         ConnectionLimits,
         Throttle,
@@ -219,7 +238,7 @@ def serve(
         "log_level": level,
         "log_config": _log_config(level),
         "http": guarded_protocol(limits),
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": shutdown_timeout,
         "server_header": False,
     }
     timeouts: dict[str, float] = {
@@ -244,8 +263,19 @@ def serve(
         url_expiry=s3_url_expiry,
         uploads=uploads,
     )
+    if not shutdown_timeout > 0:
+        raise ConfigurationError("shutdown_timeout must be > 0")
+    threshold = (
+        parse_prepare_threshold(db_prepare_threshold)
+        if isinstance(db_prepare_threshold, str) and db_prepare_threshold
+        else db_prepare_threshold
+    )
+    database = DatabaseOptions.resolve(db_pool_size, db_max_overflow, threshold)
+    # The log config before the store opens (uvicorn applies it again when Config is built):
+    # the store's own messages at open (migrations, a newer compatible schema) are shown.
+    logging.config.dictConfig(config_kwargs["log_config"])
     options: dict[str, Any] = {**blob_options, **timeouts}
-    store = Store.open(store_url, assets_dir, **options)
+    store = Store.open(store_url, assets_dir, database=database, migrate=migrate, **options)
     try:
         app = create_app(
             store,
@@ -255,6 +285,7 @@ def serve(
             upload_idle_timeout=upload_idle_timeout,
             upload_min_rate=upload_min_rate,
             hosts=[host],
+            drain_timeout=shutdown_timeout,
         )
         server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))  # configures logging
         throttle = Throttle()
@@ -268,7 +299,8 @@ def serve(
         gc.freeze()
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "Chronicle server %s on http://%s:%d (store %s, assets %s%s, API key %s)",
+            "Chronicle server %s on http://%s:%d, web view at /ui (store %s, assets %s%s, "
+            "API key %s)",
             __version__,
             shown,
             port,

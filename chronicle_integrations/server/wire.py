@@ -137,8 +137,11 @@ class FailRequest(_Request):
 
 
 class RecordEventRequest(_Request):
-    kind: Literal["teardown"] = Field(description="The kind of event (`teardown`).")
-    cause: Literal["teardown_requested", "teardown_done", "teardown_failed"]
+    kind: Literal["teardown", "worker"] = Field(
+        description="The kind of event: `teardown`, or `worker` (a managed worker names "
+        "itself for its executor)."
+    )
+    cause: Literal["teardown_requested", "teardown_done", "teardown_failed", "worker_started"]
     detail: dict[str, Any] | None = Field(
         default=None,
         description='A small JSON object (4 KiB max), e.g. `{"signal": "SIGTERM", '
@@ -173,6 +176,14 @@ class CompleteUploadRequest(_Request):
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
+
+
+class Ready(BaseModel):
+    """The readiness check: this replica's database answers (503 ``unavailable`` if not)."""
+
+    status: Literal["ready"]
+    version: str
+    schema_version: int = Field(description="The database's chronicle schema version.")
 
 
 class _Page(BaseModel):
@@ -246,7 +257,7 @@ class RunList(_Page):
 
 class Event(BaseModel):
     id: int
-    kind: Literal["transition", "asset", "teardown"]
+    kind: Literal["transition", "asset", "teardown", "worker"]
     from_state: str | None
     to_state: str | None
     at: float
@@ -254,7 +265,8 @@ class Event(BaseModel):
         description="What caused it: start, resume, heartbeat, succeed, "
         "fail_crash, fail_abandoned, watchdog, create, upload; for a `teardown` event "
         "(recorded by the supervisor of a Chronicle-managed worker, never a state change): "
-        "teardown_requested, teardown_done, teardown_failed."
+        "teardown_requested, teardown_done, teardown_failed; for a `worker` event (a "
+        "managed worker naming its process or SLURM job): worker_started."
     )
     detail: dict[str, Any] | None = None
 

@@ -10,6 +10,7 @@ from .core import (
     DEFAULT_MAX_ASSET_BYTES,
     DEFAULT_UPLOAD_EXPIRY,
     ChunkWriter,
+    DatabaseOptions,
     Store,
     make_engine,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_UPLOAD_EXPIRY",
     "BlobStore",
     "ChunkWriter",
+    "DatabaseOptions",
     "LocalBlobStore",
     "Store",
     "make_engine",

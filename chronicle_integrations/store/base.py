@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,24 +22,30 @@ import sqlalchemy as sa
 
 from .. import _validation as check
 from .._config import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_LOST_GRACE, DEFAULT_STALL_TIMEOUT
-from .._errors import ConfigurationError, InvalidTransition, LeaseConflict, NotFound
+from .._errors import (
+    ConfigurationError,
+    InvalidTransition,
+    LeaseConflict,
+    NotFound,
+    Unavailable,
+)
 from ..lifecycle import LEASED_ACTIONS, Action, RunState
 from . import schema as t
 from .blobs import BlobStore
+from .clock import store_clock
 from .engine import _translate_db_errors
 
 log = logging.getLogger(__name__)
 
 # The watchdog's defaults live with every other setting (a running run whose heartbeats
 # carry progress that has not advanced for DEFAULT_STALL_TIMEOUT is flagged ``stalled``).
+#: PostgreSQL advisory lock keys: schema migrations, and the watchdog's fleet-wide sweep.
+MIGRATION_LOCK = 727001
+SWEEP_LOCK = 727002
 #: An unfinished upload that received no chunk for this long is dropped with its bytes.
 DEFAULT_UPLOAD_EXPIRY = 86400.0
 #: The largest asset: the bound of an upload that declared no size (and of declared sizes).
 DEFAULT_MAX_ASSET_BYTES = 2**40
-
-
-def _now_clock() -> float:
-    return time.time()
 
 
 class StoreBase:
@@ -54,7 +61,8 @@ class StoreBase:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
         max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
-        clock: Callable[[], float] = _now_clock,
+        clock: Callable[[], float] | None = None,
+        migrate: bool = True,
     ) -> None:
         if heartbeat_timeout <= 0 or lost_grace < 0:
             raise ConfigurationError("heartbeat_timeout must be > 0 and lost_grace >= 0")
@@ -69,7 +77,9 @@ class StoreBase:
         self.upload_expiry = float(upload_expiry)
         #: Most bytes one asset may have (413 ``payload_too_large`` beyond).
         self.max_asset_bytes = int(max_asset_bytes)
-        self.clock = clock
+        #: "Now" for everything the store records and judges (see :mod:`.clock`: the
+        #: database's clock on PostgreSQL, the process clock on SQLite, unless injected).
+        self.clock: Callable[[], float] = clock if clock is not None else store_clock(engine)
         self._sqlite = engine.dialect.name == "sqlite"
         #: A SQLite file this process may not write (see :func:`make_engine`): reads only.
         self.read_only = self._sqlite and engine.url.query.get("mode") == "ro"
@@ -77,9 +87,13 @@ class StoreBase:
         self._last_sweep = 0.0
         self._last_expiry = -math.inf  # (time.monotonic() of the last expire_uploads)
         self._sweep_lock = threading.Lock()
+        #: This replica's name in the fleet (who made the last sweep).
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"[:256]
+        where = engine.url.render_as_string(hide_password=True)
         with self._read() as conn:
-            version = t.current_version(conn)
-        if version == t.SCHEMA_VERSION:
+            info = t.schema_info(conn)
+        version = info.version
+        if not t.check_version(info, may_migrate=migrate or self.read_only, url=where):
             return  # nothing to create or migrate: no write lock taken
         if self.read_only:
             raise ConfigurationError(
@@ -87,11 +101,27 @@ class StoreBase:
                 f"{version}) is not this chronicle's ({t.SCHEMA_VERSION}): open it once with "
                 "write access (or with the matching chronicle-integrations version)"
             )
-        with self._write() as conn:
-            if not self._sqlite:
-                # Serialise concurrent first opens: only one process creates the schema.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727001)"))
-            t.migrate(conn)
+        self.upgrade_schema()
+
+    def upgrade_schema(self) -> int:
+        """Bring the schema to this code's version (``chronicle db upgrade``); idempotent, a
+        no-op on a current or newer compatible schema. Returns the database's version."""
+        with self._write_lock or contextlib.nullcontext():
+            return upgrade_schema(self.engine)
+
+    def ready(self) -> int:
+        """The readiness check (``GET /v1/ready``): the database answers and its schema is one
+        this code serves. Returns the schema version; :class:`Unavailable` otherwise."""
+        try:
+            with self.engine.connect() as conn:
+                info = t.schema_info(conn)
+                conn.rollback()
+            t.check_version(info, may_migrate=True)
+        except Exception as exc:
+            raise Unavailable(f"the database does not answer: {exc}") from exc
+        if info.version < t.MIN_SCHEMA_VERSION:
+            raise Unavailable(f"the database's schema (version {info.version}) is not served")
+        return info.version
 
     # ------------------------------------------------------------------ transactions
     @contextlib.contextmanager
@@ -188,6 +218,20 @@ class StoreBase:
 
 
 # ---------------------------------------------------------------------- helpers
+def upgrade_schema(engine: sa.Engine) -> int:
+    """Migrate the database behind ``engine`` (made by :func:`.engine.make_engine`) to this
+    code's schema, in one write transaction under the migration lock (a PostgreSQL advisory
+    lock: transaction-scoped, so it holds through pgbouncer's transaction pooling; SQLite's
+    ``BEGIN IMMEDIATE``). Idempotent, also on an empty database; concurrent callers serialise
+    and only the first migrates. Returns the database's schema version."""
+    with engine.connect() as raw:
+        conn = raw.execution_options(chronicle_write=True)
+        with _translate_db_errors(), conn.begin():
+            if engine.dialect.name != "sqlite":
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            return t.migrate(conn)
+
+
 def _request_key(kind: str, request_id: str, *params: str) -> str:
     """An idempotency key bound to the request's parameters: a request id replayed with other
     parameters (another variation, another config) is a new request, never the old answer."""

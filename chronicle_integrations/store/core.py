@@ -15,6 +15,7 @@ mixins, each in its own module, layered on the shared state of :class:`~.base.St
 * :mod:`.heartbeats`: the heartbeat fast path and ``heartbeat_many``'s batching;
 * :mod:`.assets`: assets, resumable uploads and their expiry;
 * :mod:`.direct`: direct uploads to S3 through presigned URLs;
+* :mod:`.summaries`: overviews (runs counted per effective state, ranges of variation configs);
 * :mod:`.pages` (cursors and page cutting) and :mod:`.engine` (``make_engine``) are functions.
 
 Concurrency model
@@ -72,9 +73,10 @@ from .base import (
 )
 from .blobs import open_blob_store
 from .direct import DirectMixin
-from .engine import make_engine
+from .engine import DatabaseOptions, make_engine
 from .heartbeats import HeartbeatMixin
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
+from .summaries import SummariesMixin
 
 if TYPE_CHECKING:
     from .s3 import S3Settings
@@ -87,12 +89,13 @@ __all__ = [
     "DEFAULT_UPLOAD_EXPIRY",
     "MAX_CURSOR",
     "ChunkWriter",
+    "DatabaseOptions",
     "Store",
     "make_engine",
 ]
 
 
-class Store(HeartbeatMixin, DirectMixin):
+class Store(HeartbeatMixin, DirectMixin, SummariesMixin):
     """The Chronicle store over a SQLAlchemy engine and a blob store.
 
     Example::
@@ -110,14 +113,17 @@ class Store(HeartbeatMixin, DirectMixin):
         url: str,
         assets: str | os.PathLike[str],
         *,
+        database: DatabaseOptions | None = None,
         work_dir: str | os.PathLike[str] | None = None,
         s3: S3Settings | None = None,
         **kwargs: Any,
     ) -> Store:
-        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``, its
-        asset bytes in ``assets`` (a directory or ``s3://bucket/prefix``; ``work_dir`` and
-        ``s3``: see :func:`~.blobs.open_blob_store`)."""
-        return cls(make_engine(url), open_blob_store(assets, work_dir=work_dir, s3=s3), **kwargs)
+        """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``
+        (``database``: PostgreSQL pool and prepared statements, see :class:`DatabaseOptions`),
+        its asset bytes in ``assets`` (a directory or ``s3://bucket/prefix``; ``work_dir``
+        and ``s3``: see :func:`~.blobs.open_blob_store`)."""
+        blobs = open_blob_store(assets, work_dir=work_dir, s3=s3)
+        return cls(make_engine(url, database), blobs, **kwargs)
 
     @classmethod
     def open_home(cls, home: str | os.PathLike[str], **kwargs: Any) -> Store:

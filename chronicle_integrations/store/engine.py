@@ -6,16 +6,24 @@ PostgreSQL with a pre-pinged pool) and the translation of database errors into
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import OperationalError
 
+from .._config import (
+    ENV_DB_MAX_OVERFLOW,
+    ENV_DB_POOL_SIZE,
+    ENV_DB_PREPARE_THRESHOLD,
+    env_count,
+)
+from .._config import prepare_threshold as parse_prepare_threshold
 from .._errors import ConfigurationError, ServerError
 
 
@@ -27,9 +35,80 @@ def _translate_db_errors() -> Iterator[None]:
         raise ServerError(f"database error: {exc.orig}") from exc
 
 
-def make_engine(url: str) -> sa.Engine:
+#: The PostgreSQL pool of one store (one server replica): at most ``pool_size +
+#: max_overflow`` connections, which is the figure the connection budget counts per replica.
+DEFAULT_POOL_SIZE = 10
+DEFAULT_MAX_OVERFLOW = 20
+#: The URL query flag that says a pgbouncer in transaction mode is in front of PostgreSQL
+#: (``postgresql://.../db?pgbouncer=true``): statements are never prepared (see below).
+PGBOUNCER_FLAG = "pgbouncer"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseOptions:
+    """How a store talks to PostgreSQL (ignored on SQLite).
+
+    ``prepare_threshold``: psycopg 3 prepares a statement server-side after it ran this many
+    times on a connection (psycopg's default: 5). Behind pgbouncer in transaction mode the
+    next transaction may run on another server connection, where that prepared statement
+    does not exist (``prepared statement "_pg3_0" does not exist``), so it must be None (never
+    prepare); ``"auto"`` means None when the URL carries ``?pgbouncer=true``, psycopg's default
+    otherwise. The heartbeat fast path runs one statement thousands of times a second: exactly
+    what psycopg prepares.
+
+    Example::
+
+        make_engine("postgresql://chronicle@pgbouncer:6432/chronicle?pgbouncer=true",
+                    DatabaseOptions(pool_size=5, max_overflow=5))
+    """
+
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_overflow: int = DEFAULT_MAX_OVERFLOW
+    prepare_threshold: int | Literal["auto"] | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1 or self.max_overflow < 0:
+            raise ConfigurationError("the database pool needs pool_size >= 1, max_overflow >= 0")
+        threshold = self.prepare_threshold
+        if threshold not in ("auto", None) and (not isinstance(threshold, int) or threshold < 0):
+            raise ConfigurationError(
+                f"invalid prepare_threshold {threshold!r}: a count >= 0, None or 'auto'"
+            )
+
+    @classmethod
+    def resolve(
+        cls,
+        pool_size: int | None = None,
+        max_overflow: int | None = None,
+        prepare_threshold: int | str | None = "",
+    ) -> DatabaseOptions:
+        """The options a server runs with: each given value, else its environment variable
+        (``CHRONICLE_DB_POOL_SIZE``, ``_MAX_OVERFLOW``, ``_PREPARE_THRESHOLD``), else the
+        default. ``prepare_threshold=""`` means not given (None is a value: never prepare)."""
+        if pool_size is None:
+            pool_size = env_count(ENV_DB_POOL_SIZE)
+        if max_overflow is None:
+            max_overflow = env_count(ENV_DB_MAX_OVERFLOW, zero_ok=True)
+        if prepare_threshold == "":
+            raw = os.environ.get(ENV_DB_PREPARE_THRESHOLD, "").strip()
+            prepare_threshold = parse_prepare_threshold(raw) if raw else "auto"
+        return cls(
+            pool_size=DEFAULT_POOL_SIZE if pool_size is None else pool_size,
+            max_overflow=DEFAULT_MAX_OVERFLOW if max_overflow is None else max_overflow,
+            prepare_threshold=prepare_threshold,  # type: ignore[arg-type]
+        )
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections one store (one replica) opens."""
+        return self.pool_size + self.max_overflow
+
+
+def make_engine(url: str, options: DatabaseOptions | None = None) -> sa.Engine:
     """A SQLAlchemy engine tuned for the store: SQLite in WAL mode with a busy timeout and
-    ``BEGIN IMMEDIATE`` for write transactions; PostgreSQL with a pre-pinged pool."""
+    ``BEGIN IMMEDIATE`` for write transactions; PostgreSQL with a pre-pinged pool sized and
+    prepared as ``options`` say (:class:`DatabaseOptions`)."""
+    options = options or DatabaseOptions()
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError as exc:
@@ -50,8 +129,23 @@ def make_engine(url: str) -> sa.Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        behind_pgbouncer = _truthy(parsed.query.get(PGBOUNCER_FLAG))
+        parsed = parsed.difference_update_query([PGBOUNCER_FLAG])  # not a libpq parameter
+        threshold = options.prepare_threshold
+        if threshold == "auto":
+            threshold = None if behind_pgbouncer else _PSYCOPG_DEFAULT
+        if threshold != _PSYCOPG_DEFAULT and parsed.drivername == "postgresql+psycopg":
+            connect_args["prepare_threshold"] = threshold
     try:
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return sa.create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=options.pool_size,
+            max_overflow=options.max_overflow,
+            connect_args=connect_args,
+        )
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
             f"the driver for {parsed.drivername} is not installed: "
@@ -59,6 +153,16 @@ def make_engine(url: str) -> sa.Engine:
         ) from exc
     except sa.exc.NoSuchModuleError as exc:  # an unknown dialect, e.g. "nonsense://"
         raise ConfigurationError(f"unsupported store URL {url!r}: {exc}") from exc
+
+
+#: psycopg 3's own default prepare threshold (left unset when wanted).
+_PSYCOPG_DEFAULT = 5
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, tuple):
+        value = value[-1] if value else ""
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _read_only_url(url: sa.URL, path: Path) -> sa.URL:

@@ -182,6 +182,16 @@ class RunsMixin(WatchdogMixin):
             ),
         )
 
+    def _stalled_sql(self, now: float) -> sa.ColumnElement[bool]:
+        """The SQL form of :meth:`_info`'s ``stalled`` rule (the two sit side by side so they
+        cannot drift): effectively ``running`` with progress older than ``stall_timeout``."""
+        c = t.runs.c
+        return sa.and_(
+            self._effective_sql(now) == RunState.RUNNING.value,
+            c.progress_at.is_not(None),
+            c.progress_at < now - self.stall_timeout,
+        )
+
     def _reload(self, conn: sa.Connection, key: tuple[str, int, int]) -> Any:
         return conn.execute(_runs_with_asset_count().where(_run_pk(*key))).one()
 

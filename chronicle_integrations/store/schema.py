@@ -6,12 +6,32 @@ version number in the database, an ordered list of migration steps in code, and 
 two processes opening a fresh database do not both migrate it. That is the whole of this module
 (~50 lines); Alembic would add a dependency and an environment to configure for no gain here.
 A database written by a newer Chronicle is refused with a clear message instead of misread.
+
+Rolling upgrades (several server replicas on one PostgreSQL)
+------------------------------------------------------------
+The database records two numbers in ``chronicle_schema``: ``version`` (the last migration
+applied) and ``compatible_from`` (the oldest code schema version that may still serve it).
+The rule that lets an old replica keep serving while a new one has migrated:
+
+* **Within a minor version, migrations are additive** (expand only): new tables, new nullable
+  (or defaulted) columns, new indexes. Old code never names them, so it reads and writes as
+  before. Such a migration leaves ``compatible_from`` where it was.
+* A migration that removes, renames or retypes anything old code uses (contract) raises
+  ``compatible_from`` to its own version, and ships in a new minor version only, after every
+  replica runs code that no longer needs what it removes.
+
+Code whose :data:`SCHEMA_VERSION` is below the database's ``version`` serves it when
+``compatible_from`` is not above :data:`SCHEMA_VERSION`, and refuses otherwise; code refuses a
+database older than :data:`MIN_SCHEMA_VERSION` unless it may migrate (``chronicle server``
+migrates by default, ``--no-migrate`` refuses instead; ``chronicle db upgrade`` migrates and
+exits). :func:`check_version` is that gate, in one place.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -136,6 +156,18 @@ schema_version = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("version", sa.Integer, nullable=False),
+    # v4: the oldest code schema version that may serve this database (see the module).
+    sa.Column("compatible_from", sa.Integer),
+)
+
+# v4: the watchdog's last sweep, fleet-wide: server replicas on one PostgreSQL take turns
+# (``pg_try_advisory_xact_lock``) and skip a sweep another replica made recently.
+watchdog = sa.Table(
+    "chronicle_watchdog",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("swept_at", sa.Float),
+    sa.Column("swept_by", sa.String(256)),
 )
 
 
@@ -166,16 +198,90 @@ def _v3(conn: sa.Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _v4(conn: sa.Connection) -> None:
+    """Rolling upgrades (``compatible_from``) and the fleet-wide watchdog sweep."""
+    _add_missing_columns(conn, schema_version, ["compatible_from"])
+    watchdog.create(conn, checkfirst=True)
+    if conn.execute(sa.select(watchdog.c.id)).first() is None:
+        conn.execute(watchdog.insert().values(id=1))
+
+
 #: Ordered migrations; the schema version is the index of the last one applied, plus one.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
+#: Within a minor version, only additive ones (see the module docstring).
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
+#: The oldest database schema this code can serve without migrating it (it uses the
+#: ``chronicle_watchdog`` table of v4).
+MIN_SCHEMA_VERSION = 4
+#: What a database migrated by this code records as ``compatible_from``: the oldest code
+#: that may serve it. Only a contract migration raises it (versions before 4 predate it).
+COMPATIBLE_FROM = 4
+
+
+class SchemaInfo(NamedTuple):
+    """What the database says of its schema (``version`` 0: no schema yet)."""
+
+    version: int
+    compatible_from: int
 
 
 def current_version(conn: sa.Connection) -> int:
     """The database's schema version, read without writing (0: no schema yet)."""
-    if not sa.inspect(conn).has_table(schema_version.name):
-        return 0
-    return int(conn.execute(sa.select(schema_version.c.version)).scalar() or 0)
+    return schema_info(conn).version
+
+
+def schema_info(conn: sa.Connection) -> SchemaInfo:
+    """The database's schema version and ``compatible_from``, read without writing."""
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(schema_version.name):
+        return SchemaInfo(0, 0)
+    names = {c["name"] for c in inspector.get_columns(schema_version.name)}
+    columns = [schema_version.c.version]
+    if "compatible_from" in names:
+        columns.append(schema_version.c.compatible_from)
+    row = conn.execute(sa.select(*columns)).first()
+    if row is None:
+        return SchemaInfo(0, 0)
+    version = int(row[0] or 0)
+    compatible = row[1] if len(row) > 1 and row[1] is not None else version
+    return SchemaInfo(version, int(compatible))
+
+
+def check_version(info: SchemaInfo, *, may_migrate: bool, url: str = "the database") -> bool:
+    """The version gate: True when the database needs migrating (and ``may_migrate``), False
+    when this code can serve it as it is; :class:`ConfigurationError` with the fix otherwise."""
+    if info.version > SCHEMA_VERSION:
+        if info.compatible_from > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"{url} has chronicle schema version {info.version}, which needs chronicle "
+                f"code of schema version {info.compatible_from} or newer; this chronicle-"
+                f"integrations knows version {SCHEMA_VERSION}: upgrade chronicle-integrations "
+                "on this replica"
+            )
+        log.info(
+            "%s has schema version %d, newer than this chronicle's %d but compatible with it "
+            "(an additive migration: a rolling upgrade in progress)",
+            url,
+            info.version,
+            SCHEMA_VERSION,
+        )
+        return False
+    if info.version == SCHEMA_VERSION:
+        return False
+    if may_migrate:
+        return True
+    if info.version == 0:
+        raise ConfigurationError(
+            f"{url} has no chronicle schema yet and this server may not create it "
+            "(--no-migrate): run `chronicle db upgrade --store URL` first"
+        )
+    if info.version < MIN_SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"{url} has chronicle schema version {info.version}, older than the minimum this "
+            f"chronicle serves ({MIN_SCHEMA_VERSION}): run `chronicle db upgrade --store URL` "
+            "(or start a server without --no-migrate)"
+        )
+    return False
 
 
 def migrate(conn: sa.Connection) -> int:
@@ -193,14 +299,14 @@ def migrate(conn: sa.Connection) -> int:
     if current is None:
         current = 0
         conn.execute(schema_version.insert().values(id=1, version=0))
-    if current > SCHEMA_VERSION:
-        raise ConfigurationError(
-            f"this database has schema version {current}, newer than this chronicle "
-            f"understands ({SCHEMA_VERSION}); upgrade chronicle-integrations"
-        )
+    if current >= SCHEMA_VERSION:
+        # Newer (and compatible, or the gate refuses it) or already current: never downgrade.
+        check_version(schema_info(conn), may_migrate=True)
+        return int(current)
     for version in range(current, SCHEMA_VERSION):
         log.log(level, "migrating the chronicle schema to version %d", version + 1)
         MIGRATIONS[version](conn)
-    if current != SCHEMA_VERSION:
-        conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
+    conn.execute(
+        schema_version.update().values(version=SCHEMA_VERSION, compatible_from=COMPATIBLE_FROM)
+    )
     return SCHEMA_VERSION

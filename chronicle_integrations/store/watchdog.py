@@ -14,7 +14,8 @@ A run that is ``running`` (or ``lost``) and silent for more than ``heartbeat_tim
   (:meth:`WatchdogMixin._materialise`) and before its timeline is read
   (:meth:`WatchdogMixin._materialise_on_read`),
 * persisted for every run owed a transition by the set-based :meth:`WatchdogMixin.sweep`,
-  which :meth:`WatchdogMixin.maybe_sweep` runs at a cadence (with the expiry of idle uploads).
+  which :meth:`WatchdogMixin.maybe_sweep` runs at a cadence (with the expiry of idle uploads);
+  a fleet of server replicas takes turns through :meth:`WatchdogMixin.sweep_if_due`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 
 from ..lifecycle import RunState
 from . import schema as t
-from .base import StoreBase, _run_pk
+from .base import SWEEP_LOCK, StoreBase, _run_pk
 
 log = logging.getLogger(__name__)
 
@@ -139,30 +140,74 @@ class WatchdogMixin(StoreBase):
           ``BEGIN IMMEDIATE`` transaction, which no other writer can interleave.
         """
         now = self.clock()
+        with self._write() as conn:
+            if not self._sqlite:  # one sweep at a time across replicas (waits for another)
+                conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({SWEEP_LOCK})"))
+            moved = self._sweep_in(conn, now)
+        return self._swept(now, moved)
+
+    def sweep_if_due(self, every: float) -> dict[str, int] | None:
+        """The periodic sweep of a fleet of replicas: sweep unless another replica is
+        sweeping right now or swept less than ``every`` seconds ago (None: skipped).
+
+        PostgreSQL: ``pg_try_advisory_xact_lock`` (transaction-scoped, so it holds through
+        pgbouncer's transaction pooling) and the fleet's last sweep in ``chronicle_watchdog``,
+        on the one clock every replica shares (:mod:`.clock`): however many replicas run their
+        timers (each waits ``every`` between calls, so a lone replica never skips), the fleet
+        sweeps about once every ``every`` seconds, and at most ``2 * every`` apart while one
+        replica is up. SQLite (one host): :meth:`sweep`.
+        """
+        if self._sqlite:
+            return self.sweep()
+        now = self.clock()
+        with self._write() as conn:
+            if not conn.execute(
+                sa.text(f"SELECT pg_try_advisory_xact_lock({SWEEP_LOCK})")
+            ).scalar():
+                return None  # another replica is sweeping
+            last = conn.execute(
+                sa.select(t.watchdog.c.swept_at).where(t.watchdog.c.id == 1)
+            ).scalar()
+            if last is not None and now - last < every:
+                self._last_sweep = now
+                return None  # another replica swept recently
+            moved = self._sweep_in(conn, now)
+        return self._swept(now, moved)
+
+    def _sweep_in(self, conn: sa.Connection, now: float) -> dict[str, int]:
+        """Both steps of the sweep in the caller's write transaction, and its record."""
         c = t.runs.c
         lost_cut, expire_cut = self._lost_cut(now), self._expire_cut(now)
         expired_at = c.alive_at + self.heartbeat_timeout + self.lost_grace
-        with self._write() as conn:
-            lost = self._sweep_step(
-                conn,
-                sa.and_(c.state == _RUNNING, c.alive_at < lost_cut),
-                {"state": _LOST},
-                RunState.RUNNING,
-                RunState.LOST,
-                c.alive_at + self.heartbeat_timeout,
+        lost = self._sweep_step(
+            conn,
+            sa.and_(c.state == _RUNNING, c.alive_at < lost_cut),
+            {"state": _LOST},
+            RunState.RUNNING,
+            RunState.LOST,
+            c.alive_at + self.heartbeat_timeout,
+        )
+        expired = self._sweep_step(
+            conn,
+            sa.and_(c.state == _LOST, c.alive_at < expire_cut),
+            {"state": RunState.FAILED_LOST.value, "reason": "lost", "ended_at": expired_at},
+            RunState.LOST,
+            RunState.FAILED_LOST,
+            expired_at,
+        )
+        if not self._sqlite:
+            conn.execute(
+                t.watchdog.update()
+                .where(t.watchdog.c.id == 1)
+                .values(swept_at=now, swept_by=self.replica)
             )
-            expired = self._sweep_step(
-                conn,
-                sa.and_(c.state == _LOST, c.alive_at < expire_cut),
-                {"state": RunState.FAILED_LOST.value, "reason": "lost", "ended_at": expired_at},
-                RunState.LOST,
-                RunState.FAILED_LOST,
-                expired_at,
-            )
-        self._last_sweep = now
-        if lost or expired:
-            log.info("watchdog: %d run(s) lost, %d expired", lost, expired)
         return {"lost": lost, "failed_lost": expired}
+
+    def _swept(self, now: float, moved: dict[str, int]) -> dict[str, int]:
+        self._last_sweep = now
+        if moved["lost"] or moved["failed_lost"]:
+            log.info("watchdog: %d run(s) lost, %d expired", moved["lost"], moved["failed_lost"])
+        return moved
 
     def _sweep_step(
         self,
@@ -231,7 +276,7 @@ class WatchdogMixin(StoreBase):
         if self.clock() - self._last_sweep < every or not self._sweep_lock.acquire(False):
             return
         try:
-            self.sweep()
+            self.sweep_if_due(every)
             self.expire_uploads(every=self.expiry_check_interval)
         finally:
             self._sweep_lock.release()

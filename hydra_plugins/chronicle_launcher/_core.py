@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ from chronicle_integrations.client import Chronicle, Run, format_exception
 from chronicle_integrations.lifecycle import RunState
 
 from ._job import RETURN_VALUE_ASSET, TrackedTask, client_for, resolve_target, upload_directory
+from ._watch import Watcher
 
 if TYPE_CHECKING:
     from .chronicle_launcher import ChronicleLauncher
@@ -109,6 +111,9 @@ def launch(
             return []
 
     runs: list[Run] = []
+    watcher = None
+    if state.task.worker_kind is not None and launcher.teardown and state.experiment_id:
+        watcher = Watcher(state.client, state.experiment_id, launcher.teardown_grace)
     for offset, overrides in enumerate(jobs):
         num = initial_job_idx + offset
         if state.experiment_id is None:
@@ -127,9 +132,14 @@ def launch(
             log.error("chronicle: could not register job #%d (%s); it runs untracked", num, exc)
             continue
         state.task.runs[num] = run.key_tuple
+        state.task.leases[num] = lease = secrets.token_urlsafe(24)
+        if watcher is not None:
+            watcher.watch(run.variation, run.run, lease)
         runs.append(run)
         log.info("chronicle: job #%d -> run %s", num, run.key)
 
+    if watcher is not None:
+        watcher.start()
     try:
         results = state.inner.launch(jobs, initial_job_idx=initial_job_idx)
     except KeyboardInterrupt:
@@ -158,6 +168,9 @@ def launch(
             # get failed_crash; a job whose worker died is left to go lost.
             _end_unfinished(state, runs, None, interrupted=False, error=exc)
         raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
     _end_unfinished(state, runs, list(results), interrupted=False)
     return results
 
@@ -175,6 +188,7 @@ def _begin_sweep(launcher: ChronicleLauncher) -> SweepState:
         heartbeat_interval=launcher.heartbeat_interval,
         upload_outputs=launcher.upload_outputs,
         strict=launcher.strict,
+        worker_kind=_worker_kind(_executor_module(launcher)),
     )
     executor = launcher.executor
     if executor is None:
@@ -258,6 +272,17 @@ def _executor_module(launcher: ChronicleLauncher) -> str:
     executor = launcher.executor
     target = executor.get("_target_") if isinstance(executor, DictConfig) else None
     return str(target or BASIC_LAUNCHER)
+
+
+def _worker_kind(executor: str) -> str | None:
+    """How the jobs of an executor name themselves for the watcher: ``slurm`` (submitit's
+    SLURM launcher), ``local`` (job processes of this host: submitit_local, joblib), None (the
+    basic launcher: jobs run in the launching process, which cannot tear itself down)."""
+    if "submitit" in executor:
+        return "slurm" if "slurm" in executor.lower() else "local"
+    if "joblib" in executor.lower():
+        return "local"
+    return None
 
 
 def _recorded_variations(client: Chronicle, experiment_id: str) -> list[_Variation]:

@@ -98,6 +98,13 @@ class TrackedTask:
     strict: bool = False
     #: ``hydra.job.num`` -> ``(experiment_id, variation, run)``; filled before each batch.
     runs: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    #: ``hydra.job.num`` -> the lease the job starts its run with (the launcher's: its
+    #: watcher's teardown is bound to it, see ``_watch``).
+    leases: dict[int, str] = field(default_factory=dict)
+    #: How a job names itself for the launcher's watcher (``worker_started`` event):
+    #: ``"slurm"`` (its SLURM job id), ``"local"`` (pid and start time), None (not managed:
+    #: the basic launcher runs jobs in the launching process).
+    worker_kind: str | None = None
 
     def __call__(self, cfg: DictConfig) -> Any:
         hydra_cfg = HydraConfig.get()
@@ -107,7 +114,7 @@ class TrackedTask:
             log.warning("chronicle: job #%d has no run; running it untracked", num)
             return self.task_function(cfg)
         output_dir = Path(str(hydra_cfg.runtime.output_dir))
-        return _JobRun(self, key, output_dir).execute(cfg)
+        return _JobRun(self, key, output_dir, self.leases.get(num)).execute(cfg)
 
 
 class _JobRun:
@@ -116,7 +123,13 @@ class _JobRun:
     taken over when a requeued job finds it running or lost; ``RunNotRunnable`` when it
     already ended). Outputs are uploaded before each outcome is recorded."""
 
-    def __init__(self, task: TrackedTask, key: tuple[str, int, int], output_dir: Path) -> None:
+    def __init__(
+        self,
+        task: TrackedTask,
+        key: tuple[str, int, int],
+        output_dir: Path,
+        lease: str | None = None,
+    ) -> None:
         self.task = task
         self.key = key
         self.output_dir = output_dir
@@ -131,6 +144,7 @@ class _JobRun:
             carry_on="the job continues without it",
             crash_flush_seconds=JOB_CRASH_FLUSH_SECONDS,
             preempt_flush_seconds=JOB_PREEMPT_FLUSH_SECONDS,
+            lease=lease,
         )
         self.guard = self.tracked.guard
 
@@ -141,6 +155,7 @@ class _JobRun:
 
     def execute(self, cfg: DictConfig) -> Any:
         self.tracked.begin(take_over=True)
+        self._name_worker()
         saved_env = self._export_env()
         try:
             result = self.task.task_function(cfg)
@@ -163,6 +178,19 @@ class _JobRun:
             _restore_env(saved_env)
         self._succeed(result)
         return result
+
+    def _name_worker(self) -> None:
+        """Tell the launcher's watcher which process or SLURM job serves the run (a
+        ``worker_started`` event under the run's lease), so that it can tear it down."""
+        run = self.run
+        if run is None or self.task.worker_kind is None:
+            return
+        from ._watch import worker_handle
+
+        detail = worker_handle(self.task.worker_kind, run.heartbeat_timeout)
+        if detail is not None:
+            with self.guard("naming the job's worker"):
+                run.record_event("worker", "worker_started", detail)
 
     def _export_env(self) -> dict[str, str | None]:
         """Name the run for integrations inside the task; returns what to restore."""

@@ -59,6 +59,10 @@ class ChronicleLauncherConf:
     abandon_on_interrupt: Optional[bool] = None  # noqa: UP045
     #: Raise tracking errors inside jobs instead of logging them and running on.
     strict: bool = False
+    #: Tear down jobs whose runs went lost or were cancelled (submitit, joblib; see README).
+    teardown: bool = True
+    #: Seconds a cancelled job may take to stop by itself, and between SIGTERM and SIGKILL.
+    teardown_grace: float = 30.0
 
 
 ConfigStore.instance().store(
@@ -89,6 +93,8 @@ class ChronicleLauncher(Launcher):
         rerun_failed_of: str | None = None,
         abandon_on_interrupt: bool | None = None,
         strict: bool = False,
+        teardown: bool = True,
+        teardown_grace: float = 30.0,
     ) -> None:
         self.executor = executor
         self.experiment_id = experiment_id
@@ -100,6 +106,8 @@ class ChronicleLauncher(Launcher):
         self.rerun_failed_of = rerun_failed_of
         self.abandon_on_interrupt = abandon_on_interrupt
         self.strict = bool(strict)
+        self.teardown = bool(teardown)
+        self.teardown_grace = float(teardown_grace)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None

@@ -18,6 +18,7 @@ EXPECTED_ALL = [
     "DigestMismatch",
     "Event",
     "ExperimentInfo",
+    "Forbidden",
     "InvalidRequest",
     "InvalidTransition",
     "KeepAlive",
@@ -25,6 +26,8 @@ EXPECTED_ALL = [
     "NotFound",
     "OffsetMismatch",
     "PayloadTooLarge",
+    "ProtocolError",
+    "RequestTimeout",
     "Run",
     "RunInfo",
     "RunState",
@@ -76,6 +79,8 @@ def test_error_tree() -> None:
     codes = {
         "InvalidRequest": "invalid_request",
         "Unauthorized": "unauthorized",
+        "Forbidden": "forbidden",
+        "RequestTimeout": "request_timeout",
         "NotFound": "not_found",
         "InvalidTransition": "invalid_transition",
         "LeaseConflict": "lease_conflict",
@@ -90,6 +95,7 @@ def test_error_tree() -> None:
         cls = getattr(ci, name)
         assert issubclass(cls, ci.APIError)
         assert cls.code == code
+    assert issubclass(ci.ProtocolError, ci.TransportError)
 
 
 def test_import_is_light() -> None:

@@ -3,6 +3,8 @@
 ``x`` is swept; ``fail_on`` makes the job with that ``x`` raise; ``block_on`` makes that job
 write ``<marker_dir>/started-<x>`` and sleep (so a test can interrupt or kill it) until
 ``release_file`` exists;
+``stop_on`` makes that job write ``<marker_dir>/started-<x>`` and freeze itself (SIGSTOP: a
+hung worker that stops beating, like a process stuck in the kernel);
 ``exit_on`` makes that job exit like a pre-empted one (``SystemExit``); ``sleep`` slows every
 job down a little; the job with ``x=1`` fails while the file named by
 ``fail_if_exists`` exists.
@@ -11,6 +13,7 @@ job down a little; the job with ``x=1`` fails while the file named by
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,11 @@ def main(cfg: DictConfig) -> Any:
         deadline = time.monotonic() + float(cfg.get("block_seconds", 120))
         release = cfg.get("release_file")
         while time.monotonic() < deadline and not (release and Path(release).exists()):
+            time.sleep(0.1)
+    if cfg.get("stop_on") is not None and x == cfg.stop_on:
+        (Path(marker_dir) / f"started-{x}").write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: nothing beats any more
+        while True:  # and still hung when continued: only a kill ends it
             time.sleep(0.1)
     time.sleep(float(cfg.get("sleep", 0)))
     if cfg.get("exit_on") is not None and x == cfg.exit_on:

@@ -27,7 +27,7 @@ from chronicle_integrations._errors import InvalidRequest, UploadError
 
 KEY = "reliability-" + secrets.token_urlsafe(16)
 MAX_CHUNK = 2**20
-PUBLIC = {("get", "/v1/health")}
+PUBLIC = {("get", "/v1/health"), ("get", "/v1/ready")}  # probes for load balancers
 
 
 class World:

@@ -302,6 +302,46 @@ def test_endless_headers_and_header_floods_are_refused_and_memory_stays_bounded(
     figures["fault:header flood"] += 1
 
 
+def test_a_head_near_the_limit_with_its_body_in_the_same_read_is_served(
+    server_factory: Any,
+) -> None:
+    """Only an unfinished head is cut at the limit: a 15 KiB head followed by its body in one
+    write (one read on the server, well past 16 KiB) is parsed whole and answered."""
+    server = server_factory()
+    config = {"blob": "x" * 60_000}
+    body = json.dumps({"name": "near-the-limit", "config": config}).encode()
+    head = (
+        b"POST /v1/experiments HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"X-Pad: " + b"p" * (15 * 1024) + b"\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    assert len(head) < 16 * 1024 < len(head) + len(body)
+    sock = _connect(server.port, head + body)
+    answer = _answer(sock)
+    sock.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 201 " in status_line, answer[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["name"] == "near-the-limit"
+
+
+def test_a_refused_head_is_answered_before_the_connection_is_closed(server_factory: Any) -> None:
+    """An over-limit head gets its 431 at once; the server then stops reading and closes the
+    connection itself a moment later, with no further answer (the linger that slows peers
+    re-opening endless heads)."""
+    server = server_factory()
+    sock = _connect(server.port, b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+    sock.sendall(b"a" * (64 * 1024))
+    sock.settimeout(30)
+    first = sock.recv(65536)
+    assert _error_code(first) == (431, "invalid_request"), first[:300]
+    with contextlib.suppress(OSError):  # the server no longer reads: this is never parsed
+        sock.sendall(b"b" * 1024 + b"\r\n\r\nGET /v1/health HTTP/1.1\r\n\r\n")
+    rest = _answer(sock)
+    sock.close()
+    assert rest == b"", rest[:300]
+
+
 # ------------------------------------------------------------------------------ requests
 def test_keyless_server_refuses_foreign_hosts_and_cross_site_origins(
     server_factory: Any, tmp_path: Path

@@ -286,6 +286,7 @@ def test_openapi_documents_the_api(api: Api) -> None:
     paths = schema["paths"]
     expected = {
         ("/v1/health", "get"),
+        ("/v1/ready", "get"),
         ("/v1/experiments", "post"),
         ("/v1/experiments", "get"),
         ("/v1/experiments/{experiment_id}", "get"),

@@ -53,9 +53,9 @@ def _routes(url: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("auth", list(BAD_AUTH.values()), ids=list(BAD_AUTH))
 def test_every_route_needs_the_key(keyed_server: Any, auth: dict[str, str]) -> None:
     routes = _routes(keyed_server.url)
-    assert len(routes) == 22
+    assert len(routes) == 23
     for method, path in routes:
-        if path == "/v1/health":
+        if path in ("/v1/health", "/v1/ready"):  # probes of a load balancer: public
             continue
         body: dict[str, Any] = {}
         if method == "PUT":
@@ -76,6 +76,7 @@ def test_every_route_needs_the_key(keyed_server: Any, auth: dict[str, str]) -> N
 
 def test_health_and_docs_are_public_and_nothing_was_persisted(keyed_server: Any) -> None:
     assert requests.get(f"{keyed_server.url}/v1/health", timeout=30).json()["status"] == "ok"
+    assert requests.get(f"{keyed_server.url}/v1/ready", timeout=30).json()["status"] == "ready"
     assert requests.get(f"{keyed_server.url}/openapi.json", timeout=30).status_code == 200
     with Api(keyed_server.url, api_key=KEY) as api:
         # The refused POSTs above created nothing (this module's store is fresh).

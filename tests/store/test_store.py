@@ -315,7 +315,11 @@ def test_schema_version_recorded_and_newer_refused(store_url: str, tmp_path) -> 
     store = Store.open(store_url, tmp_path / "a")
     with store.engine.begin() as conn:
         assert conn.execute(sa.select(t.schema_version.c.version)).scalar() == t.SCHEMA_VERSION
-        conn.execute(t.schema_version.update().values(version=t.SCHEMA_VERSION + 1))
+        conn.execute(
+            t.schema_version.update().values(
+                version=t.SCHEMA_VERSION + 1, compatible_from=t.SCHEMA_VERSION + 1
+            )
+        )
     store.close()
     with pytest.raises(ConfigurationError, match="newer"):
         Store.open(store_url, tmp_path / "a")
