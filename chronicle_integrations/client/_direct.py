@@ -41,7 +41,7 @@ DIRECT_MIN_BYTES = 8 * 2**20
 #: Parts sent at once (each its own connection to the store).
 PARALLEL_PARTS = 4
 #: Attempts per part for transient failures (connection cut, 5xx) and refused digests.
-PART_ATTEMPTS = 6
+PART_ATTEMPTS = 10
 
 
 class _Unreachable(Exception):
@@ -246,6 +246,9 @@ class DirectUploader:
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = exc
+                # Reached but cut (mid-body, a reset, a read timeout) is transient; only a
+                # connection that could never be opened counts as "unreachable".
+                reached = reached or not _never_connected(exc)
                 continue
             finally:
                 body.close()
@@ -269,6 +272,17 @@ class DirectUploader:
         if not reached:
             raise _Unreachable(f"{type(last).__name__}: {last}")
         raise UploadError(f"part {number} failed {PART_ATTEMPTS} times: {last}")
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True for a failure to open the connection at all (refused, no route, DNS, connect
+    timeout), as opposed to one that was cut or timed out once open."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    text = repr(exc)
+    return any(
+        s in text for s in ("NewConnectionError", "NameResolutionError", "Connection refused")
+    )
 
 
 __all__ = ["DIRECT_MIN_BYTES", "DirectUploader", "hash_parts"]
