@@ -17,6 +17,12 @@ Environment variables (all optional):
 ``CHRONICLE_HEARTBEAT_TIMEOUT``, embedded store only: the watchdog's settings (a server
 ``CHRONICLE_LOST_GRACE``,      has its own command-line options)
 ``CHRONICLE_STALL_TIMEOUT``
+``CHRONICLE_S3_PUBLIC_ENDPOINT_URL`` a server on ``s3://`` assets: the S3 host that the
+                               URLs it presigns for workers name (``--s3-public-endpoint-url``)
+``AWS_ENDPOINT_URL``,          boto3's own (``_S3`` variant, ``AWS_REGION``,
+``AWS_ACCESS_KEY_ID``, ...     ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/config``):
+                               how a server on ``s3://`` assets reaches the bucket when the
+                               ``--s3-*`` options do not say
 ``CHRONICLE_UI_REFRESH``       the web view: seconds between a live page's refreshes
                                (default 5)
 ``CHRONICLE_DB_POOL_SIZE``,    ``chronicle server`` on PostgreSQL: the database pool of
@@ -49,6 +55,11 @@ ENV_DB_PREPARE_THRESHOLD = "CHRONICLE_DB_PREPARE_THRESHOLD"
 #: Set by ``chronicle exec`` for the integration inside: a file to create when the training
 #: ended while the process goes on, so the supervisor beats for the process again.
 ENV_TRAINING_ENDED_FILE = "CHRONICLE_TRAINING_ENDED_FILE"
+#: S3 asset storage: the host presigned URLs name, when workers reach it by another name.
+ENV_S3_PUBLIC_ENDPOINT_URL = "CHRONICLE_S3_PUBLIC_ENDPOINT_URL"
+#: boto3's own variables, read by boto3 itself (named here for the help texts and docs).
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_AWS_REGION = "AWS_REGION"
 #: The web view: seconds between the refreshes of a page that shows live runs.
 ENV_UI_REFRESH = "CHRONICLE_UI_REFRESH"
 
@@ -161,6 +172,8 @@ __all__ = [
     "DEFAULT_UI_PORT",
     "DEFAULT_UI_REFRESH",
     "ENV_API_KEY",
+    "ENV_AWS_ENDPOINT_URL",
+    "ENV_AWS_REGION",
     "ENV_DB_MAX_OVERFLOW",
     "ENV_DB_POOL_SIZE",
     "ENV_DB_PREPARE_THRESHOLD",
@@ -170,6 +183,7 @@ __all__ = [
     "ENV_LEASE",
     "ENV_LOST_GRACE",
     "ENV_RUN",
+    "ENV_S3_PUBLIC_ENDPOINT_URL",
     "ENV_STALL_TIMEOUT",
     "ENV_TRAINING_ENDED_FILE",
     "ENV_UI_REFRESH",

@@ -27,10 +27,13 @@ from ._config import (
     DEFAULT_LOST_GRACE,
     DEFAULT_STALL_TIMEOUT,
     ENV_API_KEY,
+    ENV_AWS_ENDPOINT_URL,
+    ENV_AWS_REGION,
     ENV_DB_MAX_OVERFLOW,
     ENV_DB_POOL_SIZE,
     ENV_DB_PREPARE_THRESHOLD,
     ENV_HOME,
+    ENV_S3_PUBLIC_ENDPOINT_URL,
 )
 from ._config import prepare_threshold as _prepare_threshold
 from ._errors import ConfigurationError
@@ -39,6 +42,8 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "LOG_LEVELS",
+    "UPLOAD_MODES",
+    "add_s3_options",
     "add_server_options",
     "port",
     "serve_kwargs",
@@ -68,12 +73,23 @@ _SERVE_KEYWORDS = {
     "upload_min_rate": "upload_min_rate",
     "upload_expiry": "upload_expiry",
     "max_asset_bytes": "max_asset_bytes",
+    "s3_endpoint_url": "s3_endpoint_url",
+    "s3_region": "s3_region",
+    "s3_path_style": "s3_path_style",
+    "s3_public_endpoint_url": "s3_public_endpoint_url",
+    "s3_max_parts": "s3_max_parts",
+    "s3_part_size": "s3_part_size",
+    "s3_url_expiry": "s3_url_expiry",
+    "uploads": "uploads",
     "db_pool_size": "db_pool_size",
     "db_max_overflow": "db_max_overflow",
     "db_prepare_threshold": "db_prepare_threshold",
     "migrate": "migrate",
     "shutdown_timeout": "shutdown_timeout",
 }
+
+#: How uploads reach an ``s3://`` asset store (``--uploads``).
+UPLOAD_MODES = ("direct", "proxied")
 
 
 def port(text: str) -> int:
@@ -121,8 +137,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--assets",
-        metavar="DIR",
-        help="a directory for the asset bytes (default: <home>/assets)",
+        metavar="URL",
+        help="where the asset bytes live: a directory (default: <home>/assets) or "
+        "s3://bucket/prefix (needs the 's3' extra; see the --s3-* options)",
     )
     parser.add_argument(
         "--host",
@@ -252,6 +269,61 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         metavar=seconds,
         help="on SIGTERM, seconds to finish requests in flight (heartbeats being committed, "
         "upload chunks) before exiting (default 10)",
+    )
+
+    add_s3_options(parser)
+
+
+def add_s3_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--assets s3://...`` (ignored for a directory)."""
+    group = parser.add_argument_group("S3 asset storage (--assets s3://bucket/prefix)")
+    group.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help=f"the S3 endpoint, for an S3-compatible store (default ${ENV_AWS_ENDPOINT_URL} "
+        "or AWS)",
+    )
+    group.add_argument(
+        "--s3-region", metavar="REGION", help=f"the bucket's region (default ${ENV_AWS_REGION})"
+    )
+    group.add_argument(
+        "--s3-path-style",
+        action="store_true",
+        default=None,
+        help="path-style addressing (endpoint/bucket/key), as MinIO and SeaweedFS want",
+    )
+    group.add_argument(
+        "--s3-public-endpoint-url",
+        metavar="URL",
+        help="the endpoint workers reach the store by, for the URLs the server presigns "
+        f"(default ${ENV_S3_PUBLIC_ENDPOINT_URL}, else the endpoint)",
+    )
+    group.add_argument(
+        "--s3-max-parts",
+        type=_setting("s3_max_parts", int),
+        metavar="N",
+        help="the store's limit on parts per multipart upload (default 10000, as AWS; "
+        "larger uploads get larger parts)",
+    )
+    group.add_argument(
+        "--s3-part-size",
+        type=_setting("s3_part_size", int),
+        metavar="N",
+        help="bytes per part of a direct upload (default 64 MiB; at least 5 MiB)",
+    )
+    group.add_argument(
+        "--s3-url-expiry",
+        type=_setting("s3_url_expiry", int),
+        metavar="S",
+        help="seconds a presigned part URL stays valid; workers ask for fresh ones as they "
+        "go (default 900)",
+    )
+    group.add_argument(
+        "--uploads",
+        choices=UPLOAD_MODES,
+        help="how upload bytes reach S3: direct (the default: workers send them to the "
+        "bucket through URLs this server presigns, signing each part's SHA-256) or proxied "
+        "(through this server, which hashes them)",
     )
 
 

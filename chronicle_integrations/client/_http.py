@@ -60,6 +60,7 @@ from ._answers import (
     _snippet,
 )
 from ._deadline import _CUTOFFS, QUICK, RetryPolicy, _Adapter, _retry_after
+from ._direct import DirectUploader
 from ._transport import READ_BLOCK, Outcomes, TransferProgress
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class HttpTransport:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        #: Direct uploads to the server's S3 bucket, when it offers them (see ``_direct``).
+        self.direct = DirectUploader(self._json, self.policy.read_timeout, self.policy.delay)
 
     # ------------------------------------------------------------------ plumbing
     def _session(self) -> requests.Session:
@@ -107,6 +110,7 @@ class HttpTransport:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        self.direct.close()
 
     def _request(
         self,
@@ -471,6 +475,12 @@ class HttpTransport:
         )
         with _reading("begin upload"):
             status = UploadStatus.from_dict(begun)
+        if not status.completed and status.offset == 0:
+            direct = self.direct.upload(upload_id, name, path, size, verify)
+            if direct is not None:
+                if progress is not None:
+                    progress(size)
+                return direct
         hasher = hashlib.sha256()
         hashed = 0  # bytes [0, hashed) are in the hasher
         offset = status.offset

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from .._version import __version__
 from ..store import Store
+from .direct import build_direct_router
 from .fastlane import HeartbeatLane
 from .middleware import RequestGuard, error_response
 from .routes import build_router
@@ -159,6 +160,7 @@ def create_app(
             upload_min_rate=upload_min_rate,
         )
     )
+    app.include_router(build_direct_router(store), prefix="/v1")
     if ui:
         from .ui.views import install_ui  # (imports Jinja2: only for a server with the view)
 

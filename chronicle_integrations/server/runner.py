@@ -19,10 +19,11 @@ from .._config import (
     DEFAULT_LOST_GRACE,
     ENV_API_KEY,
     ENV_HOME,
+    ENV_S3_PUBLIC_ENDPOINT_URL,
 )
 from .._config import prepare_threshold as parse_prepare_threshold
 from .._errors import ConfigurationError
-from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS
+from .._server_options import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS, UPLOAD_MODES
 from .._version import __version__
 from ..store.core import DEFAULT_MAX_ASSET_BYTES, DEFAULT_UPLOAD_EXPIRY
 from .app import (
@@ -69,6 +70,63 @@ def is_loopback(host: str) -> bool:
     )
 
 
+def _blob_options(
+    assets: str,
+    root: Path,
+    *,
+    endpoint_url: str | None,
+    region: str | None,
+    path_style: bool,
+    public_endpoint_url: str | None,
+    max_parts: int | None,
+    part_size: int | None,
+    url_expiry: int | None,
+    uploads: str | None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``Store.open`` for the asset store ``assets``: for
+    ``s3://``, the S3 settings and the work directory (``<home>/s3-work``) where proxied
+    uploads keep the part being filled."""
+    if uploads is not None and uploads not in UPLOAD_MODES:
+        raise ConfigurationError(f"invalid uploads mode {uploads!r}: one of {UPLOAD_MODES}")
+    if not assets.startswith("s3://"):
+        if uploads == "direct":
+            raise ConfigurationError("direct uploads need S3 asset storage (s3://bucket/prefix)")
+        return {}
+    from ..store.s3 import (
+        DEFAULT_MAX_PARTS,
+        DEFAULT_URL_EXPIRY,
+        DIRECT_PART,
+        MAX_PART,
+        MIN_PART,
+        S3Settings,
+    )
+
+    if max_parts is not None and not 1 <= max_parts <= DEFAULT_MAX_PARTS:
+        raise ConfigurationError(f"s3_max_parts must be 1-{DEFAULT_MAX_PARTS}")
+    if part_size is not None and not MIN_PART <= part_size <= MAX_PART:
+        raise ConfigurationError(f"s3_part_size must be {MIN_PART}-{MAX_PART} bytes")
+    if url_expiry is not None and not 1 <= url_expiry <= 7 * 86400:
+        raise ConfigurationError("s3_url_expiry must be 1-604800 seconds (SigV4's limit)")
+    settings = S3Settings(
+        endpoint_url=endpoint_url,
+        region=region,
+        path_style=bool(path_style),
+        public_endpoint_url=public_endpoint_url or os.environ.get(ENV_S3_PUBLIC_ENDPOINT_URL),
+        max_parts=max_parts or DEFAULT_MAX_PARTS,
+        direct_uploads=uploads != "proxied",
+        part_size=part_size or DIRECT_PART,
+        url_expiry=url_expiry or DEFAULT_URL_EXPIRY,
+    )
+    return {"s3": settings, "work_dir": root / "s3-work"}
+
+
+def _uploads_shown(blob_options: dict[str, Any]) -> str:
+    settings = blob_options.get("s3")
+    if settings is None:
+        return ""
+    return ", direct uploads" if settings.direct_uploads else ", proxied uploads"
+
+
 def serve(
     *,
     store_url: str | None = None,
@@ -88,6 +146,14 @@ def serve(
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY,
     max_asset_bytes: int = DEFAULT_MAX_ASSET_BYTES,
     limits: ConnectionLimits | None = None,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    s3_path_style: bool = False,
+    s3_public_endpoint_url: str | None = None,
+    s3_max_parts: int | None = None,
+    s3_part_size: int | None = None,
+    s3_url_expiry: int | None = None,
+    uploads: str | None = None,
     db_pool_size: int | None = None,
     db_max_overflow: int | None = None,
     db_prepare_threshold: int | str | None = "",
@@ -108,6 +174,10 @@ def serve(
     ``upload_min_rate``: when an upload chunk body counts as stalled (see :func:`create_app`);
     ``upload_expiry``: seconds an unfinished upload may go without a chunk before it is
     dropped; ``max_asset_bytes``: the largest asset (bounds uploads that declare no size).
+    ``assets`` may be ``s3://bucket/prefix``: the ``s3_*`` settings say how to reach it
+    (unset: boto3's chain, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...); ``uploads``:
+    how upload bytes reach it (``direct``, the default with S3: from the worker to the bucket
+    through presigned URLs; ``proxied``: through this server).
     Listening beyond loopback without an API key is refused with
     :class:`ConfigurationError`, as are invalid settings.
 
@@ -181,6 +251,18 @@ def serve(
         if stall_timeout <= 0:
             raise ConfigurationError("stall_timeout must be > 0")
         timeouts["stall_timeout"] = stall_timeout
+    blob_options = _blob_options(
+        os.fspath(assets_dir),
+        root,
+        endpoint_url=s3_endpoint_url,
+        region=s3_region,
+        path_style=s3_path_style,
+        public_endpoint_url=s3_public_endpoint_url,
+        max_parts=s3_max_parts,
+        part_size=s3_part_size,
+        url_expiry=s3_url_expiry,
+        uploads=uploads,
+    )
     if not shutdown_timeout > 0:
         raise ConfigurationError("shutdown_timeout must be > 0")
     threshold = (
@@ -192,7 +274,8 @@ def serve(
     # The log config before the store opens (uvicorn applies it again when Config is built):
     # the store's own messages at open (migrations, a newer compatible schema) are shown.
     logging.config.dictConfig(config_kwargs["log_config"])
-    store = Store.open(store_url, assets_dir, database=database, migrate=migrate, **timeouts)
+    options: dict[str, Any] = {**blob_options, **timeouts}
+    store = Store.open(store_url, assets_dir, database=database, migrate=migrate, **options)
     try:
         app = create_app(
             store,
@@ -216,13 +299,14 @@ def serve(
         gc.freeze()
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "Chronicle server %s on http://%s:%d, web view at /ui (store %s, assets %s, "
+            "Chronicle server %s on http://%s:%d, web view at /ui (store %s, assets %s%s, "
             "API key %s)",
             __version__,
             shown,
             port,
             _hide_password(store_url),
             os.fspath(assets_dir),
+            _uploads_shown(blob_options),
             "required" if api_key else "not required",
         )
         log.debug("connection limits: %s", limits)

@@ -247,7 +247,7 @@ class AssetsMixin(RunsMixin):
             raise InvalidRequest(f"upload {upload_id} is already complete", field="upload_id")
         # (The claim refuses any offset but the stored size, which never passes the declared
         # size: an offset past it gets the OffsetMismatch that names the right one.)
-        owner = self.blobs.claim(upload_id, offset)
+        owner = self.blobs.claim(upload_id, offset, row.size)
         return ChunkWriter(self, row, offset, owner)
 
     def _too_large(self) -> PayloadTooLarge:
@@ -263,7 +263,6 @@ class AssetsMixin(RunsMixin):
         """
         check.sha256_hex(sha256)
         row = self._upload_row(upload_id)
-        key = (row.experiment_id, row.variation, row.run)
         if row.completed_at is not None:
             if row.sha256 != sha256:
                 raise InvalidRequest(f"upload {upload_id} was completed with another digest")
@@ -286,6 +285,13 @@ class AssetsMixin(RunsMixin):
             )
         else:
             size = self.blobs.commit(upload_id, sha256)
+        return self._publish_asset(row, sha256, size)
+
+    def _publish_asset(self, row: Any, sha256: str, size: int) -> AssetInfo:
+        """Record a verified upload's bytes as the run's asset of that name (replacing one),
+        mark the upload complete and log the event: the asset becomes visible here."""
+        key = (row.experiment_id, row.variation, row.run)
+        upload_id = row.upload_id
         now = self.clock()
         with self._write() as conn:
             conn.execute(

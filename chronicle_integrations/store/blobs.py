@@ -1,5 +1,9 @@
 """Asset bytes: resumable partial uploads and content-addressed, immutable objects.
 
+One interface, :class:`BlobStore`, two implementations: :class:`LocalBlobStore` (a directory,
+the embedded default, below) and :class:`~.s3.S3BlobStore` (an S3-compatible bucket, for
+``s3://bucket/prefix``; boto3 is imported only then). :func:`open_blob_store` picks one.
+
 The store keeps asset *metadata* in SQL and asset *bytes* in a :class:`BlobStore`. An upload
 appends chunks to a partial object at acknowledged offsets; completing it verifies the SHA-256
 and publishes the bytes under their digest in one atomic step (``os.replace``), so an asset is
@@ -23,9 +27,12 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from .._errors import DigestMismatch, NotFound, OffsetMismatch, StorageFull
+
+if TYPE_CHECKING:
+    from .s3 import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +46,10 @@ class BlobStore(Protocol):
     def offset(self, upload_id: str) -> int:
         """How many bytes of the upload are safely stored (0 for an unknown upload)."""
 
-    def claim(self, upload_id: str, offset: int) -> int:
+    def claim(self, upload_id: str, offset: int, size: int | None = None) -> int:
         """Make a new writer, starting at ``offset`` (the stored size, else OffsetMismatch),
-        the upload's only one; return its generation, for :meth:`append`."""
+        the upload's only one; return its generation, for :meth:`append`. ``size`` is the
+        upload's declared size, when known (an object store picks its part size from it)."""
 
     def append(self, upload_id: str, offset: int, chunks: Iterable[bytes], owner: int) -> int:
         """Append ``chunks`` at ``offset`` (the stored size); return the new size. ``owner``
@@ -114,7 +122,7 @@ class LocalBlobStore:
         except FileNotFoundError:
             return None
 
-    def claim(self, upload_id: str, offset: int) -> int:
+    def claim(self, upload_id: str, offset: int, size: int | None = None) -> int:
         try:
             fd = os.open(self._partial_path(upload_id), os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -315,16 +323,35 @@ def _storage_error(exc: OSError) -> Exception:
     return exc
 
 
-def open_blob_store(url: str | os.PathLike[str]) -> LocalBlobStore:
-    """Open a blob store from a path or ``file://`` URL (S3-compatible storage comes later)."""
+def open_blob_store(
+    url: str | os.PathLike[str],
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    s3: S3Settings | None = None,
+) -> BlobStore:
+    """Open a blob store from a path, a ``file://`` URL or ``s3://bucket/prefix``.
+
+    ``work_dir``: where an S3 store keeps the tail of the part being filled by proxied
+    uploads (default: a directory under the system temporary directory, per bucket and
+    prefix); ``s3``: how to reach the bucket (default: boto3's own configuration chain).
+    """
     text = os.fspath(url)
+    if text.startswith("s3://"):
+        from .s3 import S3BlobStore, S3Settings
+
+        if work_dir is None:
+            import tempfile
+
+            tag = hashlib.sha256(text.encode()).hexdigest()[:12]
+            work_dir = Path(tempfile.gettempdir()) / f"chronicle-s3-{tag}"
+        return S3BlobStore(text, work_dir=work_dir, settings=s3 or S3Settings())
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:
         from .._errors import ConfigurationError
 
         raise ConfigurationError(
-            f"unsupported asset storage URL {text!r}: only local directories (a path or "
-            "file://) are supported in this version"
+            f"unsupported asset storage URL {text!r}: use a directory (a path or file://) or "
+            "s3://bucket/prefix"
         )
     return LocalBlobStore(text)

@@ -14,6 +14,7 @@ mixins, each in its own module, layered on the shared state of :class:`~.base.St
 * :mod:`.runs`: run records (create, get, list and page runs);
 * :mod:`.heartbeats`: the heartbeat fast path and ``heartbeat_many``'s batching;
 * :mod:`.assets`: assets, resumable uploads and their expiry;
+* :mod:`.direct`: direct uploads to S3 through presigned URLs;
 * :mod:`.summaries`: overviews (runs counted per effective state, ranges of variation configs);
 * :mod:`.pages` (cursors and page cutting) and :mod:`.engine` (``make_engine``) are functions.
 
@@ -45,7 +46,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -56,7 +57,7 @@ from .._errors import AlreadyExists, LeaseConflict, NotFound
 from .._models import Event, ExperimentInfo, Page, RunInfo, walk_pages
 from ..lifecycle import TERMINAL_TARGET, Action, RunState, next_state
 from . import schema as t
-from .assets import AssetsMixin, ChunkWriter
+from .assets import ChunkWriter
 from .base import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_LOST_GRACE,
@@ -72,12 +73,16 @@ from .base import (
     _same_lease,
 )
 from .blobs import open_blob_store
+from .direct import DirectMixin
 from .engine import DatabaseOptions, make_engine
 from .heartbeats import HeartbeatMixin
 from .metrics import record_outcomes
 from .outcomes import OutcomesMixin, experiment_info
 from .pages import MAX_CURSOR, _cursor_key, _event_id, _finite, _page
 from .summaries import SummariesMixin
+
+if TYPE_CHECKING:
+    from .s3 import S3Settings
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
@@ -93,7 +98,7 @@ __all__ = [
 ]
 
 
-class Store(HeartbeatMixin, AssetsMixin, SummariesMixin, OutcomesMixin):
+class Store(HeartbeatMixin, DirectMixin, SummariesMixin, OutcomesMixin):
     """The Chronicle store over a SQLAlchemy engine and a blob store.
 
     Example::
@@ -112,11 +117,16 @@ class Store(HeartbeatMixin, AssetsMixin, SummariesMixin, OutcomesMixin):
         assets: str | os.PathLike[str],
         *,
         database: DatabaseOptions | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        s3: S3Settings | None = None,
         **kwargs: Any,
     ) -> Store:
         """Open (creating and migrating as needed) the store at a SQLAlchemy ``url``
-        (``database``: PostgreSQL pool and prepared statements, see :class:`DatabaseOptions`)."""
-        return cls(make_engine(url, database), open_blob_store(assets), **kwargs)
+        (``database``: PostgreSQL pool and prepared statements, see :class:`DatabaseOptions`),
+        its asset bytes in ``assets`` (a directory or ``s3://bucket/prefix``; ``work_dir``
+        and ``s3``: see :func:`~.blobs.open_blob_store`)."""
+        blobs = open_blob_store(assets, work_dir=work_dir, s3=s3)
+        return cls(make_engine(url, database), blobs, **kwargs)
 
     @classmethod
     def open_home(cls, home: str | os.PathLike[str], **kwargs: Any) -> Store:

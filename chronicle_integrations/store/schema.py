@@ -212,6 +212,21 @@ watchdog = sa.Table(
 )
 
 
+# v6: one row per direct (presigned) upload to S3: its multipart upload and the per-part
+# SHA-256 digests the worker announced, so that any replica can resume or complete it.
+direct_uploads = sa.Table(
+    "direct_uploads",
+    metadata,
+    sa.Column("upload_id", sa.String(128), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("part_size", sa.BigInteger, nullable=False),
+    sa.Column("mpu_id", sa.String(1024), nullable=False),
+    sa.Column("parts", sa.Text, nullable=False),  # JSON list of hex SHA-256, part 1 first
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     # Creates the tables as this version defines them; later steps therefore check what
     # exists before altering, so they are no-ops on a database created by this version.
@@ -255,13 +270,18 @@ def _v5(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v6(conn: sa.Connection) -> None:
+    """Direct uploads to S3 (additive: older code never reads the table)."""
+    direct_uploads.create(conn, checkfirst=True)
+
+
 #: Ordered migrations; the schema version is the index of the last one applied, plus one.
 #: Within a minor version, only additive ones (see the module docstring).
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The oldest database schema this code can serve without migrating it (it uses the
-#: ``chronicle_watchdog`` table of v4 and the metric tables of v5).
-MIN_SCHEMA_VERSION = 5
+#: ``chronicle_watchdog`` table of v4, the metric tables of v5, ``direct_uploads`` of v6).
+MIN_SCHEMA_VERSION = 6
 #: What a database migrated by this code records as ``compatible_from``: the oldest code
 #: that may serve it. Only a contract migration raises it (versions before 4 predate it).
 COMPATIBLE_FROM = 4

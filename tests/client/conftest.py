@@ -9,6 +9,10 @@
 
 ``backend.connect()`` opens further clients on the same store (a second worker, an operator
 cancelling a run); every client is closed at teardown.
+
+A module that sets ``ON_S3 = True`` (or a set of test names) also runs those tests on a server
+whose assets live in S3 (SeaweedFS, ``s3`` marker): ``backend`` gains the kind ``s3`` and
+``http_server`` the variant ``s3`` (its servers get ``--assets s3://<fresh bucket>/assets``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import s3kit
 
 from chronicle_integrations import Chronicle, Run
+from chronicle_integrations.client import _direct
 
 
 def _server_factory(request: pytest.FixtureRequest, name: str = "server_factory") -> Any:
@@ -64,11 +70,57 @@ class Backend:
             client.close(timeout=10)
 
 
-@pytest.fixture(params=["embedded", "http"])
+def _on_s3(metafunc: pytest.Metafunc) -> bool:
+    wanted = getattr(metafunc.module, "ON_S3", False)
+    return wanted is True or (bool(wanted) and metafunc.function.__name__ in wanted)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    on_s3 = _on_s3(metafunc)
+    direct = [pytest.param("s3", marks=pytest.mark.s3)] if on_s3 else []
+    proxied = [pytest.param("s3-proxied", marks=pytest.mark.s3)] if on_s3 else []
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ["embedded", "http", *direct, *proxied], indirect=True)
+    elif "http_server" in metafunc.fixturenames and on_s3:
+        metafunc.parametrize("http_server", ["local", *proxied], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def shared_s3_server(request: pytest.FixtureRequest) -> Any:
+    """Like ``shared_server``, with its assets in a fresh bucket of the session's SeaweedFS
+    (direct uploads, the default with S3)."""
+    seaweedfs = request.getfixturevalue("seaweedfs")
+    factory = _server_factory(request, "module_server_factory")
+    bucket = seaweedfs.new_bucket()
+    # Small parts (S3's smallest but the last): a 128 MB upload is under way for many parts.
+    return factory(**s3kit.server_kwargs(seaweedfs, bucket, "--s3-part-size", str(5 * 2**20)))
+
+
+@pytest.fixture(scope="module")
+def shared_s3_proxied_server(request: pytest.FixtureRequest) -> Any:
+    """Like ``shared_s3_server``, with ``--uploads proxied``."""
+    seaweedfs = request.getfixturevalue("seaweedfs")
+    factory = _server_factory(request, "module_server_factory")
+    bucket = seaweedfs.new_bucket()
+    return factory(**s3kit.server_kwargs(seaweedfs, bucket, "--uploads", "proxied"))
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A store to test against: ``embedded`` or ``http`` (a real server subprocess)."""
-    server = request.getfixturevalue("shared_server") if request.param == "http" else None
-    b = Backend(request.param, tmp_path / "home", server)
+    """A store to test against: ``embedded``, ``http`` (a real server subprocess), ``s3`` (a
+    real server on SeaweedFS, direct uploads even of small files) or ``s3-proxied`` (kind
+    ``http`` for the helpers)."""
+    kind = request.param
+    server = None
+    if kind == "http":
+        server = request.getfixturevalue("shared_server")
+    elif kind == "s3":
+        server = request.getfixturevalue("shared_s3_server")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(_direct, "DIRECT_MIN_BYTES", 1)  # every non-empty file directly
+    elif kind == "s3-proxied":
+        server = request.getfixturevalue("shared_s3_proxied_server")
+    b = Backend("embedded" if kind == "embedded" else "http", tmp_path / "home", server)
     try:
         yield b
     finally:
@@ -83,8 +135,20 @@ def chronicle(backend: Backend) -> Chronicle:
 
 @pytest.fixture
 def http_server(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """``server_factory`` for the HTTP-only tests (skips when it does not exist yet)."""
-    return _server_factory(request)
+    """``server_factory`` for the HTTP-only tests (skips when it does not exist yet); its
+    ``s3`` variant starts servers whose assets live in a fresh SeaweedFS bucket."""
+    factory = _server_factory(request)
+    if getattr(request, "param", "local") != "s3-proxied":
+        return factory
+    seaweedfs = request.getfixturevalue("seaweedfs")
+    bucket = seaweedfs.new_bucket()
+
+    def start(**kwargs: Any) -> Any:
+        s3 = s3kit.server_kwargs(seaweedfs, bucket, "--uploads", "proxied")
+        s3["extra_args"] = [*s3["extra_args"], *kwargs.pop("extra_args", ())]
+        return factory(**s3, **kwargs)
+
+    return start
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from chronicle_integrations import (
 from chronicle_integrations.client._transport import EmbeddedTransport
 
 MB = 1024 * 1024
+#: Every test here also runs on a server whose assets live in S3 (see conftest.py).
+ON_S3 = True
 
 
 def _version(tag: int, size: int) -> bytes:

@@ -309,6 +309,8 @@ def test_openapi_documents_the_api(api: Api) -> None:
         ("/v1/uploads/{upload_id}", "put"),
         ("/v1/uploads/{upload_id}", "delete"),
         ("/v1/uploads/{upload_id}/complete", "post"),
+        ("/v1/uploads/{upload_id}/direct", "get"),  # direct uploads to S3
+        ("/v1/uploads/{upload_id}/direct", "post"),
     }
     documented = {(p, m) for p, item in paths.items() for m in item}
     assert documented == expected

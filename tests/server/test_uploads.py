@@ -17,6 +17,8 @@ import requests
 from server_helpers import Api, assert_error
 
 MiB = 1024 * 1024
+#: The tests on the module server also run on one whose assets live in S3 (see conftest.py).
+ON_S3 = True
 
 
 def wait_until(predicate: Any, timeout: float = 30.0) -> Any:

@@ -1,0 +1,288 @@
+"""Direct uploads from the worker to the server's S3 bucket, on ``requests`` alone (no AWS SDK,
+no AWS credentials: the server presigns every request). The protocol is in
+:mod:`chronicle_integrations.store.direct`; here, the worker's half:
+
+1. ``GET /v1/uploads/{id}/direct``: the part size (a server without direct uploads answers
+   ``direct_unavailable``: the caller sends the bytes through the server instead);
+2. one pass over the staged file: the whole SHA-256 and one SHA-256 per part;
+3. ``POST /v1/uploads/{id}/direct`` with the digests: presigned URLs for the next missing
+   parts (or ``completed``: the server has this content already);
+4. each part ``PUT`` with ``Content-Length`` (never chunked: S3 refuses it) and its signed
+   ``x-amz-checksum-sha256``, a few at a time; an expired URL (403) asks for fresh ones; a
+   part refused as ``BadDigest`` is hashed again: changed -> the file was rewritten in place
+   (``SourceChanged``: the caller captures it again), unchanged -> sent again;
+5. ``POST /v1/uploads/{id}/complete``: the server completes with every part's checksum and
+   checks the size before publishing.
+
+If the worker cannot reach the signed endpoint at all (another network, a wrong public
+endpoint), it falls back to the proxied path, logged once per transport.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from .._errors import InvalidRequest, NotFound, SourceChanged, UploadError
+from .._models import AssetInfo
+from ._transport import READ_BLOCK
+
+log = logging.getLogger(__name__)
+
+#: Below this size a file goes through the server (one request; no hashing pass).
+DIRECT_MIN_BYTES = 8 * 2**20
+#: Parts sent at once (each its own connection to the store).
+PARALLEL_PARTS = 4
+#: Attempts per part for transient failures (connection cut, 5xx) and refused digests.
+PART_ATTEMPTS = 10
+
+
+class _Unreachable(Exception):
+    """The signed endpoint could not be reached at all: fall back to the proxied path."""
+
+
+class _Expired(Exception):
+    """A presigned URL expired (403): ask the server for fresh ones."""
+
+
+class _Slice:
+    """``length`` bytes of a file from ``offset``, as a ``requests`` body with a known length
+    (so it is sent with ``Content-Length``, streamed, never whole in memory)."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._fh.seek(offset)
+        self._left = length
+        self.len = length
+
+    def __len__(self) -> int:
+        return self.len
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._fh.read(min(want, READ_BLOCK))
+        if not data:
+            raise SourceChanged("the file shrank while uploading")
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def hash_parts(path: str, size: int, part_size: int) -> tuple[str, list[str]]:
+    """One pass: the whole file's SHA-256 and each part's (hex)."""
+    whole = hashlib.sha256()
+    parts: list[str] = []
+    with open(path, "rb") as fh:
+        done = 0
+        while done < size or not parts:
+            part = hashlib.sha256()
+            length = min(part_size, size - done)
+            got = 0
+            while got < length:
+                block = fh.read(min(READ_BLOCK, length - got))
+                if not block:
+                    raise SourceChanged("the file shrank while hashing")
+                whole.update(block)
+                part.update(block)
+                got += len(block)
+            parts.append(part.hexdigest())
+            done += length
+            if length == 0:
+                break
+        if fh.read(1):
+            raise SourceChanged("the file grew while hashing")
+    return whole.hexdigest(), parts
+
+
+def _part_digest(path: str, offset: int, length: int) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = length
+        while left > 0:
+            block = fh.read(min(READ_BLOCK, left))
+            if not block:
+                break
+            hasher.update(block)
+            left -= len(block)
+    return hasher.hexdigest()
+
+
+class DirectUploader:
+    """The direct path of one ``HttpTransport`` (``json_call(method, path, **kw)`` makes its
+    API calls); :meth:`upload` returns None when the caller must use the proxied path."""
+
+    def __init__(
+        self, json_call: Callable[..., Any], read_timeout: float, delay: Callable[[int], float]
+    ) -> None:
+        self._call = json_call
+        self._read_timeout = read_timeout
+        self._delay = delay
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        #: False once the server said it takes no direct uploads, or the store was unreachable.
+        self.enabled = True
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()  # no API key: the URL carries its own signature
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def upload(
+        self,
+        upload_id: str,
+        name: str,
+        path: str,
+        size: int,
+        verify: Callable[[], None] | None,
+    ) -> AssetInfo | None:
+        """Upload ``path`` directly; None: not possible here (use the proxied path)."""
+        if not self.enabled or size < DIRECT_MIN_BYTES:
+            return None
+        try:
+            plan = self._call("GET", f"/v1/uploads/{upload_id}/direct")
+        except InvalidRequest as exc:
+            if exc.details.get("reason") != "direct_unavailable":
+                raise
+            self.enabled = False
+            return None
+        except NotFound as exc:
+            if "upload_id" in exc.details:
+                raise
+            self.enabled = False  # a server that predates direct uploads
+            return None
+        part_size = int(plan["part_size"])
+        sha256, digests = hash_parts(path, size, part_size)
+        body = {"sha256": sha256, "parts": digests}
+        sent_any = False
+        while True:
+            answer = self._call("POST", f"/v1/uploads/{upload_id}/direct", json=body)
+            if answer.get("completed"):
+                if verify is not None:
+                    verify()
+                return AssetInfo.from_dict(answer["asset"])
+            urls = answer.get("urls") or []
+            if not urls:
+                break
+            try:
+                self._send_batch(path, part_size, urls, digests)
+                sent_any = True
+            except _Expired:
+                continue  # fresh URLs on the next round
+            except _Unreachable as exc:
+                if sent_any:
+                    raise UploadError(
+                        f"upload of {name!r}: the object store stopped answering: {exc}",
+                        name=name,
+                    ) from exc
+                self.enabled = False
+                log.warning(
+                    "cannot reach the object store at the URLs the server signs (%s); "
+                    "uploading through the server instead from now on",
+                    exc,
+                )
+                return None
+        if verify is not None:
+            verify()
+        return AssetInfo.from_dict(
+            self._call("POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": sha256})
+        )
+
+    def _send_batch(
+        self, path: str, part_size: int, urls: list[dict[str, Any]], digests: list[str]
+    ) -> None:
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(PARALLEL_PARTS, len(urls)), thread_name_prefix="chronicle-part"
+        ) as pool:
+            futures = [pool.submit(self._send_part, path, part_size, u, digests) for u in urls]
+            errors = [f.exception() for f in futures]
+        for kind in (SourceChanged, UploadError, _Unreachable, _Expired):
+            for error in errors:
+                if isinstance(error, kind):
+                    raise error
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _send_part(
+        self, path: str, part_size: int, entry: dict[str, Any], digests: list[str]
+    ) -> None:
+        number, length = int(entry["part"]), int(entry["size"])
+        offset = (number - 1) * part_size
+        last: BaseException | None = None
+        reached = False
+        for attempt in range(PART_ATTEMPTS):
+            if attempt:
+                time.sleep(self._delay(attempt - 1))
+            body = _Slice(path, offset, length)
+            try:
+                response = self._session().put(
+                    entry["url"],
+                    data=body,
+                    headers=dict(entry.get("headers") or {}),
+                    timeout=(10.0, self._read_timeout),
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last = exc
+                # Reached but cut (mid-body, a reset, a read timeout) is transient; only a
+                # connection that could never be opened counts as "unreachable".
+                reached = reached or not _never_connected(exc)
+                continue
+            finally:
+                body.close()
+            reached = True
+            text = response.text[:500]
+            if response.status_code == 200:
+                return
+            if response.status_code == 403 and "expired" in text.lower():
+                raise _Expired(text)
+            if response.status_code == 400 and "BadDigest" in text:
+                if _part_digest(path, offset, length) != digests[number - 1]:
+                    raise SourceChanged(f"part {number} changed since it was hashed")
+                last = UploadError(f"part {number} was refused as BadDigest: {text}")
+                continue  # the bytes were damaged on the way: send them again
+            if response.status_code >= 500 or response.status_code == 429:
+                last = UploadError(f"part {number}: {response.status_code} {text}")
+                continue
+            raise UploadError(
+                f"the object store refused part {number}: {response.status_code} {text}"
+            )
+        if not reached:
+            raise _Unreachable(f"{type(last).__name__}: {last}")
+        raise UploadError(f"part {number} failed {PART_ATTEMPTS} times: {last}")
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True for a failure to open the connection at all (refused, no route, DNS, connect
+    timeout), as opposed to one that was cut or timed out once open."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    text = repr(exc)
+    return any(
+        s in text for s in ("NewConnectionError", "NameResolutionError", "Connection refused")
+    )
+
+
+__all__ = ["DIRECT_MIN_BYTES", "DirectUploader", "hash_parts"]
