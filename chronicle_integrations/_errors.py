@@ -130,6 +130,12 @@ class InvalidRequest(APIError):
     status = 400
 
 
+#: ``details["reason"]`` of the :class:`InvalidRequest` that completes an upload whose store
+#: holds fewer bytes than declared (``details["offset"]``: what it holds): the client sends
+#: the rest again instead of giving up (a replica that held the tail may have died).
+INCOMPLETE = "incomplete"
+
+
 class InvalidMetric(InvalidRequest):
     """A metric was refused: a value that is not a number, an invalid name, more names than
     a run may have (64), or a bad objective / checkpoint record. Raised at once by

@@ -30,7 +30,9 @@ import requests
 import requests.adapters
 
 from .._errors import (
+    INCOMPLETE,
     APIError,
+    InvalidRequest,
     OffsetMismatch,
     ProtocolError,
     RequestTimeout,
@@ -70,6 +72,8 @@ _R = TypeVar("_R", bound=_Record)
 #: Bytes sent per upload request: big enough to amortise a request, small enough that a
 #: dropped connection costs little and proxies with body limits can be configured for it.
 CHUNK_BYTES = 64 * 1024 * 1024
+#: How often one upload sends bytes again that the server acknowledged and then lost.
+MAX_RESENDS = 3
 
 
 class HttpTransport:
@@ -486,67 +490,97 @@ class HttpTransport:
         offset = status.offset
         deadline = time.monotonic() + patience
         attempt = 0
+        resends = 0
         with open(path, "rb") as fh:
-            while not status.completed and offset < size:
-                if hashed < offset:  # resuming past bytes we never read: hash them first
+            while True:
+                while not status.completed and offset < size:
+                    if hashed < offset:  # resuming past bytes we never read: hash them first
+                        fh.seek(hashed)
+                        hashed += _hash_range(fh, hasher, offset - hashed)
+                    length = min(CHUNK_BYTES, size - offset)
+                    fh.seek(offset)
+                    state = {"hashed": hashed}
+                    body = _chunk_body(fh, offset, length, hasher, state, progress)
+                    try:
+                        response = self._request(
+                            "PUT",
+                            f"/v1/uploads/{upload_id}",
+                            params={"offset": offset},
+                            decode=True,
+                            data=body,
+                            headers={"Content-Type": "application/octet-stream"},
+                            policy=RetryPolicy(
+                                budget=0.0,
+                                read_timeout=self.policy.read_timeout,
+                                cap_to_budget=False,
+                            ),
+                        )
+                        with _reading("upload chunk"):
+                            offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
+                        hashed = state["hashed"]
+                        attempt = 0
+                        deadline = time.monotonic() + patience
+                    except OffsetMismatch as exc:
+                        hashed = state["hashed"]
+                        offset = int(exc.details.get("offset", self._offset(upload_id)))
+                    except (TransportError, ServerError, StorageFull, RequestTimeout) as exc:
+                        # (RequestTimeout: the server abandoned a chunk that stalled; it kept
+                        # the bytes it received, so this resumes like a dropped connection.)
+                        hashed = state["hashed"]
+                        if time.monotonic() > deadline:
+                            raise TransportError(f"upload of {name!r} gave up: {exc}") from exc
+                        wait = self.policy.delay(attempt)
+                        log.info(
+                            "upload of %r interrupted at byte %d (%s); resuming in %.1fs",
+                            name,
+                            offset,
+                            exc,
+                            wait,
+                        )
+                        time.sleep(wait)
+                        attempt += 1
+                        offset = self._offset(upload_id)
+                if hashed < size:
                     fh.seek(hashed)
-                    hashed += _hash_range(fh, hasher, offset - hashed)
-                length = min(CHUNK_BYTES, size - offset)
-                fh.seek(offset)
-                state = {"hashed": hashed}
-                body = _chunk_body(fh, offset, length, hasher, state, progress)
+                    if _hash_range(fh, hasher, size - hashed) < size - hashed:
+                        raise SourceChanged(name)
+                fh.seek(size)
+                if fh.read(1):
+                    raise SourceChanged(name)  # it grew: not the file captured
+                if progress is not None:
+                    progress(size)
+                if verify is not None:
+                    verify()
                 try:
-                    response = self._request(
-                        "PUT",
-                        f"/v1/uploads/{upload_id}",
-                        params={"offset": offset},
-                        decode=True,
-                        data=body,
-                        headers={"Content-Type": "application/octet-stream"},
-                        policy=RetryPolicy(
-                            budget=0.0, read_timeout=self.policy.read_timeout, cap_to_budget=False
-                        ),
+                    data = self._json(
+                        "POST",
+                        f"/v1/uploads/{upload_id}/complete",
+                        json={"sha256": hasher.hexdigest()},
                     )
-                    with _reading("upload chunk"):
-                        offset = int(response.decoded["offset"])  # type: ignore[attr-defined]
-                    hashed = state["hashed"]
-                    attempt = 0
-                    deadline = time.monotonic() + patience
-                except OffsetMismatch as exc:
-                    hashed = state["hashed"]
-                    offset = int(exc.details.get("offset", self._offset(upload_id)))
-                except (TransportError, ServerError, StorageFull, RequestTimeout) as exc:
-                    # (RequestTimeout: the server abandoned a chunk that stalled; it kept the
-                    # bytes it received, so this resumes like a dropped connection.)
-                    hashed = state["hashed"]
-                    if time.monotonic() > deadline:
-                        raise TransportError(f"upload of {name!r} gave up: {exc}") from exc
-                    wait = self.policy.delay(attempt)
-                    log.info(
-                        "upload of %r interrupted at byte %d (%s); resuming in %.1fs",
+                except InvalidRequest as exc:
+                    held = exc.details.get("offset")
+                    if (
+                        exc.details.get("reason") != INCOMPLETE
+                        or not isinstance(held, int)
+                        or not 0 <= held < size
+                        or resends >= MAX_RESENDS
+                    ):
+                        raise
+                    # Acknowledged bytes the server no longer holds: a replica that had the
+                    # unfinished tail of a proxied S3 part died. The staged file is still
+                    # here: send that tail again.
+                    resends += 1
+                    log.warning(
+                        "upload of %r: the server holds %d of %d bytes (the replica that had "
+                        "the rest went away); sending them again",
                         name,
-                        offset,
-                        exc,
-                        wait,
+                        held,
+                        size,
                     )
-                    time.sleep(wait)
-                    attempt += 1
-                    offset = self._offset(upload_id)
-            if hashed < size:
-                fh.seek(hashed)
-                if _hash_range(fh, hasher, size - hashed) < size - hashed:
-                    raise SourceChanged(name)
-            if fh.read(1):
-                raise SourceChanged(name)  # it grew: not the file captured
-        if progress is not None:
-            progress(size)
-        if verify is not None:
-            verify()
-        data = self._json(
-            "POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": hasher.hexdigest()}
-        )
-        with _reading("complete upload"):
-            return AssetInfo.from_dict(data)
+                    offset = held
+                    continue
+                with _reading("complete upload"):
+                    return AssetInfo.from_dict(data)
 
     def abort_upload(self, upload_id: str) -> None:
         """Drop an unfinished upload's bytes on the server (best effort)."""

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 import sqlalchemy as sa
 
 from .. import _validation as check
-from .._errors import InvalidRequest, LeaseConflict, NotFound, PayloadTooLarge
+from .._errors import INCOMPLETE, InvalidRequest, LeaseConflict, NotFound, PayloadTooLarge
 from .._models import AssetInfo, Page, UploadStatus, walk_pages
 from . import schema as t
 from .base import _fmt, _key, _same_lease
@@ -282,6 +282,7 @@ class AssetsMixin(RunsMixin):
                 f"upload {upload_id} holds {stored} of {row.size} declared bytes",
                 field="size",
                 offset=stored,
+                reason=INCOMPLETE,
             )
         else:
             size = self.blobs.commit(upload_id, sha256)

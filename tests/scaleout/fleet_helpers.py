@@ -52,8 +52,12 @@ class Fleet:
         clients: int = 6,
         beats_per_run: int = 6,
         upload_every: int = 2,
+        upload_sizes: tuple[tuple[int, int], ...] = ((64 * 1024, 3 * 1024 * 1024),),
         seed: int = 18,
     ) -> None:
+        """``upload_sizes``: byte ranges the uploads take in turn (a client's k-th upload is
+        drawn from range k modulo their number)."""
+        self.upload_sizes = upload_sizes
         self.url = url
         self.home = home
         self.experiment_id = experiment_id
@@ -102,7 +106,10 @@ class Fleet:
                         at = info.last_heartbeat_at or 0.0
                         acks.beats[key] = max(acks.beats.get(key, 0.0), at)
                     if step == 1 and n % self.upload_every == 0:
-                        data = rng.randbytes(rng.randint(64 * 1024, 3 * 1024 * 1024))
+                        low, high = self.upload_sizes[
+                            (n // self.upload_every) % len(self.upload_sizes)
+                        ]
+                        data = rng.randbytes(rng.randint(low, high))
                         path = files / f"r{n}.bin"
                         path.write_bytes(data)
                         digest = hashlib.sha256(data).hexdigest()

@@ -3,12 +3,14 @@
 in transaction mode), under a fleet of real clients, while replicas are SIGKILLed and
 restarted: nothing acknowledged is lost, no asset is torn, every client carries on.
 
-Replicas share one assets directory (same host); with the S3 asset store they would share a
-bucket instead. HAProxy and pgbouncer run from the sample configurations in ``deploy/``.
+Replicas share one assets directory (same host) or, as on several hosts, one S3 bucket on the
+real SeaweedFS (workers upload straight to it with presigned URLs). HAProxy and pgbouncer run
+from the sample configurations in ``deploy/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 from pathlib import Path
@@ -16,9 +18,12 @@ from typing import Any
 
 import pytest
 import requests
+import s3kit
 import sqlalchemy as sa
 from fleet_helpers import Fleet, experiment, verify, wait_progress
 from scaleout_kit import haproxy_factory, pg_url, pgbouncer_factory  # noqa: F401 (fixtures)
+
+from chronicle_integrations.client._direct import DIRECT_MIN_BYTES
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.postgres]
 
@@ -54,6 +59,48 @@ def test_replicas_killed_under_load_lose_nothing(
     assert fleet.acks.heartbeats > 0
     assert '/heartbeat HTTP/1.1" 200' in replicas[2].output()  # the balancer spread the load
     print(f"fleet behind haproxy: {checked}, {fleet.acks.heartbeats} heartbeats")
+
+
+@pytest.mark.s3
+def test_replicas_on_one_bucket_killed_under_load_lose_nothing(
+    server_factory: Any,
+    haproxy_factory: Any,
+    pg_url: str,
+    tmp_path: Path,
+    seaweedfs: s3kit.SeaweedServer,
+    s3_bucket: str,
+) -> None:
+    """The topology of several hosts: replicas share no directory, only PostgreSQL and one
+    bucket; a replica SIGKILLed mid-upload leaves nothing torn, and every acknowledged asset's
+    object in the bucket hashes to its SHA-256."""
+    s3 = s3kit.server_kwargs(seaweedfs, s3_bucket)
+    replicas = [
+        server_factory(
+            store_url=pg_url,
+            assets=s3["assets"],
+            extra_args=[*s3["extra_args"], "--db-pool-size", "4"],
+            env=s3["env"],
+        )
+        for _ in range(2)
+    ]
+    proxy = haproxy_factory([r.port for r in replicas])
+    proxy.wait_ready()
+    eid = experiment(proxy.url)
+    small, large = (64 * 1024, 2 * 2**20), (DIRECT_MIN_BYTES, DIRECT_MIN_BYTES + 2 * 2**20)
+    sizes = (small, large)  # proxied through a replica, then straight to the bucket
+    with Fleet(proxy.url, tmp_path / "fleet", eid, clients=4, upload_sizes=sizes) as fleet:
+        _kill_and_restart(fleet, replicas[0])
+    checked = verify(proxy.url, fleet.acks)
+    assert checked["runs"] >= 8 and checked["assets"] >= 2, checked
+    client = seaweedfs.client()
+    for digest, _size in set(fleet.acks.assets.values()):
+        key = f"assets/objects/{digest[:2]}/{digest}"
+        body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest, key
+    logs = "".join(r.output() for r in replicas)
+    assert "/direct" in logs, "no worker uploaded straight to the bucket"
+    assert '"PUT /v1/uploads/' in logs, "no upload was proxied"
+    print(f"fleet on one bucket: {checked}, {fleet.acks.heartbeats} heartbeats")
 
 
 def test_fleet_through_pgbouncer_transaction_mode(
