@@ -90,6 +90,7 @@ def test_replicas_on_one_bucket_killed_under_load_lose_nothing(
     sizes = (small, large)  # proxied through a replica, then straight to the bucket
     with Fleet(proxy.url, tmp_path / "fleet", eid, clients=4, upload_sizes=sizes) as fleet:
         _kill_and_restart(fleet, replicas[0])
+        _kill_and_restart(fleet, replicas[1])
     checked = verify(proxy.url, fleet.acks)
     assert checked["runs"] >= 8 and checked["assets"] >= 2, checked
     client = seaweedfs.client()
