@@ -222,6 +222,13 @@ class AssetsMixin(RunsMixin):
             sha256=row.sha256,
         )
 
+    def upload_digest(self, upload_id: str) -> str | None:
+        """The SHA-256 of the upload's bytes as the blob store wrote them, when it kept one
+        over all of them (see :meth:`BlobStore.digest`); None otherwise. For an in-process
+        writer (the embedded store), whose bytes are the ones the blob store hashed."""
+        self._upload_row(upload_id)
+        return self.blobs.digest(upload_id)
+
     def upload_status(self, upload_id: str) -> UploadStatus:
         """Where an upload stands (``offset`` = bytes safely stored)."""
         return self._upload_status(self._upload_row(upload_id))

@@ -59,6 +59,11 @@ class BlobStore(Protocol):
     def last_write(self, upload_id: str) -> float | None:
         """When the upload's bytes last changed (wall-clock), None if it has none."""
 
+    def digest(self, upload_id: str) -> str | None:
+        """The SHA-256 of the upload's stored bytes from the digest kept while they were
+        written in order, or None when it does not cover them all (after a restart, a
+        takeover or an out-of-order append). Never reads the bytes back."""
+
     def commit(self, upload_id: str, sha256: str) -> int:
         """Verify the digest and publish the object; return its size. Raises DigestMismatch."""
 
@@ -206,6 +211,13 @@ class LocalBlobStore:
                     self._hashers[upload_id] = (written, hasher)
             _start_writeback(fd, hinted, written - hinted)
             return written
+
+    def digest(self, upload_id: str) -> str | None:
+        with self._lock:
+            cached = self._hashers.get(upload_id)
+        if cached is None or cached[0] != self.offset(upload_id):
+            return None
+        return str(cached[1].hexdigest())
 
     def commit(self, upload_id: str, sha256: str) -> int:
         path = self._partial_path(upload_id)

@@ -407,6 +407,14 @@ class S3BlobStore:
         state.last_write = time.time()
         tail.unlink(missing_ok=True)
 
+    def digest(self, upload_id: str) -> str | None:
+        state = self._state(upload_id)
+        with state.lock:
+            cached = state.hasher
+            if cached is None or cached[0] != self.offset(upload_id):
+                return None
+            return str(cached[1].hexdigest())
+
     def commit(self, upload_id: str, sha256: str) -> int:
         state = self._state(upload_id)
         key = self.upload_key(upload_id)
