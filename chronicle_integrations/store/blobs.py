@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -175,6 +176,7 @@ class LocalBlobStore:
                 hasher = hashlib.sha256()
             fh.seek(offset)
             written = hinted = offset
+            digesting = _Digesting(hasher)
             try:
                 for chunk in chunks:
                     if not chunk:
@@ -183,8 +185,7 @@ class LocalBlobStore:
                     while view:
                         n = fh.write(view)
                         view = view[n or 0 :]
-                    if hasher is not None:
-                        hasher.update(chunk)
+                    digesting.update(chunk)
                     written += len(chunk)
                     if written - hinted >= WRITEBACK_EVERY:
                         # Paced here, whatever the caller's chunk size: the embedded store
@@ -195,6 +196,7 @@ class LocalBlobStore:
             except OSError as exc:
                 # Keep what was durably appended? No: a failed write may have left a torn tail.
                 # Truncate back to the acknowledged offset so the client resumes cleanly.
+                digesting.finish()
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, offset)
                 raise _storage_error(exc) from exc
@@ -202,10 +204,12 @@ class LocalBlobStore:
                 # A dropped connection mid-chunk: keep the bytes that arrived (they are in
                 # order), the client resumes from the size it reads back. The in-memory digest
                 # covers exactly what was written, so it stays valid.
+                digesting.finish()
                 if hasher is not None:
                     with self._lock:
                         self._hashers[upload_id] = (written, hasher)
                 raise
+            digesting.finish()
             if hasher is not None:
                 with self._lock:
                     self._hashers[upload_id] = (written, hasher)
@@ -284,6 +288,51 @@ class LocalBlobStore:
 #: 1 GiB in 1 MiB blocks with a final fsync took 3.2-12.0 s with no hint and a stable 1.6 s
 #: with a hint every 64 MiB on our 2-core machines (performance issue #20's measurement).
 WRITEBACK_EVERY = 64 * 2**20
+
+
+#: Chunks at least this large are hashed on a second thread while the next one is read and
+#: written (hashlib and file I/O both release the GIL): on two cores the SHA-256 pass, about
+#: as long as writing the bytes, then overlaps the writes. Smaller chunks (the server's
+#: network reads) are hashed inline, where a hand-off would cost more than it saves, and so
+#: is anything but ``bytes`` (a buffer the caller may refill while it is being hashed).
+OVERLAP_MIN = 256 * 1024
+
+
+class _Digesting:
+    """Feeds one append's chunks to its running SHA-256 in order, overlapping the hashing of
+    large chunks with the writing of the next (one helper thread, started at the first large
+    chunk; at most one chunk in flight). :meth:`finish` waits for the last one: after it the
+    hasher covers every chunk passed in."""
+
+    def __init__(self, hasher: hashlib._Hash | None) -> None:
+        self._hasher = hasher
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def update(self, chunk: bytes) -> None:
+        hasher = self._hasher
+        if hasher is None:
+            return
+        self._wait()
+        if len(chunk) < OVERLAP_MIN or type(chunk) is not bytes:
+            hasher.update(chunk)  # (a mutable buffer may be reused by the caller: inline)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronicle-sha")
+        self._pending = self._pool.submit(hasher.update, chunk)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def finish(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
