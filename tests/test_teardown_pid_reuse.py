@@ -84,6 +84,10 @@ def test_a_worker_handle_whose_pid_was_reused_reaches_nothing() -> None:
     )
     assert handle.same() and LocalTree(handle).alive()
     testkit.reap(worker, signal.SIGKILL, grace=0)  # the worker exited and was reaped
+    # A start time is counted in clock ticks (10 ms): a pid handed out again within the tick
+    # of the original's start could not be told apart. The kernel only does that when forced
+    # (as here, through ns_last_pid); the pid space wraps far slower. Step past that tick.
+    time.sleep(5 / os.sysconf("SC_CLK_TCK"))
     stranger = _spawn_with_pid(worker.pid)
     try:
         tree = LocalTree(handle)

@@ -53,7 +53,7 @@ def _routes(url: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("auth", list(BAD_AUTH.values()), ids=list(BAD_AUTH))
 def test_every_route_needs_the_key(keyed_server: Any, auth: dict[str, str]) -> None:
     routes = _routes(keyed_server.url)
-    assert len(routes) == 25
+    assert len(routes) == 27
     for method, path in routes:
         if path in ("/v1/health", "/v1/ready"):  # probes of a load balancer: public
             continue

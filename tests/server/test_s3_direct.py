@@ -71,6 +71,11 @@ def _begin(api: Api, data: bytes, name: str = "model.ckpt") -> tuple[str, str, l
     return path, uid, [hashlib.sha256(p).hexdigest() for p in parts]
 
 
+def _fresh(api: Api, uid: str, body: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Newly signed URLs of the parts still missing, by part number."""
+    return {u["part"]: u for u in api.ok("POST", f"/v1/uploads/{uid}/direct", json=body)["urls"]}
+
+
 def _put(entry: dict[str, Any], body: bytes, **headers: str) -> requests.Response:
     return requests.put(
         entry["url"], data=body, headers={**entry["headers"], **headers}, timeout=30
@@ -113,6 +118,9 @@ def test_raw_protocol_refusals_and_publication(
     assert error["missing"] == [1, 2, 3]
     assert api.ok("GET", f"{path}/assets") == {"assets": []}
 
+    # The server signs for 2 s here (--s3-url-expiry 2): on a loaded machine the refusals
+    # above may outlast that, so the part is sent with freshly signed URLs.
+    urls = _fresh(api, uid, body)
     assert _put(urls[1], part1).status_code == 200
     assert api.ok("GET", f"/v1/uploads/{uid}")["offset"] == PART  # progress, for watchers
     again = api.ok("POST", f"/v1/uploads/{uid}/direct", json=body)  # a resume: what is missing
@@ -120,9 +128,8 @@ def test_raw_protocol_refusals_and_publication(
     time.sleep(2.5)  # the URLs expire (--s3-url-expiry 2)
     expired = _put(urls[2], data[PART : 2 * PART])
     assert expired.status_code == 403 and "expired" in expired.text.lower()
-    fresh = {u["part"]: u for u in api.ok("POST", f"/v1/uploads/{uid}/direct", json=body)["urls"]}
-    assert _put(fresh[2], data[PART : 2 * PART]).status_code == 200
-    assert _put(fresh[3], data[2 * PART :]).status_code == 200
+    assert _put(_fresh(api, uid, body)[2], data[PART : 2 * PART]).status_code == 200
+    assert _put(_fresh(api, uid, body)[3], data[2 * PART :]).status_code == 200
     assert api.ok("GET", f"{path}/assets") == {"assets": []}  # still invisible
 
     wrong = hashlib.sha256(b"no").hexdigest()
