@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ import requests
 
 from .._errors import InvalidRequest, NotFound, SourceChanged, UploadError
 from .._models import AssetInfo
+from ._sessions import ThreadSessions
 from ._transport import READ_BLOCK
 
 log = logging.getLogger(__name__)
@@ -129,26 +129,16 @@ class DirectUploader:
         self._call = json_call
         self._read_timeout = read_timeout
         self._delay = delay
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
+        # No API key: a presigned URL carries its own signature.
+        self._sessions = ThreadSessions(requests.Session)
         #: False once the server said it takes no direct uploads, or the store was unreachable.
         self.enabled = True
 
     def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()  # no API key: the URL carries its own signature
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        return self._sessions.get()
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._sessions.close()
 
     def upload(
         self,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, TypeVar
@@ -63,6 +62,7 @@ from ._answers import (
 )
 from ._deadline import _CUTOFFS, QUICK, RetryPolicy, _Adapter, _retry_after
 from ._direct import DirectUploader
+from ._sessions import ThreadSessions
 from ._transport import READ_BLOCK, Outcomes, TransferProgress
 
 log = logging.getLogger(__name__)
@@ -90,30 +90,23 @@ class HttpTransport:
         self._headers = {"User-Agent": f"chronicle-integrations/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
+        self._sessions = ThreadSessions(self._new_session)
         #: Direct uploads to the server's S3 bucket, when it offers them (see ``_direct``).
         self.direct = DirectUploader(self._json, self.policy.read_timeout, self.policy.delay)
 
     # ------------------------------------------------------------------ plumbing
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.mount("http://", _Adapter())
-            session.mount("https://", _Adapter())
-            session.headers.update(self._headers)
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        session.mount("http://", _Adapter())
+        session.mount("https://", _Adapter())
+        session.headers.update(self._headers)
         return session
 
+    def _session(self) -> requests.Session:
+        return self._sessions.get()
+
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._sessions.close()
         self.direct.close()
 
     def _request(
