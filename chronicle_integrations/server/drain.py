@@ -6,15 +6,17 @@ A replica stops (SIGTERM, or SIGINT) within one bound, ``--shutdown-timeout``
 1. From the signal on (:attr:`Drain.begun`), ``GET /v1/ready`` answers 503 ``unavailable``
    with ``reason: shutting_down``: a load balancer stops sending it work, while
    ``GET /v1/health`` (liveness) still answers 200.
-2. uvicorn then (at its next tick, within about 0.1 s) closes its listening socket, closes
-   every idle kept-alive connection at once and lets each busy one finish its request, then
-   close (``Connection: close``). No connection carries a new request after that, except
-   requests a client had already pipelined behind one in flight, which are still served:
-   a readiness probe among them gets the 503. Upload chunks still arriving shortly before
-   the bound (:func:`upload_margin`) are stopped: what arrived is written and the chunk is
-   answered 408 ``request_timeout`` (``reason: shutting_down``) with the offset to resume
-   from, through the balancer, on another replica. At the bound uvicorn cancels whatever
-   still runs.
+2. uvicorn notices the signal at its next tick (within about 0.1 s; until then it accepts
+   and serves as usual, the readiness check already failing), closes its listening socket,
+   closes every idle kept-alive connection at once and lets each busy one finish its
+   request, then close (``Connection: close``). No connection carries a new request after
+   that, except requests a client had already pipelined behind one in flight, which are
+   still served: a readiness probe among them gets the 503. (A load balancer's own checks,
+   on new connections, are then refused: HAProxy takes the replica out either way.) Upload
+   chunks still arriving shortly before the bound (:func:`upload_margin`) are stopped: what
+   arrived is written and the chunk is answered 408 ``request_timeout`` (``reason:
+   shutting_down``) with the offset to resume from, through the balancer, on another
+   replica. At the bound uvicorn cancels whatever still runs.
 3. The app's lifespan then drains the heartbeat lane's pending group commit, the watchdog
    and the upload writes already started, in what is left of the bound (at least
    :data:`DRAIN_FLOOR` seconds, so that a pending group commit is always tried), and the

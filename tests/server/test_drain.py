@@ -5,6 +5,7 @@ stopped with its bytes kept (the client resumes), and the process exits within a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -125,9 +126,8 @@ def _upload_begun(api: Api, size: int) -> tuple[str, str, str, bytes]:
     uid = api.ok(
         "POST", f"{path}/uploads", 201, json={"name": "model.ckpt", "size": size, "lease": lease}
     )["upload_id"]
-    assert api.ok("PUT", f"/v1/uploads/{uid}", params={"offset": 0}, data=data[:MiB])[
-        "offset"
-    ] == (MiB)
+    stored = api.ok("PUT", f"/v1/uploads/{uid}", params={"offset": 0}, data=data[:MiB])
+    assert stored["offset"] == MiB
     return path, lease, uid, data
 
 
@@ -234,10 +234,8 @@ def test_shutdown_ends_within_the_bound_whatever_is_stuck(server_factory: Any) -
     database.execute("BEGIN IMMEDIATE")  # every write of the server waits (busy timeout: 60 s)
 
     def beat() -> None:
-        try:
+        with contextlib.suppress(requests.RequestException):  # (it dies before answering)
             requests.post(f"{server.url}{path}/heartbeat", json={"lease": lease}, timeout=120)
-        except requests.RequestException:
-            pass  # the process died before it could answer
 
     beats = [threading.Thread(target=beat, daemon=True) for _ in range(4)]
     try:
