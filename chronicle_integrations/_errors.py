@@ -19,12 +19,14 @@
           ├── LeaseConflict         lease_conflict       409  another worker holds the run
           ├── AlreadyExists         already_exists       409  experiment id taken
           ├── OffsetMismatch        offset_mismatch      409  upload chunk at the wrong offset
-          ├── RequestTimeout        request_timeout      408  upload chunk body stalled
+          ├── RequestTimeout        request_timeout      408  upload chunk body stalled (or
+          │                                                   stopped by a shutdown)
           ├── PayloadTooLarge       payload_too_large    413  body over the server's limit
           ├── DigestMismatch        digest_mismatch      422  upload content != declared SHA-256
           ├── StorageFull           storage_full         507  the asset store ran out of space
           ├── Unavailable           unavailable          503  this replica's database does not
-          │                                                   answer (readiness check)
+          │                                                   answer, or it is shutting down
+          │                                                   (readiness check)
           └── ServerError           internal             500  a bug: please report it
 
 The server sends ``{"error": {"code": ..., "message": ..., **details}}`` with the status above;
@@ -135,6 +137,11 @@ class InvalidRequest(APIError):
 #: the rest again instead of giving up (a replica that held the tail may have died).
 INCOMPLETE = "incomplete"
 
+#: ``details["reason"]`` of an answer a replica gives because it is shutting down: 503
+#: :class:`Unavailable` from its readiness check (send new work elsewhere), 408
+#: :class:`RequestTimeout` for an upload chunk it stopped (resume at ``details["offset"]``).
+SHUTTING_DOWN = "shutting_down"
+
 
 class InvalidMetric(InvalidRequest):
     """A metric was refused: a value that is not a number, an invalid name, more names than
@@ -205,8 +212,9 @@ class OffsetMismatch(APIError):
 
 
 class RequestTimeout(APIError):
-    """An upload chunk's body went silent (or too slow) and was abandoned; the bytes received
-    were kept: resume at ``details["offset"]``."""
+    """An upload chunk's body went silent (or too slow) and was abandoned, or did not arrive
+    before its server shut down (``details["reason"]`` :data:`SHUTTING_DOWN`); the bytes
+    received were kept: resume at ``details["offset"]``."""
 
     code = "request_timeout"
     status = 408
@@ -234,8 +242,9 @@ class StorageFull(APIError):
 
 
 class Unavailable(APIError):
-    """The server cannot serve now (its database does not answer): try another replica, or
-    again later. The readiness check's answer (``GET /v1/ready``)."""
+    """The server cannot serve now (its database does not answer, or it is shutting down:
+    ``details["reason"]`` :data:`SHUTTING_DOWN`): try another replica, or again later. The
+    readiness check's answer (``GET /v1/ready``)."""
 
     code = "unavailable"
     status = 503

@@ -13,6 +13,7 @@ are correct without it: the effective state is computed from timestamps on every
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -31,6 +32,7 @@ from .._errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, Unaut
 from .._version import __version__
 from ..store import Store
 from .direct import build_direct_router
+from .drain import DRAIN_FLOOR, Drain
 from .fastlane import HeartbeatLane
 from .middleware import RequestGuard, error_response
 from .routes import build_router
@@ -95,9 +97,12 @@ def create_app(
     served.
     ``ui``: also serve the read-only web view under ``/ui`` (``/`` redirects there; see
     :mod:`.ui`); its pages need the API key too (a login form exchanges it for a cookie).
-    ``drain_timeout``: at shutdown (after the ASGI server finished the requests in flight),
-    the seconds the heartbeat lane's pending group commit and the upload writers get to
-    finish before the process exits regardless.
+    ``drain_timeout``: the bound of a shutdown (``--shutdown-timeout``, see :mod:`.drain`),
+    from the moment the ASGI server starts draining (``serve`` tells the app's
+    :class:`~.drain.Drain`, ``app.state.drain``; under another ASGI server, from the
+    lifespan's shutdown): the requests in flight, then the heartbeat lane's pending group
+    commit, the watchdog and the upload writers share it, the latter at least
+    :data:`~.drain.DRAIN_FLOOR` seconds.
     """
     interval = (
         float(sweep_interval)
@@ -112,6 +117,7 @@ def create_app(
         raise ValueError("upload_idle_timeout must be > 0 and upload_min_rate >= 0")
     uploads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
     lane = HeartbeatLane(store) if heartbeat_lane else None
+    drain = Drain(drain_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -126,19 +132,30 @@ def create_app(
         try:
             yield
         finally:
+            drain.start()  # (already started by serve's server when it began draining)
             stop.set()
             executor = uploads.pop("executor")
+            # What is left of the bound (at least DRAIN_FLOOR s), shared by the three steps.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + max(drain.remaining(), DRAIN_FLOOR)
+
+            def left() -> float:
+                return max(0.0, until - loop.time())
+
             if lane is not None:  # the pending group commit is applied before we exit
-                await anyio.to_thread.run_sync(lane.close, drain_timeout)
-            await anyio.to_thread.run_sync(watchdog.join, drain_timeout)
+                await anyio.to_thread.run_sync(lane.close, left())
+            await anyio.to_thread.run_sync(watchdog.join, left())
             # Upload batches already handed to a writer finish (bounded); none start.
             drained = threading.Thread(
                 target=executor.shutdown, kwargs={"cancel_futures": True}, daemon=True
             )
             drained.start()
-            await anyio.to_thread.run_sync(drained.join, drain_timeout)
+            await anyio.to_thread.run_sync(drained.join, left())
             if drained.is_alive():
-                log.warning("upload writers still busy after %.1f s; exiting", drain_timeout)
+                log.warning(
+                    "upload writers still busy at the end of the %.1f s shutdown bound; exiting",
+                    drain.timeout,
+                )
 
     app = FastAPI(
         title="Chronicle",
@@ -151,6 +168,7 @@ def create_app(
     )
     app.state.store = store
     app.state.sweep_interval = interval
+    app.state.drain = drain
     app.include_router(
         build_router(
             store,
@@ -158,6 +176,7 @@ def create_app(
             upload_executor=lambda: uploads.get("executor"),
             upload_idle_timeout=upload_idle_timeout,
             upload_min_rate=upload_min_rate,
+            drain=drain,
         )
     )
     app.include_router(build_direct_router(store), prefix="/v1")

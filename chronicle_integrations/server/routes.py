@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import _validation as check
 from .._errors import (
+    SHUTTING_DOWN,
     AlreadyExists,
     APIError,
     DigestMismatch,
@@ -42,6 +43,7 @@ from .._version import __version__
 from ..lifecycle import RunState
 from ..store import Store
 from . import wire
+from .drain import Drain
 from .middleware import error_response
 from .streaming import (
     DEFAULT_UPLOAD_IDLE_TIMEOUT,
@@ -121,8 +123,9 @@ _ERRORS: dict[int, tuple[str, str]] = {
     ),
     408: (
         RequestTimeout.code,
-        "The chunk body stalled (silent, or below the minimum rate); the bytes received were "
-        "kept: resume at `offset`.",
+        "The chunk body stalled (silent, or below the minimum rate), or the server stopped it "
+        "to shut down (`reason: shutting_down`); the bytes received were kept: resume at "
+        "`offset`.",
     ),
     413: (PayloadTooLarge.code, "The body (or the asset) exceeds the server's limit."),
     416: (RangeNotSatisfiable.code, "The byte range is outside the asset."),
@@ -131,7 +134,11 @@ _ERRORS: dict[int, tuple[str, str]] = {
         "The bytes received do not hash to the declared SHA-256; nothing was stored.",
     ),
     500: (ServerError.code, "A server bug or database outage; retry later."),
-    503: (Unavailable.code, "This replica's database does not answer; try another replica."),
+    503: (
+        Unavailable.code,
+        "This replica's database does not answer, or it is shutting down "
+        "(`reason: shutting_down`); try another replica.",
+    ),
     507: (StorageFull.code, "The asset store is full; the upload can resume later."),
 }
 
@@ -173,11 +180,20 @@ def build_router(
     upload_executor: Callable[[], concurrent.futures.Executor | None],
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
     upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
+    drain: Drain | None = None,
 ) -> APIRouter:
     """The ``/v1`` API over ``store``. ``upload_executor`` gives the thread pool that writes
     upload chunks (a separate pool, so long uploads never starve heartbeats);
-    ``upload_idle_timeout`` / ``upload_min_rate``: when a chunk body counts as stalled."""
+    ``upload_idle_timeout`` / ``upload_min_rate``: when a chunk body counts as stalled;
+    ``drain``: the server's shutdown (the readiness check fails and upload chunks stop)."""
     router = APIRouter(prefix="/v1")
+
+    def refuse_while_draining() -> None:
+        if drain is not None and drain.begun:
+            raise Unavailable(
+                "this replica is shutting down: send new work to another one",
+                reason=SHUTTING_DOWN,
+            )
 
     # ------------------------------------------------------------------ health
     @router.get(
@@ -200,8 +216,12 @@ def build_router(
     )
     def ready() -> JSONResponse:
         """Readiness probe for a load balancer: 200 when this replica's database answers,
-        503 ``unavailable`` otherwise (send the traffic elsewhere); needs no API key."""
+        503 ``unavailable`` otherwise (send the traffic elsewhere), and from the moment it
+        begins shutting down (``reason: shutting_down``, while the requests in flight
+        drain); needs no API key."""
+        refuse_while_draining()
         version = store.ready()
+        refuse_while_draining()  # (the shutdown may have begun while the database answered)
         return JSONResponse({"status": "ready", "version": __version__, "schema_version": version})
 
     # ------------------------------------------------------------------ experiments
@@ -611,7 +631,8 @@ def build_router(
         the connection drops, the bytes received are kept: read the offset back and resume.
         A new ``PUT`` takes the upload over from an older one still open (a stalled client
         resuming on a new connection): the older one's later bytes are refused. A body that
-        stalls is abandoned with 408 ``request_timeout`` (the bytes received are kept)."""
+        stalls, or still arrives when the server's shutdown stops uploads, is abandoned with
+        408 ``request_timeout`` (the bytes received are kept)."""
         try:
             # Checked and claimed before reading the body: a wrong offset is answered at once.
             writer = await run_in_threadpool(store.open_chunk, upload_id, offset)
@@ -623,6 +644,7 @@ def build_router(
                 label=f"upload {upload_id}",
                 idle_timeout=upload_idle_timeout,
                 min_rate=upload_min_rate,
+                drain=drain,
             )
         except APIError as exc:
             # Refused (wrong offset, a newer writer, too large, stalled) before the body was

@@ -35,7 +35,12 @@ from .app import (
 )
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    import uvicorn
+
     from .connections import ConnectionLimits
+    from .drain import Drain
 
 __all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "is_loopback", "serve"]
 
@@ -186,9 +191,11 @@ def serve(
     ``_MAX_OVERFLOW``, else 10 + 20); ``db_prepare_threshold``: ``"none"`` behind pgbouncer in
     transaction mode (``"auto"``, the default: none when the URL has ``?pgbouncer=true``);
     ``migrate=False`` refuses a schema that needs migrating instead of migrating it
-    (``chronicle db upgrade`` does that); ``shutdown_timeout``: on SIGTERM, the seconds
-    requests in flight get to finish (the readiness check answers 503 meanwhile, the
-    heartbeat lane's pending group commit and the upload writers are drained after).
+    (``chronicle db upgrade`` does that); ``shutdown_timeout``: the bound of a shutdown
+    (SIGTERM): the readiness check answers 503 from the signal on, the requests in flight
+    finish (upload chunks still arriving near the end are stopped, resumable), then the
+    heartbeat lane's pending group commit and the upload writers are drained in what is left
+    of it; the process exits within about that many seconds (:mod:`.drain`).
     """
     if api_key is None:
         api_key = os.environ.get(ENV_API_KEY)
@@ -287,7 +294,7 @@ def serve(
             hosts=[host],
             drain_timeout=shutdown_timeout,
         )
-        server = uvicorn.Server(uvicorn.Config(app, **config_kwargs))  # configures logging
+        server = _draining_server(uvicorn.Config(app, **config_kwargs), app.state.drain)
         throttle = Throttle()
         for name in ("asyncio", "uvicorn.error", "chronicle_integrations.server.connections"):
             logging.getLogger(name).addFilter(throttle)
@@ -320,6 +327,24 @@ def serve(
             raise ConfigurationError(f"could not serve on {host}:{port} (see the log above)")
     finally:
         store.close()
+
+
+def _draining_server(config: uvicorn.Config, drain: Drain) -> uvicorn.Server:
+    """uvicorn's server (built from ``config``, which configures logging), telling ``drain``
+    when a shutdown is asked for (in the signal handler: the readiness check fails at once,
+    not from uvicorn's next tick) and when it starts draining (the bound starts)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            drain.begin()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            drain.start()
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
 
 
 def _hide_password(url: str) -> str:

@@ -13,7 +13,9 @@ arrived, never to wait for the network: a peer that sends headers and then nothi
 trickles, holds no thread and no lock, only its connection. And it does not hold that for
 ever: a body that stays silent for ``idle_timeout`` seconds, or that delivers less than
 ``min_rate`` bytes per second over such a window, is abandoned with 408 ``request_timeout``
-(and ``Connection: close``).
+(and ``Connection: close``). While the server shuts down, a chunk still arriving shortly before
+the end of its drain is stopped the same way, answered 408 with ``reason: shutting_down``
+(see :mod:`.drain`): its client resumes on another replica.
 
 Whenever a chunk stops before its end (the client disconnected or was too slow, a limit was
 hit), the bytes received are still written (they are in order, and the store keeps the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -38,9 +41,10 @@ import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
-from .._errors import APIError, InvalidRequest, PayloadTooLarge, RequestTimeout
+from .._errors import SHUTTING_DOWN, APIError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from .._models import AssetInfo, UploadStatus
 from ..store import ChunkWriter
+from .drain import Drain
 
 __all__ = [
     "BATCH",
@@ -70,6 +74,10 @@ class _Stalled(Exception):
     """The body went silent, or slower than the minimum rate."""
 
 
+class _ShuttingDown(_Stalled):
+    """The server's drain reached the time at which upload chunks stop."""
+
+
 async def stream_chunk(
     request: Request,
     writer: ChunkWriter,
@@ -79,12 +87,14 @@ async def stream_chunk(
     label: str,
     idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT,
     min_rate: float = DEFAULT_UPLOAD_MIN_RATE,
+    drain: Drain | None = None,
 ) -> UploadStatus | None:
     """Stream the request body into ``writer`` (on ``executor``), at most ``limit`` bytes.
 
     Returns the upload's status, or None when the client disconnected (the bytes received
     before that are written). Raises what the writer raised, PayloadTooLarge, or
-    RequestTimeout for a body that stalled (see the module docstring).
+    RequestTimeout for a body that stalled or that ``drain`` (the server's shutdown) stopped
+    (see the module docstring).
     """
     loop = asyncio.get_running_loop()
     inflight: asyncio.Future[int] | None = None
@@ -102,46 +112,54 @@ async def stream_chunk(
             inflight = loop.run_in_executor(executor, writer.write, parts)
             parts, pending = [], 0
 
+    def stop_if_draining() -> None:
+        if drain is not None and drain.stopping_uploads():
+            raise _ShuttingDown("the server is shutting down")
+
     try:
         try:
             async with asyncio.timeout(None) as deadline:
-                while True:
-                    # Armed only while waiting for the socket, never while a write runs.
-                    deadline.reschedule(loop.time() + idle_timeout)
-                    message = await request.receive()
-                    deadline.reschedule(None)
-                    if message["type"] == "http.disconnect":
-                        raise ClientDisconnect()
-                    piece: bytes = message.get("body", b"")
-                    if piece:
-                        if received + len(piece) > limit:
-                            raise PayloadTooLarge(
-                                f"an upload chunk may not exceed {limit} bytes; the bytes "
-                                "before the limit were stored: resume from the offset "
-                                "GET /v1/uploads/{id} reports",
-                                limit=limit,
-                            )
-                        received += len(piece)
-                        parts.append(piece)
-                        pending += len(piece)
-                        window_bytes += len(piece)
-                        if pending >= BATCH and (
-                            inflight is None or inflight.done() or pending >= PIPE_DEPTH * BATCH
-                        ):
-                            await flush()
-                    now = loop.time()
-                    if now - window_start >= idle_timeout:
-                        if window_bytes < min_rate * (now - window_start):
-                            raise _Stalled(
-                                f"{window_bytes} bytes in {now - window_start:.0f} s, below "
-                                f"the minimum of {min_rate:g} bytes/s"
-                            )
-                        window_start, window_bytes = now, 0
-                    if not message.get("more_body", False):
-                        break
+                with _watched(drain, deadline):
+                    while True:
+                        # Armed only while waiting for the socket, never while a write runs.
+                        wake = loop.time() + idle_timeout
+                        deadline.reschedule(drain.upload_deadline(wake) if drain else wake)
+                        message = await request.receive()
+                        deadline.reschedule(None)
+                        if message["type"] == "http.disconnect":
+                            raise ClientDisconnect()
+                        piece: bytes = message.get("body", b"")
+                        if piece:
+                            if received + len(piece) > limit:
+                                raise PayloadTooLarge(
+                                    f"an upload chunk may not exceed {limit} bytes; the bytes "
+                                    "before the limit were stored: resume from the offset "
+                                    "GET /v1/uploads/{id} reports",
+                                    limit=limit,
+                                )
+                            received += len(piece)
+                            parts.append(piece)
+                            pending += len(piece)
+                            window_bytes += len(piece)
+                            if pending >= BATCH and (
+                                inflight is None or inflight.done() or pending >= PIPE_DEPTH * BATCH
+                            ):
+                                await flush()
+                        now = loop.time()
+                        if now - window_start >= idle_timeout:
+                            if window_bytes < min_rate * (now - window_start):
+                                raise _Stalled(
+                                    f"{window_bytes} bytes in {now - window_start:.0f} s, below "
+                                    f"the minimum of {min_rate:g} bytes/s"
+                                )
+                            window_start, window_bytes = now, 0
+                        if not message.get("more_body", False):
+                            break
+                        stop_if_draining()
         except TimeoutError:
             await flush()
             await flush()
+            stop_if_draining()
             raise _Stalled(f"no byte for {idle_timeout:g} s") from None
         except (ClientDisconnect, PayloadTooLarge, _Stalled):
             # Keep what arrived (it is in order): the client resumes from the stored offset.
@@ -155,6 +173,15 @@ async def stream_chunk(
             received,
         )
         return None
+    except _ShuttingDown:
+        status = writer.status()
+        log.info("%s: stopped at offset %d (the server is shutting down)", label, status.offset)
+        raise RequestTimeout(
+            f"the server is shutting down; the {received} bytes of this chunk received were "
+            f"kept: resume at offset {status.offset} (on another replica)",
+            offset=status.offset,
+            reason=SHUTTING_DOWN,
+        ) from None
     except _Stalled as exc:
         status = writer.status()
         log.warning("%s: abandoned a stalled chunk body (%s)", label, exc)
@@ -169,6 +196,13 @@ async def stream_chunk(
     await flush()
     await flush()
     return writer.status()
+
+
+def _watched(
+    drain: Drain | None, deadline: asyncio.Timeout
+) -> contextlib.AbstractContextManager[None]:
+    """While the chunk streams, let ``drain`` hurry its wait for bytes (see :mod:`.drain`)."""
+    return drain.watching(deadline) if drain is not None else contextlib.nullcontext()
 
 
 async def _settle(write: asyncio.Future[int]) -> None:

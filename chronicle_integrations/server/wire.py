@@ -210,7 +210,8 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    """The readiness check: this replica's database answers (503 ``unavailable`` if not)."""
+    """The readiness check: this replica's database answers (503 ``unavailable`` if not, or
+    once it begins shutting down)."""
 
     status: Literal["ready"]
     version: str
