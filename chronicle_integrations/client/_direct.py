@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Below this size a file goes through the server (one request; no hashing pass).
 DIRECT_MIN_BYTES = 8 * 2**20
+#: Bytes read and hashed at a time by :func:`hash_parts`.
+HASH_BLOCK = 4 * 2**20
 #: Parts sent at once (each its own connection to the store).
 PARALLEL_PARTS = 4
 #: Attempts per part for transient failures (connection cut, 5xx) and refused digests.
@@ -80,26 +82,38 @@ class _Slice:
 
 
 def hash_parts(path: str, size: int, part_size: int) -> tuple[str, list[str]]:
-    """One pass: the whole file's SHA-256 and each part's (hex)."""
+    """One read of the file: the whole file's SHA-256 and each part's (hex).
+
+    The two digests of each block are computed at once, the whole file's on a helper thread
+    while this one hashes the part (hashlib releases the GIL): on two cores the pass takes
+    about as long as one SHA-256 of the file instead of two."""
     whole = hashlib.sha256()
     parts: list[str] = []
-    with open(path, "rb") as fh:
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chronicle-sha") as pool,
+        open(path, "rb", buffering=0) as fh,
+    ):
+        pending: concurrent.futures.Future[None] | None = None
         done = 0
         while done < size or not parts:
             part = hashlib.sha256()
             length = min(part_size, size - done)
             got = 0
             while got < length:
-                block = fh.read(min(READ_BLOCK, length - got))
+                block = fh.read(min(HASH_BLOCK, length - got))
                 if not block:
                     raise SourceChanged("the file shrank while hashing")
-                whole.update(block)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(whole.update, block)
                 part.update(block)
                 got += len(block)
             parts.append(part.hexdigest())
             done += length
             if length == 0:
                 break
+        if pending is not None:
+            pending.result()
         if fh.read(1):
             raise SourceChanged("the file grew while hashing")
     return whole.hexdigest(), parts

@@ -325,10 +325,10 @@ class EmbeddedTransport:
             # A fresh upload: the store hashes the bytes as it writes them, in this process,
             # and those are exactly the bytes read here, so its digest is the source's. One
             # SHA-256 pass instead of two (the commit still checks it against what it holds).
+            # The local blob store copies the file in the kernel and hashes what it wrote.
             with open(path, "rb") as fh:
-                body = _Limited(fh, size)
-                self.store.write_chunk(upload_id, 0, hashing_reader(body, None, progress))
-                if body.left or fh.read(1):
+                written = self.store.write_file(upload_id, 0, fh.fileno(), size, progress)
+                if written.offset < size or os.pread(fh.fileno(), 1, size):
                     raise SourceChanged(name)
             if verify is not None:
                 verify()

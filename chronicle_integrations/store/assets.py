@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import sqlalchemy as sa
@@ -239,6 +239,22 @@ class AssetsMixin(RunsMixin):
         writer.write(chunks)
         return writer.status()
 
+    def write_file(
+        self,
+        upload_id: str,
+        offset: int,
+        source: int,
+        length: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> UploadStatus:
+        """Append bytes ``offset`` to ``offset + length`` of the open file ``source`` (a file
+        descriptor) at ``offset`` (the stored size, else OffsetMismatch): the embedded client's
+        path for an upload that mirrors a file; the local blob store copies it in the kernel.
+        The status's offset falls short of ``offset + length`` when the source ended early."""
+        writer = self.open_chunk(upload_id, offset)
+        writer.write_file(source, length, progress)
+        return writer.status()
+
     def open_chunk(self, upload_id: str, offset: int) -> ChunkWriter:
         """Start a chunk at ``offset`` (the stored size, else OffsetMismatch): the returned
         writer appends it in as many :meth:`ChunkWriter.write` calls as convenient.
@@ -407,6 +423,24 @@ class ChunkWriter:
             raise
         return self.offset
 
+    def write_file(
+        self, source: int, length: int, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Append ``length`` bytes of the open file ``source`` from this writer's offset (see
+        :meth:`AssetsMixin.write_file`); return the new offset."""
+        declared = self._row.size
+        room = (declared if declared is not None else self._store.max_asset_bytes) - self.offset
+        if length > room:
+            raise _past_limit(declared is not None, self._store)
+        try:
+            self.offset = self._store.blobs.append_file(
+                self._row.upload_id, self.offset, source, length, self._owner, progress
+            )
+        except BaseException:
+            self.offset = self._store.blobs.offset(self._row.upload_id)
+            raise
+        return self.offset
+
     def status(self) -> UploadStatus:
         """Where the upload stands after this writer's writes (no I/O)."""
         row = self._row
@@ -424,7 +458,13 @@ def _bounded(
     for chunk in chunks:
         sent += len(chunk)
         if sent > room:
-            if declared:
-                raise InvalidRequest("the upload is larger than its declared size", field="size")
-            raise store._too_large()
+            raise _past_limit(declared, store)
         yield chunk
+
+
+def _past_limit(declared: bool, store: AssetsMixin) -> Exception:
+    """The refusal of bytes past the declared size (400) or, for an upload that declared
+    none, past the largest asset the store takes (413)."""
+    if declared:
+        return InvalidRequest("the upload is larger than its declared size", field="size")
+    return store._too_large()

@@ -42,7 +42,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -55,7 +55,7 @@ from .._errors import (
     OffsetMismatch,
     ServerError,
 )
-from .blobs import BUFFER, _storage_error
+from .blobs import BUFFER, _storage_error, read_file
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,19 @@ class S3BlobStore:
                 if hasher is not None:
                     state.hasher = (written, hasher)
             return written
+
+    def append_file(
+        self,
+        upload_id: str,
+        offset: int,
+        source: int,
+        length: int,
+        owner: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        return self.append(
+            upload_id, offset, read_file(source, offset, offset + length, progress), owner
+        )
 
     def _send_part(self, upload_id: str, state: _Upload, tail: Path) -> None:
         """Store the tail as the next part, then drop it (see the module docstring)."""

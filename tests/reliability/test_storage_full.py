@@ -22,6 +22,8 @@ import testkit
 from rel_helpers import Api, assert_error, wait_until
 
 from chronicle_integrations import Chronicle
+from chronicle_integrations._errors import StorageFull
+from chronicle_integrations.store import blobs
 
 MiB = 2**20
 
@@ -143,3 +145,30 @@ def test_client_upload_waits_out_a_full_store(
         run.succeed()
         assert [a.sha256 for a in run.assets()] == [info.sha256]
     figures["uploads verified"] += 1
+
+
+def test_a_kernel_copy_into_a_full_store_leaves_nothing_torn(
+    small_tmpfs: Path, figures: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded client's path (``append_file``: the kernel copies within one filesystem)
+    runs out of space mid-copy: ``StorageFull``, the partial is back at its acknowledged offset,
+    and once space is freed the same append completes with the digest of the stored bytes."""
+    caplog.set_level(logging.DEBUG, logger=blobs.__name__)
+    data = os.urandom(3 * MiB)
+    source = small_tmpfs / "model.ckpt"
+    source.write_bytes(data)
+    store = blobs.LocalBlobStore(small_tmpfs / "blobs")
+    filler = _fill(small_tmpfs, MiB)
+    owner = store.claim("u1", 0)
+    with source.open("rb") as fh, pytest.raises(StorageFull):
+        store.append_file("u1", 0, fh.fileno(), len(data), owner)
+    assert store.offset("u1") == 0, "a torn tail was left behind"
+    figures["fault:storage full"] += 1
+    filler.unlink()
+    owner = store.claim("u1", 0)
+    with source.open("rb") as fh:
+        assert store.append_file("u1", 0, fh.fileno(), len(data), owner) == len(data)
+    sha = hashlib.sha256(data).hexdigest()
+    assert store.digest("u1") == sha
+    assert store.commit("u1", sha) == len(data)
+    assert "copy_file_range refused" not in caplog.text, "the kernel copy was not used"
