@@ -109,17 +109,17 @@ def _best_objective_and_sorted_runs(home: Path, url: str | None, tmp_path: Path)
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert [r["key"] for r in walked] == [r["key"] for r in ranked]
+    assert [_key(r) for r in walked] == [_key(r) for r in ranked]
     top3 = _ok(_cli(home, url, "runs", "-e", exp, "--sort", "val/loss", "-n", "3", "--json"))
-    assert [r["key"] for r in top3] == [r["key"] for r in ranked[:3]]
-    ranked = _ok(
+    assert [_key(r) for r in top3] == [_key(r) for r in ranked[:3]]
+    top_acc = _ok(
         _cli(home, url, "runs", "-e", exp, "--sort", "acc", "--mode", "max", "-n", "2", "--json")
     )
-    assert [r["variation"] for r in ranked] == [1, 2]
+    assert [r["variation"] for r in top_acc] == [1, 2]
     table = _cli(home, url, "runs", "-e", exp, "--sort", "val/loss")
     assert table.returncode == 0 and "VAL/LOSS (MIN)" in table.stdout
     lines = table.stdout.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == [r["key"] for r in ranked]
+    assert [line.split()[0] for line in lines[1:]] == [_key(r) for r in ranked]
     assert lines[1].split()[-1] == "0.1" and lines[-1].split()[-1] == "-"
     human = _cli(home, url, "best", exp)
     assert human.returncode == 0 and f"{exp}/1/0" in human.stdout and "best-1.ckpt" in human.stdout
@@ -130,6 +130,11 @@ def _best_objective_and_sorted_runs(home: Path, url: str | None, tmp_path: Path)
     assert (by_acc["metric"], by_acc["checkpoint"]) == ("acc", None)
     cleared = _ok(_cli(home, url, "objective", exp, "--clear", "--json"))
     assert cleared["objective"] is None
+
+
+def _key(run: dict[str, Any]) -> str:
+    """A run's ``E/V/R`` in the JSON of a runs listing."""
+    return f"{run['experiment_id']}/{run['variation']}/{run['run']}"
 
 
 def _best_errors(home: Path, url: str | None) -> None:
