@@ -136,6 +136,38 @@ class OutcomesMixin(RunsMixin):
                     *RUN_KEY_CHECKS,
                 )[2:]
             )
+        valued, unvalued = self._ranked_queries(experiment_id, state, sort, mode, now, after)
+        with self._read() as conn:
+            rows: list[Any] = []
+            if after is None or after[0] is not None:
+                rows = list(conn.execute(valued.limit(size + 1)).all())
+            values = [row.sort_value for row in rows]
+            if len(rows) <= size:
+                rest = conn.execute(unvalued.limit(size + 1 - len(rows))).all()
+                rows += rest
+                values += [None] * len(rest)
+            infos = self._records(conn, rows, now)
+        page = _page(
+            list(zip(infos, values, strict=True)),
+            size,
+            _BY_METRIC,
+            lambda item: (sort, mode, item[1], *item[0].key_tuple),
+            lambda item: _run_bytes(item[0]),
+        )
+        return Page([info for info, _ in page.items], page.next_cursor)
+
+    def _ranked_queries(
+        self,
+        experiment_id: str | None,
+        state: str | RunState | None,
+        sort: str,
+        mode: str,
+        now: float,
+        after: tuple[Any, ...] | None,
+    ) -> tuple[sa.Select[Any], sa.Select[Any]]:
+        """The two parts of a listing sorted by ``sort`` (see :meth:`page_runs`), after the
+        cursor key ``after`` (``value, e, v, r``): the runs with a value of it (with a
+        ``sort_value`` column), best first, and the runs without one, by key."""
         rm, c = t.run_metrics.c, t.runs.c
         value = rm.min if mode == "min" else rm.max
         valued = (
@@ -186,24 +218,7 @@ class OutcomesMixin(RunsMixin):
             .where(~has_value, self._runs_filter(experiment_id, state, now, unvalued_after))
             .order_by(c.experiment_id, c.variation, c.run)
         )
-        with self._read() as conn:
-            rows: list[Any] = []
-            if after is None or after[0] is not None:
-                rows = list(conn.execute(valued.limit(size + 1)).all())
-            values = [row.sort_value for row in rows]
-            if len(rows) <= size:
-                rest = conn.execute(unvalued.limit(size + 1 - len(rows))).all()
-                rows += rest
-                values += [None] * len(rest)
-            infos = self._records(conn, rows, now)
-        page = _page(
-            list(zip(infos, values, strict=True)),
-            size,
-            _BY_METRIC,
-            lambda item: (sort, mode, item[1], *item[0].key_tuple),
-            lambda item: _run_bytes(item[0]),
-        )
-        return Page([info for info, _ in page.items], page.next_cursor)
+        return valued, unvalued
 
     def best(
         self,
