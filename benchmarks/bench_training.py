@@ -13,7 +13,18 @@ Reported: fit wall time per variant (median, min-max) and the ratio of medians t
 baseline of the same process; for Chronicle also the time spent inside the callback's hooks
 (exact attribution, immune to machine noise).
 
+``--metrics``: every variant's fit validates every ``--val-every`` steps (Lightning: a
+validation loop logging ``val_loss`` and ``ModelCheckpoint(monitor="val_loss")``; HF: eval
+steps with ``metric_for_best_model="loss"``), so the callbacks record metrics and each
+checkpoint's monitored value. The variant ``chronicle-embedded-nometrics`` is the same fit
+and callback with the metric recording off (Lightning: ``ChronicleCallback(log_metrics=
+False)``; HF, which has no such switch: the callback's ``_record_metrics`` replaced by a
+no-op on the instance, its hooks still called); checkpoint records still go with uploads.
+Each repeat runs it next to ``chronicle-embedded``, and ``metrics_on_vs_off`` is their paired
+ratio: what recording metrics costs the fit.
+
     .venv/bin/python benchmarks/bench_training.py --framework lightning [--quick]
+    .venv/bin/python benchmarks/bench_training.py --framework hf --metrics [--quick]
     benchmarks/.peers-venv/bin/python benchmarks/bench_training.py --framework lightning \
         --variants none,mlflow [--quick]
 """
@@ -34,6 +45,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
+
+#: The variant whose callback records no metric summaries (see the module's doc).
+NO_METRICS = "chronicle-embedded-nometrics"
+#: Validation batches of 32 samples per validation (``--metrics``).
+VAL_BATCHES = 8
+
 
 HOOK_TIMES: dict[str, float] = defaultdict(float)
 HOOK_CALLS: dict[str, int] = defaultdict(int)
@@ -123,17 +140,31 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
+    class ValidatedNet(Net):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
     torch.manual_seed(0)
     x = torch.randn(steps * 32, 64)
     loader = DataLoader(TensorDataset(x, x[:, :1] * 2), batch_size=32)
     callbacks: list = []
+    validation: dict = {}
+    if ctx["metrics"]:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        xv = torch.randn(VAL_BATCHES * 32, 64)
+        validation = {"val_dataloaders": DataLoader(TensorDataset(xv, xv[:, :1] * 2), 32)}
+        callbacks.append(
+            ModelCheckpoint(dirpath=str(root / "checkpoints"), monitor="val_loss", save_top_k=2)
+        )
     logger = False
     if variant.startswith("chronicle"):
         from chronicle_integrations.lightning import ChronicleCallback
 
-        cb = ChronicleCallback()
+        cb = ChronicleCallback(log_metrics=variant != NO_METRICS)
         timed_hooks(cb, LIGHTNING_HOOKS)
-        callbacks.append(cb)
+        callbacks.insert(0, cb)
     elif variant == "noop-callback":
         # What Lightning charges for *any* extra callback: the same hooks as ours, empty.
         callbacks.append(
@@ -161,16 +192,27 @@ def lightning_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         enable_model_summary=False,
         default_root_dir=str(root),
         log_every_n_steps=50,
+        **({"val_check_interval": ctx["val_every"]} if ctx["metrics"] else {}),
     )
-    model = Net(width=width)
+    model = (ValidatedNet if ctx["metrics"] else Net)(width=width)
     t0, c0 = time.perf_counter(), time.thread_time()
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, **validation)
     elapsed = time.perf_counter() - t0
     ctx["thread_cpu"] = time.thread_time() - c0
     if variant.startswith("chronicle"):
         run = cb.run
         assert run is not None and run.state.value == "succeeded", run
+        _check_recorded(variant, run, ctx, "val_loss")
     return elapsed
+
+
+def _check_recorded(variant: str, run, ctx: dict, metric: str) -> None:
+    """With ``--metrics``, the run holds ``metric``'s summary exactly when the variant records
+    metrics (outside the timed fit: the variant measures what it claims to)."""
+    if not ctx["metrics"]:
+        return
+    recorded = metric in (run.info().metrics or {})
+    assert recorded == (variant != NO_METRICS), (variant, run.info().metrics)
 
 
 # ---------------------------------------------------------------------- HF Trainer
@@ -196,8 +238,8 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
             return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
 
     class Data(torch.utils.data.Dataset):
-        def __init__(self, n: int) -> None:
-            g = torch.Generator().manual_seed(0)
+        def __init__(self, n: int, seed: int = 0) -> None:
+            g = torch.Generator().manual_seed(seed)
             self.x = torch.randn(n, 64, generator=g)
 
         def __len__(self) -> int:
@@ -212,6 +254,8 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
         from chronicle_integrations.transformers import ChronicleTrainerCallback
 
         cb = ChronicleTrainerCallback()
+        if variant == NO_METRICS:
+            cb._record_metrics = lambda *a, **kw: None  # no public switch (module doc)
         timed_hooks(cb, HF_HOOKS)
         callbacks.append(cb)
     elif variant == "noop-callback":
@@ -223,25 +267,48 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
                 {name: (lambda self, *a, **kw: None) for name in HF_HOOKS},
             )()
         )
+    evaluation: dict = {}
+    save_steps = max(1, steps // 2)
+    if ctx["metrics"]:
+        # Saves at every second evaluation: each checkpoint is recorded with its eval_loss.
+        save_steps = 2 * ctx["val_every"]
+        evaluation = {
+            "eval_strategy": "steps",
+            "eval_steps": ctx["val_every"],
+            "per_device_eval_batch_size": 32,
+            "prediction_loss_only": True,
+            "metric_for_best_model": "loss",
+            "greater_is_better": False,
+        }
     args = TrainingArguments(
         output_dir=str(root),
         max_steps=steps,
         per_device_train_batch_size=32,
         learning_rate=0.01,
         save_strategy="steps",
-        save_steps=max(1, steps // 2),
+        save_steps=save_steps,
         logging_steps=50,
         report_to=["mlflow"] if variant == "mlflow" else "none",
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_total_limit=2,
+        **evaluation,
     )
-    trainer = Trainer(model=Net(), args=args, train_dataset=Data(steps * 32), callbacks=callbacks)
+    trainer = Trainer(
+        model=Net(),
+        args=args,
+        train_dataset=Data(steps * 32),
+        eval_dataset=Data(VAL_BATCHES * 32, seed=1) if ctx["metrics"] else None,
+        callbacks=callbacks,
+    )
     t0, c0 = time.perf_counter(), time.thread_time()
     trainer.train()
     elapsed = time.perf_counter() - t0
     ctx["thread_cpu"] = time.thread_time() - c0
+    if variant.startswith("chronicle"):
+        assert cb.run is not None and cb.run.state.value == "succeeded", cb.run
+        _check_recorded(variant, cb.run, ctx, "eval_loss")
     return elapsed
 
 
@@ -249,7 +316,24 @@ def hf_fit(variant: str, steps: int, root: Path, ctx: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--framework", choices=["lightning", "hf"], default="lightning")
-    p.add_argument("--variants", default="none,chronicle-embedded,chronicle-http")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated (default none,chronicle-embedded,chronicle-http; with "
+        f"--metrics also {NO_METRICS}, next to chronicle-embedded)",
+    )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="validate every --val-every steps (val_loss, a monitoring ModelCheckpoint / "
+        "metric_for_best_model), so the callbacks record metrics",
+    )
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="steps between validations with --metrics (default: a quarter of --steps)",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per epoch/fit")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -270,7 +354,9 @@ def main() -> None:
     args = p.parse_args()
     steps = args.steps or (100 if args.quick else 600)
     repeats = args.repeats or (2 if args.quick else 5)
-    variants = args.variants.split(",")
+    default = f"none,chronicle-embedded,{NO_METRICS},chronicle-http" if args.metrics else None
+    variants = (args.variants or default or "none,chronicle-embedded,chronicle-http").split(",")
+    val_every = args.val_every or max(1, steps // 4)
     for name in (
         "lightning",
         "lightning.pytorch",
@@ -289,7 +375,7 @@ def main() -> None:
 
     c.WORK.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"fit-{args.framework}-", dir=c.WORK))
-    ctx: dict = {"width": args.width}
+    ctx: dict = {"width": args.width, "metrics": args.metrics, "val_every": val_every}
     servers = contextlib.ExitStack()
     fit = lightning_fit if args.framework == "lightning" else hf_fit
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -321,7 +407,7 @@ def main() -> None:
         def one(variant: str, rep: int, record: bool) -> None:
             for key in ("CHRONICLE_URL", "CHRONICLE_HOME"):
                 os.environ.pop(key, None)
-            if variant == "chronicle-embedded":
+            if variant.startswith("chronicle-embedded"):
                 os.environ["CHRONICLE_HOME"] = str(scratch / "embedded-home")
             elif variant.startswith("chronicle-http"):
                 os.environ["CHRONICLE_URL"] = ctx["chronicle_server"].url
@@ -383,6 +469,8 @@ def main() -> None:
         "repeats": repeats,
         "torch_threads": args.threads,
         "width": args.width,
+        "metrics": args.metrics,
+        "val_every": val_every if args.metrics else None,
         "variants": {},
         "versions": c.versions(
             "torch", "lightning", "transformers", "mlflow", "chronicle-integrations"
@@ -430,9 +518,37 @@ def main() -> None:
             )
             + (f"  hooks {entry['hook_s']['median'] * 1e3:.1f} ms" if v in hooks else "")
         )
+    if "chronicle-embedded" in times and NO_METRICS in times:
+        # Same fit, same callback, run next to each other in every repeat: the paired ratio
+        # is what recording metrics costs (1.0: nothing measurable).
+        on, off = "chronicle-embedded", NO_METRICS
+        pair = {
+            "paired_ratio": c.stats([a / b for a, b in zip(times[on], times[off], strict=True)]),
+            "thread_cpu_paired_ratio": c.stats(
+                [a / b for a, b in zip(cpu[on], cpu[off], strict=True)]
+            ),
+        }
+        if on in hooks and off in hooks:
+            pair["hook_ms_delta_median"] = round(
+                (c.stats(hooks[on]["total"])["median"] - c.stats(hooks[off]["total"])["median"])
+                * 1e3,
+                3,
+            )
+        out["metrics_on_vs_off"] = pair
+        print(
+            f"metrics on/off (paired, same process): wall {pair['paired_ratio']['median']:.4f} "
+            f"[{pair['paired_ratio']['min']:.3f}-{pair['paired_ratio']['max']:.3f}]  "
+            f"thread-cpu {pair['thread_cpu_paired_ratio']['median']:.4f}"
+            + (
+                f"  hooks +{pair['hook_ms_delta_median']:.2f} ms"
+                if "hook_ms_delta_median" in pair
+                else ""
+            )
+        )
     tag = "peers" if "mlflow" in variants else "chronicle"
     c.save(
-        f"fig1_{args.framework}_{tag}{'_quick' if args.quick else ''}"
+        f"fig1_{args.framework}_{tag}{'_metrics' if args.metrics else ''}"
+        f"{'_quick' if args.quick else ''}"
         f"{'_profiled' if args.profile else ''}{'_' + args.tag if args.tag else ''}",
         out,
     )

@@ -45,6 +45,7 @@ __all__ = [
     "objective",
     "parse_checkpoints",
     "parse_metrics",
+    "ranking_mode",
 ]
 
 #: Most metric names one run may have (the store refuses the 65th: ``invalid_request``).
@@ -238,6 +239,14 @@ def mode(value: Any) -> str:
     return str(value)
 
 
+def ranking_mode(metric: str, wanted: str | None, goal: dict[str, Any] | None) -> str:
+    """The direction of a ranking by ``metric`` (``best``, ``runs --sort``): ``wanted``,
+    else the objective ``goal``'s mode when ``metric`` is its metric, else ``min``."""
+    if wanted is None and goal and goal.get("metric") == metric:
+        wanted = goal.get("mode")
+    return mode(wanted or "min")
+
+
 def objective(value: Any) -> dict[str, str] | None:
     """Check an experiment's objective: ``{"metric": "val/loss", "mode": "min"}`` (or None)."""
     if value is None:
@@ -391,6 +400,12 @@ class MetricBuffer:
         with self._lock:
             self._names = set(names)
             self._pending = {k: v for k, v in self._pending.items() if k in names}
+
+    def unsent(self) -> tuple[list[str], list[str]]:
+        """What is pending: the metric names and the checkpoint assets (for a WARNING about
+        what could not be sent); two empty lists when nothing is."""
+        with self._lock:
+            return sorted(self._pending), sorted(self._checkpoints)
 
     def take(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """Everything pending, as a request carries it (``metrics``, ``checkpoints``), and

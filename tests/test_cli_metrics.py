@@ -81,6 +81,7 @@ def _best_objective_and_sorted_runs(home: Path, url: str | None, tmp_path: Path)
                 run.succeed()
             else:
                 run.heartbeat()  # still running: its metrics went with this beat
+        chronicle.create_run(exp, 0).start()  # no metric at all: sorted last
     best = _ok(_cli(home, url, "best", exp, "--json"))
     assert (best["key"], best["state"], best["value"]) == (f"{exp}/1/0", "succeeded", 0.1)
     assert best["checkpoint"]["name"] == "best-1.ckpt"
@@ -94,14 +95,32 @@ def _best_objective_and_sorted_runs(home: Path, url: str | None, tmp_path: Path)
     assert acc["variation"] == 1
     # runs --sort: best first by the objective's mode; by --mode otherwise.
     ranked = _ok(_cli(home, url, "runs", "--experiment", exp, "--sort", "val/loss", "--json"))
-    assert [r["variation"] for r in ranked] == [1, 2, 0]
+    assert [(r["variation"], r["run"]) for r in ranked] == [(1, 0), (2, 0), (0, 0), (0, 1)]
     assert ranked[0]["metrics"]["val/loss"]["min"] == 0.1
-    ranked = _ok(
+    # Sorted by the store, a page at a time: --page / --cursor walk the same order.
+    walked, cursor = [], None
+    while True:
+        where = ["--cursor", cursor] if cursor else ["--page"]
+        page = _ok(
+            _cli(home, url, "runs", "-e", exp, "--sort", "val/loss", "-n", "1", *where, "--json")
+        )
+        assert len(page["runs"]) == 1
+        walked += page["runs"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [_key(r) for r in walked] == [_key(r) for r in ranked]
+    top3 = _ok(_cli(home, url, "runs", "-e", exp, "--sort", "val/loss", "-n", "3", "--json"))
+    assert [_key(r) for r in top3] == [_key(r) for r in ranked[:3]]
+    top_acc = _ok(
         _cli(home, url, "runs", "-e", exp, "--sort", "acc", "--mode", "max", "-n", "2", "--json")
     )
-    assert [r["variation"] for r in ranked] == [1, 2]
+    assert [r["variation"] for r in top_acc] == [1, 2]
     table = _cli(home, url, "runs", "-e", exp, "--sort", "val/loss")
     assert table.returncode == 0 and "VAL/LOSS (MIN)" in table.stdout
+    lines = table.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == [_key(r) for r in ranked]
+    assert lines[1].split()[-1] == "0.1" and lines[-1].split()[-1] == "-"
     human = _cli(home, url, "best", exp)
     assert human.returncode == 0 and f"{exp}/1/0" in human.stdout and "best-1.ckpt" in human.stdout
     # Objective set later (the checkpoints were saved for val/loss, not for acc).
@@ -111,6 +130,11 @@ def _best_objective_and_sorted_runs(home: Path, url: str | None, tmp_path: Path)
     assert (by_acc["metric"], by_acc["checkpoint"]) == ("acc", None)
     cleared = _ok(_cli(home, url, "objective", exp, "--clear", "--json"))
     assert cleared["objective"] is None
+
+
+def _key(run: dict[str, Any]) -> str:
+    """A run's ``E/V/R`` in the JSON of a runs listing."""
+    return f"{run['experiment_id']}/{run['variation']}/{run['run']}"
 
 
 def _best_errors(home: Path, url: str | None) -> None:
@@ -125,3 +149,12 @@ def _best_errors(home: Path, url: str | None) -> None:
     assert bad.returncode != 0 and json.loads(bad.stderr)["error"]["code"] == "invalid_request"
     unknown = _cli(home, url, "best", "no-such-experiment", "--metric", "m", "--json")
     assert unknown.returncode == 3
+    bad_sort = _cli(home, url, "runs", "-e", exp, "--sort", "a/../b", "--json")
+    assert bad_sort.returncode != 0
+    assert json.loads(bad_sort.stderr)["error"]["code"] == "invalid_request"
+    if url:  # the server checks what the client would have refused
+        with testkit.HttpApi(url) as api:
+            for params in ({"sort": "a/../b"}, {"sort": "m", "mode": "up"}, {"mode": "max"}):
+                answer = api.get("/v1/runs", params={"experiment_id": exp, **params})
+                assert answer.status_code == 400, (params, answer.text)
+                assert answer.json()["error"]["code"] == "invalid_request"

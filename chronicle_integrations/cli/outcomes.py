@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from .._metrics import ranking_mode
 from .connect import open_client
 from .errors import EXIT_OK
-from .format import print_json, printable, public, table
+from .format import print_json, printable, public
 
 
 def cmd_best(args: argparse.Namespace, out: TextIO) -> int:
@@ -75,41 +76,20 @@ def format_value(value: Any) -> str:
     return f"{value:.6g}"
 
 
-def sort_runs(runs: list[Any], metric: str, mode: str) -> list[Any]:
-    """Runs best first by ``metric`` in ``mode`` (each run's min or max of it); runs without
-    a value of it come last, in listing order."""
-    column = "min" if mode == "min" else "max"
-
-    def value(info: Any) -> float | None:
-        summary = (info.metrics or {}).get(metric)
-        return None if summary is None else summary.get(column)
-
-    scored = [(value(r), i, r) for i, r in enumerate(runs)]
-    have = [(v, i, r) for v, i, r in scored if v is not None]
-    have.sort(key=lambda s: (s[0] if mode == "min" else -s[0], s[1]))
-    return [r for _, _, r in have] + [r for v, _, r in scored if v is None]
-
-
 def sort_mode(chronicle: Any, experiment_id: str | None, metric: str, mode: str | None) -> str:
-    """``--mode``, else the objective's mode when ``metric`` is the objective, else ``min``."""
-    if mode:
-        return mode
-    if experiment_id:
-        goal = chronicle.experiment(experiment_id).objective
-        if goal and goal.get("metric") == metric:
-            return str(goal["mode"])
-    return "min"
+    """The direction of ``runs --sort``: ``--mode``, else the objective's mode when
+    ``metric`` is the objective, else ``min`` (the store's rule, ``ranking_mode``; asked
+    here to name the column)."""
+    goal = chronicle.experiment(experiment_id).objective if experiment_id and not mode else None
+    return ranking_mode(metric, mode, goal)
 
 
-def write_sorted_runs(
-    runs: list[Any], metric: str, mode: str, headers: list[str], row: Any, out: TextIO
-) -> None:
-    """The runs table with the metric's column (the value the sort used)."""
+def metric_column(metric: str, mode: str) -> tuple[str, Callable[[Any], str]]:
+    """The runs table's column for ``runs --sort``: its header and each run's cell, the value
+    the sort used (its min, or its max in mode ``max``)."""
     column = "min" if mode == "min" else "max"
-    if not runs:
-        print("no runs", file=sys.stderr)
-        return
-    rows = [
-        [*row(r), format_value(((r.metrics or {}).get(metric) or {}).get(column))] for r in runs
-    ]
-    out.write(table([*headers, f"{metric} ({column})".upper()], rows) + "\n")
+
+    def cell(info: Any) -> str:
+        return format_value(((info.metrics or {}).get(metric) or {}).get(column))
+
+    return f"{metric} ({column})".upper(), cell

@@ -29,7 +29,7 @@ from .format import (
     stream_json_list,
     table,
 )
-from .outcomes import format_value, sort_mode, sort_runs, write_sorted_runs
+from .outcomes import format_value, metric_column, sort_mode
 
 
 def cmd_create(args: argparse.Namespace, out: TextIO) -> int:
@@ -120,58 +120,55 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     """List runs. The whole listing (at most ``--limit`` runs) is fetched and printed a page
     at a time, so memory stays bounded and the first rows appear at once; ``--json`` is
     still one JSON array. ``--page`` / ``--cursor`` print a single page with its
-    ``next_cursor``, for agents that keep their place between calls."""
+    ``next_cursor``, for agents that keep their place between calls. ``--sort M``: best
+    first by ``M``, sorted by the store (the same pages), with ``M``'s column."""
     with open_client(args) as chronicle:
         if args.experiment:  # an unknown experiment is "not found", not an empty listing
             chronicle.experiment(args.experiment)
-        if getattr(args, "sort", None):
-            return _sorted_runs(chronicle, args, out)
+        sort = getattr(args, "sort", None)
+        order: dict[str, Any] = {}
+        if sort:
+            order = {"sort": sort, "mode": sort_mode(chronicle, args.experiment, sort, args.mode)}
         if args.page or args.cursor is not None:
             page = chronicle.runs_page(
-                args.experiment, args.state, limit=args.limit, cursor=args.cursor
+                args.experiment, args.state, limit=args.limit, cursor=args.cursor, **order
             )
             if args.json:
                 body = {"runs": [public(r) for r in page.items], "next_cursor": page.next_cursor}
                 print_json(body, out)
                 return EXIT_OK
-            _write_runs(iter([page.items]), out)
+            _write_runs(iter([page.items]), out, **order)
             if page.next_cursor is not None:
                 print(f"more: pass --cursor {page.next_cursor}", file=sys.stderr)
             return EXIT_OK
         size = min(args.limit, MAX_PAGE_SIZE) if args.limit else None
         runs = itertools.islice(
-            chronicle.iter_runs(args.experiment, args.state, page_size=size), args.limit
+            chronicle.iter_runs(args.experiment, args.state, page_size=size, **order), args.limit
         )
         chunks = iter(lambda: list(itertools.islice(runs, size or DEFAULT_PAGE_SIZE)), [])
         if args.json:
             stream_json_list(([public(r) for r in chunk] for chunk in chunks), out)
         else:
-            _write_runs(chunks, out)
+            _write_runs(chunks, out, **order)
     return EXIT_OK
 
 
-def _sorted_runs(chronicle: Any, args: argparse.Namespace, out: TextIO) -> int:
-    """``runs --sort M``: every matching run (a sort needs them all), best first by ``M``
-    in the objective's mode (else ``--mode``, else ascending), then ``--limit``."""
-    mode = sort_mode(chronicle, args.experiment, args.sort, args.mode)
-    runs = sort_runs(list(chronicle.iter_runs(args.experiment, args.state)), args.sort, mode)
-    runs = runs[: args.limit] if args.limit else runs
-    if args.json:
-        print_json([public(r) for r in runs], out)
-    else:
-        write_sorted_runs(
-            runs, args.sort, mode, RUN_HEADERS, lambda r: _run_row(r, time.time()), out
-        )
-    return EXIT_OK
-
-
-def _write_runs(chunks: Iterator[list[Any]], out: TextIO) -> None:
-    """The runs table, one part per chunk as it arrives (columns widen as needed)."""
+def _write_runs(
+    chunks: Iterator[list[Any]], out: TextIO, sort: str | None = None, mode: str = "min"
+) -> None:
+    """The runs table, one part per chunk as it arrives (columns widen as needed); with
+    ``sort``, a last column of the value the sort used."""
     widths: list[int] = []
+    headers = list(RUN_HEADERS)
+    cell = None
+    if sort:
+        header, cell = metric_column(sort, mode)
+        headers.append(header)
     for chunk in chunks:
         if chunk:
-            rows = [_run_row(r, time.time()) for r in chunk]
-            out.write(table(RUN_HEADERS, rows, widths=widths, header=not widths) + "\n")
+            now = time.time()
+            rows = [[*_run_row(r, now), *([cell(r)] if cell else [])] for r in chunk]
+            out.write(table(headers, rows, widths=widths, header=not widths) + "\n")
             out.flush()
     if not widths:
         print("no runs", file=sys.stderr)

@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from types import TracebackType
@@ -18,6 +19,7 @@ from typing import Any
 
 from .. import _config, _metrics
 from .. import _validation as check
+from .._errors import InvalidRequest
 from .._models import BestRun, ExperimentInfo, Page, RunInfo, walk_pages
 from ..lifecycle import RunState
 from ._heartbeat import KeepAlive
@@ -29,6 +31,10 @@ from ._uploads import UploadPool, Uploads
 log = logging.getLogger(__name__)
 
 __all__ = ["Chronicle"]
+
+#: The least time ``close()`` gives the last heartbeat of a run holding unsent metrics, even
+#: when the wait for uploads used up its timeout: one short attempt.
+LAST_BEAT_FLOOR = 1.0
 
 
 class Chronicle:
@@ -77,6 +83,9 @@ class Chronicle:
         self._closed = False
         self._close_lock = threading.Lock()
         self._keepalives: weakref.WeakSet[KeepAlive[Run]] = weakref.WeakSet()
+        #: Handles that logged metrics (or checkpoint records): ``close()`` sends what they
+        #: still hold.
+        self._unsent: weakref.WeakSet[Run] = weakref.WeakSet()
         self.transport: Transport
         if self.url:
             from ._deadline import RetryPolicy
@@ -124,19 +133,40 @@ class Chronicle:
 
     def close(self, timeout: float | None = None) -> None:
         """Wait (bounded, with progress) for pending uploads, spool what did not finish, stop
-        heartbeats, and release connections. Idempotent."""
+        heartbeats, send the metrics logged since the last heartbeat of a run left live
+        (one last heartbeat each, under its lease), and release connections. Idempotent.
+
+        ``timeout`` (default ``close_timeout``) bounds the wait for uploads; each last
+        heartbeat gets what is left of it, at most a quick try (10 s over a server) and at
+        least :data:`LAST_BEAT_FLOOR`; a WARNING names the metrics that could not be sent."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         timeout = self.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         try:
             self._uploads.close(timeout)
         finally:
-            for keepalive in list(self._keepalives):
+            keepalives = list(self._keepalives)
+            for keepalive in keepalives:
                 keepalive.stop(timeout=1.0)
+            self._send_unsent([k.run for k in keepalives], deadline)
             self.transport.close()
             _unregister_exit(self)
+
+    def _send_unsent(self, owners: list[Run], deadline: float) -> None:
+        """The last heartbeat of each run that still holds metrics: the owners of this
+        client's heartbeat loops (their member handles share their buffer) and the handles
+        that logged metrics, each buffer once, each within what is left until ``deadline``
+        (at least :data:`LAST_BEAT_FLOOR` seconds; at most a quick try)."""
+        seen: set[int] = set()
+        with self._close_lock:  # the training thread may list a handle meanwhile
+            listed = list(self._unsent)
+        for run in [*owners, *listed]:
+            if id(run.pending_metrics) not in seen:
+                seen.add(id(run.pending_metrics))
+                run._send_unsent(max(LAST_BEAT_FLOOR, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ experiments
     def create_experiment(
@@ -231,11 +261,17 @@ class Chronicle:
         return Run(self, experiment_id, variation, run, lease=lease)
 
     def runs(
-        self, experiment_id: str | None = None, state: str | RunState | None = None
+        self,
+        experiment_id: str | None = None,
+        state: str | RunState | None = None,
+        *,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> list[RunInfo]:
         """Runs, optionally of one experiment and/or in one state (the effective state), in
-        ``experiment_id, variation, run`` order (fetched a page at a time)."""
-        return list(self.iter_runs(experiment_id, state))
+        ``experiment_id, variation, run`` order, or best first by the metric ``sort``
+        (see :meth:`runs_page`); fetched a page at a time."""
+        return list(self.iter_runs(experiment_id, state, sort=sort, mode=mode))
 
     def iter_runs(
         self,
@@ -243,10 +279,13 @@ class Chronicle:
         state: str | RunState | None = None,
         *,
         page_size: int | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> Iterator[RunInfo]:
         """Like :meth:`runs`, lazily: pages of ``page_size`` runs (default the server's) are
         fetched as the iteration reaches them. Every run that exists for the whole walk comes
-        exactly once, in ``experiment_id, variation, run`` order.
+        exactly once, in ``experiment_id, variation, run`` order (sorted: in the order of
+        :meth:`runs_page`, when its value does not change during the walk).
 
         Example::
 
@@ -255,8 +294,11 @@ class Chronicle:
         """
         if state is not None:
             check.run_state(state)  # an error now, not at the first next()
+        _sort_arguments(sort, mode)
         return walk_pages(
-            lambda cursor: self.runs_page(experiment_id, state, limit=page_size, cursor=cursor)
+            lambda cursor: self.runs_page(
+                experiment_id, state, limit=page_size, cursor=cursor, sort=sort, mode=mode
+            )
         )
 
     def runs_page(
@@ -266,12 +308,23 @@ class Chronicle:
         *,
         limit: int | None = None,
         cursor: str | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> Page[RunInfo]:
         """One page of :meth:`runs`: ``page.items`` (at most ``limit``) and
         ``page.next_cursor``, to pass as ``cursor`` for the next page (``None`` at the end).
-        For callers that keep their place between calls (an agent, a paged UI)."""
+        For callers that keep their place between calls (an agent, a paged UI).
+
+        ``sort``: best first by that metric, sorted by the store: each run's ``min`` of it
+        (its ``max`` with ``mode="max"``; ``mode`` defaults to the objective's when ``sort``
+        is the experiment's objective, else ``min``); ties in ``experiment_id, variation,
+        run`` order, and the runs without a value of it (or only NaN) last, in that order.
+        A cursor belongs to its ``sort`` and ``mode``."""
         wanted = check.run_state(state).value if state is not None else None
-        return self.transport.list_runs(experiment_id, wanted, limit=limit, cursor=cursor)
+        _sort_arguments(sort, mode)
+        return self.transport.list_runs(
+            experiment_id, wanted, limit=limit, cursor=cursor, sort=sort, mode=mode
+        )
 
     def sync(self) -> SyncReport:
         """Send what the spool holds for this target (uploads first, then transitions), and
@@ -283,6 +336,16 @@ class Chronicle:
     def _pool(self) -> UploadPool:
         """The background upload pool (tests watch and slow it)."""
         return self._uploads.pool
+
+
+def _sort_arguments(sort: str | None, mode: str | None) -> None:
+    """Check the ``sort`` and ``mode`` of a runs listing here, before any request."""
+    if sort is not None:
+        _metrics.metric_name(sort)
+    if mode is not None:
+        if sort is None:
+            raise InvalidRequest("mode is the direction of sort: pass sort too", field="mode")
+        _metrics.mode(mode)
 
 
 # ---------------------------------------------------------------------- exit handling

@@ -17,6 +17,7 @@ answers in ``_answers``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -340,8 +341,10 @@ class HttpTransport:
         *,
         limit: int | None = None,
         cursor: str | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> Page[RunInfo]:
-        filters = {"experiment_id": experiment_id, "state": state}
+        filters = {"experiment_id": experiment_id, "state": state, "sort": sort, "mode": mode}
         return self._page("/v1/runs", "runs", RunInfo, limit, cursor, filters)
 
     @_answer
@@ -362,18 +365,17 @@ class HttpTransport:
         quick: bool = False,
         progress: dict[str, Any] | None = None,
         outcomes: Outcomes = (None, None),
+        budget: float | None = None,
     ) -> RunInfo:
         body: dict[str, Any] = {"lease": lease}
         if progress is not None:
             body["progress"] = progress
         _add_outcomes(body, outcomes)
+        policy = QUICK if quick else self.policy
+        if budget is not None:
+            policy = dataclasses.replace(policy, budget=min(policy.budget, max(budget, 0.0)))
         return RunInfo.from_dict(
-            self._json(
-                "POST",
-                self._run_path(e, v, r) + "/heartbeat",
-                json=body,
-                policy=QUICK if quick else None,
-            )
+            self._json("POST", self._run_path(e, v, r) + "/heartbeat", json=body, policy=policy)
         )
 
     @_answer

@@ -9,6 +9,7 @@ lease, progress and cancellation); uploads go through the ``Chronicle``'s ``Uplo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -85,6 +86,9 @@ class Run:
         #: the terminal transition.
         self.pending_metrics = MetricBuffer()
         self._told_metrics = False
+        #: Whether the client knows this handle has metrics to send (``Chronicle.close``
+        #: sends what is still pending then).
+        self._listed = False
         self._keepalive: KeepAlive[Run] | None = None
         self._lock = threading.Lock()
 
@@ -237,12 +241,19 @@ class Run:
         self.beat(quick=False, progress=progress)
         return self
 
-    def beat(self, quick: bool = True, progress: dict[str, Any] | None = None) -> RunInfo:
+    def beat(
+        self,
+        quick: bool = True,
+        progress: dict[str, Any] | None = None,
+        *,
+        budget: float | None = None,
+    ) -> RunInfo:
         """Send one heartbeat and return the store's answer (the run as it is now).
 
         ``quick`` (the default): one short try, for callers that beat again soon anyway (the
         heartbeat loop, ``chronicle exec``'s supervisor); False: the full retry budget, as
-        :meth:`heartbeat`. ``progress``: as for :meth:`heartbeat`. The metrics logged since
+        :meth:`heartbeat`. ``budget``: at most this many seconds over a server (the last
+        beat at close). ``progress``: as for :meth:`heartbeat`. The metrics logged since
         the last send travel with it (put back if it fails; dropped, with one ERROR, if the
         store refuses them: the heartbeat then goes without). Part of the interface the
         heartbeat loop uses (``_heartbeat.Beating``).
@@ -251,13 +262,19 @@ class Run:
             progress = self.progress.snapshot()
         outcomes = self.pending_metrics.take()
         extra: dict[str, Any] = {"outcomes": outcomes} if outcomes != (None, None) else {}
+        send = functools.partial(
+            self._t.heartbeat,
+            *self.key_tuple,
+            self.lease,
+            quick=quick,
+            progress=progress,
+            budget=budget,
+        )
         try:
-            info = self._t.heartbeat(
-                *self.key_tuple, self.lease, quick=quick, progress=progress, **extra
-            )
+            info = send(**extra)
         except InvalidMetric as exc:
             self._metrics_refused(exc, outcomes)
-            info = self._t.heartbeat(*self.key_tuple, self.lease, quick=quick, progress=progress)
+            info = send()
         except BaseException:
             self.pending_metrics.restore(*outcomes)
             raise
@@ -277,9 +294,53 @@ class Run:
         Raises :class:`InvalidMetric` at once, recording nothing of the call, for a value
         that is not a number, an invalid name (``/``-separated segments, no ``..``, NUL or
         control characters, at most 256 characters) or a 65th name for the run.
+
+        What is still unsent when the client closes (``Chronicle.close()``, also at
+        interpreter exit) or when ``stop_keep_alive()`` stops this run's heartbeats goes
+        with one last heartbeat then, while the run is live.
         """
+        if not self._listed:
+            self._list_unsent()
         self.pending_metrics.log(values, step)
         return self
+
+    def _list_unsent(self) -> None:
+        """Tell the client this handle holds metrics to send (once per handle): its
+        ``close()`` sends what is still pending then (:meth:`_send_unsent`)."""
+        self._listed = True
+        with self.chronicle._close_lock:
+            self.chronicle._unsent.add(self)
+
+    def _send_unsent(self, budget: float | None = None) -> bool:
+        """Send the metrics and checkpoint records still pending (logged since the last
+        heartbeat) with one heartbeat under the lease: one quick try, within ``budget``
+        seconds when given (a server that does not answer costs at most that); never
+        raises. True when nothing is left unsent; else a WARNING names what was not sent
+        and why (no lease, the run is no longer ours, the store unreachable or refusing).
+
+        ``Chronicle.close()`` and :meth:`stop_keep_alive` call it, for a run that neither
+        beats again nor ends (a script closing its client with the run left running, a
+        process exiting normally, a pre-emption)."""
+        if self.pending_metrics.unsent() == ([], []):
+            return True
+        if self.lease is None:
+            why = "this handle holds no lease (start() the run, or adopt its lease)"
+        elif self.cancelled.is_set():
+            why = f"the run is {self.cancel_reason or 'no longer this worker'}"
+        else:
+            try:
+                self.beat(budget=budget)
+                return True
+            except Exception as exc:  # a teardown path: never raise a tracking error
+                why = str(exc)
+        names, assets = self.pending_metrics.unsent()  # a failed beat put them back
+        log.warning(
+            "run %s: could not send its last metrics (%s): %s",
+            self.key,
+            why,
+            ", ".join([*names, *(f"checkpoint {a}" for a in assets)])[:500],
+        )
+        return False
 
     def _metrics_refused(self, exc: InvalidMetric, outcomes: Outcomes) -> None:
         """The store refused metrics this client let through (e.g. the run already has 64
@@ -329,11 +390,20 @@ class Run:
 
     def stop_keep_alive(self) -> None:
         """Stop heartbeats (without ending the run: e.g. on pre-emption). A handle that joined
-        another handle's loop only leaves it; the loop's owner keeps beating."""
+        another handle's loop only leaves it; the loop's owner keeps beating. When this stops
+        the loop, the metrics logged since its last beat go with one last heartbeat
+        (:meth:`_send_unsent`)."""
+        if self._stop_beating():
+            self._send_unsent()
+
+    def _stop_beating(self) -> bool:
+        """Stop (or leave) this handle's heartbeat loop; True when that stopped the loop."""
         with self._lock:
             keepalive, self._keepalive = self._keepalive, None
-        if keepalive is not None:
-            detach(self, keepalive)
+        if keepalive is None:
+            return False
+        detach(self, keepalive)
+        return keepalive.run is self
 
     def mark_cancelled(self, why: str) -> None:
         """Record that the run is no longer this worker's: ``cancel_reason = why``, then
@@ -376,6 +446,8 @@ class Run:
             self.key_tuple, self.lease, path, name, follow_symlinks
         )
         if metric is not None:
+            if not self._listed:
+                self._list_unsent()
             self.pending_metrics.checkpoint(asset, metric)
         return handle
 
@@ -430,8 +502,9 @@ class Run:
         progress: dict[str, Any] | None = None,
     ) -> None:
         # Stop beating first: a heartbeat in flight after the terminal transition would be
-        # refused and mistaken for a cancellation of a run this worker ended itself.
-        self.stop_keep_alive()
+        # refused and mistaken for a cancellation of a run this worker ended itself. The
+        # pending metrics go with the transition, not with a last beat.
+        self._stop_beating()
         progress = self._final_progress(progress)
         outcomes = self.pending_metrics.take()
         try:

@@ -66,8 +66,11 @@ class Transport(Protocol):
         *,
         limit: int | None = None,
         cursor: str | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> Page[RunInfo]:
-        """One page of runs after ``cursor`` (``None``: the first page)."""
+        """One page of runs after ``cursor`` (``None``: the first page); with ``sort``,
+        best first by that metric in ``mode``."""
 
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
@@ -82,7 +85,11 @@ class Transport(Protocol):
         quick: bool = False,
         progress: dict[str, Any] | None = None,
         outcomes: Outcomes = (None, None),
-    ) -> RunInfo: ...
+        budget: float | None = None,
+    ) -> RunInfo:
+        """One heartbeat. ``quick``: one short try (the caller beats again soon);
+        ``budget``: at most this many seconds, retries included (a last beat at close)."""
+
     def succeed(
         self,
         e: str,
@@ -244,10 +251,14 @@ class EmbeddedTransport:
         *,
         limit: int | None = None,
         cursor: str | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
     ) -> Page[RunInfo]:
         # Nobody else runs the watchdog's sweep for an embedded store: do it on listings.
         self.store.maybe_sweep()
-        return self.store.page_runs(experiment_id, state, limit=limit, cursor=cursor)
+        return self.store.page_runs(
+            experiment_id, state, limit=limit, cursor=cursor, sort=sort, mode=mode
+        )
 
     def start(
         self, e: str, v: int, r: int, *, resume: bool, lease: str, holder: str | None
@@ -264,6 +275,7 @@ class EmbeddedTransport:
         quick: bool = False,
         progress: dict[str, Any] | None = None,
         outcomes: Outcomes = (None, None),
+        budget: float | None = None,
     ) -> RunInfo:
         return self.store.heartbeat(e, v, r, lease, progress, *outcomes)
 

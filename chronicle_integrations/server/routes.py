@@ -350,11 +350,29 @@ def build_router(
         ] = None,
         limit: Limit = None,
         cursor: Cursor = None,
+        sort: Annotated[
+            str | None,
+            Query(
+                description="Best first by this metric (each run's min, or max with "
+                "`mode=max`); runs without a value of it last."
+            ),
+        ] = None,
+        mode: Annotated[
+            str | None,
+            Query(
+                description="The direction of `sort`: `min` or `max` (default: the "
+                "objective's when `sort` is the experiment's objective, else `min`)."
+            ),
+        ] = None,
     ) -> JSONResponse:
-        """Runs by ``experiment_id, variation, run``, optionally filtered by experiment and
-        effective state, a page at a time: follow ``next_cursor`` until null. Every run that
-        exists for the whole walk comes exactly once, whatever is created meanwhile."""
-        page = store.page_runs(experiment_id, state, limit=limit, cursor=cursor)
+        """Runs by ``experiment_id, variation, run`` (or, with ``sort``, best first by a
+        metric, ties in that order), optionally filtered by experiment and effective state,
+        a page at a time: follow ``next_cursor`` until null. Every run that exists for the
+        whole walk comes exactly once, whatever is created meanwhile (sorted: whose value
+        does not change meanwhile)."""
+        page = store.page_runs(
+            experiment_id, state, limit=limit, cursor=cursor, sort=sort, mode=mode
+        )
         return _page_json("runs", page)
 
     run_path = "/runs/{experiment_id}/{variation}/{run}"

@@ -1,4 +1,5 @@
-"""Outcomes: an experiment's objective and "which run (and checkpoint) is best".
+"""Outcomes: an experiment's objective, "which run (and checkpoint) is best", and the runs
+listing sorted by a metric (``runs --sort``).
 
 ``best`` walks ``ix_run_metrics_min`` / ``ix_run_metrics_max`` (``experiment_id, name, min|max``)
 in the objective's direction and stops at the first run in an accepted state: an index range
@@ -7,18 +8,21 @@ scan of a few rows, not a scan of the experiment's runs (BENCHMARKS: 100,000 run
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import sqlalchemy as sa
 
 from .. import _metrics as m
 from .. import _validation as check
-from .._errors import InvalidMetric, NotFound
-from .._models import BestRun, ExperimentInfo
+from .._errors import InvalidMetric, InvalidRequest, NotFound
+from .._models import BestRun, ExperimentInfo, Page, RunInfo
 from ..lifecycle import RunState
 from . import schema as t
 from .metrics import best_checkpoint
-from .runs import RunsMixin
+from .pages import _cursor_key, _finite, _page
+from .runs import RUN_KEY_CHECKS, RunsMixin, _run_bytes, _runs_with_asset_count, after_run
 
 #: Rows read per step of the walk (runs in a refused state are skipped).
 _WALK = 64
@@ -86,9 +90,135 @@ class OutcomesMixin(RunsMixin):
                 )
             metric = row.objective_metric
         m.metric_name(metric)
-        if mode is None:
-            mode = row.objective_mode if metric == row.objective_metric else None
-        return metric, m.mode(mode or "min")
+        goal = {"metric": row.objective_metric, "mode": row.objective_mode}
+        return metric, m.ranking_mode(metric, mode, goal)
+
+    def page_runs(
+        self,
+        experiment_id: str | None = None,
+        state: str | RunState | None = None,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        sort: str | None = None,
+        mode: str | None = None,
+    ) -> Page[RunInfo]:
+        """One page of runs (see :meth:`RunsMixin.page_runs`); with ``sort``, best first by
+        that metric instead.
+
+        Sorted: by each run's ``min`` of ``sort`` (``max`` in ``mode="max"``; ``mode``
+        defaults to the objective's when ``sort`` is the experiment's objective, else
+        ``min``), ties and the runs without a value of it (none logged, or only NaN) in
+        ``experiment_id, variation, run`` order, those last. Keyset pages like the plain
+        listing: the runs with a value along ``ix_run_metrics_min`` / ``_max`` (an index
+        range per page within an experiment), then the others by primary key; the cursor
+        holds the last value and run key, and belongs to this ``sort`` and ``mode``."""
+        if sort is None:
+            if mode is not None:
+                raise InvalidRequest("mode is the direction of sort: pass sort too", field="mode")
+            return super().page_runs(experiment_id, state, limit=limit, cursor=cursor)
+        m.metric_name(sort)
+        if mode is None and experiment_id is not None:
+            with contextlib.suppress(NotFound):  # an unknown experiment: an empty listing
+                mode = self._direction(experiment_id, sort, None)[1]
+        mode = m.mode(mode or "min")
+        size = check.page_limit(limit)
+        now = self.clock()
+        after: tuple[Any, ...] | None = None
+        if cursor is not None:
+            after = tuple(
+                _cursor_key(
+                    cursor,
+                    _BY_METRIC,
+                    functools.partial(_same, sort),
+                    functools.partial(_same, mode),
+                    _value_or_none,
+                    *RUN_KEY_CHECKS,
+                )[2:]
+            )
+        valued, unvalued = self._ranked_queries(experiment_id, state, sort, mode, now, after)
+        with self._read() as conn:
+            rows: list[Any] = []
+            if after is None or after[0] is not None:
+                rows = list(conn.execute(valued.limit(size + 1)).all())
+            values = [row.sort_value for row in rows]
+            if len(rows) <= size:
+                rest = conn.execute(unvalued.limit(size + 1 - len(rows))).all()
+                rows += rest
+                values += [None] * len(rest)
+            infos = self._records(conn, rows, now)
+        page = _page(
+            list(zip(infos, values, strict=True)),
+            size,
+            _BY_METRIC,
+            lambda item: (sort, mode, item[1], *item[0].key_tuple),
+            lambda item: _run_bytes(item[0]),
+        )
+        return Page([info for info, _ in page.items], page.next_cursor)
+
+    def _ranked_queries(
+        self,
+        experiment_id: str | None,
+        state: str | RunState | None,
+        sort: str,
+        mode: str,
+        now: float,
+        after: tuple[Any, ...] | None,
+    ) -> tuple[sa.Select[Any], sa.Select[Any]]:
+        """The two parts of a listing sorted by ``sort`` (see :meth:`page_runs`), after the
+        cursor key ``after`` (``value, e, v, r``): the runs with a value of it (with a
+        ``sort_value`` column), best first, and the runs without one, by key."""
+        rm, c = t.run_metrics.c, t.runs.c
+        value = rm.min if mode == "min" else rm.max
+        valued = (
+            _runs_with_asset_count()
+            .add_columns(value.label("sort_value"))
+            .join(
+                t.run_metrics,
+                sa.and_(
+                    rm.experiment_id == c.experiment_id,
+                    rm.variation == c.variation,
+                    rm.run == c.run,
+                ),
+            )
+            .where(rm.name == sort, value.is_not(None), self._runs_filter(None, state, now))
+            .order_by(
+                value.asc() if mode == "min" else value.desc(),
+                rm.experiment_id,
+                rm.variation,
+                rm.run,
+            )
+        )
+        if experiment_id is not None:
+            valued = valued.where(rm.experiment_id == check.experiment_id(experiment_id))
+        if after is not None and after[0] is not None:
+            # The first condition is implied by the second: it makes the index range start
+            # at the cursor's value (an OR alone would be a scan from the first value).
+            start, beyond = (
+                (value >= after[0], value > after[0])
+                if mode == "min"
+                else (value <= after[0], value < after[0])
+            )
+            ties = sa.and_(value == after[0], after_run(experiment_id, after[1:], t.run_metrics))
+            valued = valued.where(start, sa.or_(beyond, ties))
+        has_value = (
+            sa.exists()
+            .where(
+                rm.experiment_id == c.experiment_id,
+                rm.variation == c.variation,
+                rm.run == c.run,
+                rm.name == sort,
+                value.is_not(None),
+            )
+            .correlate(t.runs)
+        )
+        unvalued_after = after[1:] if after is not None and after[0] is None else None
+        unvalued = (
+            _runs_with_asset_count()
+            .where(~has_value, self._runs_filter(experiment_id, state, now, unvalued_after))
+            .order_by(c.experiment_id, c.variation, c.run)
+        )
+        return valued, unvalued
 
     def best(
         self,
@@ -146,6 +276,22 @@ class OutcomesMixin(RunsMixin):
             last=float("nan") if row.last is None else row.last,
             checkpoint=checkpoint,
         )
+
+
+#: The cursor kind of the runs listing sorted by a metric.
+_BY_METRIC = "runs-by-metric"
+
+
+def _same(expected: str, value: Any) -> str:
+    """A cursor part that must be ``expected`` (the sort and mode the cursor was made for)."""
+    if value != expected:
+        raise ValueError(value)
+    return expected
+
+
+def _value_or_none(value: Any) -> float | None:
+    """A cursor's sort value: finite (a ``min`` / ``max``), or None past the runs with one."""
+    return None if value is None else _finite(value)
 
 
 def _best_query(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -110,35 +111,35 @@ class RunsMixin(WatchdogMixin):
         (runs with long failure messages come fewer to a page).
         """
         size = check.page_limit(limit)
-        conditions: list[sa.ColumnElement[bool]] = []
         now = self.clock()
+        after = None
+        if cursor is not None:
+            after = tuple(_cursor_key(cursor, "runs", *RUN_KEY_CHECKS))
+        where = self._runs_filter(experiment_id, state, now, after)
+        infos = self._select_runs(where, now=now, limit=size + 1)
+        return _page(
+            infos, size, "runs", lambda i: (i.experiment_id, i.variation, i.run), _run_bytes
+        )
+
+    def _runs_filter(
+        self,
+        experiment_id: str | None,
+        state: str | RunState | None,
+        now: float,
+        after: tuple[Any, ...] | None = None,
+    ) -> sa.ColumnElement[bool]:
+        """The ``WHERE`` of a runs listing: of ``experiment_id``, in the effective ``state``,
+        and (keyset) after the run key ``after``, each when given."""
+        conditions: list[sa.ColumnElement[bool]] = []
         c = t.runs.c
         if experiment_id is not None:
             check.experiment_id(experiment_id)
             conditions.append(c.experiment_id == experiment_id)
-        if cursor is not None:
-            e, v, r = _cursor_key(
-                cursor,
-                "runs",
-                check.experiment_id,
-                lambda x: check.number(x, "variation"),
-                lambda x: check.number(x, "run"),
-            )
-            if experiment_id is None:
-                pk = sa.tuple_(c.experiment_id, c.variation, c.run)
-                conditions.append(pk > sa.tuple_(e, v, r))
-            elif e == experiment_id:
-                # (variation, run) within the experiment: an index range, not a scan of
-                # the experiment's runs from its first one.
-                conditions.append(sa.tuple_(c.variation, c.run) > sa.tuple_(v, r))
-            elif e > experiment_id:
-                conditions.append(sa.false())
+        if after is not None:
+            conditions.append(after_run(experiment_id, after))
         if state is not None:
             conditions.append(self._effective_sql(now) == check.run_state(state).value)
-        infos = self._select_runs(sa.and_(sa.true(), *conditions), now=now, limit=size + 1)
-        return _page(
-            infos, size, "runs", lambda i: (i.experiment_id, i.variation, i.run), _run_bytes
-        )
+        return sa.and_(sa.true(), *conditions)
 
     def _select_runs(
         self, where: sa.ColumnElement[bool], now: float | None = None, limit: int | None = None
@@ -152,8 +153,12 @@ class RunsMixin(WatchdogMixin):
             .limit(limit)
         )
         with self._read() as conn:
-            rows = conn.execute(query).all()
-            summaries = load_summaries(conn, [(r.experiment_id, r.variation, r.run) for r in rows])
+            return self._records(conn, conn.execute(query).all(), now)
+
+    def _records(self, conn: sa.Connection, rows: Sequence[Any], now: float) -> list[RunInfo]:
+        """The records of ``runs`` rows (with ``asset_count``), with their metric summaries
+        read on ``conn``."""
+        summaries = load_summaries(conn, [(r.experiment_id, r.variation, r.run) for r in rows])
         infos = [self._info(row, now) for row in rows]
         return [
             dataclasses.replace(i, metrics=summaries[k]) if (k := i.key_tuple) in summaries else i
@@ -201,6 +206,30 @@ class RunsMixin(WatchdogMixin):
 
     def _reload(self, conn: sa.Connection, key: tuple[str, int, int]) -> Any:
         return conn.execute(_runs_with_asset_count().where(_run_pk(*key))).one()
+
+
+#: Checks of the run key ``(experiment_id, variation, run)`` in a cursor.
+RUN_KEY_CHECKS = (
+    check.experiment_id,
+    lambda x: check.number(x, "variation"),
+    lambda x: check.number(x, "run"),
+)
+
+
+def after_run(
+    experiment_id: str | None, key: tuple[Any, ...], table: sa.Table = t.runs
+) -> sa.ColumnElement[bool]:
+    """Rows of ``table`` after the run ``key`` in ``experiment_id, variation, run`` order,
+    in a listing of ``experiment_id`` (None: of every experiment)."""
+    c = table.c
+    e, v, r = key
+    if experiment_id is None:
+        return sa.tuple_(c.experiment_id, c.variation, c.run) > sa.tuple_(e, v, r)
+    if e == experiment_id:
+        # (variation, run) within the experiment: an index range, not a scan of the
+        # experiment's runs from its first one.
+        return sa.tuple_(c.variation, c.run) > sa.tuple_(v, r)
+    return sa.false() if e > experiment_id else sa.true()
 
 
 def _runs_with_asset_count() -> sa.Select[Any]:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import testkit
 
-from chronicle_integrations import Chronicle, InvalidMetric, NotFound, RunState
+from chronicle_integrations import Chronicle, InvalidMetric, InvalidRequest, NotFound, RunState
 from chronicle_integrations._metrics import MAX_METRICS
 
 
@@ -156,3 +159,102 @@ def test_objective_best_and_checkpoint_download(chronicle: Chronicle, tmp_path: 
         chronicle.create_experiment("x", objective={"metric": "a/../b"})
     with pytest.raises(InvalidMetric):
         runs[0].upload_asset(tmp_path / "0-0.ckpt", metric={"metric": "loss", "value": "x"})
+
+
+# ---------------------------------------------------------------------- the last values
+def _beaten_once(run) -> None:
+    """Start a heartbeat loop that beats once now and not again during the test, and wait
+    for that beat: whatever is logged afterwards is pending until close."""
+    loop = run.keep_alive(interval=3600)
+    testkit.wait_until(lambda: loop.beats >= 1, what="the first heartbeat")
+
+
+def test_close_sends_the_metrics_logged_since_the_last_beat(backend, chronicle) -> None:
+    """A script logs its final values and closes its client while the run stays running:
+    the values go with one last heartbeat (they were lost before), for a run with a
+    heartbeat loop and for a bare handle alike, and the run stays running."""
+    exp, (looped,) = _started(chronicle)
+    _beaten_once(looped)
+    looped.log_metrics({"val/loss": 0.25}, step=9)
+    bare = chronicle.create_run(exp, 0).start()  # no heartbeat loop at all
+    bare.log_metrics({"acc": 0.5}, step=3)
+    chronicle.close()
+    reader = backend.connect()
+    info = reader.run(exp, 0, 0).info()
+    assert info.state is RunState.RUNNING
+    assert (info.metrics["val/loss"]["last"], info.metrics["val/loss"]["last_step"]) == (0.25, 9)
+    assert reader.run(exp, 0, 1).info().metrics["acc"]["last"] == 0.5
+
+
+def test_stop_keep_alive_sends_the_metrics_logged_since_the_last_beat(chronicle) -> None:
+    """A pre-emption stops the heartbeats without ending the run: its last values go."""
+    exp, (run,) = _started(chronicle)
+    _beaten_once(run)
+    run.log_metrics({"val/loss": 0.5}, step=4)
+    run.stop_keep_alive()
+    assert chronicle.run(exp, 0, 0).info().metrics["val/loss"]["last"] == 0.5
+
+
+def test_process_exit_sends_the_last_metrics(backend, tmp_path: Path) -> None:
+    """A process that exits normally with its run still live (no close, no end): the client
+    closes itself at exit and the values logged after the last heartbeat arrive."""
+    script = (
+        "from chronicle_integrations import Chronicle\n"
+        "import time\n"
+        "c = Chronicle()\n"
+        "exp = c.create_experiment('exit', [{}])\n"
+        "run = c.create_run(exp, 0).start()\n"
+        "loop = run.keep_alive(interval=3600)\n"
+        "while loop.beats < 1:\n"
+        "    time.sleep(0.01)\n"
+        "run.log_metrics({'val/loss': 0.125}, step=2)\n"
+        "print(exp, flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHRONICLE_")}
+    env["CHRONICLE_HOME"] = str(tmp_path / "child-home" if backend.server else backend.home)
+    if backend.server:
+        env["CHRONICLE_URL"] = backend.server.url
+    done = testkit.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    info = backend.connect().run(done.stdout.strip(), 0, 0).info()
+    assert info.state is RunState.RUNNING and info.metrics["val/loss"]["last"] == 0.125
+
+
+def test_close_on_an_unreachable_server_names_what_was_not_sent(
+    http_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server went away: close() makes one bounded attempt and returns, naming the
+    metrics it could not send at WARNING (training and the process go on)."""
+    server = http_server()
+    chronicle = Chronicle(url=server.url, home=tmp_path / "home", timeout=2)
+    exp, (run,) = _started(chronicle)
+    _beaten_once(run)
+    server.kill()
+    run.log_metrics({"val/loss": 0.75}, step=1)
+    with caplog.at_level(logging.WARNING):
+        chronicle.close(timeout=1)
+    warned = [r for r in caplog.records if "could not send its last metrics" in r.getMessage()]
+    assert len(warned) == 1 and "val/loss" in warned[0].getMessage()
+    assert warned[0].levelno == logging.WARNING and exp in warned[0].getMessage()
+
+
+def test_runs_sorted_by_the_store(chronicle) -> None:
+    """``runs(sort=M)`` / ``runs_page``: best first by the objective's mode (or ``mode``),
+    the runs without a value last, in pages of any size; bad input refused at once."""
+    exp, runs = _started(chronicle, 4, objective={"metric": "acc", "mode": "max"})
+    for run, acc in zip(runs[:3], (0.5, 0.9, 0.7), strict=True):
+        run.log_metrics({"acc": acc}).heartbeat()
+    assert [i.variation for i in chronicle.runs(exp, sort="acc")] == [1, 2, 0, 3]
+    assert [i.variation for i in chronicle.runs(exp, sort="acc", mode="min")] == [0, 2, 1, 3]
+    walked = list(chronicle.iter_runs(exp, page_size=1, sort="acc"))
+    assert [i.variation for i in walked] == [1, 2, 0, 3] and walked[0].metrics["acc"]["max"] == 0.9
+    page = chronicle.runs_page(exp, limit=2, sort="acc")
+    assert [i.variation for i in page.items] == [1, 2] and page.next_cursor
+    with pytest.raises(InvalidMetric):
+        chronicle.runs(exp, sort="a/../b")
+    with pytest.raises(InvalidMetric):
+        chronicle.runs(exp, sort="acc", mode="up")
+    with pytest.raises(InvalidRequest):
+        chronicle.runs(exp, mode="max")

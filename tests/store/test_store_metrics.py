@@ -293,6 +293,81 @@ def test_best_uses_the_index(tmp_path) -> None:
     assert "ix_run_metrics_min" in plan and "TEMP B-TREE" not in plan, plan
 
 
+def _sorted_keys(store: Store, exp: str | None, limit: int, **kw) -> list[tuple[str, int]]:
+    """Walk a sorted runs listing page by page (each page at most ``limit`` runs)."""
+    keys: list[tuple[str, int]] = []
+    cursor = None
+    while True:
+        page = store.page_runs(exp, limit=limit, cursor=cursor, **kw)
+        assert 0 < len(page.items) <= limit or (not page.items and page.next_cursor is None)
+        keys += [(i.experiment_id, i.variation) for i in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            return keys
+
+
+def test_runs_sorted_by_a_metric_in_the_store(store: Store, clock: Clock) -> None:
+    """``page_runs(sort=M)``: best first by each run's min (max in mode max), ties and the
+    runs without a value (none logged, only NaN, another metric only) in key order, those
+    last; the same order over pages of any size, across the boundary between the two."""
+    exp, leases = _started(store, "sorted", runs=7, objective={"metric": "val/loss", "mode": "max"})
+    summaries: dict[int, dict] = {
+        0: {"val/loss": 0.3},
+        1: {"val/loss": {"last": 0.5, "step": 2, "min": 0.1, "min_step": 1, "max": 0.5}},
+        2: {"val/loss": 0.3},  # ties with variation 0
+        4: {"val/loss": float("nan")},  # a value, but no min / max
+        5: {"val/loss": 0.2},
+        6: {"acc": 0.9},  # another metric only; variation 3 logs nothing
+    }
+    for v, metrics in summaries.items():
+        store.heartbeat(exp, v, 0, leases[v], metrics=metrics)
+    other, (lease,) = _started(store, "other")
+    store.heartbeat(other, 0, 0, lease, metrics={"val/loss": 0.15})
+    by_min = [1, 5, 0, 2, 3, 4, 6]
+    by_max = [1, 0, 2, 5, 3, 4, 6]
+    for limit in (1, 2, 3, 100):
+        assert _sorted_keys(store, exp, limit, sort="val/loss", mode="min") == [
+            (exp, v) for v in by_min
+        ]
+        # The objective is val/loss, max: its mode by default.
+        assert _sorted_keys(store, exp, limit, sort="val/loss") == [(exp, v) for v in by_max]
+    assert [v for _, v in _sorted_keys(store, exp, 2, sort="acc")] == [6, 0, 1, 2, 3, 4, 5]
+    # Every experiment: ranked together, ties and the rest by (experiment, variation, run).
+    everything = _sorted_keys(store, None, 2, sort="val/loss", mode="min")
+    assert everything[:3] == [(exp, 1), (other, 0), (exp, 5)]
+    assert len(everything) == 8 and everything[-3:] == [(exp, 3), (exp, 4), (exp, 6)]
+    # The effective state filters both parts; a run's record is complete.
+    for v in (2, 3):
+        store.succeed(exp, v, 0, leases[v])
+    succeeded = store.page_runs(exp, "succeeded", sort="val/loss", mode="min").items
+    assert [i.variation for i in succeeded] == [2, 3]
+    assert succeeded[0].metrics["val/loss"]["min"] == 0.3 and succeeded[1].metrics is None
+    # An unknown experiment is an empty listing, as without sort.
+    assert store.page_runs("no-such-experiment", sort="val/loss").items == []
+
+
+def test_sorted_runs_bad_input(store: Store) -> None:
+    exp, (lease,) = _started(store, "bad-sort", runs=1)
+    store.heartbeat(exp, 0, 0, lease, metrics={"m": 1.0})
+    store.create_run(exp, 0)
+    page = store.page_runs(exp, limit=1, sort="m")
+    assert page.next_cursor is not None
+    with pytest.raises(InvalidRequest):  # a cursor belongs to its sort and mode
+        store.page_runs(exp, limit=1, cursor=page.next_cursor, sort="other")
+    with pytest.raises(InvalidRequest):
+        store.page_runs(exp, limit=1, cursor=page.next_cursor, sort="m", mode="max")
+    with pytest.raises(InvalidRequest):  # nor is a plain listing's cursor a sorted one's
+        store.page_runs(exp, limit=1, cursor=store.page_runs(exp, limit=1).next_cursor, sort="m")
+    with pytest.raises(InvalidRequest):
+        store.page_runs(exp, limit=1, cursor=page.next_cursor)
+    with pytest.raises(InvalidMetric):
+        store.page_runs(exp, sort="a/../b")
+    with pytest.raises(InvalidMetric):
+        store.page_runs(exp, sort="m", mode="sideways")
+    with pytest.raises(InvalidRequest):
+        store.page_runs(exp, mode="max")
+
+
 def test_older_database_is_migrated(store_url: str, tmp_path) -> None:
     """A version-3 database (before metrics) opens, migrates, and keeps its experiments."""
     s = Store.open(store_url, tmp_path / "assets")
