@@ -267,8 +267,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=_setting("shutdown_timeout", float),
         metavar=seconds,
-        help="on SIGTERM, seconds to finish requests in flight (heartbeats being committed, "
-        "upload chunks) before exiting (default 10)",
+        help="the bound of a shutdown (SIGTERM), in seconds: requests in flight, then the "
+        "heartbeat lane's pending commit and the upload writes, all within it; the process "
+        "exits within about S + 1 s (default 10)",
     )
 
     add_s3_options(parser)
