@@ -430,7 +430,18 @@ class S3BlobStore:
             expected = state.stored
             try:
                 if state.mpu_id is not None:
-                    self._complete(key, state)
+                    self.client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=state.mpu_id,
+                        MultipartUpload={
+                            "Parts": [
+                                {"PartNumber": p["PartNumber"], "ETag": p["ETag"]}
+                                for p in state.parts
+                            ]
+                        },
+                    )
+                    state.mpu_id = None
                     size = self._head(key)
                 elif (found := self._head(key, missing=-1)) >= 0:
                     size = found  # completed before a crash: verify and publish it now
@@ -467,27 +478,6 @@ class S3BlobStore:
             self._delete(key)
             self._forget(upload_id)
             return size
-
-    def _complete(self, key: str, state: _Upload) -> None:
-        """Complete the multipart upload at ``key``. When it is gone, an earlier attempt
-        completed it and its answer was lost (a cut connection; boto3's own retry of that
-        request then gets ``NoSuchUpload``): the object at ``key`` is the result."""
-        try:
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=state.mpu_id,
-                MultipartUpload={
-                    "Parts": [
-                        {"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in state.parts
-                    ]
-                },
-            )
-        except Exception as exc:
-            if not _missing(exc) or self._head(key, missing=-1) < 0:
-                raise
-            log.info("the multipart upload of %s was completed already (answer lost)", key)
-        state.mpu_id = None
 
     def _publish(self, key: str, sha256: str, size: int) -> None:
         """Copy the verified object to its content address (server-side), unless equal
@@ -574,12 +564,11 @@ class S3BlobStore:
         key = self.object_key(sha256)
         try:
             self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=mpu_id, MaxParts=1)
-            parts = self._list_all_parts(key, mpu_id)
         except Exception as exc:
             if _missing(exc):
                 return None
             raise _unavailable("list the parts of an upload", exc) from exc
-        return {int(p["PartNumber"]): int(p["Size"]) for p in parts}
+        return {int(p["PartNumber"]): int(p["Size"]) for p in self._list_all_parts(key, mpu_id)}
 
     def _list_all_parts(self, key: str, mpu_id: str) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = []

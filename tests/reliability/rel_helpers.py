@@ -188,7 +188,8 @@ class FaultyProxy:
     ``resumed_puts`` = chunks starting at an offset > 0).
 
     :meth:`refuse` makes the upstream unreachable for a while (an outage), whether or not
-    random faults are enabled.
+    random faults are enabled; set ``refuse_at`` to have the proxy begin the outage itself
+    once that many bytes in all went upstream (mid-request, at an exact offset).
     """
 
     def __init__(
@@ -218,6 +219,8 @@ class FaultyProxy:
         self.stats: Counter[str] = Counter()
         #: True while :meth:`refuse` keeps the upstream unreachable.
         self.refusing = False
+        #: When set: call ``refuse(True)`` once ``stats["bytes_up"]`` reaches it.
+        self.refuse_at: int | None = None
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
         self._listener = _listen_on_named_port()
@@ -256,6 +259,7 @@ class FaultyProxy:
             if not on:
                 self._listener.listen(128)
                 return
+            self.refuse_at = None
             self.stats["fault:outage"] += 1
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # (Linux: stops listening)
@@ -280,6 +284,19 @@ class FaultyProxy:
             return Plan(
                 direction, kind, moved + self.rng.randint(0, top), self.rng.uniform(0.05, 0.4)
             )
+
+    def _outage_due(self, dst: socket.socket, data: bytes) -> bool:
+        """Begin the outage planned by ``refuse_at`` if ``data`` reaches it: its bytes up to
+        that offset are forwarded first. True when it began (the connection is reset)."""
+        at = self.refuse_at
+        if at is None or self.stats["bytes_up"] + len(data) < at:
+            return False
+        head = data[: max(0, at - self.stats["bytes_up"])]
+        with contextlib.suppress(OSError):
+            dst.sendall(head)
+        self.count("bytes_up", len(head))
+        self.refuse(True)
+        return True
 
     def _accept(self) -> None:
         while not self._closed:
@@ -335,6 +352,8 @@ class FaultyProxy:
                             self.count("puts")
                             if int(match.group(1)) > 0:
                                 self.count("resumed_puts")
+                    if direction == "up" and self._outage_due(dst, data):
+                        return
                     plan = plans[direction]
                     while self.enabled and data and moved[direction] + len(data) >= plan.offset:
                         head = data[: plan.offset - moved[direction]]

@@ -39,6 +39,8 @@ import s3kit
 from rel_helpers import Api, FaultyProxy, run_path, wait_until
 
 from chronicle_integrations import Chronicle
+from chronicle_integrations.client._deadline import RetryPolicy
+from chronicle_integrations.client._direct import PART_ATTEMPTS
 from chronicle_integrations.client._http import HttpTransport
 
 pytestmark = pytest.mark.s3
@@ -47,6 +49,11 @@ MiB = 2**20
 PART = 5 * MiB
 #: The least time S3 stays unreachable in the outage tests.
 OUTAGE_SECONDS = 8.0
+#: In direct mode: longer than the backoffs between a worker's PART_ATTEMPTS attempts of a
+#: part can last, so that a worker that gives a part up after so many attempts fails here.
+DIRECT_OUTAGE_SECONDS = 2.0 + sum(
+    min(RetryPolicy().cap, RetryPolicy().base * 2**k) for k in range(PART_ATTEMPTS - 1)
+)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -201,18 +208,22 @@ def test_s3_unreachable_for_a_while(
     rng: Any,
     figures: Any,
 ) -> None:
-    """S3 goes away (connections refused, live ones reset) once the first part is stored,
-    for at least :data:`OUTAGE_SECONDS`; meanwhile the server answers 503 ``unavailable``
-    for what needs S3, and every upload ends byte-identical once S3 is back."""
+    """S3 goes away (connections refused, live ones reset) in the middle of a part, 20 MiB
+    into the uploads. It stays away until the server has answered 503 ``unavailable`` to a
+    probe and (proxied) to an upload chunk, and for at least :data:`OUTAGE_SECONDS`
+    (direct: :data:`DIRECT_OUTAGE_SECONDS`, longer than a worker's part attempts last).
+    Every upload ends byte-identical once S3 is back."""
     with FaultyProxy(_s3_port(seaweedfs), rng) as proxy:
         proxy.enabled = False  # no random faults: only the outage
         extra = ["--uploads", mode, "--s3-endpoint-url", proxy.url, "--s3-part-size", str(PART)]
         if mode == "direct":
             extra += ["--s3-public-endpoint-url", proxy.url]
         server = server_factory(**s3kit.server_kwargs(seaweedfs, s3_bucket, *extra))
-        # (proxied parts are 16 MiB: the first file has two, so one is stored mid-upload)
-        sizes = [rng.randint(20 * MiB, 24 * MiB)] + [rng.randint(12 * MiB, 24 * MiB)] * 3
+        # (proxied parts are 16 MiB: 20 MiB in is the middle of the first file's part 2)
+        first = 40 * MiB if mode == "proxied" else rng.randint(12 * MiB, 24 * MiB)
+        sizes = [first] + [rng.randint(12 * MiB, 24 * MiB) for _ in range(3)]
         files = _files(tmp_path, rng, sizes)
+        outage = OUTAGE_SECONDS if mode == "proxied" else DIRECT_OUTAGE_SECONDS
 
         # A probe: an upload begun before the outage, whose status needs S3 (nothing cached).
         api = Api(server.url)
@@ -227,17 +238,19 @@ def test_s3_unreachable_for_a_while(
         ) as chronicle:
             run = chronicle.create_run(chronicle.create_experiment("s3f", variations=[{}]), 0)
             run.start()
+            proxy.refuse_at = proxy.stats["bytes_up"] + 20 * MiB
             handles = [run.upload_asset(path) for path, _ in files]
-            wait_until(
-                lambda: _parts_stored(seaweedfs, s3_bucket) > 0,
-                timeout=120,
-                what="a first part in the bucket",
-            )
-            proxy.refuse(True)
+            wait_until(lambda: proxy.refusing, timeout=120, what="the outage")
             began = time.monotonic()
             done_at_outage = sum(h.done() for h in handles)
             answer = api.request("GET", f"/v1/uploads/{probe}", timeout=120)
-            time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - began)))
+            if mode == "proxied":
+                wait_until(
+                    lambda: re.search(r'"PUT /v1/uploads/\S+ HTTP/1\.1" 503', server.output()),
+                    timeout=120,
+                    what="a chunk answered 503 while S3 is away",
+                )
+            time.sleep(max(0.0, outage - (time.monotonic() - began)))
             proxy.refuse(False)
             figures["fault:s3_outage_seconds"] += int(time.monotonic() - began)
             infos = [h.result(600) for h in handles]

@@ -9,8 +9,6 @@ multipart uploads, with the server's own SHA-256 as the truth.
 * a crash between "part stored" and "tail dropped" does not count the tail twice;
 * discard aborts the multipart upload; stale writers are refused; the part size adapts to the
   part-count limit; ranged reads read only the range;
-* a completion whose answer was lost (the multipart upload is complete, the store's retry
-  gets ``NoSuchUpload``) is not redone: the object is verified and published;
 * a store that does not answer is 503 ``unavailable`` (never a 500 or a raw exception, even
   for botocore's read timeouts, which are ``OSError``s), and the upload resumes after it;
 * the sweep deletes upload objects left behind by a crash after publishing.
@@ -232,28 +230,6 @@ def test_missing_object(s3_bucket: str, tmp_path: Path, settings: S3Settings) ->
     with pytest.raises(NotFound):
         store.open("0" * 64)
     assert not store.exists("0" * 64)
-
-
-def test_a_completion_whose_answer_was_lost_is_not_redone(
-    seaweedfs: s3kit.SeaweedServer, s3_bucket: str, tmp_path: Path, settings: S3Settings
-) -> None:
-    """CompleteMultipartUpload succeeded but its answer never arrived (boto3's retry of it,
-    or the client's retry of ``complete``, then finds no such upload)."""
-    store = _open(s3_bucket, tmp_path, settings)
-    data = os.urandom(DEFAULT_PART + MiB)
-    sha = hashlib.sha256(data).hexdigest()
-    _send(store, "lost", data, 0, MiB)
-    state = store._state("lost")
-    store._send_part("lost", state, store.work_dir / "lost.2")  # the last part, as commit does
-    key = store.upload_key("lost")
-    parts = [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in state.parts]
-    seaweedfs.client().complete_multipart_upload(  # behind the store's back
-        Bucket=s3_bucket, Key=key, UploadId=state.mpu_id, MultipartUpload={"Parts": parts}
-    )
-    assert store.commit("lost", sha) == len(data)
-    assert _keys(seaweedfs, s3_bucket) == [store.object_key(sha)]
-    body = seaweedfs.client().get_object(Bucket=s3_bucket, Key=store.object_key(sha))["Body"]
-    assert body.read() == data
 
 
 def _silent_client(port: int, settings: S3Settings) -> Any:
