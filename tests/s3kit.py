@@ -190,7 +190,11 @@ def server_kwargs(
 def partial_sizes(server: Any) -> dict[str, int] | None:
     """For a server on ``s3://`` assets (a ``ServerProcess``): the bytes each unfinished upload
     holds (parts in the bucket + the tail in the server's work directory), by upload id, as
-    the local store's ``partial/`` files would show them; None for a server on a directory."""
+    the local store's ``partial/`` files would show them; None for a server on a directory.
+
+    Counted independently of the store, by the rules of its crash windows: a tail left next
+    to its stored part (killed between UploadPart and dropping the tail) is not counted
+    twice, and a part cut short by a kill counts as its tail."""
     assets = str(server.assets)
     if not assets.startswith("s3://"):
         return None
@@ -207,13 +211,20 @@ def partial_sizes(server: Any) -> dict[str, int] | None:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
-    sizes: dict[str, int] = {}
+    parts_of: dict[str, list[int]] = {}  # part sizes, part 1 first
     base = f"{prefix.strip('/')}/uploads/"
     for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=base).get("Uploads", []):
-        parts = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        sizes[upload["Key"][len(base) :]] = sum(p["Size"] for p in parts.get("Parts", []))
+        listing = client.list_parts(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        parts = sorted(listing.get("Parts", []), key=lambda p: int(p["PartNumber"]))
+        parts_of[upload["Key"][len(base) :]] = [int(p["Size"]) for p in parts]
+    sizes = {upload_id: sum(parts) for upload_id, parts in parts_of.items()}
     work = Path(server._log_dir) / "home" / "s3-work"
     for tail in work.glob("*.*") if work.exists() else ():
-        upload_id = tail.name.rsplit(".", 1)[0]
-        sizes[upload_id] = sizes.get(upload_id, 0) + tail.stat().st_size
+        upload_id, _, number = tail.name.rpartition(".")
+        parts, size = parts_of.get(upload_id, []), tail.stat().st_size
+        if int(number) <= len(parts):  # the tail of a listed part (a crash left it)
+            if parts[int(number) - 1] == size:
+                continue  # stored already, the tail not yet dropped: not counted twice
+            sizes[upload_id] = sum(parts[: int(number) - 1])  # a part cut short: the tail is it
+        sizes[upload_id] = sizes.get(upload_id, 0) + size
     return sizes

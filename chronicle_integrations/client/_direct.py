@@ -10,12 +10,15 @@ no AWS credentials: the server presigns every request). The protocol is in
 4. each part ``PUT`` with ``Content-Length`` (never chunked: S3 refuses it) and its signed
    ``x-amz-checksum-sha256``, a few at a time; an expired URL (403) asks for fresh ones; a
    part refused as ``BadDigest`` is hashed again: changed -> the file was rewritten in place
-   (``SourceChanged``: the caller captures it again), unchanged -> sent again;
+   (``SourceChanged``: the caller captures it again), unchanged -> sent again; a cut, a
+   5xx or a store that stopped answering is retried with backoff for the transport's
+   patience (an outage of the store is waited out), then ``TransportError`` (spooled);
 5. ``POST /v1/uploads/{id}/complete``: the server completes with every part's checksum and
    checks the size before publishing.
 
 If the worker cannot reach the signed endpoint at all (another network, a wrong public
-endpoint), it falls back to the proxied path, logged once per transport.
+endpoint: no connection opens in :data:`PART_ATTEMPTS` attempts and the store never answered
+this transport), it falls back to the proxied path, logged once per transport.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import requests
 
-from .._errors import InvalidRequest, NotFound, SourceChanged, UploadError
+from .._errors import InvalidRequest, NotFound, SourceChanged, TransportError, UploadError
 from .._models import AssetInfo
 from ._sessions import ThreadSessions
 from ._transport import READ_BLOCK
@@ -42,7 +45,9 @@ DIRECT_MIN_BYTES = 8 * 2**20
 HASH_BLOCK = 4 * 2**20
 #: Parts sent at once (each its own connection to the store).
 PARALLEL_PARTS = 4
-#: Attempts per part for transient failures (connection cut, 5xx) and refused digests.
+#: Attempts per part for transient failures (connection cut, 5xx) and refused digests, at
+#: least (retries go on for the transport's patience); also how many connections that never
+#: open make the store "unreachable" (fallback), unless it answered this transport before.
 PART_ATTEMPTS = 10
 
 
@@ -138,15 +143,24 @@ class DirectUploader:
     API calls); :meth:`upload` returns None when the caller must use the proxied path."""
 
     def __init__(
-        self, json_call: Callable[..., Any], read_timeout: float, delay: Callable[[int], float]
+        self,
+        json_call: Callable[..., Any],
+        read_timeout: float,
+        delay: Callable[[int], float],
+        patience: float,
     ) -> None:
         self._call = json_call
         self._read_timeout = read_timeout
         self._delay = delay
+        self._patience = patience
         # No API key: a presigned URL carries its own signature.
         self._sessions = ThreadSessions(requests.Session)
         #: False once the server said it takes no direct uploads, or the store was unreachable.
         self.enabled = True
+        #: True once the object store answered (or accepted a connection from) this transport:
+        #: from then on, connections that do not open are an outage to wait out, not a
+        #: reason to fall back to the proxied path.
+        self.reached = False
 
     def _session(self) -> requests.Session:
         return self._sessions.get()
@@ -180,7 +194,6 @@ class DirectUploader:
         part_size = int(plan["part_size"])
         sha256, digests = hash_parts(path, size, part_size)
         body = {"sha256": sha256, "parts": digests}
-        sent_any = False
         while True:
             answer = self._call("POST", f"/v1/uploads/{upload_id}/direct", json=body)
             if answer.get("completed"):
@@ -192,15 +205,9 @@ class DirectUploader:
                 break
             try:
                 self._send_batch(path, part_size, urls, digests)
-                sent_any = True
             except _Expired:
                 continue  # fresh URLs on the next round
             except _Unreachable as exc:
-                if sent_any:
-                    raise UploadError(
-                        f"upload of {name!r}: the object store stopped answering: {exc}",
-                        name=name,
-                    ) from exc
                 self.enabled = False
                 log.warning(
                     "cannot reach the object store at the URLs the server signs (%s); "
@@ -236,46 +243,65 @@ class DirectUploader:
         number, length = int(entry["part"]), int(entry["size"])
         offset = (number - 1) * part_size
         last: BaseException | None = None
-        reached = False
-        for attempt in range(PART_ATTEMPTS):
+        deadline = time.monotonic() + self._patience
+        attempt = 0
+        while True:
             if attempt:
                 time.sleep(self._delay(attempt - 1))
-            body = _Slice(path, offset, length)
-            try:
-                response = self._session().put(
-                    entry["url"],
-                    data=body,
-                    headers=dict(entry.get("headers") or {}),
-                    timeout=(10.0, self._read_timeout),
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last = exc
-                # Reached but cut (mid-body, a reset, a read timeout) is transient; only a
-                # connection that could never be opened counts as "unreachable".
-                reached = reached or not _never_connected(exc)
-                continue
-            finally:
-                body.close()
-            reached = True
-            text = response.text[:500]
-            if response.status_code == 200:
+            attempt += 1
+            failure = self._put_part(path, offset, length, number, entry, digests)
+            if failure is None:
                 return
-            if response.status_code == 403 and "expired" in text.lower():
-                raise _Expired(text)
-            if response.status_code == 400 and "BadDigest" in text:
-                if _part_digest(path, offset, length) != digests[number - 1]:
-                    raise SourceChanged(f"part {number} changed since it was hashed")
-                last = UploadError(f"part {number} was refused as BadDigest: {text}")
-                continue  # the bytes were damaged on the way: send them again
-            if response.status_code >= 500 or response.status_code == 429:
-                last = UploadError(f"part {number}: {response.status_code} {text}")
-                continue
-            raise UploadError(
-                f"the object store refused part {number}: {response.status_code} {text}"
+            last = failure
+            if not self.reached and attempt >= PART_ATTEMPTS:
+                raise _Unreachable(f"{type(last).__name__}: {last}")
+            if attempt >= PART_ATTEMPTS and time.monotonic() >= deadline:
+                raise TransportError(
+                    f"part {number} failed {attempt} times over {self._patience:.0f}s: "
+                    f"{type(last).__name__}: {last}"
+                ) from last
+
+    def _put_part(
+        self,
+        path: str,
+        offset: int,
+        length: int,
+        number: int,
+        entry: dict[str, Any],
+        digests: list[str],
+    ) -> BaseException | None:
+        """One ``PUT`` of a part: None when stored, the transient failure to retry otherwise;
+        raises what ends the attempt (an expired URL, a changed file, a refusal)."""
+        body = _Slice(path, offset, length)
+        try:
+            response = self._session().put(
+                entry["url"],
+                data=body,
+                headers=dict(entry.get("headers") or {}),
+                timeout=(10.0, self._read_timeout),
             )
-        if not reached:
-            raise _Unreachable(f"{type(last).__name__}: {last}")
-        raise UploadError(f"part {number} failed {PART_ATTEMPTS} times: {last}")
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            # Reached but cut (mid-body, a reset, a read timeout) shows the store is there;
+            # only a connection that could never be opened may mean "unreachable".
+            if not _never_connected(exc):
+                self.reached = True
+            return exc
+        finally:
+            body.close()
+        self.reached = True
+        text = response.text[:500]
+        if response.status_code == 200:
+            return None
+        if response.status_code == 403 and "expired" in text.lower():
+            raise _Expired(text)
+        if response.status_code == 400 and "BadDigest" in text:
+            if _part_digest(path, offset, length) != digests[number - 1]:
+                raise SourceChanged(f"part {number} changed since it was hashed")
+            # the bytes were damaged on the way: send them again
+            return UploadError(f"part {number} was refused as BadDigest: {text}")
+        if response.status_code >= 500 or response.status_code == 429:
+            return UploadError(f"part {number}: {response.status_code} {text}")
+        raise UploadError(f"the object store refused part {number}: {response.status_code} {text}")
 
 
 def _never_connected(exc: BaseException) -> bool:

@@ -40,6 +40,7 @@ from .._errors import (
     SourceChanged,
     StorageFull,
     TransportError,
+    Unavailable,
     chronicle_error,
 )
 from .._models import (
@@ -75,6 +76,9 @@ _R = TypeVar("_R", bound=_Record)
 CHUNK_BYTES = 64 * 1024 * 1024
 #: How often one upload sends bytes again that the server acknowledged and then lost.
 MAX_RESENDS = 3
+#: Seconds a transfer keeps retrying without progress (at least the call budget) before it
+#: gives up with a TransportError (an upload's staged copy is spooled for ``chronicle sync``).
+TRANSFER_PATIENCE = 300.0
 
 
 class HttpTransport:
@@ -92,8 +96,12 @@ class HttpTransport:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._sessions = ThreadSessions(self._new_session)
+        #: Seconds a transfer retries without progress (chunks, direct parts, downloads).
+        self.transfer_patience = max(self.policy.budget, TRANSFER_PATIENCE)
         #: Direct uploads to the server's S3 bucket, when it offers them (see ``_direct``).
-        self.direct = DirectUploader(self._json, self.policy.read_timeout, self.policy.delay)
+        self.direct = DirectUploader(
+            self._json, self.policy.read_timeout, self.policy.delay, self.transfer_patience
+        )
 
     # ------------------------------------------------------------------ plumbing
     def _new_session(self) -> requests.Session:
@@ -224,7 +232,7 @@ class HttpTransport:
                 if (
                     isinstance(error, APIError)
                     and error.status >= 500
-                    and not isinstance(error, ServerError)
+                    and not isinstance(error, (ServerError, Unavailable))
                 ):
                     raise error  # a definite verdict (storage_full), not an outage
                 message = (
@@ -466,7 +474,7 @@ class HttpTransport:
         transfer is never abandoned, a stuck one is.
         """
         size = os.path.getsize(path) if size is None else size
-        patience = max(self.policy.budget, 300.0)
+        patience = self.transfer_patience
         begun = self._json(
             "POST",
             self._run_path(e, v, r) + "/uploads",
@@ -604,7 +612,7 @@ class HttpTransport:
         path = self._run_path(e, v, r) + "/assets/" + quote(name, safe="/")
         info = None
         attempt = 0
-        deadline = time.monotonic() + max(self.policy.budget, 300.0)
+        deadline = time.monotonic() + self.transfer_patience
         while True:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             try:

@@ -48,12 +48,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .._errors import (
+    APIError,
     ConfigurationError,
     DigestMismatch,
     InvalidRequest,
     NotFound,
     OffsetMismatch,
     ServerError,
+    Unavailable,
 )
 from .blobs import BUFFER, _storage_error, read_file
 
@@ -157,9 +159,11 @@ def _missing(exc: BaseException) -> bool:
     return _code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
 
 
-def _unavailable(what: str, exc: BaseException) -> ServerError:
-    """A failure of the object store, as a 5xx the client retries (the upload resumes)."""
-    return ServerError(f"the object store failed to {what}: {type(exc).__name__}: {exc}")
+def _unavailable(what: str, exc: BaseException) -> Unavailable:
+    """A failure of the object store (unreachable, cut, 5xx after boto3's own retries): 503
+    ``unavailable``, which the client retries (the upload resumes), never a 500 ``internal``
+    (that one is a bug)."""
+    return Unavailable(f"the object store failed to {what}: {type(exc).__name__}: {exc}")
 
 
 @dataclasses.dataclass
@@ -390,19 +394,21 @@ class S3BlobStore:
         """Store the tail as the next part, then drop it (see the module docstring)."""
         key = self.upload_key(upload_id)
         number = len(state.parts) + 1
-        try:
-            if state.mpu_id is None:
-                state.mpu_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)[
-                    "UploadId"
-                ]
-            size = tail.stat().st_size
-            with tail.open("rb") as body:
-                # Content-MD5: the store verifies the part as it received it (BadDigest
-                # otherwise), over HTTPS too, where SigV4 leaves the payload unsigned.
-                md5 = hashlib.md5(usedforsecurity=False)
-                for block in iter(lambda: body.read(BUFFER), b""):
-                    md5.update(block)
-                body.seek(0)
+        size = tail.stat().st_size
+        with tail.open("rb") as body:
+            # Content-MD5: the store verifies the part as it received it (BadDigest
+            # otherwise), over HTTPS too, where SigV4 leaves the payload unsigned.
+            md5 = hashlib.md5(usedforsecurity=False)
+            for block in iter(lambda: body.read(BUFFER), b""):
+                md5.update(block)
+            body.seek(0)
+            # (Local disk errors are raised above; below, every failure is the store's,
+            # botocore's timeouts included, which are OSErrors too.)
+            try:
+                if state.mpu_id is None:
+                    state.mpu_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)[
+                        "UploadId"
+                    ]
                 answer = self.client.upload_part(
                     Bucket=self.bucket,
                     Key=key,
@@ -412,10 +418,8 @@ class S3BlobStore:
                     ContentLength=size,
                     ContentMD5=base64.b64encode(md5.digest()).decode(),
                 )
-        except OSError:
-            raise
-        except Exception as exc:
-            raise _unavailable(f"store part {number} of upload {upload_id}", exc) from exc
+            except Exception as exc:
+                raise _unavailable(f"store part {number} of upload {upload_id}", exc) from exc
         state.parts.append({"PartNumber": number, "ETag": answer["ETag"], "Size": size})
         state.last_write = time.time()
         tail.unlink(missing_ok=True)
@@ -458,7 +462,7 @@ class S3BlobStore:
                 else:
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
                     size = 0
-            except (NotFound, ServerError):
+            except APIError:
                 raise
             except Exception as exc:
                 raise _unavailable(f"complete upload {upload_id}", exc) from exc
@@ -691,8 +695,10 @@ class S3BlobStore:
         """Abort every multipart upload under the prefix started more than ``older_than``
         seconds ago with no part stored since (abandoned by a worker, a killed server, a
         fallback); return how many. The bucket lifecycle rule
-        ``AbortIncompleteMultipartUpload`` is the second net."""
+        ``AbortIncompleteMultipartUpload`` is the second net. Also deletes the objects under
+        ``uploads/`` as old (see :meth:`_sweep_upload_objects`)."""
         cut = time.time() - older_than
+        self._sweep_upload_objects(cut)
         aborted = 0
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key("") + "/"}
         if not self.prefix:
@@ -723,6 +729,30 @@ class S3BlobStore:
         if aborted:
             log.info("aborted %d abandoned multipart upload(s) in s3://%s", aborted, self.bucket)
         return aborted
+
+    def _sweep_upload_objects(self, cut: float) -> None:
+        """Delete the completed-but-unpublished objects under ``uploads/`` last written
+        before ``cut``: a server killed between publishing one at its content address and
+        deleting it leaves it behind (the retry of ``complete`` then finds the content
+        published and records the asset without coming back here). One that old belongs
+        to no live upload: its upload expired (after as long without a chunk) or is done."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.upload_key("") + "/"}
+        while True:
+            try:
+                page = self.client.list_objects_v2(**params)
+            except Exception as exc:
+                log.warning("could not list the upload objects to sweep: %s", exc)
+                return
+            for item in page.get("Contents", []):
+                written = _stamp(item.get("LastModified"))
+                if written is not None and written < cut:
+                    log.info(
+                        "deleting the leftover upload object s3://%s/%s", self.bucket, item["Key"]
+                    )
+                    self._delete(item["Key"])
+            if not page.get("IsTruncated"):
+                return
+            params["ContinuationToken"] = page["NextContinuationToken"]
 
     # -- objects ---------------------------------------------------------------------------
     def open(self, sha256: str) -> BinaryIO:

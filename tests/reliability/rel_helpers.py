@@ -186,6 +186,10 @@ class FaultyProxy:
     upstream on connections that were then cut (``cut_up_bytes``: what restarting uploads
     from zero would have had to send again), and the upload chunks seen (``puts``,
     ``resumed_puts`` = chunks starting at an offset > 0).
+
+    :meth:`refuse` makes the upstream unreachable for a while (an outage), whether or not
+    random faults are enabled; set ``refuse_at`` to have the proxy begin the outage itself
+    once that many bytes in all went upstream (mid-request, at an exact offset).
     """
 
     def __init__(
@@ -213,11 +217,13 @@ class FaultyProxy:
         #: Faults are injected only while True (set False to let traffic through cleanly).
         self.enabled = True
         self.stats: Counter[str] = Counter()
+        #: True while :meth:`refuse` keeps the upstream unreachable.
+        self.refusing = False
+        #: When set: call ``refuse(True)`` once ``stats["bytes_up"]`` reaches it.
+        self.refuse_at: int | None = None
         self._lock = threading.Lock()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
+        self._live: set[socket.socket] = set()
+        self._listener = _listen_on_named_port()
         self.port = int(self._listener.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self._closed = False
@@ -242,6 +248,28 @@ class FaultyProxy:
     def faults(self) -> int:
         return sum(v for k, v in self.stats.items() if k.startswith("fault:"))
 
+    def refuse(self, on: bool = True) -> None:
+        """Make the upstream unreachable (``on``), or reachable again: while unreachable, new
+        connections are refused (ECONNREFUSED: the port stays bound, nothing listens on it)
+        and every live one is reset, as when the server behind the proxy went away."""
+        with self._lock:
+            if on == self.refusing:
+                return
+            self.refusing = on
+            if not on:
+                self._listener.listen(128)
+                return
+            self.refuse_at = None
+            self.stats["fault:outage"] += 1
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # (Linux: stops listening)
+            live = list(self._live)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+        self.count("fault:outage_reset", len(live) // 2)
+
     def _plan(self, direction: str, moved: int) -> Plan:
         with self._lock:
             if self.script is not None:
@@ -257,18 +285,39 @@ class FaultyProxy:
                 direction, kind, moved + self.rng.randint(0, top), self.rng.uniform(0.05, 0.4)
             )
 
+    def _outage_due(self, dst: socket.socket, data: bytes) -> bool:
+        """Begin the outage planned by ``refuse_at`` if ``data`` reaches it: its bytes up to
+        that offset are forwarded first. True when it began (the connection is reset)."""
+        at = self.refuse_at
+        if at is None or self.stats["bytes_up"] + len(data) < at:
+            return False
+        head = data[: max(0, at - self.stats["bytes_up"])]
+        with contextlib.suppress(OSError):
+            dst.sendall(head)
+        self.count("bytes_up", len(head))
+        self.refuse(True)
+        return True
+
     def _accept(self) -> None:
         while not self._closed:
             try:
                 client, _ = self._listener.accept()
             except OSError:
-                return
+                if self._closed:
+                    return
+                time.sleep(0.02)  # refusing (the listener is shut down): until listening again
+                continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         with self._lock:
             self.stats["connections"] += 1
             port = self.upstream_ports[self.stats["connections"] % len(self.upstream_ports)]
+            refusing = self.refusing
+        if refusing:  # accepted just before the outage began
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            return
         try:
             upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
         except OSError:
@@ -276,6 +325,8 @@ class FaultyProxy:
             client.close()
             return
         upstream.settimeout(None)
+        with self._lock:
+            self._live.update((client, upstream))
         moved = {"up": 0, "down": 0}
         plans = {"up": self._plan("up", 0), "down": self._plan("down", 0)}
         peers = {client: (upstream, "up"), upstream: (client, "down")}
@@ -301,6 +352,8 @@ class FaultyProxy:
                             self.count("puts")
                             if int(match.group(1)) > 0:
                                 self.count("resumed_puts")
+                    if direction == "up" and self._outage_due(dst, data):
+                        return
                     plan = plans[direction]
                     while self.enabled and data and moved[direction] + len(data) >= plan.offset:
                         head = data[: plan.offset - moved[direction]]
@@ -334,5 +387,24 @@ class FaultyProxy:
         except OSError:
             return
         finally:
+            with self._lock:
+                self._live.difference_update((client, upstream))
             client.close()
             upstream.close()
+
+
+def _listen_on_named_port() -> socket.socket:
+    """A listening socket on 127.0.0.1, bound to a port given by number: Linux keeps such a
+    bind when the listener is shut down (a port-0 bind is released), so
+    :meth:`FaultyProxy.refuse` can stop listening and start again on the same port."""
+    for _ in range(100):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", testkit.free_port()))
+        except OSError:  # taken since: try another
+            sock.close()
+            continue
+        sock.listen(128)
+        return sock
+    raise RuntimeError("no free loopback port for the proxy")

@@ -8,20 +8,25 @@ multipart uploads, with the server's own SHA-256 as the truth.
   the tail hold, and the digest is recomputed by reading the object back;
 * a crash between "part stored" and "tail dropped" does not count the tail twice;
 * discard aborts the multipart upload; stale writers are refused; the part size adapts to the
-  part-count limit; ranged reads read only the range.
+  part-count limit; ranged reads read only the range;
+* a store that does not answer is 503 ``unavailable`` (never a 500 or a raw exception, even
+  for botocore's read timeouts, which are ``OSError``s), and the upload resumes after it;
+* the sweep deletes upload objects left behind by a crash after publishing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import s3kit
 
 from chronicle_integrations import ConfigurationError, DigestMismatch, NotFound
-from chronicle_integrations._errors import OffsetMismatch
+from chronicle_integrations._errors import OffsetMismatch, Unavailable
 from chronicle_integrations.store import blobs
 from chronicle_integrations.store.s3 import (
     DEFAULT_PART,
@@ -225,3 +230,71 @@ def test_missing_object(s3_bucket: str, tmp_path: Path, settings: S3Settings) ->
     with pytest.raises(NotFound):
         store.open("0" * 64)
     assert not store.exists("0" * 64)
+
+
+def _silent_client(port: int, settings: S3Settings) -> Any:
+    """A boto3 client of an endpoint that accepts connections and never answers."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=1,
+            read_timeout=0.5,
+            retries={"max_attempts": 1},
+        ),
+    )
+
+
+def test_a_store_that_does_not_answer_is_unavailable_and_the_upload_resumes(
+    seaweedfs: s3kit.SeaweedServer, s3_bucket: str, tmp_path: Path, settings: S3Settings
+) -> None:
+    store = _open(s3_bucket, tmp_path, settings)
+    data = os.urandom(DEFAULT_PART + MiB)
+    sha = hashlib.sha256(data).hexdigest()
+    owner = store.claim("out", 0, len(data))
+    working = store.client
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections complete in the backlog; nothing ever answers
+        store.client = _silent_client(silent.getsockname()[1], settings)
+        with pytest.raises(Unavailable):  # the part is due: its UploadPart times out
+            store.append("out", 0, [data], owner)
+        with pytest.raises(Unavailable):
+            store.offset("other")  # (a new upload: its state comes from S3)
+        with pytest.raises(Unavailable):
+            store.exists(sha)
+        with pytest.raises(Unavailable):
+            store.commit("out", sha)
+    store.client = working
+    held = store.offset("out")
+    assert held == DEFAULT_PART  # the full tail, not yet a part: kept
+    owner = store.claim("out", held, len(data))
+    assert store.append("out", held, [data[held:]], owner) == len(data)
+    assert store.commit("out", sha) == len(data)
+    body = seaweedfs.client().get_object(Bucket=s3_bucket, Key=store.object_key(sha))["Body"]
+    assert body.read() == data
+    assert _mpus(seaweedfs, s3_bucket) == []
+
+
+def test_the_sweep_deletes_upload_objects_left_behind(
+    seaweedfs: s3kit.SeaweedServer, s3_bucket: str, tmp_path: Path, settings: S3Settings
+) -> None:
+    """A server killed after publishing an object at its content address, before deleting
+    the upload's object: the retry records the asset without it; the sweep removes it."""
+    store = _open(s3_bucket, tmp_path, settings)
+    data = os.urandom(MiB)
+    sha = hashlib.sha256(data).hexdigest()
+    _send(store, "kept", data, 0, MiB)
+    assert store.commit("kept", sha) == len(data)
+    seaweedfs.client().put_object(Bucket=s3_bucket, Key=store.upload_key("left"), Body=data)
+    store.sweep(older_than=3600.0)
+    assert sorted(_keys(seaweedfs, s3_bucket)) == sorted(
+        [store.object_key(sha), store.upload_key("left")]
+    )  # recent: could be an upload being verified
+    store.sweep(older_than=-3600.0)  # (as if an hour from now)
+    assert _keys(seaweedfs, s3_bucket) == [store.object_key(sha)]
