@@ -194,48 +194,63 @@ class DirectUploader:
         part_size = int(plan["part_size"])
         sha256, digests = hash_parts(path, size, part_size)
         body = {"sha256": sha256, "parts": digests}
-        while True:
-            answer = self._call("POST", f"/v1/uploads/{upload_id}/direct", json=body)
-            if answer.get("completed"):
-                if verify is not None:
-                    verify()
-                return AssetInfo.from_dict(answer["asset"])
-            urls = answer.get("urls") or []
-            if not urls:
-                break
-            try:
-                self._send_batch(path, part_size, urls, digests)
-            except _Expired:
-                continue  # fresh URLs on the next round
-            except _Unreachable as exc:
-                self.enabled = False
-                log.warning(
-                    "cannot reach the object store at the URLs the server signs (%s); "
-                    "uploading through the server instead from now on",
-                    exc,
-                )
-                return None
+        try:
+            answer = self._send_parts(upload_id, path, part_size, body)
+        except _Unreachable as exc:
+            self.enabled = False
+            log.warning(
+                "cannot reach the object store at the URLs the server signs (%s); "
+                "uploading through the server instead from now on",
+                exc,
+            )
+            return None
         if verify is not None:
             verify()
-        return AssetInfo.from_dict(
-            self._call("POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": sha256})
-        )
+        if answer is None:
+            answer = self._call(
+                "POST", f"/v1/uploads/{upload_id}/complete", json={"sha256": sha256}
+            )
+        else:
+            answer = answer["asset"]
+        return AssetInfo.from_dict(answer)
 
-    def _send_batch(
-        self, path: str, part_size: int, urls: list[dict[str, Any]], digests: list[str]
-    ) -> None:
+    def _send_parts(
+        self, upload_id: str, path: str, part_size: int, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Send every part the store lacks, :data:`PARALLEL_PARTS` at a time, with no pause
+        between batches: whenever a part is done the server is asked again, and its answer
+        (presigned URLs for the parts still missing, in order) tops up the queue with those
+        not already on their way. An expired URL comes back fresh with the next answer.
+        Returns the server's answer when it says the upload is complete (the content was
+        there already), None once every part is stored; the first failure of a part stops
+        the rest (parts not started are dropped) and is raised."""
+        parts: dict[int, concurrent.futures.Future[None]] = {}
         with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(PARALLEL_PARTS, len(urls)), thread_name_prefix="chronicle-part"
+            PARALLEL_PARTS, thread_name_prefix="chronicle-part"
         ) as pool:
-            futures = [pool.submit(self._send_part, path, part_size, u, digests) for u in urls]
-            errors = [f.exception() for f in futures]
-        for kind in (SourceChanged, UploadError, _Unreachable, _Expired):
-            for error in errors:
-                if isinstance(error, kind):
-                    raise error
-        for error in errors:
-            if error is not None:
-                raise error
+            try:
+                while True:
+                    answer = self._call("POST", f"/v1/uploads/{upload_id}/direct", json=body)
+                    if answer.get("completed"):
+                        return dict(answer)
+                    for entry in answer.get("urls") or []:
+                        number = int(entry["part"])
+                        if number not in parts:
+                            parts[number] = pool.submit(
+                                self._send_part, path, part_size, entry, body["parts"]
+                            )
+                    if not parts:
+                        return None
+                    concurrent.futures.wait(
+                        parts.values(), return_when=concurrent.futures.FIRST_COMPLETED
+                    )
+                    for number in [n for n, f in parts.items() if f.done()]:
+                        error = parts.pop(number).exception()
+                        if error is not None and not isinstance(error, _Expired):
+                            raise error
+            finally:
+                for future in parts.values():
+                    future.cancel()
 
     def _send_part(
         self, path: str, part_size: int, entry: dict[str, Any], digests: list[str]
