@@ -242,9 +242,9 @@ class StorageFull(APIError):
 
 
 class Unavailable(APIError):
-    """The server cannot serve now (its database does not answer, or it is shutting down:
-    ``details["reason"]`` :data:`SHUTTING_DOWN`): try another replica, or again later. The
-    readiness check's answer (``GET /v1/ready``)."""
+    """The server cannot serve now (its database or its object store does not answer, or it
+    is shutting down: ``details["reason"]`` :data:`SHUTTING_DOWN`): try another replica, or
+    again later. The readiness check's answer (``GET /v1/ready``); uploads wait it out."""
 
     code = "unavailable"
     status = 503

@@ -136,8 +136,8 @@ _ERRORS: dict[int, tuple[str, str]] = {
     500: (ServerError.code, "A server bug or database outage; retry later."),
     503: (
         Unavailable.code,
-        "This replica's database does not answer, or it is shutting down "
-        "(`reason: shutting_down`); try another replica.",
+        "This replica's database or object store does not answer, or it is shutting down "
+        "(`reason: shutting_down`); try another replica, or again later.",
     ),
     507: (StorageFull.code, "The asset store is full; the upload can resume later."),
 }
