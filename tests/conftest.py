@@ -383,6 +383,12 @@ _tally: _MarkerTally | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     global _tally
+    # A suite started in the background by a shell without job control (``nohup cmd &``, a
+    # CI runner) inherits SIGINT ignored, and so would every worker it starts: the Ctrl+C
+    # tests would then see no KeyboardInterrupt. A handler (unlike SIG_IGN) is reset to the
+    # default at exec, so the children get a normal SIGINT again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     markers = required_markers()
     _tally = _MarkerTally(markers) if markers else None
 
