@@ -175,12 +175,10 @@ def request_id() -> str:
 def hashing_reader(
     fh: Any, hasher: Any, progress: TransferProgress | None, start: int = 0
 ) -> Iterator[bytes]:
-    """Yield ``fh``'s blocks from its current position, hashing them (unless ``hasher`` is
-    None) and reporting progress."""
+    """Yield ``fh``'s blocks from its current position, hashing them and reporting progress."""
     done = start
     for block in iter(lambda: fh.read(READ_BLOCK), b""):
-        if hasher is not None:
-            hasher.update(block)
+        hasher.update(block)
         done += len(block)
         if progress is not None:
             progress(done)

@@ -356,9 +356,8 @@ class _Digesting:
         self._wait()
         if len(chunk) < OVERLAP_MIN or type(chunk) is not bytes:
             hasher.update(chunk)  # (a mutable buffer may be reused by the caller: inline)
-            self._end += len(chunk)
-            return
-        self._submit(hasher.update, chunk)
+        else:
+            self._submit(hasher.update, chunk)
         self._end += len(chunk)
 
     def update_range(self, fd: int, start: int, end: int) -> None:
@@ -458,11 +457,8 @@ class _Appending:
             if n == 0:
                 return  # the source ended early: the caller sees a short size
             start = self.written
-            self.written += n
+            self._advance(n)
             self.digesting.update_range(self.fd, start, self.written)
-            if self.written - self.hinted >= WRITEBACK_EVERY or self.written == end:
-                _start_writeback(self.fd, self.hinted, self.written - self.hinted)
-                self.hinted = self.written
             if progress is not None:
                 progress(self.written)
         if self.written < end:
